@@ -1,0 +1,63 @@
+"""Prometheus metrics, kept in a registry object passed down rather than the global default."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+# Sources a request can be answered from; later stages add "peer" and "upstream".
+SOURCE_LOCAL = "local"
+SOURCE_NONE = "none"
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "mirror_requests",
+            "Registry API requests answered, by method, kind, HTTP status and source.",
+            ["method", "kind", "status", "source"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "mirror_request_duration_seconds",
+            "Time to answer a registry request, body included.",
+            ["kind", "source"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.bytes_served = Counter(
+            "mirror_served_bytes",
+            "Body bytes sent to registry clients, by kind and source.",
+            ["kind", "source"],
+            registry=self.registry,
+        )
+        self.store_up = Gauge(
+            "mirror_store_up",
+            "1 when the node's store backend is connected.",
+            ["store"],
+            registry=self.registry,
+        )
+
+    def observe(
+        self,
+        *,
+        method: str,
+        kind: str,
+        status: int,
+        source: str,
+        seconds: float,
+        body_bytes: int,
+    ) -> None:
+        self.requests.labels(method, kind, str(status), source).inc()
+        self.request_duration.labels(kind, source).observe(seconds)
+        if body_bytes:
+            self.bytes_served.labels(kind, source).inc(body_bytes)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        return app

@@ -1,0 +1,1 @@
+"""OCI facts shared by every layer: reference grammar, digests, media types."""

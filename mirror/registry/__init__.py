@@ -1,0 +1,1 @@
+"""The HTTP front: the OCI distribution pull API on aiohttp."""

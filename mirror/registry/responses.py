@@ -1,0 +1,103 @@
+"""Response bodies: OCI error JSON, and blobs sent with sendfile or streamed chunk by chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import BinaryIO
+
+from aiohttp import web
+
+from mirror.errors import MirrorError, RangeNotSatisfiable, RegistryError
+from mirror.stores.base import BlobSource, FileBlob
+
+log = logging.getLogger(__name__)
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def error_response(error: RegistryError) -> web.Response:
+    entry: dict[str, object] = {"code": error.code, "message": error.message}
+    if error.detail is not None:
+        entry["detail"] = error.detail
+    headers = dict(API_VERSION_HEADER)
+    if isinstance(error, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{error.size}"
+    return web.Response(
+        status=error.status,
+        body=json.dumps({"errors": [entry]}).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class SendfileResponse(web.StreamResponse):
+    """A slice of an open file, sent with the kernel's sendfile on plain HTTP.
+
+    aiohttp's FileResponse opens files by path; we need to serve a file we already hold open.
+    """
+
+    def __init__(
+        self, fileobj: BinaryIO, offset: int, count: int, *, status: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(status=status, headers=headers)
+        self.content_length = count
+        self._fileobj = fileobj
+        self._offset = offset
+        self._count = count
+
+    async def send(self, request: web.Request) -> None:
+        await self.prepare(request)
+        if request.method == "HEAD" or self._count == 0:
+            return
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        try:
+            await asyncio.get_running_loop().sendfile(
+                transport, self._fileobj, self._offset, self._count
+            )
+        except NotImplementedError:
+            await self._copy(request)
+        await self.write_eof()
+
+    async def _copy(self, request: web.Request) -> None:
+        blob = FileBlob(self._fileobj, self._offset + self._count)
+        async for chunk in blob.iter_range(self._offset, self._count):
+            await self.write(chunk)
+
+
+async def send_blob(
+    request: web.Request,
+    blob: BlobSource,
+    offset: int,
+    count: int,
+    *,
+    status: int,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Send `count` bytes of `blob` from `offset`; the body is fully sent when this returns.
+
+    If the source fails mid-body the connection is cut, so the client sees a short body and an
+    error instead of a response it could take for complete.
+    """
+    if isinstance(blob, FileBlob):
+        response = SendfileResponse(blob.fileobj, offset, count, status=status, headers=headers)
+        await response.send(request)
+        return response
+    streamed = web.StreamResponse(status=status, headers=headers)
+    streamed.content_length = count
+    await streamed.prepare(request)
+    if request.method == "HEAD" or count == 0:
+        return streamed
+    try:
+        async for chunk in blob.iter_range(offset, count):
+            await streamed.write(chunk)
+    except (OSError, EOFError, MirrorError) as exc:
+        log.warning("stream of %s aborted: %s", request.path, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return streamed
+    await streamed.write_eof()
+    return streamed

@@ -1,0 +1,124 @@
+"""The `Store` interface every backend implements, and the two shapes its bytes come in.
+
+A backend hands out either an open file (served with sendfile, zero-copy) or a stream of chunks
+(for content only reachable through an API). Opening the file before answering matters: containerd's
+garbage collector may unlink a blob at any time, and an already open file survives that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from mirror.oci.reference import Digest, TagRef
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEntry:
+    """One named image a store holds: its tag reference and the digest the tag points to."""
+
+    ref: TagRef
+    digest: str
+
+
+class BlobSource(ABC):
+    """Bytes of one blob, opened and ready to serve. Always `close()` it."""
+
+    size: int
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole blob in memory, for manifests; refuses more than `limit` bytes."""
+        if self.size > limit:
+            raise ValueError(f"blob of {self.size} bytes exceeds the {limit} byte limit")
+        chunks = [chunk async for chunk in self.iter_range(0, self.size)]
+        return b"".join(chunks)
+
+    @abstractmethod
+    def iter_range(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Chunks covering `length` bytes from `offset`."""
+
+
+class FileBlob(BlobSource):
+    """A blob backed by an open file: servable with sendfile."""
+
+    CHUNK = 1024 * 1024
+
+    def __init__(self, fileobj: BinaryIO, size: int) -> None:
+        self.fileobj = fileobj
+        self.size = size
+
+    async def close(self) -> None:
+        self.fileobj.close()
+
+    async def iter_range(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        end = offset + length
+        position = offset
+        while position < end:
+            chunk = await asyncio.to_thread(
+                _pread, self.fileobj, position, min(self.CHUNK, end - position)
+            )
+            if not chunk:
+                raise EOFError(f"file ended at byte {position} of {self.size}")
+            position += len(chunk)
+            yield chunk
+
+
+def _pread(fileobj: BinaryIO, offset: int, length: int) -> bytes:
+    fileobj.seek(offset, io.SEEK_SET)
+    return fileobj.read(length)
+
+
+class StreamBlob(BlobSource):
+    """A blob only reachable as a stream from some API; `open_range` starts a read at an offset."""
+
+    def __init__(self, size: int, open_range: Callable[[int, int], AsyncIterator[bytes]]) -> None:
+        self.size = size
+        self._open_range = open_range
+
+    async def close(self) -> None:
+        return None
+
+    def iter_range(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        return self._open_range(offset, length)
+
+
+class Store(ABC):
+    """What this node holds. Backends only ever touch content named by a validated digest."""
+
+    #: Short backend name, used in logs and metrics.
+    name: str
+
+    async def start(self) -> None:
+        """Connect and check the backend; raises `StoreUnavailable` when it cannot be used."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections and files."""
+        return None
+
+    async def ready(self) -> bool:
+        """Whether the backend answers now (for /readyz)."""
+        return True
+
+    @abstractmethod
+    async def resolve(self, ref: TagRef) -> str | None:
+        """The digest `ref` points to, or None when this store does not hold that tag."""
+
+    @abstractmethod
+    async def stat(self, digest: Digest) -> int | None:
+        """The size of a blob this store really holds (for this node), or None."""
+
+    @abstractmethod
+    async def open(self, digest: Digest) -> BlobSource | None:
+        """The blob's bytes, or None when it is not held."""
+
+    @abstractmethod
+    async def images(self) -> list[ImageEntry]:
+        """Every tagged image held, for advertising and inspection."""

@@ -1,0 +1,111 @@
+"""Serve what containerd holds in one namespace.
+
+containerd's blob directory is shared by every namespace, so presence is always asked from the
+API (Content.Info answers NOT_FOUND for a digest this namespace does not hold) before a file is
+opened. Bytes go out with sendfile from the content directory; when that directory cannot be read
+(another mount namespace, no permission) they are streamed through Content.Read instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from mirror.config import ContainerdConfig
+from mirror.errors import StoreUnavailable
+from mirror.oci.reference import Digest, TagRef, parse_image_name
+from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, StreamBlob
+from mirror.stores.containerd.client import ContainerdClient, ContainerdUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ContainerdStore(Store):
+    name = "containerd"
+
+    def __init__(self, config: ContainerdConfig) -> None:
+        self._config = config
+        self._client = ContainerdClient(str(config.socket), config.namespace)
+        self._blob_dir: Path | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._client.check()
+            content_path = self._config.content_path or await self._content_root()
+        except ContainerdUnavailable as exc:
+            raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
+        blob_dir = content_path / "blobs"
+        if await asyncio.to_thread(os.access, blob_dir, os.R_OK | os.X_OK):
+            self._blob_dir = blob_dir
+            log.info("serving containerd blobs from %s with sendfile", blob_dir)
+        else:
+            log.warning("cannot read %s: streaming blobs through containerd's API", blob_dir)
+
+    async def _content_root(self) -> Path:
+        root = await self._client.content_root()
+        if root is None:
+            raise ContainerdUnavailable("it reports no content store plugin")
+        return Path(root)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> bool:
+        try:
+            await self._client.check()
+        except ContainerdUnavailable:
+            return False
+        return True
+
+    async def resolve(self, ref: TagRef) -> str | None:
+        image = await self._call(self._client.get_image(str(ref)))
+        return image.digest if image is not None else None
+
+    async def stat(self, digest: Digest) -> int | None:
+        info = await self._call(self._client.content_info(str(digest)))
+        return info.size if info is not None else None
+
+    async def open(self, digest: Digest) -> BlobSource | None:
+        size = await self.stat(digest)
+        if size is None:
+            return None
+        if self._blob_dir is not None:
+            path = self._blob_dir / digest.algorithm / digest.hex
+            try:
+                fileobj = await asyncio.to_thread(open, path, "rb")
+            except OSError as exc:
+                log.debug("cannot open %s (%s): streaming it through the API", path, exc)
+            else:
+                return FileBlob(fileobj, os.fstat(fileobj.fileno()).st_size)
+        return StreamBlob(size, lambda offset, length: self._read(digest, offset, length))
+
+    async def _read(self, digest: Digest, offset: int, length: int) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._client.read_content(str(digest), offset, length):
+                yield chunk
+        except (grpc.RpcError, ContainerdUnavailable) as exc:
+            raise StoreUnavailable(f"containerd stopped streaming {digest}: {exc}") from exc
+
+    async def images(self) -> list[ImageEntry]:
+        records = await self._call(self._client.list_images())
+        entries = []
+        for record in records:
+            ref = parse_image_name(record.name)
+            if ref is not None:
+                entries.append(ImageEntry(ref, record.digest))
+        return entries
+
+    async def _call(self, pending: Awaitable[T]) -> T:
+        """Await a client call; a containerd that went away becomes `StoreUnavailable`."""
+        try:
+            return await pending
+        except (grpc.RpcError, ContainerdUnavailable) as exc:
+            raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc

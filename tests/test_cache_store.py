@@ -1,0 +1,106 @@
+"""The node cache: verified atomic writes, tags, and nothing partial ever visible."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from mirror.errors import DigestMismatch, StoreUnavailable
+from mirror.oci.reference import parse_digest, tag_ref
+from mirror.stores.cache import CacheStore
+
+
+def digest_of(data: bytes):
+    return parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture
+async def cache(tmp_path: Path) -> CacheStore:
+    store = CacheStore(tmp_path / "cache")
+    await store.start()
+    return store
+
+
+async def test_put_open_stat(cache: CacheStore) -> None:
+    data = b"hello world" * 1000
+    digest = digest_of(data)
+    assert await cache.stat(digest) is None and await cache.open(digest) is None
+    await cache.put(digest, data)
+    assert await cache.stat(digest) == len(data)
+    blob = await cache.open(digest)
+    assert blob is not None
+    try:
+        assert await blob.read_all(1 << 20) == data
+        assert b"".join([c async for c in blob.iter_range(5, 6)]) == data[5:11]
+    finally:
+        await blob.close()
+
+
+async def test_streamed_write_in_chunks(cache: CacheStore) -> None:
+    data = bytes(range(256)) * 10000
+    digest = digest_of(data)
+    async with cache.writer(digest, len(data)) as writer:
+        for start in range(0, len(data), 65536):
+            await writer.write(data[start : start + 65536])
+        await writer.commit()
+    assert await cache.stat(digest) == len(data)
+
+
+async def test_wrong_bytes_never_become_visible(cache: CacheStore) -> None:
+    digest = digest_of(b"the real content")
+    with pytest.raises(DigestMismatch):
+        await cache.put(digest, b"something else")
+    assert await cache.stat(digest) is None
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+async def test_short_write_is_refused(cache: CacheStore) -> None:
+    data = b"0123456789"
+    digest = digest_of(data)
+    with pytest.raises(DigestMismatch):
+        async with cache.writer(digest, 20) as writer:
+            await writer.write(data)
+            await writer.commit()
+    assert await cache.stat(digest) is None
+
+
+async def test_abandoned_write_leaves_nothing(cache: CacheStore) -> None:
+    data = b"partial"
+    digest = digest_of(data)
+    with pytest.raises(ConnectionError):
+        async with cache.writer(digest) as writer:
+            await writer.write(data[:3])
+            raise ConnectionError("upstream dropped")
+    assert await cache.stat(digest) is None
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+async def test_tags_round_trip_and_list(cache: CacheStore) -> None:
+    digest = digest_of(b"manifest")
+    ref = tag_ref("ghcr.io", "org/app", "1.0")
+    nested = tag_ref("ghcr.io", "org/app/1.0", "latest")
+    assert await cache.resolve(ref) is None
+    await cache.set_tag(ref, digest)
+    await cache.set_tag(nested, digest)
+    assert await cache.resolve(ref) == str(digest)
+    assert await cache.resolve(nested) == str(digest)
+    other = digest_of(b"manifest 2")
+    await cache.set_tag(ref, other)
+    assert await cache.resolve(ref) == str(other)
+    listed = {(str(e.ref), e.digest) for e in await cache.images()}
+    assert listed == {(str(ref), str(other)), (str(nested), str(digest))}
+
+
+async def test_leftover_temp_files_are_cleared_at_start(tmp_path: Path) -> None:
+    (tmp_path / "c" / "tmp").mkdir(parents=True)
+    (tmp_path / "c" / "tmp" / "blob-crashed").write_bytes(b"junk")
+    store = CacheStore(tmp_path / "c")
+    await store.start()
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []
+
+
+async def test_unusable_directory_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreUnavailable):
+        await CacheStore(blocker / "cache").start()

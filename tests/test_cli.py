@@ -1,0 +1,122 @@
+"""The command line: one-line errors, environment defaults, and a real node process."""
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from harness.net import free_port, wait_for_http
+
+from mirror.cli import build_parser, run_config
+from mirror.config import Address, StoreKind
+
+
+def run_mirror(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--store", "floppy"], "invalid store 'floppy'"),
+        (["run", "--registry-addr", "nowhere"], "invalid address 'nowhere'"),
+        (["run", "--registry-addr", "1.2.3.4:99999"], "out of range"),
+        (["run", "--no-such-flag"], "unrecognized arguments"),
+        (["explode"], "invalid choice"),
+    ],
+)
+def test_bad_flags_give_one_line(args: list[str], needle: str) -> None:
+    result = run_mirror(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and needle in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_supplies_defaults_and_flags_win() -> None:
+    environ = {"MIRROR_STORE": "cache", "MIRROR_REGISTRY_ADDR": "127.0.0.1:5123"}
+    config = run_config(build_parser(environ).parse_args(["run"]))
+    assert config.store is StoreKind.CACHE
+    assert config.registry_addr == Address("127.0.0.1", 5123)
+    override = run_config(build_parser(environ).parse_args(["run", "--store", "auto"]))
+    assert override.store is StoreKind.AUTO
+
+
+def test_bad_environment_value_is_one_line() -> None:
+    result = run_mirror("run", env={"MIRROR_LOG_LEVEL": "loud", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "invalid log level 'loud'" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_unreachable_containerd_socket_is_one_line(tmp_path: Path) -> None:
+    result = run_mirror(
+        "run",
+        "--store=containerd",
+        f"--containerd-sock={tmp_path / 'absent.sock'}",
+        f"--cache-dir={tmp_path / 'cache'}",
+        f"--registry-addr=127.0.0.1:{free_port()}",
+        f"--metrics-addr=127.0.0.1:{free_port()}",
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("mirror: error: containerd at ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_busy_port_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_mirror(
+            "run",
+            "--store=cache",
+            f"--cache-dir={tmp_path / 'cache'}",
+            f"--registry-addr=127.0.0.1:{port}",
+            f"--metrics-addr=127.0.0.1:{free_port()}",
+        )
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_node_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """`auto` with no containerd falls back to the node cache; SIGTERM ends it with status 0."""
+    registry_port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mirror",
+            "run",
+            f"--containerd-sock={tmp_path / 'absent.sock'}",
+            f"--cache-dir={tmp_path / 'cache'}",
+            f"--registry-addr=127.0.0.1:{registry_port}",
+            f"--metrics-addr=127.0.0.1:{metrics_port}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{registry_port}/readyz", timeout=20)
+        with urllib.request.urlopen(f"http://127.0.0.1:{registry_port}/v2/") as response:
+            assert response.status == 200
+            assert json.loads(response.read()) == {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            text = response.read().decode()
+        assert 'mirror_store_up{store="cache"} 1.0' in text
+        assert 'mirror_requests_total{kind="base",method="GET",source="none",status="200"}' in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "using the node cache" in stderr
+    assert (tmp_path / "cache" / "blobs").is_dir()

@@ -1,0 +1,89 @@
+"""The distribution spec's grammar: what is accepted, and that bad input is a typed 400 error."""
+
+import pytest
+
+from mirror.errors import DigestInvalid, EndpointUnknown, NameInvalid
+from mirror.oci.reference import parse_digest, parse_image_name, tag_ref
+from mirror.registry.paths import Kind, parse_target
+
+HEX = "a" * 64
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["library/alpine", "a", "org/team/app", "a.b_c__d---e/f0", "x" * 200],
+)
+def test_valid_repository_names(name: str) -> None:
+    assert parse_target(f"{name}/blobs/sha256:{HEX}", None).repository == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Library/alpine", "a//b", "-a", "a-", "a/../b", "..", "a/.b", "a_", "a___b", "x" * 256, ".."],
+)
+def test_invalid_repository_names(name: str) -> None:
+    with pytest.raises(NameInvalid):
+        parse_target(f"{name}/manifests/latest", None)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [f"sha256:{HEX[:-1]}", f"sha256:{HEX.upper()}", "sha256:../../etc/passwd", "md5:abc", "nope"],
+)
+def test_invalid_digests(digest: str) -> None:
+    with pytest.raises(DigestInvalid):
+        parse_digest(digest)
+
+
+def test_sha512_digest_is_accepted() -> None:
+    assert parse_digest("sha512:" + "b" * 128).algorithm == "sha512"
+
+
+def test_target_defaults_to_docker_hub_and_takes_ns() -> None:
+    hub = parse_target("library/alpine/manifests/3.19", None)
+    assert hub.kind is Kind.MANIFEST and str(hub.tag) == "docker.io/library/alpine:3.19"
+    ghcr = parse_target("org/app/manifests/1.0", "ghcr.io")
+    assert str(ghcr.tag) == "ghcr.io/org/app:1.0"
+    local = parse_target("org/app/manifests/1.0", "127.0.0.1:5000")
+    assert local.registry == "127.0.0.1:5000"
+    by_digest = parse_target(f"org/app/manifests/sha256:{HEX}", None)
+    assert by_digest.tag is None and str(by_digest.digest) == f"sha256:{HEX}"
+
+
+def test_repository_may_contain_api_words() -> None:
+    target = parse_target(f"a/blobs/manifests/blobs/sha256:{HEX}", None)
+    assert target.kind is Kind.BLOB and target.repository == "a/blobs/manifests"
+
+
+@pytest.mark.parametrize("ns", ["bad host", "a/b", "x:port", "-x.io"])
+def test_invalid_ns(ns: str) -> None:
+    with pytest.raises(NameInvalid):
+        parse_target("a/manifests/latest", ns)
+
+
+@pytest.mark.parametrize("path", ["_catalog", "a/tags/lists", "a/blobs/uploads/", "a/manifests/"])
+def test_unknown_endpoints(path: str) -> None:
+    with pytest.raises(EndpointUnknown):
+        parse_target(path, None)
+
+
+def test_tags_list_target() -> None:
+    target = parse_target("org/app/tags/list", "ghcr.io")
+    assert target.kind is Kind.TAGS and target.repository == "org/app"
+
+
+def test_invalid_tag() -> None:
+    with pytest.raises(NameInvalid):
+        parse_target("a/manifests/.hidden", None)
+    with pytest.raises(NameInvalid):
+        parse_target("a/manifests/" + "t" * 129, None)
+
+
+def test_parse_image_name() -> None:
+    assert parse_image_name("docker.io/library/alpine:3.19") == tag_ref(
+        "docker.io", "library/alpine", "3.19"
+    )
+    assert parse_image_name("127.0.0.1:5000/a/b:1") == tag_ref("127.0.0.1:5000", "a/b", "1")
+    assert parse_image_name(f"docker.io/library/alpine@sha256:{HEX}") is None
+    assert parse_image_name("alpine") is None
+    assert parse_image_name("127.0.0.1:5000/a") is None
