@@ -26,6 +26,7 @@ import grp
 import hashlib
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -44,6 +45,8 @@ from types import FrameType
 import aiohttp
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REPOSITORY = "bench"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -106,6 +109,15 @@ class Server:
 
 
 @dataclass(frozen=True, slots=True)
+class Sample:
+    """One download: its speed, and CPU seconds per GiB used by the server and by curl."""
+
+    mib_per_s: float
+    server_cpu: float
+    client_cpu: float
+
+
+@dataclass(frozen=True, slots=True)
 class RangeResult:
     offset: int
     length: int
@@ -132,6 +144,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--strict", action="store_true", help="exit with status 1 when the ratio misses --target"
     )
     parser.add_argument("--nginx", default="nginx", help="nginx binary (default: nginx on PATH)")
+    parser.add_argument(
+        "--nginx-extra",
+        default="",
+        metavar="DIRECTIVES",
+        help="extra directives for nginx's blob location, e.g. 'sendfile_max_chunk 0;'",
+    )
     parser.add_argument("--curl", default="curl", help="curl binary (default: curl on PATH)")
     parser.add_argument(
         "--python",
@@ -243,7 +261,7 @@ def start_mirror(python: str, work: Path, cache_dir: Path) -> Server:
     return Server(name="mirror", child=child, base_url=base, ready_url=base + "/readyz")
 
 
-def nginx_config(work: Path, port: int, blob: Blob) -> str:
+def nginx_config(work: Path, port: int, blob: Blob, extra: str) -> str:
     # As root, nginx would run its worker as "nobody", which cannot read our 0700 temp dir; run
     # it as the same user the mirror runs as instead. Otherwise the directive would be ignored.
     user = ""
@@ -278,6 +296,7 @@ http {{
         listen 127.0.0.1:{port};
         location = {blob.url_path} {{
             alias {blob.path};
+            {extra}
         }}
         location = /readyz {{
             return 200 "ready\\n";
@@ -287,11 +306,11 @@ http {{
 """
 
 
-def start_nginx(nginx: str, work: Path, blob: Blob) -> Server:
+def start_nginx(nginx: str, work: Path, blob: Blob, extra: str) -> Server:
     (port,) = free_ports(1)
     (work / "nginx-temp").mkdir()
     config = work / "nginx.conf"
-    config.write_text(nginx_config(work, port, blob))
+    config.write_text(nginx_config(work, port, blob, extra))
     argv = [nginx, "-p", str(work), "-c", str(config), "-e", str(work / "nginx-error.log")]
     child = start("nginx", argv, work / "nginx.log")
     base = f"http://127.0.0.1:{port}"
@@ -320,6 +339,53 @@ def curl_fetch(curl: str, url: str, expected_size: int) -> float:
     if int(float(size)) != expected_size:
         raise RuntimeError(f"{url} sent {size} bytes instead of {expected_size}")
     return float(speed) / MIB
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces): state is index 0."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its direct children (an nginx master and its workers)."""
+    pids = [root]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            if int(_stat_fields(int(entry))[1]) == root:
+                pids.append(int(entry))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes used so far."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = _stat_fields(pid)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(curl: str, server: Server, blob: Blob) -> Sample:
+    """One curl download with the CPU seconds per GiB it cost the server and the client."""
+    pids = process_tree(server.child.proc.pid)
+    server_before = cpu_seconds(pids)
+    client_before = children_cpu_seconds()
+    speed = curl_fetch(curl, server.blob_url(blob), blob.size)
+    gibs = blob.size / GIB
+    return Sample(
+        mib_per_s=speed,
+        server_cpu=(cpu_seconds(pids) - server_before) / gibs,
+        client_cpu=(children_cpu_seconds() - client_before) / gibs,
+    )
 
 
 async def fetch_range(url: str, blob: Blob, offset: int, length: int) -> RangeResult:
@@ -390,30 +456,37 @@ def run(args: argparse.Namespace) -> int:
         blob = make_blob(cache_dir, size)
         mirror = start_mirror(args.python, work, cache_dir)
         processes.callback(mirror.child.stop)
-        nginx = start_nginx(args.nginx, work, blob)
+        nginx = start_nginx(args.nginx, work, blob, args.nginx_extra)
         processes.callback(nginx.child.stop)
         wait_ready(mirror)
         wait_ready(nginx)
         ready_memory = memory_status(mirror.child.proc.pid) if args.memory else {}
         servers = (mirror, nginx)
+        load_before = os.getloadavg()[0]
 
         print(
             f"blob sha256:{blob.hex[:16]}... {args.size_mib} MiB; mirror {mirror.base_url}, "
-            f"nginx {version} {nginx.base_url} (worker_processes 1); client: curl -> /dev/null",
+            f"nginx {version} {nginx.base_url} (worker_processes 1 {args.nginx_extra}); "
+            "client: curl -> /dev/null",
             flush=True,
         )
         for server in servers:
             for _ in range(args.warmup):
                 curl_fetch(args.curl, server.blob_url(blob), size)
 
-        speeds: dict[str, list[float]] = {server.name: [] for server in servers}
+        samples: dict[str, list[Sample]] = {server.name: [] for server in servers}
         for number in range(args.rounds):
             order = servers if number % 2 == 0 else servers[::-1]
             for server in order:
-                speeds[server.name].append(curl_fetch(args.curl, server.blob_url(blob), size))
+                samples[server.name].append(measure(args.curl, server, blob))
             print(
                 f"round {number + 1}: "
-                + "  ".join(f"{s.name} {speeds[s.name][-1]:8.1f} MiB/s" for s in servers),
+                + "  ".join(
+                    f"{s.name} {samples[s.name][-1].mib_per_s:7.1f} MiB/s"
+                    f" (cpu/GiB {samples[s.name][-1].server_cpu:.2f}s,"
+                    f" curl {samples[s.name][-1].client_cpu:.2f}s)"
+                    for s in servers
+                ),
                 flush=True,
             )
 
@@ -433,16 +506,26 @@ def run(args: argparse.Namespace) -> int:
             if code is not None:
                 raise RuntimeError(f"{server.name} exited with status {code} while measured")
 
-    mirror_median = statistics.median(speeds["mirror"])
-    nginx_median = statistics.median(speeds["nginx"])
-    ratio = mirror_median / nginx_median
+    load_after = os.getloadavg()[0]
+    medians = {name: statistics.median(s.mib_per_s for s in runs) for name, runs in samples.items()}
+    ratio = medians["mirror"] / medians["nginx"]
     met = ratio >= args.target
     print()
-    print(f"{'server':<8} {'median MiB/s':>13} {'min':>9} {'max':>9}")
-    for name in ("mirror", "nginx"):
-        values = speeds[name]
-        print(f"{name:<8} {statistics.median(values):13.1f} {min(values):9.1f} {max(values):9.1f}")
+    print(
+        f"{'server':<8} {'median MiB/s':>13} {'min':>8} {'max':>8}"
+        f" {'server cpu s/GiB':>17} {'curl cpu s/GiB':>15}"
+    )
+    for name, runs in samples.items():
+        speeds = [sample.mib_per_s for sample in runs]
+        print(
+            f"{name:<8} {medians[name]:13.1f} {min(speeds):8.1f} {max(speeds):8.1f}"
+            f" {statistics.median(s.server_cpu for s in runs):17.2f}"
+            f" {statistics.median(s.client_cpu for s in runs):15.2f}"
+        )
     print(f"ratio mirror/nginx: {ratio:.3f} (target >= {args.target:.2f})")
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    if max(load_before, load_after) > 0.5:
+        print("warning: the machine was busy with other work; expect noisy figures")
     if ranges:
         sample = ranges["mirror"]
         print(
@@ -457,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
             f" VmRSS {served_memory['VmRSS'] / 1024:.1f} MiB"
         )
     print(
-        f"SUMMARY: mirror {mirror_median:.0f} MiB/s, nginx {nginx_median:.0f} MiB/s, "
+        f"SUMMARY: mirror {medians['mirror']:.0f} MiB/s, nginx {medians['nginx']:.0f} MiB/s, "
         f"ratio {ratio:.2f} ({'meets' if met else 'BELOW'} target {args.target:.2f}); "
         f"median of {args.rounds} x {args.size_mib} MiB over loopback"
     )

@@ -75,6 +75,13 @@ class EndpointUnknown(RegistryError):
     status = 404
 
 
+class ServiceUnavailable(RegistryError):
+    """The store behind the API (containerd, the cache directory) failed to answer."""
+
+    code = "UNAVAILABLE"
+    status = 503
+
+
 class RangeNotSatisfiable(RegistryError):
     code = "RANGE_INVALID"
     status = 416

@@ -1,4 +1,4 @@
-"""ContainerdClient against a real containerd 1.6 (started per module, CRI disabled).
+"""ContainerdClient against a real containerd 1.6 (one per test from ``containerd_factory``).
 
 Images are put into containerd without a registry: the test writes a small OCI image
 archive (``oci-layout``, ``index.json`` naming the image through the
@@ -298,26 +298,16 @@ class EventWatch:
         async for event in self._stream:
             await self.queue.put(event)
 
-    async def expect(self, topic: str, name: str, timeout: float) -> ContainerdEvent:
-        """The next event with this topic and name; others are kept in ``seen``."""
+    async def expect(
+        self, topic: str, *, name: str | None = None, digest: str | None = None, timeout: float
+    ) -> ContainerdEvent:
+        """The next event with this topic and name/digest; every event read lands in ``seen``."""
 
         async def wait() -> ContainerdEvent:
             while True:
                 event = await self.queue.get()
                 self.seen.append(event)
-                if event.topic == topic and event.name == name:
-                    return event
-
-        return await asyncio.wait_for(wait(), timeout)
-
-    async def expect_digest(self, topic: str, digest: str, timeout: float) -> ContainerdEvent:
-        """Like ``expect`` for ``/content/*`` events, which carry a digest instead of a name."""
-
-        async def wait() -> ContainerdEvent:
-            while True:
-                event = await self.queue.get()
-                self.seen.append(event)
-                if event.topic == topic and event.digest == digest:
+                if event.topic == topic and (event.name, event.digest) == (name, digest):
                     return event
 
         return await asyncio.wait_for(wait(), timeout)
@@ -341,7 +331,7 @@ async def wait_subscribed(watch: EventWatch, node: ContainerdNode, src: str, ns:
         probe = f"registry.example/probe:{attempt}"
         await asyncio.to_thread(node.tag, src, probe, ns)
         try:
-            await watch.expect("/images/create", probe, timeout=0.5)
+            await watch.expect("/images/create", name=probe, timeout=0.5)
             return
         except TimeoutError:
             if time.monotonic() > deadline:
@@ -362,16 +352,16 @@ async def test_subscribe_image_create_update_delete(node: ContainerdNode, tmp_pa
             # Same image in another namespace first: the filter must keep its event out.
             await asyncio.to_thread(import_image, node, new, "events-elsewhere")
             await asyncio.to_thread(import_image, node, new, ns)
-            created = await watch.expect("/images/create", new.name, timeout=10)
+            created = await watch.expect("/images/create", name=new.name, timeout=10)
             assert created == ContainerdEvent(ns, "/images/create", new.name, None)
 
             await asyncio.to_thread(
                 node.ctr, "images", "label", new.name, "mirror.test=1", namespace=ns
             )
-            await watch.expect("/images/update", new.name, timeout=10)
+            await watch.expect("/images/update", name=new.name, timeout=10)
 
             await asyncio.to_thread(node.remove_image, new.name, ns)
-            deleted = await watch.expect("/images/delete", new.name, timeout=10)
+            deleted = await watch.expect("/images/delete", name=new.name, timeout=10)
             assert deleted.namespace == ns and deleted.digest is None
 
             # The namespace filter held: a change elsewhere was never delivered.
@@ -397,7 +387,7 @@ async def test_subscribe_content_delete(node: ContainerdNode, tmp_path: Path) ->
         try:
             await wait_subscribed(watch, node, base.name, ns)
             await asyncio.to_thread(node.ctr, "content", "rm", base.layer_digest, namespace=ns)
-            deleted = await watch.expect_digest("/content/delete", base.layer_digest, timeout=10)
+            deleted = await watch.expect("/content/delete", digest=base.layer_digest, timeout=10)
             assert deleted == ContainerdEvent(ns, "/content/delete", None, base.layer_digest)
         finally:
             await watch.close()

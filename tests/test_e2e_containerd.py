@@ -214,3 +214,18 @@ def test_pull_fails_over_to_server_when_the_mirror_lacks_content(
     node.pull(ref, hosts_dir=hosts_dir)
     assert node.image_target(ref) == image.manifest_digest
     assert empty.metric("mirror_requests_total", kind="manifest", status="404", source="none") > 0
+
+
+def test_containerd_going_away_is_a_503_and_not_ready(
+    node_a_with_images: tuple[ContainerdNode, dict[str, str]],
+    mirror_factory: MirrorFactory,
+    test_images: TestImages,
+) -> None:
+    node_a, _ = node_a_with_images
+    mirror = mirror_factory("--store=containerd", f"--containerd-sock={node_a.socket}")
+    node_a.stop()
+    status, _, body = get(f"{mirror.url}/v2/e2e/x/blobs/{test_images.index.config_digest}")
+    assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert get(f"{mirror.url}/readyz")[0] == 503
+    assert get(f"{mirror.url}/healthz")[0] == 200
+    assert "Traceback" not in mirror.process.log_text()

@@ -14,6 +14,8 @@ from mirror.errors import (
     NameUnknown,
     PaginationInvalid,
     RegistryError,
+    ServiceUnavailable,
+    StoreUnavailable,
     Unsupported,
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, Metrics
@@ -53,6 +55,9 @@ class RegistryApi:
             response = await handler(request)
         except RegistryError as error:
             response = error_response(error)
+        except StoreUnavailable as error:
+            log.warning("%s %s: %s", request.method, request.path, error)
+            response = error_response(ServiceUnavailable(str(error)))
         except web.HTTPException:
             raise
         except Exception:

@@ -183,8 +183,10 @@ class ContainerdClient:
                 # A local socket is cheap to retry; gRPC's default 1 s..120 s backoff would keep
                 # failing calls long after a restarted containerd is back.
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
+                # gRPC uses this as the connect (handshake) timeout, not as a backoff: keep it
+                # at the call timeout so a busy containerd is not dropped mid-handshake.
+                ("grpc.min_reconnect_backoff_ms", max(100, int(self.timeout * 1000))),
             ],
         )
         self._channel = channel

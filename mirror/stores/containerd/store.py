@@ -15,13 +15,15 @@ from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
-
 from mirror.config import ContainerdConfig
 from mirror.errors import StoreUnavailable
 from mirror.oci.reference import Digest, TagRef, parse_image_name
 from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, StreamBlob
-from mirror.stores.containerd.client import ContainerdClient, ContainerdUnavailable
+from mirror.stores.containerd.client import (
+    ContainerdClient,
+    ContainerdError,
+    ContainerdUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class ContainerdStore(Store):
         try:
             async for chunk in self._client.read_content(str(digest), offset, length):
                 yield chunk
-        except (grpc.RpcError, ContainerdUnavailable) as exc:
+        except ContainerdError as exc:
             raise StoreUnavailable(f"containerd stopped streaming {digest}: {exc}") from exc
 
     async def images(self) -> list[ImageEntry]:
@@ -107,5 +109,5 @@ class ContainerdStore(Store):
         """Await a client call; a containerd that went away becomes `StoreUnavailable`."""
         try:
             return await pending
-        except (grpc.RpcError, ContainerdUnavailable) as exc:
+        except ContainerdError as exc:
             raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
