@@ -6,10 +6,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-# Sources a request can be answered from; later stages add "peer" and "upstream".
+# Sources a request can be answered from; a later stage adds "upstream".
 SOURCE_LOCAL = "local"
+SOURCE_PEER = "peer"
 SOURCE_NONE = "none"
 
+_LOOKUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -39,6 +41,49 @@ class Metrics:
             "mirror_store_up",
             "1 when the node's store backend is connected.",
             ["store"],
+            registry=self.registry,
+        )
+
+        self.dht_dropped = Counter(
+            "mirror_dht_dropped_datagrams",
+            "DHT datagrams dropped unprocessed, by reason (unauthenticated, stale, replayed, "
+            "malformed).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.dht_contacts = Gauge(
+            "mirror_dht_contacts",
+            "Peers in this node's DHT routing table.",
+            registry=self.registry,
+        )
+        self.dht_provider_records = Gauge(
+            "mirror_dht_provider_records",
+            "Provider records this node stores for the cluster (keys close to its id).",
+            registry=self.registry,
+        )
+        self.peer_lookup_duration = Histogram(
+            "mirror_peer_lookup_duration_seconds",
+            "Time to find providers of a key in the DHT, by result (found, missing).",
+            ["result"],
+            buckets=_LOOKUP_BUCKETS,
+            registry=self.registry,
+        )
+        self.advertised_keys = Gauge(
+            "mirror_advertised_keys",
+            "Keys this node announces as their provider, by kind (digest, tag).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.peer_fetch_failures = Counter(
+            "mirror_peer_fetch_failures",
+            "Fetches from a peer that failed and moved to another, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.peer_requests_refused = Counter(
+            "mirror_refused_requests",
+            "Registry requests refused before any store was asked, by reason.",
+            ["reason"],
             registry=self.registry,
         )
 
