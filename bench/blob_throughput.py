@@ -9,12 +9,17 @@ turn for several rounds (the order flips every round); the sizes are verified, t
 of each server and the ratio mirror/nginx are printed. One extra round fetches a byte range with
 an aiohttp client from both, to show that ranges (sendfile from an offset) stream fast too.
 
+Alongside the speeds it reports the CPU seconds per GiB that the server and curl used (on
+loopback the kernel's TCP work lands on whichever side happens to run it, so read the two
+together) and how much of the machine other processes used during the rounds: loopback figures
+swing widely when anything else runs.
+
 nginx runs with worker_processes 1: the mirror is one process with one event loop, and a single
 download is served by one worker anyway, so one worker is the like-for-like setting.
 
 Run it with the project's venv: `.venv/bin/python bench/blob_throughput.py [--size-mib N]
-[--rounds N] [--memory]`. Everything it starts is stopped and its temporary directory deleted on
-exit, Ctrl-C and errors included.
+[--rounds N] [--memory] [--nginx-extra 'tcp_nopush off;']`. Everything it starts is stopped
+and its temporary directory deleted on exit, Ctrl-C and errors included.
 """
 
 from __future__ import annotations
@@ -317,6 +322,14 @@ def start_nginx(nginx: str, work: Path, blob: Blob, extra: str) -> Server:
     return Server(name="nginx", child=child, base_url=base, ready_url=base + "/readyz")
 
 
+def congestion_control() -> str:
+    """The kernel's TCP congestion control: it shapes loopback throughput as much as any server."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def nginx_version(nginx: str) -> str:
     done = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=True)
     return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
@@ -367,6 +380,24 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = _stat_fields(pid)
             ticks += int(fields[11]) + int(fields[12])
     return ticks / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs spent on anything but idling and waiting for I/O, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    # guest time is already counted in user and nice
+    return (sum(fields[:8]) - idle - iowait) / CLOCK_TICKS
+
+
+def own_cpu_seconds(servers: tuple[Server, ...]) -> float:
+    """CPU time of this benchmark: itself, its finished children (curl) and the servers."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime + children_cpu_seconds()
+    for server in servers:
+        total += cpu_seconds(process_tree(server.child.proc.pid))
+    return total
 
 
 def children_cpu_seconds() -> float:
@@ -462,12 +493,11 @@ def run(args: argparse.Namespace) -> int:
         wait_ready(nginx)
         ready_memory = memory_status(mirror.child.proc.pid) if args.memory else {}
         servers = (mirror, nginx)
-        load_before = os.getloadavg()[0]
 
         print(
             f"blob sha256:{blob.hex[:16]}... {args.size_mib} MiB; mirror {mirror.base_url}, "
             f"nginx {version} {nginx.base_url} (worker_processes 1 {args.nginx_extra}); "
-            "client: curl -> /dev/null",
+            f"client: curl -> /dev/null; tcp congestion control {congestion_control()}",
             flush=True,
         )
         for server in servers:
@@ -475,6 +505,8 @@ def run(args: argparse.Namespace) -> int:
                 curl_fetch(args.curl, server.blob_url(blob), size)
 
         samples: dict[str, list[Sample]] = {server.name: [] for server in servers}
+        busy_before, own_before = machine_busy_seconds(), own_cpu_seconds(servers)
+        started = time.monotonic()
         for number in range(args.rounds):
             order = servers if number % 2 == 0 else servers[::-1]
             for server in order:
@@ -489,6 +521,10 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 flush=True,
             )
+
+        elapsed = time.monotonic() - started
+        foreign = (machine_busy_seconds() - busy_before) - (own_cpu_seconds(servers) - own_before)
+        foreign_share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1))
 
         ranges: dict[str, RangeResult] = {}
         if not args.no_range:
@@ -506,7 +542,6 @@ def run(args: argparse.Namespace) -> int:
             if code is not None:
                 raise RuntimeError(f"{server.name} exited with status {code} while measured")
 
-    load_after = os.getloadavg()[0]
     medians = {name: statistics.median(s.mib_per_s for s in runs) for name, runs in samples.items()}
     ratio = medians["mirror"] / medians["nginx"]
     met = ratio >= args.target
@@ -522,10 +557,17 @@ def run(args: argparse.Namespace) -> int:
             f" {statistics.median(s.server_cpu for s in runs):17.2f}"
             f" {statistics.median(s.client_cpu for s in runs):15.2f}"
         )
-    print(f"ratio mirror/nginx: {ratio:.3f} (target >= {args.target:.2f})")
-    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
-    if max(load_before, load_after) > 0.5:
-        print("warning: the machine was busy with other work; expect noisy figures")
+    paired = statistics.median(
+        m.mib_per_s / n.mib_per_s for m, n in zip(samples["mirror"], samples["nginx"], strict=True)
+    )
+    print(
+        f"ratio mirror/nginx: {ratio:.3f} of the medians, {paired:.3f} median of the per-round"
+        f" ratios (target >= {args.target:.2f})"
+    )
+    print(
+        f"other processes used {foreign_share:.0%} of the machine's {os.cpu_count()} CPUs"
+        " during the rounds" + ("; expect noisy figures" if foreign_share > 0.1 else "")
+    )
     if ranges:
         sample = ranges["mirror"]
         print(

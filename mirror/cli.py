@@ -18,9 +18,13 @@ from mirror import __version__
 from mirror.config import (
     ContainerdConfig,
     LogLevel,
+    RoutingConfig,
     RunConfig,
     StoreKind,
     parse_address,
+    parse_cidr,
+    parse_duration,
+    parse_ip,
 )
 from mirror.errors import ConfigError, MirrorError
 
@@ -52,17 +56,56 @@ def _env_name(flag: str) -> str:
 
 
 class _FlagAdder:
-    """Adds flags whose defaults come from the environment, so both paths share one parser."""
+    """Adds flags whose defaults come from the environment, so both paths share one parser.
+
+    A repeatable flag takes its environment value as a whitespace-separated list, used only when
+    the flag is not given at all (given flags replace the environment, they do not add to it).
+    """
 
     def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
         self._parser = parser
         self._environ = environ
 
-    def __call__(self, flag: str, *, default: str | None, help: str, **kwargs: Any) -> None:
+    def __call__(
+        self,
+        flag: str,
+        *,
+        default: str | None,
+        help: str,
+        repeatable: bool = False,
+        **kwargs: Any,
+    ) -> None:
         env = _env_name(flag)
         value = self._environ.get(env, default)
         shown = f" (env {env}; default: {default})" if default is not None else f" (env {env})"
+        if repeatable:
+            convert = kwargs.pop("type", str)
+            self._parser.add_argument(
+                flag, action="append", type=convert, help=help + shown + "; repeatable", **kwargs
+            )
+            from_env = (env, convert, value.split() if value else [])
+            self._parser.set_defaults(**{_dest(flag) + _ENV_SUFFIX: from_env})
+            return
         self._parser.add_argument(flag, default=value, help=help + shown, **kwargs)
+
+
+_ENV_SUFFIX = "_from_env"
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _listed(args: argparse.Namespace, flag: str) -> list[Any]:
+    """A repeatable flag's values: from the command line if given, else from the environment."""
+    given = getattr(args, _dest(flag))
+    if given is not None:
+        return list(given)
+    env, convert, items = getattr(args, _dest(flag) + _ENV_SUFFIX)
+    try:
+        return [convert(item) for item in items]
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{env}: {exc}") from exc
 
 
 def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
@@ -107,6 +150,67 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         type=_typed(LogLevel, "log level"),
         help="debug, info, warning or error",
     )
+    flag(
+        "--cluster-key-file",
+        default=None,
+        type=Path,
+        help="the cluster key (make one with `mirror keygen`); without it the node runs alone, "
+        "with no DHT and no peers",
+    )
+    flag(
+        "--router-addr",
+        default="0.0.0.0:5001",
+        type=_typed(parse_address, "address"),
+        help="HOST:PORT (UDP) of the DHT router",
+    )
+    flag(
+        "--advertise-addr",
+        default=None,
+        type=_typed(parse_ip, "IP"),
+        help="IP peers dial for this node (default: the registry address unless it is a "
+        "wildcard, else the primary interface address)",
+    )
+    flag(
+        "--bootstrap",
+        default=None,
+        repeatable=True,
+        help="where to find peers: static:HOST[:PORT][,HOST[:PORT]...] or dns:NAME[:PORT] "
+        "(every A/AAAA record); PORT defaults to the router port",
+    )
+    flag(
+        "--dns-server",
+        default=None,
+        type=_typed(parse_address, "address"),
+        help="HOST:PORT of the DNS server for dns: bootstrap (default: /etc/resolv.conf)",
+    )
+    flag(
+        "--resolve-timeout",
+        default="20ms",
+        type=_typed(parse_duration, "duration"),
+        help="deadline of one DHT lookup; a miss never takes longer",
+    )
+    flag(
+        "--advertise-ttl",
+        default="10m",
+        type=_typed(parse_duration, "duration"),
+        help="lifetime of this node's provider records; re-announced at half of it",
+    )
+    flag(
+        "--allow-client",
+        default=None,
+        repeatable=True,
+        type=_typed(parse_cidr, "CIDR"),
+        help="CIDR of runtimes allowed to pull besides loopback (peers authenticate instead)",
+    )
+
+
+def _add_keygen(subparsers: Any) -> None:
+    keygen = subparsers.add_parser(
+        "keygen", help="print a new cluster key (give every node the same one)"
+    )
+    keygen.add_argument(
+        "--out", type=Path, help="write the key to this file (mode 0600; never overwritten)"
+    )
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -114,7 +218,29 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(subparsers, environ)
+    _add_keygen(subparsers)
     return parser
+
+
+def routing_config(args: argparse.Namespace) -> RoutingConfig:
+    from mirror.clusterkey import ClusterKey
+    from mirror.routing.bootstrap import parse_bootstrap
+
+    dns_server = (args.dns_server.host, args.dns_server.port) if args.dns_server else None
+    specs = _listed(args, "--bootstrap")
+    if specs and args.cluster_key_file is None:
+        raise ConfigError("--bootstrap needs --cluster-key-file: peers must authenticate")
+    return RoutingConfig(
+        cluster_key=ClusterKey.load(args.cluster_key_file) if args.cluster_key_file else None,
+        router_addr=args.router_addr,
+        advertise_ip=args.advertise_addr,
+        bootstrap=tuple(
+            parse_bootstrap(spec, args.router_addr.port, dns_server=dns_server) for spec in specs
+        ),
+        resolve_timeout=args.resolve_timeout,
+        advertise_ttl=args.advertise_ttl,
+        allow_clients=tuple(_listed(args, "--allow-client")),
+    )
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -129,14 +255,35 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         registry_addr=args.registry_addr,
         metrics_addr=args.metrics_addr,
         log_level=args.log_level,
+        routing=routing_config(args),
     )
+
+
+def keygen(out: Path | None) -> None:
+    from mirror.clusterkey import ClusterKey
+
+    key = ClusterKey.generate()
+    if out is None:
+        print(key)
+        return
+    try:
+        descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(f"{out} exists; not overwriting a cluster key") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror}") from exc
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    print(f"wrote a new cluster key to {out}")
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = build_parser(os.environ if environ is None else environ)
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
+        if args.command == "keygen":
+            keygen(args.out)
+        elif args.command == "run":
             from mirror.node import run_node
 
             config = run_config(args)

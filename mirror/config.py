@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirror.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mirror.clusterkey import ClusterKey
+    from mirror.routing.bootstrap import BootstrapSource
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class StoreKind(StrEnum):
@@ -44,12 +53,57 @@ def parse_address(text: str) -> Address:
     return Address(host or "0.0.0.0", port)
 
 
+_DURATION = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """`20ms`, `1.5s`, `10m`, `1h`, or a bare number of seconds; in seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f"{text!r} is not a duration such as 20ms, 5s or 10m")
+    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+    if seconds <= 0:
+        raise ConfigError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def parse_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is not an IP address") from exc
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerdConfig:
     socket: Path
     namespace: str
     # None: ask containerd's introspection API where its content store lives.
     content_path: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Peer-to-peer settings. Without a cluster key the node runs alone: no DHT, no peers."""
+
+    cluster_key: ClusterKey | None
+    router_addr: Address
+    # What peers dial for this node's registry; None: the registry address, or if that is a
+    # wildcard, the address of the interface that routes outwards.
+    advertise_ip: str | None
+    bootstrap: tuple[BootstrapSource, ...]
+    resolve_timeout: float
+    advertise_ttl: float
+    # Runtimes allowed besides loopback; peers are recognised by their signature instead.
+    allow_clients: tuple[IPNetwork, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +114,4 @@ class RunConfig:
     registry_addr: Address
     metrics_addr: Address
     log_level: LogLevel
+    routing: RoutingConfig

@@ -21,6 +21,10 @@ class DigestMismatch(MirrorError):
     """Bytes did not hash to the digest they were fetched or written under."""
 
 
+class PeerUnavailable(MirrorError):
+    """No peer could deliver content that the DHT said it held."""
+
+
 class RegistryError(MirrorError):
     """An error the registry API reports to its client as OCI error JSON."""
 
@@ -61,6 +65,16 @@ class DigestInvalid(RegistryError):
 class PaginationInvalid(RegistryError):
     code = "PAGINATION_NUMBER_INVALID"
     status = 400
+
+
+class Unauthorized(RegistryError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Denied(RegistryError):
+    code = "DENIED"
+    status = 403
 
 
 class Unsupported(RegistryError):

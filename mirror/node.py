@@ -1,18 +1,29 @@
-"""The node agent: opens the store, serves the registry API and metrics until told to stop."""
+"""The node agent: opens the store, joins the cluster, serves the registry API and metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import signal
+import socket
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
+from typing import Any
 
 from aiohttp import web
 
-from mirror.config import Address, LogLevel, RunConfig, StoreKind
+from mirror.config import Address, LogLevel, RoutingConfig, RunConfig, StoreKind
 from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
+from mirror.peers.auth import RequestSigner, RequestVerifier
+from mirror.peers.fetcher import PeerFetcher
+from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
+from mirror.routing.advertiser import Advertiser
+from mirror.routing.bootstrap import Rebootstrapper
+from mirror.routing.dht import DhtNode, stable_node_id
 from mirror.stores.base import Store
 from mirror.stores.cache import CacheStore
 from mirror.stores.containerd.store import ContainerdStore
@@ -46,9 +57,8 @@ async def open_store(config: RunConfig) -> Store:
 
 
 async def _serve(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:
-    runner = web.AppRunner(
-        app, access_log=logging.getLogger("mirror.access") if access_log else None
-    )
+    access_logger = logging.getLogger("mirror.access") if access_log else None
+    runner = web.AppRunner(app, access_log=access_logger)
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
     try:
@@ -59,17 +69,116 @@ async def _serve(app: web.Application, address: Address, *, access_log: bool) ->
     return runner
 
 
+def advertise_ip(routing: RoutingConfig, registry_addr: Address) -> str:
+    """The IP peers dial: explicit, else the registry's own, else the outward interface's."""
+    if routing.advertise_ip is not None:
+        return routing.advertise_ip
+    try:
+        host = ipaddress.ip_address(registry_addr.host)
+    except ValueError:
+        try:
+            host = ipaddress.ip_address(socket.gethostbyname(registry_addr.host))
+        except OSError as exc:
+            raise ConfigError(f"cannot resolve {registry_addr.host}; set --advertise-addr") from exc
+    if not host.is_unspecified:
+        return str(host)
+    # Connecting a UDP socket sends nothing; it only asks the kernel which source address
+    # its routing table would use to leave this host.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            return str(probe.getsockname()[0])
+        except OSError as exc:
+            raise ConfigError(
+                "cannot tell which address peers should dial; set --advertise-addr"
+            ) from exc
+
+
+class _Background:
+    """Long-running tasks of the node; a task that dies unexpectedly is logged, not lost."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._report)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _report(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "%s stopped: %s", task.get_name(), task.exception(), exc_info=task.exception()
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _join_cluster(
+    config: RunConfig,
+    store: Store,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+    background: _Background,
+) -> tuple[AccessPolicy, PeerFetcher | None]:
+    routing = config.routing
+    key = routing.cluster_key
+    if key is None:
+        log.info("no cluster key: running alone (no DHT, no peers)")
+        return AccessPolicy(routing.allow_clients, None), None
+    ip = advertise_ip(routing, config.registry_addr)
+    http_address = str(Address(ip, config.registry_addr.port))
+    dht = DhtNode(
+        node_id=stable_node_id(http_address),
+        http_address=http_address,
+        cluster_key=key,
+        resolve_timeout=routing.resolve_timeout,
+        record_ttl=routing.advertise_ttl,
+        metrics=metrics,
+    )
+    await dht.listen(routing.router_addr.host, routing.router_addr.port)
+    stack.push_async_callback(dht.close)
+    own_router = (ip, dht.router_address[1])
+    rebootstrapper = Rebootstrapper(
+        routing.bootstrap, dht.bootstrap, dht.contact_count, own_address=own_router
+    )
+    background.start("bootstrap", rebootstrapper.run())
+    advertiser = Advertiser(store, dht, metrics, ttl=routing.advertise_ttl)
+    background.start("advertiser", advertiser.run())
+    fetcher = PeerFetcher(dht, RequestSigner(key), metrics)
+    await fetcher.start()
+    stack.push_async_callback(fetcher.close)
+    log.info("joined the cluster as %s (router %s)", http_address, routing.router_addr)
+    return AccessPolicy(routing.allow_clients, RequestVerifier(key)), fetcher
+
+
 async def run_node(config: RunConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if config.log_level is not LogLevel.DEBUG:
+        # kademlia logs every RPC at INFO.
+        logging.getLogger("kademlia").setLevel(logging.WARNING)
+        logging.getLogger("rpcudp").setLevel(logging.WARNING)
     metrics = Metrics()
+    background = _Background()
     async with AsyncExitStack() as stack:
         store = await open_store(config)
         stack.push_async_callback(store.close)
         metrics.store_up.labels(store.name).set(1)
-        api = RegistryApi(store, metrics)
+        try:
+            access, peers = await _join_cluster(config, store, metrics, stack, background)
+        finally:
+            # Unwound before the DHT closes: nothing announces into a closed node.
+            stack.push_async_callback(background.stop)
+        api = RegistryApi(store, metrics, access=access, peers=peers)
         debug = config.log_level is LogLevel.DEBUG
         registry_runner = await _serve(api.app(), config.registry_addr, access_log=debug)
         stack.push_async_callback(registry_runner.cleanup)

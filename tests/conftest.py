@@ -93,11 +93,15 @@ def containerd_factory(
 
 @pytest.fixture
 def mirror_factory(tmp_path: Path) -> Iterator[Callable[..., MirrorNode]]:
-    """Start `mirror run` nodes with extra flags: ``mirror_factory("--store=cache")``."""
+    """Start `mirror run` nodes with extra flags: ``mirror_factory("--store=cache")``.
+
+    ``host`` picks the loopback address the node listens on (127.0.0.11, .12, ... make
+    distinct "machines").
+    """
     started: list[MirrorNode] = []
 
-    def make(*args: str) -> MirrorNode:
-        node = start_mirror(tmp_path / f"mirror{len(started)}", *args)
+    def make(*args: str, host: str = "127.0.0.1") -> MirrorNode:
+        node = start_mirror(tmp_path / f"mirror{len(started)}", *args, host=host)
         started.append(node)
         return node
 

@@ -85,7 +85,10 @@ def test_busy_port_is_one_line(tmp_path: Path) -> None:
             f"--metrics-addr=127.0.0.1:{free_port()}",
         )
     assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1:" in result.stderr and result.stderr.count("\n") == 1
+    # Log lines of the start-up may precede it; the error itself is one line, the last.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mirror: error:")]
+    assert len(errors) == 1 and "cannot listen on 127.0.0.1:" in errors[0]
+    assert result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
 
 
 def test_node_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -120,3 +123,52 @@ def test_node_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
     assert "using the node cache" in stderr
     assert (tmp_path / "cache" / "blobs").is_dir()
+
+
+def test_keygen_prints_and_writes_a_key_once(tmp_path: Path) -> None:
+    from mirror.clusterkey import ClusterKey
+
+    printed = run_mirror("keygen")
+    assert printed.returncode == 0
+    ClusterKey.from_text(printed.stdout)
+    target = tmp_path / "cluster.key"
+    assert run_mirror("keygen", "--out", str(target)).returncode == 0
+    assert target.stat().st_mode & 0o777 == 0o600
+    ClusterKey.load(target)
+    again = run_mirror("keygen", "--out", str(target))
+    assert again.returncode == 1 and "not overwriting" in again.stderr
+    assert again.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--bootstrap", "static:127.0.0.1:5001"], {}, "--bootstrap needs --cluster-key-file"),
+        (["--cluster-key-file", "/nonexistent/key"], {}, "cannot read cluster key file"),
+        ([], {"MIRROR_ALLOW_CLIENT": "10.0.0.0/8 bogus"}, "MIRROR_ALLOW_CLIENT: invalid CIDR"),
+        (["--resolve-timeout", "soon"], {}, "invalid duration 'soon'"),
+        (["--bootstrap", "carrier-pigeon:x", "--cluster-key-file", "k"], {}, "--bootstrap"),
+    ],
+)
+def test_bad_routing_settings_are_one_line(
+    args: list[str], env: dict[str, str], needle: str, tmp_path: Path
+) -> None:
+    (tmp_path / "k").write_text("x" * 43)
+    result = subprocess.run(
+        [sys.executable, "-m", "mirror", "run", "--store=cache", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_repeated_flags_replace_the_environment() -> None:
+    environ = {"MIRROR_ALLOW_CLIENT": "10.0.0.0/8 192.168.0.0/16"}
+    from_env = run_config(build_parser(environ).parse_args(["run"]))
+    assert [str(n) for n in from_env.routing.allow_clients] == ["10.0.0.0/8", "192.168.0.0/16"]
+    given = run_config(build_parser(environ).parse_args(["run", "--allow-client=172.16.0.0/12"]))
+    assert [str(n) for n in given.routing.allow_clients] == ["172.16.0.0/12"]

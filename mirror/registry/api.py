@@ -9,6 +9,7 @@ from aiohttp import web
 
 from mirror.errors import (
     BlobUnknown,
+    Denied,
     DigestInvalid,
     ManifestUnknown,
     NameUnknown,
@@ -16,14 +17,17 @@ from mirror.errors import (
     RegistryError,
     ServiceUnavailable,
     StoreUnavailable,
+    Unauthorized,
     Unsupported,
 )
-from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, Metrics
+from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, SOURCE_PEER, Metrics
 from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, OCTET_STREAM, detect_manifest_type
 from mirror.oci.reference import Digest, parse_digest
+from mirror.peers.fetcher import PeerFetcher
+from mirror.registry.access import AccessPolicy, Caller
 from mirror.registry.paths import Kind, Target, parse_target
 from mirror.registry.ranges import parse_range
-from mirror.registry.responses import API_VERSION_HEADER, error_response, send_blob
+from mirror.registry.responses import API_VERSION_HEADER, error_response, send_blob, send_chunks
 from mirror.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -34,9 +38,18 @@ _SOURCE_KEY = web.RequestKey("source", str)
 
 
 class RegistryApi:
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        access: AccessPolicy | None = None,
+        peers: PeerFetcher | None = None,
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
+        self._peers = peers
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._observe])
@@ -54,6 +67,8 @@ class RegistryApi:
         try:
             response = await handler(request)
         except RegistryError as error:
+            if isinstance(error, Denied | Unauthorized):
+                self._metrics.peer_requests_refused.labels(error.code.lower()).inc()
             response = error_response(error)
         except StoreUnavailable as error:
             log.warning("%s %s: %s", request.method, request.path, error)
@@ -92,22 +107,50 @@ class RegistryApi:
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         request[_KIND_KEY] = "other"
+        caller = self._access.classify(request)
         target = parse_target(request.match_info["path"], request.query.get("ns"))
         request[_KIND_KEY] = target.kind.value
         if request.method not in _READ_METHODS:
             raise Unsupported(f"{request.method} is not supported: this mirror only serves pulls")
         if target.kind is Kind.MANIFEST:
-            return await self._manifest(request, target)
+            return await self._manifest(request, target, caller)
         if target.kind is Kind.TAGS:
             return await self._tags(request, target)
         assert target.digest is not None
-        return await self._blob(request, target.digest)
+        return await self._blob(request, target.digest, caller)
 
-    async def _manifest(self, request: web.Request, target: Target) -> web.StreamResponse:
+    async def _manifest(
+        self, request: web.Request, target: Target, caller: Caller
+    ) -> web.StreamResponse:
+        local = await self._local_manifest(target)
+        if local is not None:
+            request[_SOURCE_KEY] = SOURCE_LOCAL
+            digest, body, media_type = local
+        elif caller is Caller.RUNTIME and self._peers is not None:
+            fetched = await self._peers.manifest(
+                str(target.tag or target.digest), _peer_path(request), target.digest
+            )
+            if fetched is None:
+                raise ManifestUnknown(f"{target.tag or target.digest} is not held in the cluster")
+            request[_SOURCE_KEY] = SOURCE_PEER
+            digest, body, media_type = fetched.digest, fetched.body, fetched.media_type
+        else:
+            raise ManifestUnknown(f"{target.tag or target.digest} is not held here")
+        headers = {
+            **API_VERSION_HEADER,
+            "Docker-Content-Digest": str(digest),
+            "Content-Type": media_type,
+        }
+        return web.Response(body=body, headers=headers)
+
+    async def _local_manifest(self, target: Target) -> tuple[str, bytes, str] | None:
+        """(digest, bytes, media type) of a manifest this node holds, or None."""
         digest = target.digest or await self._resolve_tag(target)
+        if digest is None:
+            return None
         blob = await self._store.open(digest)
         if blob is None:
-            raise ManifestUnknown(f"manifest {digest} is not held here")
+            return None
         try:
             if blob.size > MAX_MANIFEST_SIZE:
                 raise ManifestUnknown(f"{digest} is too large to be a manifest")
@@ -117,23 +160,18 @@ class RegistryApi:
         media_type = detect_manifest_type(body)
         if media_type is None:
             raise ManifestUnknown(f"{digest} is not a manifest")
-        request[_SOURCE_KEY] = SOURCE_LOCAL
-        headers = {
-            **API_VERSION_HEADER,
-            "Docker-Content-Digest": str(digest),
-            "Content-Type": media_type,
-        }
-        return web.Response(body=body, headers=headers)
+        return str(digest), body, media_type
 
-    async def _resolve_tag(self, target: Target) -> Digest:
+    async def _resolve_tag(self, target: Target) -> Digest | None:
         assert target.tag is not None
         found = await self._store.resolve(target.tag)
         if found is None:
-            raise ManifestUnknown(f"{target.tag} is not held here")
+            return None
         try:
             return parse_digest(found)
-        except DigestInvalid as exc:
-            raise ManifestUnknown(f"{target.tag} points to an unusable digest") from exc
+        except DigestInvalid:
+            log.warning("%s points to an unusable digest %r", target.tag, found)
+            return None
 
     async def _tags(self, request: web.Request, target: Target) -> web.Response:
         """Tags held for one repository, paginated with `n` and `last` as the spec describes."""
@@ -156,20 +194,24 @@ class RegistryApi:
         body = {"name": target.repository, "tags": tags}
         return web.json_response(body, headers=API_VERSION_HEADER)
 
-    async def _blob(self, request: web.Request, digest: Digest) -> web.StreamResponse:
+    async def _blob(
+        self, request: web.Request, digest: Digest, caller: Caller
+    ) -> web.StreamResponse:
+        headers = {
+            **API_VERSION_HEADER,
+            "Docker-Content-Digest": str(digest),
+            "Content-Type": OCTET_STREAM,
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
+        }
         blob = await self._store.open(digest)
         if blob is None:
+            if caller is Caller.RUNTIME and self._peers is not None:
+                return await self._blob_from_peers(request, digest, headers)
             raise BlobUnknown(f"blob {digest} is not held here")
         try:
-            byte_range = parse_range(request.headers.get("Range"), blob.size)
-            headers = {
-                **API_VERSION_HEADER,
-                "Docker-Content-Digest": str(digest),
-                "Content-Type": OCTET_STREAM,
-                "Accept-Ranges": "bytes",
-                "ETag": f'"{digest}"',
-            }
             request[_SOURCE_KEY] = SOURCE_LOCAL
+            byte_range = parse_range(request.headers.get("Range"), blob.size)
             if byte_range is None:
                 return await send_blob(request, blob, 0, blob.size, status=200, headers=headers)
             headers["Content-Range"] = byte_range.content_range(blob.size)
@@ -178,3 +220,31 @@ class RegistryApi:
             )
         finally:
             await blob.close()
+
+    async def _blob_from_peers(
+        self, request: web.Request, digest: Digest, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        assert self._peers is not None
+        client_range = request.headers.get("Range")
+        if client_range is not None and parse_range(client_range, 1 << 62) is None:
+            client_range = None  # a range we would ignore locally is not forwarded either
+        found = await self._peers.blob(
+            digest, _peer_path(request), client_range, head=request.method == "HEAD"
+        )
+        if found is None:
+            raise BlobUnknown(f"blob {digest} is not held in the cluster")
+        request[_SOURCE_KEY] = SOURCE_PEER
+        status = 200
+        if client_range is not None:
+            status = 206
+            headers["Content-Range"] = (
+                f"bytes {found.offset}-{found.offset + found.length - 1}/{found.size}"
+            )
+        return await send_chunks(
+            request, found.chunks, found.length, status=status, headers=headers
+        )
+
+
+def _peer_path(request: web.Request) -> str:
+    """The same request as a peer should see it: path and query, nothing else."""
+    return request.rel_url.path_qs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import BinaryIO
 
 from aiohttp import web
@@ -54,18 +55,11 @@ class SendfileResponse(web.StreamResponse):
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")
-        try:
-            await asyncio.get_running_loop().sendfile(
-                transport, self._fileobj, self._offset, self._count
-            )
-        except NotImplementedError:
-            await self._copy(request)
+        # Where the transport cannot sendfile (TLS), asyncio falls back to reading and writing.
+        await asyncio.get_running_loop().sendfile(
+            transport, self._fileobj, self._offset, self._count
+        )
         await self.write_eof()
-
-    async def _copy(self, request: web.Request) -> None:
-        blob = FileBlob(self._fileobj, self._offset + self._count)
-        async for chunk in blob.iter_range(self._offset, self._count):
-            await self.write(chunk)
 
 
 async def send_blob(
@@ -77,27 +71,45 @@ async def send_blob(
     status: int,
     headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Send `count` bytes of `blob` from `offset`; the body is fully sent when this returns.
-
-    If the source fails mid-body the connection is cut, so the client sees a short body and an
-    error instead of a response it could take for complete.
-    """
+    """Send `count` bytes of `blob` from `offset`; the body is fully sent when this returns."""
     if isinstance(blob, FileBlob):
         response = SendfileResponse(blob.fileobj, offset, count, status=status, headers=headers)
         await response.send(request)
         return response
+    chunks = blob.iter_range(offset, count) if request.method != "HEAD" and count else None
+    return await send_chunks(request, chunks, count, status=status, headers=headers)
+
+
+async def send_chunks(
+    request: web.Request,
+    chunks: AsyncIterator[bytes] | None,
+    count: int,
+    *,
+    status: int,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Stream `count` bytes as they come (None: headers only, for HEAD).
+
+    If the source fails mid-body (a peer dies, a digest does not match) the connection is cut,
+    so the client sees a short body and an error, never a response it could take for complete.
+    """
     streamed = web.StreamResponse(status=status, headers=headers)
     streamed.content_length = count
     await streamed.prepare(request)
-    if request.method == "HEAD" or count == 0:
+    if chunks is None or request.method == "HEAD":
         return streamed
     try:
-        async for chunk in blob.iter_range(offset, count):
+        async for chunk in chunks:
             await streamed.write(chunk)
     except (OSError, EOFError, MirrorError) as exc:
         log.warning("stream of %s aborted: %s", request.path, exc)
         if request.transport is not None:
             request.transport.close()
         return streamed
+    finally:
+        # Release the source (a peer connection) now, not whenever the generator is collected.
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
     await streamed.write_eof()
     return streamed

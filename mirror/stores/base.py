@@ -122,3 +122,11 @@ class Store(ABC):
     @abstractmethod
     async def images(self) -> list[ImageEntry]:
         """Every tagged image held, for advertising and inspection."""
+
+    async def changes(self) -> AsyncIterator[None]:
+        """Yields whenever what the store holds may have changed (to advertise or withdraw).
+
+        The default never yields: such a store is only rescanned periodically.
+        """
+        await asyncio.Event().wait()
+        yield

@@ -57,3 +57,10 @@ def wait_for_http(url: str, timeout: float = 10.0) -> int:
             last_error = exc
         time.sleep(POLL_INTERVAL)
     raise TimeoutError(f"{url} gave no HTTP answer in {timeout}s: {last_error}")
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port that was free on ``host`` a moment ago (for DHT routers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_RESUBSCRIBE_MIN = 0.1
+_RESUBSCRIBE_MAX = 5.0
+
 
 class ContainerdStore(Store):
     name = "containerd"
@@ -95,6 +98,27 @@ class ContainerdStore(Store):
                 yield chunk
         except ContainerdError as exc:
             raise StoreUnavailable(f"containerd stopped streaming {digest}: {exc}") from exc
+
+    async def changes(self) -> AsyncIterator[None]:
+        """Image and content events of this namespace; after a lost stream, one change to rescan.
+
+        containerd 1.6 publishes no event when content is written, but every pull ends with an
+        image create or update, which is when the new content becomes reachable.
+        """
+        namespace = f'namespace=="{self._config.namespace}"'
+        filters = [f'{namespace},topic~="^/images/"', f'{namespace},topic=="/content/delete"']
+        backoff = _RESUBSCRIBE_MIN
+        while True:
+            try:
+                async for _event in self._client.subscribe(filters):
+                    backoff = _RESUBSCRIBE_MIN
+                    yield
+            except ContainerdError as exc:
+                log.warning("containerd event stream lost (%s); resubscribing", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RESUBSCRIBE_MAX)
+            # Events in between are lost: have the caller rescan.
+            yield
 
     async def images(self) -> list[ImageEntry]:
         records = await self._call(self._client.list_images())

@@ -1,0 +1,1 @@
+"""Fetching content from other nodes of the cluster, authenticated with the cluster key."""

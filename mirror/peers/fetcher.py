@@ -1,0 +1,348 @@
+"""Fetching manifests and blobs from the peers the DHT names, verified and with failover.
+
+- The DHT is asked for providers of the digest (or tag); this node is never among them.
+- The first provider is asked at once; if it has not answered `hedge_after` later, the next one
+  is asked too, and the first to answer wins (the other request is cancelled).
+- A blob is hashed as it streams. Its last chunk is held back until the digest is checked, so a
+  client never receives the whole of a wrong body: on a mismatch the response is cut and the
+  peers that sent it are distrusted for a while.
+- When a peer dies mid-blob, the stream continues from another provider with a Range request
+  from the first missing byte; the client sees one whole, correct body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+
+from mirror.errors import DigestMismatch, PeerUnavailable, RangeNotSatisfiable
+from mirror.metrics import Metrics
+from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
+from mirror.oci.reference import Digest
+from mirror.peers.auth import PEER_HEADER, RequestSigner
+from mirror.routing.dht import Provider
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1024 * 1024
+# A peer that sent bytes not matching their digest is not asked again for this long.
+_DISTRUST_SECONDS = 600.0
+_PROVIDERS_WANTED = 3
+
+
+class ProviderLookup(Protocol):
+    async def find_providers(self, text: str, want: int = 2) -> list[Provider]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerManifest:
+    body: bytes
+    media_type: str
+    digest: str
+
+
+@dataclass(slots=True)
+class PeerBlob:
+    """A blob (or a slice of it) streaming from peers: headers known, body not yet read."""
+
+    size: int
+    offset: int
+    length: int
+    chunks: AsyncIterator[bytes] | None
+
+    @property
+    def is_partial(self) -> bool:
+        return self.offset != 0 or self.length != self.size
+
+
+class _PeerSlowOrFailed(Exception):
+    """One attempt at one peer failed; the caller moves on to the next provider."""
+
+
+class PeerFetcher:
+    def __init__(
+        self,
+        lookup: ProviderLookup,
+        signer: RequestSigner,
+        metrics: Metrics,
+        *,
+        hedge_after: float = 0.15,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lookup = lookup
+        self._signer = signer
+        self._metrics = metrics
+        self._hedge_after = hedge_after
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._clock = clock
+        self._distrusted: dict[bytes, float] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def providers(self, key_text: str, exclude: set[bytes] = frozenset()) -> list[Provider]:
+        started = self._clock()
+        found = await self._lookup.find_providers(key_text, want=_PROVIDERS_WANTED)
+        now = self._clock()
+        usable = [
+            p
+            for p in found
+            if p.node_id not in exclude and self._distrusted.get(p.node_id, 0.0) <= now
+        ]
+        result = "found" if usable else "missing"
+        self._metrics.peer_lookup_duration.labels(result).observe(now - started)
+        random.shuffle(usable)
+        return usable
+
+    async def manifest(
+        self, key_text: str, path: str, expected: Digest | None
+    ) -> PeerManifest | None:
+        """The manifest at `path` (`/v2/...` with `?ns=`) from the first peer giving valid bytes."""
+        tried: set[bytes] = set()
+        while candidates := await self.providers(key_text, exclude=tried):
+            tried.update(p.node_id for p in candidates)
+            winner = await self._first_answer(candidates, path, None)
+            if winner is None:
+                continue
+            provider, response = winner
+            try:
+                body = await _read_limited(response, MAX_MANIFEST_SIZE)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                self._failed(provider, "broken", exc)
+                continue
+            finally:
+                response.release()
+            actual = "sha256:" + hashlib.sha256(body).hexdigest()
+            claimed = str(expected) if expected else response.headers.get("Docker-Content-Digest")
+            media_type = detect_manifest_type(body)
+            if (claimed and claimed != actual) or media_type is None:
+                self._distrust(provider, f"manifest {path} does not match {claimed}")
+                continue
+            return PeerManifest(body, media_type, actual)
+        return None
+
+    async def blob(
+        self, digest: Digest, path: str, range_header: str | None, *, head: bool = False
+    ) -> PeerBlob | None:
+        """Open the blob (or the client's range of it) at the first provider that answers.
+
+        With `head`, only the headers are fetched and `chunks` is None.
+        """
+        method = "HEAD" if head else "GET"
+        tried: set[bytes] = set()
+        while candidates := await self.providers(str(digest), exclude=tried):
+            tried.update(p.node_id for p in candidates)
+            winner = await self._first_answer(candidates, path, range_header, method)
+            if winner is None:
+                continue
+            provider, response = winner
+            size, offset, length = _extent(response)
+            if head:
+                response.release()
+                return PeerBlob(size, offset, length, None)
+            log.info("streaming %s from %s", digest, provider.address)
+            chunks = self._stream(
+                digest, path, provider, response, candidates, size, offset, length
+            )
+            return PeerBlob(size, offset, length, chunks)
+        return None
+
+    async def _first_answer(
+        self,
+        candidates: list[Provider],
+        path: str,
+        range_header: str | None,
+        method: str = "GET",
+    ) -> tuple[Provider, aiohttp.ClientResponse] | None:
+        """Ask providers in turn, hedging to the next when one is slow; first good answer wins."""
+        waiting = list(candidates)
+        running: dict[asyncio.Task[aiohttp.ClientResponse], Provider] = {}
+        try:
+            while waiting or running:
+                if waiting and (not running or len(running) < 2):
+                    provider = waiting.pop(0)
+                    task = asyncio.create_task(self._request(provider, path, range_header, method))
+                    running[task] = provider
+                timeout = self._hedge_after if waiting else None
+                done, _ = await asyncio.wait(
+                    running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    provider = running.pop(task)
+                    try:
+                        return provider, task.result()
+                    except _PeerSlowOrFailed as exc:
+                        self._failed(provider, "unavailable", exc)
+                    except RangeNotSatisfiable:
+                        raise
+            return None
+        finally:
+            for task in running:
+                task.cancel()
+            for task in running:
+                try:
+                    response = await task
+                except (_PeerSlowOrFailed, RangeNotSatisfiable, asyncio.CancelledError):
+                    continue
+                response.close()
+
+    async def _request(
+        self, provider: Provider, path: str, range_header: str | None, method: str
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None, "PeerFetcher.start() was not called"
+        headers = {PEER_HEADER: self._signer.sign(method, path)}
+        if range_header is not None:
+            headers["Range"] = range_header
+        try:
+            response = await self._session.request(
+                method, f"http://{provider.address}{path}", headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _PeerSlowOrFailed(str(exc) or type(exc).__name__) from exc
+        if response.status in (200, 206):
+            return response
+        response.release()
+        if response.status == 416:
+            raise RangeNotSatisfiable(
+                "range not satisfiable", size=_size_from_content_range(response)
+            )
+        raise _PeerSlowOrFailed(f"answered {response.status}")
+
+    async def _stream(
+        self,
+        digest: Digest,
+        path: str,
+        provider: Provider,
+        response: aiohttp.ClientResponse,
+        candidates: list[Provider],
+        size: int,
+        offset: int,
+        length: int,
+    ) -> AsyncIterator[bytes]:
+        end = offset + length
+        position = offset
+        verify = offset == 0 and length == size
+        hasher = hashlib.new(digest.algorithm) if verify else None
+        used = [provider]
+        spares = [p for p in candidates if p is not provider]
+        held: bytes | None = None
+        try:
+            while True:
+                try:
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        chunk = chunk[: end - position]
+                        if not chunk:
+                            continue
+                        position += len(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        if held is not None:
+                            yield held
+                        held = chunk
+                    if position < end:
+                        raise _PeerSlowOrFailed(f"ended at byte {position} of {end}")
+                    break
+                except (_PeerSlowOrFailed, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    response.close()
+                    self._failed(provider, "broken", exc)
+                    resumed = await self._resume(digest, path, spares, used, position, end)
+                    if resumed is None:
+                        raise PeerUnavailable(
+                            f"no peer could continue {digest} from byte {position}"
+                        ) from exc
+                    provider, response = resumed
+                    used.append(provider)
+                    log.info("resuming %s at byte %d from %s", digest, position, provider.address)
+            if hasher is not None and hasher.hexdigest() != digest.hex:
+                for bad in used:
+                    self._distrust(bad, f"{digest} streamed with a wrong digest")
+                raise DigestMismatch(f"peers sent bytes that do not hash to {digest}")
+            if held is not None:
+                yield held
+        finally:
+            response.close()
+
+    async def _resume(
+        self,
+        digest: Digest,
+        path: str,
+        spares: list[Provider],
+        used: list[Provider],
+        position: int,
+        end: int,
+    ) -> tuple[Provider, aiohttp.ClientResponse] | None:
+        """Continue from `position` at another provider, asking the DHT again if none is left."""
+        range_header = f"bytes={position}-{end - 1}"
+        for _ in range(2):
+            if not spares:
+                spares.extend(await self.providers(str(digest), exclude={p.node_id for p in used}))
+            if not spares:
+                return None
+            candidates = list(spares)
+            spares.clear()
+            try:
+                winner = await self._first_answer(candidates, path, range_header)
+            except RangeNotSatisfiable:
+                winner = None
+            if winner is not None:
+                provider, response = winner
+                if response.status == 206 and _extent(response)[1] == position:
+                    spares.extend(p for p in candidates if p is not provider)
+                    return winner
+                response.close()
+                self._failed(provider, "ignored-range", None)
+        return None
+
+    def _failed(self, provider: Provider, reason: str, error: object) -> None:
+        self._metrics.peer_fetch_failures.labels(reason).inc()
+        log.info("peer %s failed (%s): %s", provider.address, reason, error)
+
+    def _distrust(self, provider: Provider, why: str) -> None:
+        self._metrics.peer_fetch_failures.labels("digest-mismatch").inc()
+        self._distrusted[provider.node_id] = self._clock() + _DISTRUST_SECONDS
+        log.warning("distrusting peer %s for %.0fs: %s", provider.address, _DISTRUST_SECONDS, why)
+
+
+def _extent(response: aiohttp.ClientResponse) -> tuple[int, int, int]:
+    """(blob size, offset, length) of a 200 or 206 answer."""
+    length = response.content_length or 0
+    if response.status != 206:
+        return length, 0, length
+    content_range = response.headers.get("Content-Range", "")
+    try:
+        unit_range, _, total = content_range.partition("/")
+        first, _, last = unit_range.removeprefix("bytes ").partition("-")
+        return int(total), int(first), int(last) - int(first) + 1
+    except ValueError as exc:
+        raise PeerUnavailable(f"peer sent an unusable Content-Range {content_range!r}") from exc
+
+
+def _size_from_content_range(response: aiohttp.ClientResponse) -> int:
+    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    return int(total) if total.isdigit() else 0
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    if (response.content_length or 0) > limit:
+        raise ValueError(f"peer manifest larger than {limit} bytes")
+    body = await response.content.read(limit + 1)
+    if len(body) > limit:
+        raise ValueError(f"peer manifest larger than {limit} bytes")
+    return body

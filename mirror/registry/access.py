@@ -1,0 +1,54 @@
+"""Who may use the registry API: the node's own runtime, and authenticated peers.
+
+Without this a node on a routable address is an open proxy into the cluster's images (and, with
+upstream fallback, into the registries it mirrors).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import Enum
+
+from aiohttp import web
+
+from mirror.config import IPNetwork
+from mirror.errors import Denied, Unauthorized
+from mirror.peers.auth import PEER_HEADER, RequestVerifier
+
+
+class Caller(Enum):
+    RUNTIME = "runtime"  # the local container runtime: may be served from peers
+    PEER = "peer"  # another node: served from this node's store only, never forwarded
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    allowed_clients: tuple[IPNetwork, ...]
+    verifier: RequestVerifier | None
+
+    def classify(self, request: web.Request) -> Caller:
+        """Raises `Unauthorized` for a bad peer signature, `Denied` for an unknown client."""
+        signature = request.headers.get(PEER_HEADER)
+        if signature is not None:
+            if self.verifier is None or not self.verifier.verify(
+                signature, request.method, request.path_qs
+            ):
+                raise Unauthorized("peer request signature is not valid")
+            return Caller.PEER
+        if not self._is_allowed(request.remote):
+            raise Denied(f"client {request.remote} is not allowed to use this mirror")
+        return Caller.RUNTIME
+
+    def _is_allowed(self, remote: str | None) -> bool:
+        if remote is None:
+            return False
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_loopback:
+            return True
+        return any(address in network for network in self.allowed_clients)

@@ -1,0 +1,398 @@
+"""The node's view of the DHT: announce what it holds, find who holds what.
+
+Built on kademlia's `Server` with `ProviderProtocol`; see protocol.py for what is changed and why.
+Every network operation is bounded in time: lookups for a pull have a hard deadline of
+`resolve_timeout` (a miss must cost a pull milliseconds, not seconds), and maintenance lookups
+(provide, withdraw, bootstrap) a few RPC timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from typing import TypeVar
+
+from kademlia.network import Server
+from kademlia.node import Node
+
+from mirror.clusterkey import ClusterKey
+from mirror.errors import ConfigError
+from mirror.metrics import Metrics
+from mirror.routing import wire
+from mirror.routing.auth import DatagramSealer
+from mirror.routing.errors import DhtError, DhtNotRunning, Malformed, UnsupportedOperation
+from mirror.routing.keys import ID_BYTES, dht_key, distance, stable_node_id
+from mirror.routing.lookup import IterativeLookup
+from mirror.routing.protocol import DhtSettings, NoValueStorage, ProviderProtocol
+from mirror.routing.providers import Provider, ProviderStore
+
+__all__ = ["DhtNode", "Provider", "dht_key", "stable_node_id"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Maintenance lookups (provide, withdraw, bootstrap crawl) may take this many RPC timeouts.
+_CRAWL_TIMEOUTS = 4
+# How often buckets not touched for an hour (kademlia's "lonely" ones) are refreshed.
+_REFRESH_INTERVAL = 600.0
+
+
+class _DhtServer(Server):
+    """kademlia's `Server` building a `ProviderProtocol`; its plain-value API is disabled."""
+
+    protocol_class = ProviderProtocol
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        settings: DhtSettings,
+        sealer: DatagramSealer,
+        providers: ProviderStore,
+        metrics: Metrics | None,
+    ) -> None:
+        super().__init__(
+            ksize=settings.ksize, alpha=settings.alpha, node_id=node_id, storage=NoValueStorage()
+        )
+        self._settings = settings
+        self._sealer = sealer
+        self._providers = providers
+        self._metrics = metrics
+
+    def _create_protocol(self) -> ProviderProtocol:
+        return ProviderProtocol(
+            self.node,
+            self.storage,
+            self.ksize,
+            settings=self._settings,
+            sealer=self._sealer,
+            providers=self._providers,
+            metrics=self._metrics,
+        )
+
+    def refresh_table(self, interval: float = 3600) -> None:
+        """Disabled: `DhtNode` runs its own bounded refresh task (kademlia's is unbounded)."""
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        raise UnsupportedOperation("use DhtNode.bootstrap")
+
+    async def get(self, key: object) -> object:
+        raise UnsupportedOperation("plain DHT values are disabled; use provider records")
+
+    async def set(self, key: object, value: object) -> bool:
+        raise UnsupportedOperation("plain DHT values are disabled; use provider records")
+
+    async def set_digest(self, dkey: bytes, value: object) -> bool:
+        raise UnsupportedOperation("plain DHT values are disabled; use provider records")
+
+
+class DhtNode:
+    """This node's membership in the cluster DHT of provider records.
+
+    `ksize` copies of each record are kept (on the nodes closest to its key), `alpha` queries run
+    in parallel per lookup, `rpc_timeout` bounds one RPC, `resolve_timeout` one `find_providers`,
+    `record_ttl` how long a record lives unless re-announced. The two reply caps keep every
+    reply inside one datagram (the byte budget in wire.py trims further if addresses are long).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        http_address: str,
+        cluster_key: ClusterKey,
+        ksize: int = 20,
+        alpha: int = 3,
+        rpc_timeout: float = 0.25,
+        resolve_timeout: float = 0.02,
+        record_ttl: float = 600.0,
+        max_providers_per_reply: int = 8,
+        max_contacts_per_reply: int = 12,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if not isinstance(node_id, bytes) or len(node_id) != ID_BYTES:
+            raise ConfigError(f"a DHT node id is {ID_BYTES} bytes")
+        try:
+            wire.http_address(http_address)
+        except Malformed as exc:
+            raise ConfigError(f"not a host:port address: {http_address!r}") from exc
+        for name, value in (("ksize", ksize), ("alpha", alpha)):
+            if value < 1:
+                raise ConfigError(f"DHT {name} must be at least 1")
+        for name, number in (
+            ("rpc_timeout", rpc_timeout),
+            ("resolve_timeout", resolve_timeout),
+            ("record_ttl", record_ttl),
+        ):
+            if not number > 0:
+                raise ConfigError(f"DHT {name} must be positive")
+        if max_providers_per_reply < 1 or max_contacts_per_reply < 1:
+            raise ConfigError("DHT reply caps must be at least 1")
+        self.node_id = node_id
+        self.http_address = http_address
+        self._settings = DhtSettings(
+            ksize=ksize,
+            alpha=alpha,
+            rpc_timeout=rpc_timeout,
+            record_ttl=record_ttl,
+            max_providers_per_reply=max_providers_per_reply,
+            max_contacts_per_reply=max_contacts_per_reply,
+        )
+        self._resolve_timeout = resolve_timeout
+        self._metrics = metrics
+        self._store = ProviderStore(on_change=self._records_changed)
+        self._server = _DhtServer(
+            node_id=node_id,
+            settings=self._settings,
+            sealer=DatagramSealer(cluster_key.purpose("dht")),
+            providers=self._store,
+            metrics=metrics,
+        )
+        self._protocol: ProviderProtocol | None = None
+        self._refresh: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def listen(self, host: str, port: int) -> None:
+        """Bind the UDP endpoint (port 0 picks a free one; see `router_address`)."""
+        if self._protocol is not None:
+            raise DhtError("the DHT node is already listening")
+        try:
+            await self._server.listen(port, interface=host)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for the DHT on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self._protocol = self._server.protocol
+        self._refresh = asyncio.create_task(self._refresh_loop(), name="dht-refresh")
+        log.debug("DHT node %s listening on %s", self.node_id.hex(), self.router_address)
+
+    async def close(self) -> None:
+        """Stop the endpoint; outstanding lookups end at once with what they had."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+            self._refresh = None
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.shutdown()
+        self._server.stop()
+        self._store.close()
+        if protocol is not None:
+            # The port is free only once asyncio has closed the socket (a restart rebinds it).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await protocol.connection_closed.wait()
+
+    @property
+    def router_address(self) -> tuple[str, int]:
+        """The bound UDP address (``0.0.0.0`` or ``::`` when bound to every interface)."""
+        transport = self._running().transport
+        sockname = transport.get_extra_info("sockname")
+        return (sockname[0], sockname[1])
+
+    def contact_count(self) -> int:
+        return self._protocol.contact_count() if self._protocol is not None else 0
+
+    def local_providers(self, text: str) -> list[Provider]:
+        """Live records this node itself stores for `text` (its own included): introspection."""
+        return self._store.providers(dht_key(text))
+
+    # ----------------------------------------------------------------- membership
+
+    async def bootstrap(self, addresses: list[tuple[str, int]]) -> int:
+        """Ping `addresses` (skipping our own), then crawl towards our own id.
+
+        Returns the number of contacts known afterwards. Dead or unresolvable addresses are
+        skipped; the whole call takes at most about `_CRAWL_TIMEOUTS + 2` RPC timeouts.
+        """
+        protocol = self._running()
+        own = self.router_address
+        targets = [address for address in await self._resolve(addresses) if address != own]
+        pings = {protocol.request_ping(address): address for address in targets}
+        if pings:
+            await asyncio.wait(pings)
+        for future, (host, port) in pings.items():
+            peer_id = future.result()
+            if peer_id is not None and peer_id != self.node_id:
+                protocol.welcome_if_new(Node(peer_id, host, port))
+        await self._closest_nodes(self.node_id)
+        count = self.contact_count()
+        log.debug(
+            "DHT bootstrap: %d of %d addresses answered, %d contacts",
+            len(pings),
+            len(addresses),
+            count,
+        )
+        return count
+
+    # ----------------------------------------------------------------- records
+
+    async def provide(self, text: str) -> bool:
+        """Announce this node as a provider of `text` to the k nodes closest to its key.
+
+        True if at least one node (this one included, when it is among the closest) stored
+        the record. Re-announcing before `record_ttl` runs out is the caller's job.
+        """
+        protocol = self._running()
+        key = dht_key(text)
+        closest = await self._closest_nodes(key)
+        stored_here = len(closest) < self._settings.ksize or distance(self.node_id, key) < distance(
+            closest[-1].id, key
+        )
+        if stored_here:
+            self._store.put(key, self._self_provider(), self._settings.record_ttl)
+        replies = await _settle(
+            protocol.request_add_provider(node, key, self.http_address, self._settings.record_ttl)
+            for node in closest
+        )
+        accepted = sum(1 for reply in replies if reply is True)
+        log.debug("provided %s: %d remote copies, local=%s", text, accepted, stored_here)
+        return stored_here or accepted > 0
+
+    async def withdraw(self, text: str) -> None:
+        """Best effort: drop our record from the closest nodes (the rest expire with the TTL)."""
+        key = dht_key(text)
+        self._store.remove(key, self.node_id)
+        protocol = self._protocol
+        if protocol is None:
+            return
+        closest = await self._closest_nodes(key)
+        await _settle(protocol.request_remove_provider(node, key) for node in closest)
+
+    async def find_providers(
+        self, text: str, want: int = 2, *, timeout: float | None = None
+    ) -> list[Provider]:
+        """Providers of `text` other than this node, local records first.
+
+        Stops as soon as `want` are known, and in any case at the deadline (`timeout`, by default
+        `resolve_timeout`), returning what was found by then (possibly nothing). May return more
+        than `want` when one reply carried more: the extra ones are fallbacks for the caller.
+        """
+        protocol = self._running()
+        started = time.perf_counter()
+        key = dht_key(text)
+        lookup = IterativeLookup(
+            key,
+            self_id=self.node_id,
+            query=lambda node: protocol.request_get_providers(node, key),
+            k=self._settings.ksize,
+            alpha=self._settings.alpha,
+            want=want,
+            accept=self._is_peer,
+            providers=self._store.providers(
+                key,
+                exclude=(self.node_id,),
+                limit=max(want, self._settings.max_providers_per_reply),
+            ),
+        )
+        if not lookup.satisfied():
+            deadline = self._resolve_timeout if timeout is None else timeout
+            remaining = deadline - (time.perf_counter() - started)
+            seeds = protocol.router.find_neighbors(Node(key), k=self._settings.ksize)
+            if remaining > 0 and seeds:
+                try:
+                    async with asyncio.timeout(remaining):
+                        await lookup.run(seeds)
+                except TimeoutError:
+                    log.debug("provider lookup for %s hit its %.3f s deadline", text, remaining)
+        found = list(lookup.providers.values())
+        if self._metrics is not None:
+            self._metrics.peer_lookup_duration.labels("found" if found else "missing").observe(
+                time.perf_counter() - started
+            )
+        return found
+
+    # ----------------------------------------------------------------- internals
+
+    def _running(self) -> ProviderProtocol:
+        if self._protocol is None:
+            raise DhtNotRunning("the DHT node is not listening")
+        return self._protocol
+
+    def _self_provider(self) -> Provider:
+        return Provider(self.node_id, self.http_address)
+
+    def _is_peer(self, provider: Provider) -> bool:
+        return provider.node_id != self.node_id and provider.address != self.http_address
+
+    def _records_changed(self, count: int) -> None:
+        if self._metrics is not None:
+            self._metrics.dht_provider_records.set(count)
+
+    async def _closest_nodes(self, target: bytes) -> list[Node]:
+        """The k live nodes closest to `target` (not this one), found within a crawl deadline."""
+        protocol = self._protocol
+        if protocol is None:
+            return []
+        lookup = IterativeLookup(
+            target,
+            self_id=self.node_id,
+            query=lambda node: protocol.request_find_node(node, target),
+            k=self._settings.ksize,
+            alpha=self._settings.alpha,
+        )
+        seeds = protocol.router.find_neighbors(Node(target), k=self._settings.ksize)
+        try:
+            async with asyncio.timeout(_CRAWL_TIMEOUTS * self._settings.rpc_timeout):
+                await lookup.run(seeds)
+        except TimeoutError:
+            log.debug("node lookup for %s hit its deadline", target.hex())
+        return lookup.closest()
+
+    async def _resolve(self, addresses: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        """IP literals pass through; names are resolved concurrently within one RPC timeout.
+
+        Unresolvable names are skipped: bootstrap must not fail because one seed is gone.
+        """
+        family = self._running().transport.get_extra_info("socket").family
+        loop = asyncio.get_running_loop()
+
+        async def one(host: str, port: int) -> tuple[str, int] | None:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                pass
+            else:
+                return (host, port)
+            try:
+                async with asyncio.timeout(self._settings.rpc_timeout):
+                    infos = await loop.getaddrinfo(
+                        host, port, family=family, type=socket.SOCK_DGRAM
+                    )
+            except (OSError, TimeoutError) as exc:
+                log.debug("DHT bootstrap address %s:%s does not resolve: %s", host, port, exc)
+                return None
+            return (infos[0][4][0], infos[0][4][1]) if infos else None
+
+        results = await asyncio.gather(*(one(host, port) for host, port in addresses))
+        return [address for address in results if address is not None]
+
+    async def _refresh_loop(self) -> None:
+        """Refresh buckets nobody looked into for an hour (kademlia's section 2.3)."""
+        while True:
+            await asyncio.sleep(_REFRESH_INTERVAL)
+            protocol = self._protocol
+            if protocol is None:
+                return
+            try:
+                refresh_ids = protocol.get_refresh_ids()
+            except OverflowError:
+                continue  # kademlia can draw 2**160, one past the id space; next time then
+            for refresh_id in refresh_ids:
+                await self._closest_nodes(refresh_id)
+
+
+async def _settle(futures: Iterable[asyncio.Future[T]]) -> list[T]:
+    """Results of RPC futures once all resolve; unlike gather, cancelling the caller spares them."""
+    pending = list(futures)
+    if pending:
+        await asyncio.wait(pending)
+    return [future.result() for future in pending]

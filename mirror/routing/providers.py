@@ -1,0 +1,159 @@
+"""The provider records one node keeps: many providers per key, each expiring on its own.
+
+A record lives for its TTL unless its owner re-announces it; nothing else ever extends it, so a
+node that stopped (or stopped holding the content) drops out of every answer within one TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A node that holds some content, and where peers fetch it from."""
+
+    node_id: bytes  # 20 bytes
+    address: str  # HTTP "host:port" of that node's registry
+
+
+@dataclass(slots=True)
+class _Record:
+    address: str
+    expires_at: float
+
+
+class ProviderStore:
+    """In-memory provider records keyed by 20-byte DHT key, with exact expiry.
+
+    Reads skip expired records whatever the timer did, and a single timer (armed for the earliest
+    expiry) deletes them so that `len()`, and the gauge fed by `on_change`, stay exact.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_change: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._records: dict[bytes, dict[bytes, _Record]] = {}
+        # (expires_at, key, node_id); entries outdated by a re-announce or removal are skipped.
+        self._expiries: list[tuple[float, bytes, bytes]] = []
+        self._count = 0
+        self._on_change = on_change
+        self._clock = clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, key: bytes, provider: Provider, ttl: float) -> None:
+        """Add or refresh `provider` for `key`, live for `ttl` seconds from now."""
+        expires_at = self._clock() + ttl
+        providers = self._records.setdefault(key, {})
+        record = providers.get(provider.node_id)
+        if record is None:
+            providers[provider.node_id] = _Record(provider.address, expires_at)
+            self._count += 1
+            self._changed()
+        else:
+            record.address = provider.address
+            record.expires_at = expires_at
+        heapq.heappush(self._expiries, (expires_at, key, provider.node_id))
+        self._arm(expires_at)
+
+    def remove(self, key: bytes, node_id: bytes) -> bool:
+        """Drop `node_id`'s record for `key`; False if there was none."""
+        providers = self._records.get(key)
+        if providers is None or providers.pop(node_id, None) is None:
+            return False
+        if not providers:
+            del self._records[key]
+        self._count -= 1
+        self._changed()
+        return True
+
+    def providers(
+        self, key: bytes, *, exclude: Container[bytes] = (), limit: int | None = None
+    ) -> list[Provider]:
+        """Live providers of `key`, minus `exclude`d node ids.
+
+        With a `limit`, a random sample: every asker then learns a different subset, which
+        spreads fetches across all holders instead of sending everyone to the same few.
+        """
+        now = self._clock()
+        live = [
+            Provider(node_id, record.address)
+            for node_id, record in self._records.get(key, {}).items()
+            if record.expires_at > now and node_id not in exclude
+        ]
+        if limit is not None and len(live) > limit:
+            return random.sample(live, limit)
+        return live
+
+    def remaining(self, key: bytes) -> list[tuple[Provider, float]]:
+        """Live providers of `key` with the seconds each has left (what a hand-off carries)."""
+        now = self._clock()
+        return [
+            (Provider(node_id, record.address), record.expires_at - now)
+            for node_id, record in self._records.get(key, {}).items()
+            if record.expires_at > now
+        ]
+
+    def stored_keys(self) -> list[bytes]:
+        return list(self._records)
+
+    def purge(self) -> int:
+        """Delete every expired record now; returns how many went."""
+        now = self._clock()
+        removed = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, key, node_id = heapq.heappop(self._expiries)
+            providers = self._records.get(key)
+            record = None if providers is None else providers.get(node_id)
+            if providers is None or record is None or record.expires_at > now:
+                continue  # removed since, or re-announced: a later heap entry covers it
+            del providers[node_id]
+            if not providers:
+                del self._records[key]
+            removed += 1
+        if removed:
+            self._count -= removed
+            self._changed()
+        return removed
+
+    def close(self) -> None:
+        """Stop the expiry timer (records stay readable, and still expire on read)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = float("inf")
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self._count)
+
+    def _arm(self, at: float) -> None:
+        if at >= self._timer_at:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (plain unit use): expiry still applies on read and purge()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_later(max(0.0, at - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self.purge()
+        if self._expiries:
+            self._arm(self._expiries[0][0])

@@ -1,0 +1,67 @@
+"""What a store really holds, as the keys a node advertises: digests and tag references.
+
+Runtimes keep only what they need: after a pull of one platform, an index's other manifests are
+absent, and Kubernetes distributions often drop compressed layers after unpacking. Every digest is
+therefore checked with `stat` before it is counted, so a node never advertises what it cannot
+serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mirror.errors import DigestInvalid
+from mirror.oci.mediatypes import INDEX_TYPES, MAX_MANIFEST_SIZE, detect_manifest_type
+from mirror.oci.mediatypes import referenced_digests as children_of
+from mirror.oci.reference import Digest, parse_digest
+from mirror.stores.base import Store
+
+
+@dataclass(slots=True)
+class Inventory:
+    digests: set[str] = field(default_factory=set)
+    tags: set[str] = field(default_factory=set)
+
+    def keys(self) -> set[str]:
+        return self.digests | self.tags
+
+
+async def take_inventory(store: Store) -> Inventory:
+    inventory = Inventory()
+    for entry in await store.images():
+        try:
+            top = parse_digest(entry.digest)
+        except DigestInvalid:
+            continue
+        if await _walk_manifest(store, top, inventory, depth=0):
+            inventory.tags.add(str(entry.ref))
+    return inventory
+
+
+async def _walk_manifest(store: Store, digest: Digest, inventory: Inventory, depth: int) -> bool:
+    """Add a manifest and what it references that is present; False if the manifest is absent."""
+    if str(digest) in inventory.digests:
+        return True
+    blob = await store.open(digest)
+    if blob is None:
+        return False
+    try:
+        if blob.size > MAX_MANIFEST_SIZE:
+            return False
+        body = await blob.read_all(MAX_MANIFEST_SIZE)
+    finally:
+        await blob.close()
+    media_type = detect_manifest_type(body)
+    if media_type is None:
+        return False
+    inventory.digests.add(str(digest))
+    for child_text in children_of(body):
+        try:
+            child = parse_digest(child_text)
+        except DigestInvalid:
+            continue
+        if media_type in INDEX_TYPES and depth < 2:
+            await _walk_manifest(store, child, inventory, depth + 1)
+        elif await store.stat(child) is not None:
+            inventory.digests.add(str(child))
+    return True

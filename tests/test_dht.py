@@ -1,0 +1,274 @@
+"""The provider DHT over real UDP on loopback: announce, find, withdraw, expire, hand off."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from kademlia.node import Node
+
+from mirror.clusterkey import ClusterKey
+from mirror.metrics import Metrics
+from mirror.routing import DhtNode, DhtNotRunning, Provider, dht_key, stable_node_id
+from mirror.routing.keys import distance
+
+KEY = ClusterKey(b"test cluster key, 32 bytes long!")
+
+
+def http_address(index: int) -> str:
+    return f"10.0.{index // 250}.{index % 250 + 1}:5000"
+
+
+def make_node(index: int, **options: Any) -> DhtNode:
+    address = http_address(index)
+    options.setdefault("node_id", stable_node_id(address))
+    options.setdefault("metrics", Metrics())
+    return DhtNode(http_address=address, cluster_key=KEY, **options)
+
+
+@asynccontextmanager
+async def cluster(size: int, **options: Any) -> AsyncIterator[list[DhtNode]]:
+    """`size` nodes on 127.0.0.1, each bootstrapped (in turn) from the first three."""
+    nodes = [make_node(index, **options) for index in range(size)]
+    try:
+        for node in nodes:
+            await node.listen("127.0.0.1", 0)
+        seeds = [node.router_address for node in nodes[:3]]
+        for node in nodes:
+            await node.bootstrap(seeds)
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def wait_until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def eventually_found(
+    node: DhtNode, text: str, expected: Iterable[Provider], *, within: float = 3.0
+) -> list[Provider]:
+    wanted = set(expected)
+    deadline = time.monotonic() + within
+    while True:
+        found = await node.find_providers(text, want=len(wanted), timeout=0.5)
+        if set(found) >= wanted or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.01)
+
+
+def provider(node: DhtNode) -> Provider:
+    return Provider(node.node_id, node.http_address)
+
+
+def gauge(node: DhtNode, name: str) -> float:
+    metrics = node._metrics
+    assert metrics is not None
+    value = metrics.registry.get_sample_value(name)
+    return 0.0 if value is None else value
+
+
+def test_keys_and_node_ids_are_stable_and_distinct() -> None:
+    digest = "sha256:" + "ab" * 32
+    assert dht_key(digest) == dht_key(digest)
+    assert len(dht_key(digest)) == 20
+    assert dht_key(digest) != dht_key("docker.io/library/alpine:3.20")
+    assert stable_node_id("10.0.0.1:5000") == stable_node_id("10.0.0.1:5000")
+    assert len(stable_node_id("10.0.0.1:5000")) == 20
+    assert stable_node_id("10.0.0.1:5000") != stable_node_id("10.0.0.2:5000")
+    # Keys and node ids live in separate hash domains.
+    assert dht_key("10.0.0.1:5000") != stable_node_id("10.0.0.1:5000")
+
+
+async def test_operations_before_listen_raise_a_typed_error() -> None:
+    node = make_node(0)
+    with pytest.raises(DhtNotRunning):
+        await node.provide("sha256:x")
+    with pytest.raises(DhtNotRunning):
+        await node.find_providers("sha256:x")
+    await node.withdraw("sha256:x")  # best effort: never raises
+    await node.close()
+
+
+async def test_provide_then_find_from_other_nodes() -> None:
+    async with cluster(5) as nodes:
+        text = "sha256:" + "01" * 32
+        assert await nodes[1].provide(text)
+        for node in nodes[2:] + nodes[:1]:
+            assert await eventually_found(node, text, [provider(nodes[1])]) == [provider(nodes[1])]
+        assert await nodes[1].find_providers(text) == []  # never this node itself
+
+
+async def test_many_providers_per_key_and_never_self() -> None:
+    async with cluster(7) as nodes:
+        text = "docker.io/library/alpine:3.20"
+        for node in nodes[:6]:
+            assert await node.provide(text)
+        everyone = {provider(node) for node in nodes[:6]}
+        found = await eventually_found(nodes[6], text, everyone)
+        assert set(found) == everyone
+        for node in nodes[:6]:
+            found = await eventually_found(node, text, everyone - {provider(node)})
+            assert set(found) == everyone - {provider(node)}
+
+
+async def test_withdraw_removes_the_record() -> None:
+    async with cluster(5) as nodes:
+        text = "sha256:" + "02" * 32
+        await nodes[0].provide(text)
+        await nodes[1].provide(text)
+        assert set(await eventually_found(nodes[2], text, map(provider, nodes[:2]))) == {
+            provider(nodes[0]),
+            provider(nodes[1]),
+        }
+        await nodes[0].withdraw(text)
+        assert await nodes[2].find_providers(text, want=2, timeout=0.5) == [provider(nodes[1])]
+        for node in nodes:
+            assert provider(nodes[0]) not in node.local_providers(text)
+
+
+async def test_records_expire_unless_reannounced() -> None:
+    async with cluster(4, record_ttl=0.3) as nodes:
+        text = "sha256:" + "03" * 32
+        await nodes[0].provide(text)
+        assert await eventually_found(nodes[1], text, [provider(nodes[0])]) == [provider(nodes[0])]
+        assert sum(gauge(node, "mirror_dht_provider_records") for node in nodes) >= 1
+
+        async def gone() -> bool:
+            return await nodes[1].find_providers(text, want=1, timeout=0.2) == []
+
+        deadline = time.monotonic() + 3
+        while not await gone():
+            assert time.monotonic() < deadline, "record never expired"
+            await asyncio.sleep(0.01)
+        # The expiry timer, not only reads, drops records: the gauges return to zero.
+        await wait_until(
+            lambda: all(gauge(node, "mirror_dht_provider_records") == 0 for node in nodes)
+        )
+        # The owner announcing again brings it back.
+        await nodes[0].provide(text)
+        assert await eventually_found(nodes[1], text, [provider(nodes[0])]) == [provider(nodes[0])]
+
+
+async def test_records_are_handed_to_a_closer_node_that_joins_later() -> None:
+    text = "sha256:" + "04" * 32
+    key = dht_key(text)
+    async with cluster(5, ksize=2) as nodes:
+        await nodes[0].provide(text)
+        holders = [node for node in nodes if provider(nodes[0]) in node.local_providers(text)]
+        assert holders, "nobody stored the record"
+        # An id one bit away from the key: closer to it than every existing node.
+        newcomer = make_node(99, node_id=key[:-1] + bytes([key[-1] ^ 1]), ksize=2)
+        assert all(distance(newcomer.node_id, key) < distance(node.node_id, key) for node in nodes)
+        # The hand-off decision is by the key itself: a node at the far end of the id space
+        # gets nothing, the newcomer next to the key gets the record.
+        far = Node(bytes(byte ^ 0xFF for byte in key), "127.0.0.1", 9)
+        near = Node(newcomer.node_id, "127.0.0.1", 9)
+        for holder in holders:
+            protocol = holder._protocol
+            assert protocol is not None
+            assert [r.key for r in protocol._records_for(far)] == []
+            assert [r.provider for r in protocol._records_for(near)] == [provider(nodes[0])]
+        await newcomer.listen("127.0.0.1", 0)
+        try:
+            await newcomer.bootstrap([nodes[0].router_address])
+            await wait_until(lambda: provider(nodes[0]) in newcomer.local_providers(text))
+            # Local records first: no network round needed to answer.
+            assert await newcomer.find_providers(text, want=1) == [provider(nodes[0])]
+        finally:
+            await newcomer.close()
+
+
+async def test_restarted_node_keeps_its_id_and_its_place() -> None:
+    async with cluster(4) as nodes:
+        text = "sha256:" + "05" * 32
+        await nodes[0].provide(text)
+        old = nodes[2]
+        host, port = old.router_address
+        assert old.node_id == stable_node_id(old.http_address)
+        await old.close()
+        restarted = make_node(2)
+        nodes[2] = restarted  # closed by the cluster context
+        assert restarted.node_id == old.node_id
+        await restarted.listen(host, port)
+        await restarted.bootstrap([nodes[0].router_address, (host, port)])
+        assert restarted.contact_count() == 3
+        assert await eventually_found(restarted, text, [provider(nodes[0])]) == [provider(nodes[0])]
+
+
+async def test_own_address_in_the_bootstrap_list_is_never_a_contact() -> None:
+    async with cluster(3) as nodes:
+        for node in nodes:
+            # Each node's seed list named itself (the first three are the seeds).
+            assert node.contact_count() == 2
+            router = node._protocol.router
+            ids = {contact.id for bucket in router.buckets for contact in bucket.get_nodes()}
+            assert node.node_id not in ids
+            assert gauge(node, "mirror_dht_contacts") == 2
+
+
+async def test_bootstrap_with_dead_addresses_is_bounded() -> None:
+    node = make_node(0, rpc_timeout=0.05)
+    await node.listen("127.0.0.1", 0)
+    try:
+        started = time.monotonic()
+        dead = [("127.0.0.1", 9), ("127.0.0.1", 1), ("no-such-host.invalid", 7000)]
+        assert await node.bootstrap(dead) == 0
+        assert time.monotonic() - started < 1.0
+    finally:
+        await node.close()
+
+
+async def test_sixty_four_nodes_find_and_miss_within_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    rng = random.Random(7)
+    async with cluster(64) as nodes:
+        texts = [f"sha256:{index:064x}" for index in range(64)]
+        for node, text in zip(nodes, texts, strict=True):
+            assert await node.provide(text)
+        for index, text in enumerate(texts):
+            asker = nodes[(index + rng.randrange(1, 64)) % 64]
+            found = await asker.find_providers(text, want=1, timeout=0.5)
+            assert found == [provider(nodes[index])], f"node {index}'s key not found"
+
+        # Eight nodes die without telling anyone: they stay in the others' routing tables.
+        dead = set(rng.sample(range(8, 64), 8))
+        for index in dead:
+            await nodes[index].close()
+        alive = [node for index, node in enumerate(nodes) if index not in dead]
+        resolve_timeout = 0.02
+        slack = 0.03
+        durations = []
+        for attempt in range(12):
+            asker = alive[attempt]
+            started = time.perf_counter()
+            assert await asker.find_providers(f"sha256:missing-{attempt}") == []
+            durations.append(time.perf_counter() - started)
+        assert max(durations) < resolve_timeout + slack, durations
+        # The misses did run into dead nodes and were cut by the deadline, not by luck.
+        assert max(durations) >= 0.8 * resolve_timeout, durations
+        # Keys of live providers are still found past the dead ones.
+        for index in range(8):
+            found = await alive[-1 - index].find_providers(texts[index], want=1, timeout=0.5)
+            assert provider(nodes[index]) in found
+
+        # Abandoned RPCs then time out quietly: no "InvalidStateError", no stray task errors.
+        await wait_until(
+            lambda: not any(node._protocol._pending for node in alive if node._protocol)
+        )
+        gc.collect()
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []
