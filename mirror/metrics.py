@@ -80,7 +80,7 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self.peer_requests_refused = Counter(
+        self.refused_requests = Counter(
             "mirror_refused_requests",
             "Registry requests refused before any store was asked, by reason.",
             ["reason"],

@@ -237,3 +237,82 @@ def test_a_replayed_peer_request_is_refused(
     assert status_of(node.url + path, {"X-Mirror-Peer": signature}) == 401
     other = RequestSigner(ClusterKey.from_text(ClusterKey.generate())).sign("HEAD", path)
     assert status_of(node.url + path, {"X-Mirror-Peer": other}) == 401
+
+
+def test_pulls_and_removals_are_announced_and_withdrawn_at_once(
+    cluster: Cluster,
+    mirror_factory: MirrorFactory,
+    registry: Registry,
+    test_images: TestImages,
+) -> None:
+    """Node 2 pulls while its mirror runs: containerd's events make it announce at once."""
+    image = test_images.index
+    announcer = cluster.start_mirror(mirror_factory, 1)
+    seeker = cluster.start_mirror(mirror_factory, 2)
+    url = f"{seeker.url}/v2/p2p/index/manifests/{image.host_manifest_digest}"
+    assert status_of(url) == 404
+    ref = f"{registry.host}/p2p/{image.name}:{image.tag}"
+    cluster.nodes[1].pull(ref, plain_http=True)
+    wait_until(lambda: status_of(url) == 200, "the pulled image to be found")
+    assert announcer.metric("mirror_advertised_keys", kind="tag") == 1
+
+    cluster.nodes[1].remove_image(ref)
+    wait_until(
+        lambda: announcer.metric("mirror_advertised_keys", kind="digest") == 0,
+        "the removed image to be withdrawn",
+    )
+    assert status_of(url) == 404
+
+
+def test_dns_bootstrap_through_a_real_dnsmasq(
+    cluster: Cluster,
+    mirror_factory: MirrorFactory,
+    test_images: TestImages,
+    tmp_path: Path,
+) -> None:
+    from harness.dnsmasq import DOMAIN, Dnsmasq
+
+    port = _udp_port_free_on(HOSTS[:2])
+    name = f"mirror-peers.{DOMAIN}"
+    dns = Dnsmasq(tmp_path / "dnsmasq", {name: HOSTS[:2]})
+    dns.start()
+    try:
+        mirrors = [
+            mirror_factory(
+                "--store=containerd",
+                f"--containerd-sock={cluster.nodes[index].socket}",
+                f"--cluster-key-file={cluster.key_file}",
+                f"--router-addr={HOSTS[index]}:{port}",
+                f"--bootstrap=dns:{name}",
+                f"--dns-server={dns.host}:{dns.port}",
+                "--resolve-timeout=200ms",
+                host=HOSTS[index],
+            )
+            for index in (0, 1)
+        ]
+        digest = test_images.multi_layer.config_digest
+        url = f"{mirrors[1].url}/v2/p2p/x/blobs/{digest}"
+        wait_until(lambda: status_of(url) == 200, "node 2 to find node 1 through DNS")
+        assert f"query[A] {name}" in dns.process.log_text()
+    finally:
+        dns.stop()
+
+
+def _udp_port_free_on(hosts: list[str]) -> int:
+    import socket
+
+    for _ in range(50):
+        port = free_udp_port(hosts[0])
+        sockets = []
+        try:
+            for host in hosts:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind((host, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no UDP port free on every host")

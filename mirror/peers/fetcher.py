@@ -239,7 +239,7 @@ class PeerFetcher:
         end = offset + length
         position = offset
         verify = offset == 0 and length == size
-        hasher = hashlib.new(digest.algorithm) if verify else None
+        hasher = _PipelinedHasher(digest.algorithm) if verify else None
         used = [provider]
         spares = [p for p in candidates if p is not provider]
         held: bytes | None = None
@@ -252,7 +252,7 @@ class PeerFetcher:
                             continue
                         position += len(chunk)
                         if hasher is not None:
-                            hasher.update(chunk)
+                            await hasher.update(chunk)
                         if held is not None:
                             yield held
                         held = chunk
@@ -270,7 +270,7 @@ class PeerFetcher:
                     provider, response = resumed
                     used.append(provider)
                     log.info("resuming %s at byte %d from %s", digest, position, provider.address)
-            if hasher is not None and hasher.hexdigest() != digest.hex:
+            if hasher is not None and await hasher.hexdigest() != digest.hex:
                 for bad in used:
                     self._distrust(bad, f"{digest} streamed with a wrong digest")
                 raise DigestMismatch(f"peers sent bytes that do not hash to {digest}")
@@ -318,6 +318,31 @@ class PeerFetcher:
         self._metrics.peer_fetch_failures.labels("digest-mismatch").inc()
         self._distrusted[provider.node_id] = self._clock() + _DISTRUST_SECONDS
         log.warning("distrusting peer %s for %.0fs: %s", provider.address, _DISTRUST_SECONDS, why)
+
+
+class _PipelinedHasher:
+    """Hashes on a worker thread while the event loop forwards the bytes.
+
+    Hashing is the largest cost of proxying a blob (SHA-256 runs at about 1.5 GiB/s per core).
+    hashlib releases the GIL for large updates, so chunk N is hashed while chunk N+1 is being
+    received and chunk N written; at most one chunk is in flight, keeping memory bounded and the
+    updates in order.
+    """
+
+    def __init__(self, algorithm: str) -> None:
+        self._hash = hashlib.new(algorithm)
+        self._pending: asyncio.Future[None] | None = None
+
+    async def update(self, chunk: bytes) -> None:
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.get_running_loop().run_in_executor(None, self._hash.update, chunk)
+
+    async def hexdigest(self) -> str:
+        if self._pending is not None:
+            await self._pending
+            self._pending = None
+        return self._hash.hexdigest()
 
 
 def _extent(response: aiohttp.ClientResponse) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Handlers of the pull API: manifests and blobs, answered from the node's store."""
+"""Handlers of the pull API: manifests and blobs from the node's store, else from its peers."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class RegistryApi:
             response = await handler(request)
         except RegistryError as error:
             if isinstance(error, Denied | Unauthorized):
-                self._metrics.peer_requests_refused.labels(error.code.lower()).inc()
+                self._metrics.refused_requests.labels(error.code.lower()).inc()
             response = error_response(error)
         except StoreUnavailable as error:
             log.warning("%s %s: %s", request.method, request.path, error)
