@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from mirror.routing.dht import Provider
 
 from mirror.clusterkey import ClusterKey
 from mirror.errors import DigestMismatch, PeerUnavailable
@@ -24,6 +23,7 @@ from mirror.oci.reference import parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
 from mirror.peers.fetcher import PeerFetcher
 from mirror.registry.ranges import parse_range
+from mirror.routing.dht import Provider
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
 BLOB = bytes(range(256)) * 16384  # 4 MiB
