@@ -6,9 +6,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-# Sources a request can be answered from; a later stage adds "upstream".
+# Sources a request can be answered from.
 SOURCE_LOCAL = "local"
 SOURCE_PEER = "peer"
+SOURCE_UPSTREAM = "upstream"
 SOURCE_NONE = "none"
 
 _LOOKUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
@@ -84,6 +85,42 @@ class Metrics:
             "mirror_refused_requests",
             "Registry requests refused before any store was asked, by reason.",
             ["reason"],
+            registry=self.registry,
+        )
+
+        self.upstream_fetches = Counter(
+            "mirror_upstream_fetches",
+            "Requests sent to upstream registries, by kind (manifest, blob, tag) and result "
+            "(ok, missing, error).",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes",
+            "Body bytes received from upstream registries.",
+            registry=self.registry,
+        )
+        self.token_fetches = Counter(
+            "mirror_upstream_token_fetches",
+            "Bearer tokens fetched from registries' token services, by result (ok, error).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.coalesced_waits = Counter(
+            "mirror_coalesced_waits",
+            "Requests that joined a fetch already under way instead of starting one, by where "
+            "(node: same node, cluster: another node's upstream fetch).",
+            ["where"],
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "mirror_cache_bytes",
+            "Bytes of blobs in the node cache.",
+            registry=self.registry,
+        )
+        self.cache_evictions = Counter(
+            "mirror_cache_evictions",
+            "Blobs evicted from the node cache to stay under --cache-size.",
             registry=self.registry,
         )
 
