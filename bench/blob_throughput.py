@@ -28,78 +28,44 @@ import argparse
 import asyncio
 import contextlib
 import grp
-import hashlib
 import os
 import pwd
-import resource
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import aiohttp
+from common import (
+    GIB,
+    MIB,
+    READY_TIMEOUT,
+    Blob,
+    Child,
+    OtherLoad,
+    add_run_arguments,
+    add_target_arguments,
+    add_tool_arguments,
+    children_cpu_seconds,
+    congestion_control,
+    cpu_seconds,
+    curl_fetch,
+    free_ports,
+    make_blob,
+    memory_status,
+    mirror_argv,
+    parse_run_arguments,
+    process_tree,
+    require_tools,
+    run_benchmark,
+    start,
+    wait_for,
+    workspace,
+)
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REPOSITORY = "bench"
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-WRITE_CHUNK = 8 * MIB
-
-
-@dataclass(frozen=True, slots=True)
-class Blob:
-    path: Path
-    hex: str
-    size: int
-
-    @property
-    def url_path(self) -> str:
-        return f"/v2/{REPOSITORY}/blobs/sha256:{self.hex}"
-
-
-@dataclass(slots=True)
-class Child:
-    """A process this benchmark started, in its own session so a stop reaches its children."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to the whole process group if it does not exit in time."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} ignored SIGTERM; killing it", file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # Anything left in the group (an orphaned nginx worker, say) goes too. The group id is
-        # the leader's pid, which the kernel does not hand out again while the group has members.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +76,11 @@ class Server:
     ready_url: str
 
     def blob_url(self, blob: Blob) -> str:
-        return self.base_url + blob.url_path
+        return self.base_url + blob.url_path(REPOSITORY)
+
+    def pids(self) -> list[int]:
+        """The process and its direct children: an nginx master and its workers."""
+        return process_tree(self.child.proc.pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,21 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Blob throughput of the mirror node against nginx (sendfile) on loopback."
     )
-    parser.add_argument("--size-mib", type=int, default=1024, help="blob size (default: 1024)")
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (default: 5)")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="unmeasured fetches per server first (default: 1)"
-    )
+    add_run_arguments(parser, rounds=5, warmup_per="server")
     parser.add_argument(
         "--memory", action="store_true", help="report the mirror process's peak RSS (VmHWM)"
     )
     parser.add_argument("--no-range", action="store_true", help="skip the aiohttp range round")
-    parser.add_argument(
-        "--target", type=float, default=0.9, help="ratio mirror/nginx to meet (default: 0.9)"
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit with status 1 when the ratio misses --target"
-    )
+    add_target_arguments(parser, ratio="mirror/nginx", target=0.9)
     parser.add_argument("--nginx", default="nginx", help="nginx binary (default: nginx on PATH)")
     parser.add_argument(
         "--nginx-extra",
@@ -155,112 +116,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIRECTIVES",
         help="extra directives for nginx's blob location, e.g. 'sendfile_max_chunk 0;'",
     )
-    parser.add_argument("--curl", default="curl", help="curl binary (default: curl on PATH)")
-    parser.add_argument(
-        "--python",
-        default=sys.executable,
-        help="Python that runs the mirror node (default: this one)",
-    )
-    parser.add_argument(
-        "--tmp-dir", default=None, help="where to create the temporary directory (default: $TMPDIR)"
-    )
-    args = parser.parse_args(argv)
-    if args.size_mib < 1:
-        parser.error("--size-mib must be at least 1")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    add_tool_arguments(parser, python_runs="the mirror node")
+    args = parse_run_arguments(parser, argv)
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
     return args
 
 
-def make_blob(cache_dir: Path, size: int) -> Blob:
-    """Random bytes at blobs/sha256/<their sha256>, synced so writeback does not disturb timing."""
-    blob_dir = cache_dir / "blobs" / "sha256"
-    blob_dir.mkdir(parents=True)
-    partial = cache_dir / "blob.partial"
-    digest = hashlib.sha256()
-    with open(partial, "wb") as handle:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(WRITE_CHUNK, remaining))
-            digest.update(chunk)
-            handle.write(chunk)
-            remaining -= len(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    path = blob_dir / digest.hexdigest()
-    os.replace(partial, path)
-    return Blob(path=path, hex=digest.hexdigest(), size=size)
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports nobody listens on (all held open until every one is chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def start(name: str, argv: list[str], log: Path) -> Child:
-    with open(log, "wb") as output:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Child(name=name, proc=proc, log=log)
-
-
-def wait_ready(server: Server) -> None:
-    """Poll the readiness URL until it answers 200; fail early if the process dies."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    pause = 0.01
-    while True:
-        code = server.child.proc.poll()
-        if code is not None:
-            raise RuntimeError(
-                f"{server.name} exited with status {code} before it was ready:\n"
-                + server.child.log_tail()
-            )
-        try:
-            with urllib.request.urlopen(server.ready_url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{server.name} was not ready after {READY_TIMEOUT:.0f}s:\n"
-                + server.child.log_tail()
-            )
-        time.sleep(pause)
-        pause = min(pause * 2, 0.2)
-
-
 def start_mirror(python: str, work: Path, cache_dir: Path) -> Server:
     registry_port, metrics_port = free_ports(2)
-    argv = [
-        python,
-        "-m",
-        "mirror",
-        "run",
-        "--store",
-        "cache",
-        "--cache-dir",
-        str(cache_dir),
-        "--registry-addr",
-        f"127.0.0.1:{registry_port}",
-        "--metrics-addr",
-        f"127.0.0.1:{metrics_port}",
-        "--log-level",
-        "warning",
-    ]
+    argv = mirror_argv(python, cache_dir, f"127.0.0.1:{registry_port}", f"127.0.0.1:{metrics_port}")
     child = start("mirror", argv, work / "mirror.log")
     base = f"http://127.0.0.1:{registry_port}"
     return Server(name="mirror", child=child, base_url=base, ready_url=base + "/readyz")
@@ -299,7 +164,7 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
-        location = {blob.url_path} {{
+        location = {blob.url_path(REPOSITORY)} {{
             alias {blob.path};
             {extra}
         }}
@@ -322,95 +187,17 @@ def start_nginx(nginx: str, work: Path, blob: Blob, extra: str) -> Server:
     return Server(name="nginx", child=child, base_url=base, ready_url=base + "/readyz")
 
 
-def congestion_control() -> str:
-    """The kernel's TCP congestion control: it shapes loopback throughput as much as any server."""
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 def nginx_version(nginx: str) -> str:
     done = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=True)
     return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
 
 
-def curl_fetch(curl: str, url: str, expected_size: int) -> float:
-    """One full download with curl to /dev/null; returns MiB/s as curl measured it."""
-    write_out = "%{speed_download} %{size_download} %{http_code}"
-    done = subprocess.run(
-        [curl, "-s", "-o", "/dev/null", "-w", write_out, url],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"curl {url} failed with status {done.returncode}: {done.stderr}")
-    speed, size, status = done.stdout.split()
-    if status != "200":
-        raise RuntimeError(f"{url} answered HTTP {status}")
-    if int(float(size)) != expected_size:
-        raise RuntimeError(f"{url} sent {size} bytes instead of {expected_size}")
-    return float(speed) / MIB
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name (which may hold spaces): state is index 0."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rpartition(")")[2].split()
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and its direct children (an nginx master and its workers)."""
-    pids = [root]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            if int(_stat_fields(int(entry))[1]) == root:
-                pids.append(int(entry))
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time the processes used so far."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = _stat_fields(pid)
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent on anything but idling and waiting for I/O, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
-    idle, iowait = fields[3], fields[4]
-    # guest time is already counted in user and nice
-    return (sum(fields[:8]) - idle - iowait) / CLOCK_TICKS
-
-
-def own_cpu_seconds(servers: tuple[Server, ...]) -> float:
-    """CPU time of this benchmark: itself, its finished children (curl) and the servers."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    total = own.ru_utime + own.ru_stime + children_cpu_seconds()
-    for server in servers:
-        total += cpu_seconds(process_tree(server.child.proc.pid))
-    return total
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def measure(curl: str, server: Server, blob: Blob) -> Sample:
     """One curl download with the CPU seconds per GiB it cost the server and the client."""
-    pids = process_tree(server.child.proc.pid)
+    pids = server.pids()
     server_before = cpu_seconds(pids)
     client_before = children_cpu_seconds()
-    speed = curl_fetch(curl, server.blob_url(blob), blob.size)
+    speed = curl_fetch(curl, server.blob_url(blob), blob.size).mib_per_s
     gibs = blob.size / GIB
     return Sample(
         mib_per_s=speed,
@@ -451,37 +238,11 @@ async def fetch_range(url: str, blob: Blob, offset: int, length: int) -> RangeRe
     return RangeResult(offset=offset, length=length, mib_per_s=length / elapsed / MIB)
 
 
-def memory_status(pid: int) -> dict[str, int]:
-    """VmHWM and VmRSS of a process, in KiB."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                values[key] = int(rest.split()[0])
-    return values
-
-
-def raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def workspace(parent: str | None) -> Iterator[Path]:
-    work = Path(tempfile.mkdtemp(prefix="mirror-bench-", dir=parent))
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    for tool in (args.nginx, args.curl):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is not installed")
+    require_tools(args.nginx, args.curl)
     version = nginx_version(args.nginx)
     size = args.size_mib * MIB
-    with workspace(args.tmp_dir) as work, contextlib.ExitStack() as processes:
+    with workspace(args.tmp_dir, "mirror-bench-") as work, contextlib.ExitStack() as processes:
         cache_dir = work / "cache"
         print(f"writing a {args.size_mib} MiB random blob under {work} ...", flush=True)
         blob = make_blob(cache_dir, size)
@@ -489,10 +250,16 @@ def run(args: argparse.Namespace) -> int:
         processes.callback(mirror.child.stop)
         nginx = start_nginx(args.nginx, work, blob, args.nginx_extra)
         processes.callback(nginx.child.stop)
-        wait_ready(mirror)
-        wait_ready(nginx)
-        ready_memory = memory_status(mirror.child.proc.pid) if args.memory else {}
         servers = (mirror, nginx)
+        for server in servers:
+            wait_for(
+                server.child,
+                server.ready_url,
+                READY_TIMEOUT,
+                f"{server.name} was not ready after {READY_TIMEOUT:.0f}s",
+                when=" before it was ready",
+            )
+        ready_memory = memory_status(mirror.child.proc.pid) if args.memory else {}
 
         print(
             f"blob sha256:{blob.hex[:16]}... {args.size_mib} MiB; mirror {mirror.base_url}, "
@@ -505,8 +272,7 @@ def run(args: argparse.Namespace) -> int:
                 curl_fetch(args.curl, server.blob_url(blob), size)
 
         samples: dict[str, list[Sample]] = {server.name: [] for server in servers}
-        busy_before, own_before = machine_busy_seconds(), own_cpu_seconds(servers)
-        started = time.monotonic()
+        other_load = OtherLoad(lambda: [pid for server in servers for pid in server.pids()])
         for number in range(args.rounds):
             order = servers if number % 2 == 0 else servers[::-1]
             for server in order:
@@ -522,9 +288,7 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-        elapsed = time.monotonic() - started
-        foreign = (machine_busy_seconds() - busy_before) - (own_cpu_seconds(servers) - own_before)
-        foreign_share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1))
+        foreign_share = other_load.share()
 
         ranges: dict[str, RangeResult] = {}
         if not args.no_range:
@@ -564,10 +328,7 @@ def run(args: argparse.Namespace) -> int:
         f"ratio mirror/nginx: {ratio:.3f} of the medians, {paired:.3f} median of the per-round"
         f" ratios (target >= {args.target:.2f})"
     )
-    print(
-        f"other processes used {foreign_share:.0%} of the machine's {os.cpu_count()} CPUs"
-        " during the rounds" + ("; expect noisy figures" if foreign_share > 0.1 else "")
-    )
+    print(OtherLoad.describe(foreign_share))
     if ranges:
         sample = ranges["mirror"]
         print(
@@ -577,9 +338,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.memory:
         print(
-            f"mirror memory: VmHWM {served_memory['VmHWM'] / 1024:.1f} MiB after serving"
-            f" ({ready_memory['VmHWM'] / 1024:.1f} MiB when ready),"
-            f" VmRSS {served_memory['VmRSS'] / 1024:.1f} MiB"
+            f"mirror memory: VmHWM {served_memory['VmHWM']:.1f} MiB after serving"
+            f" ({ready_memory['VmHWM']:.1f} MiB when ready),"
+            f" VmRSS {served_memory['VmRSS']:.1f} MiB"
         )
     print(
         f"SUMMARY: mirror {medians['mirror']:.0f} MiB/s, nginx {medians['nginx']:.0f} MiB/s, "
@@ -590,16 +351,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; stopped everything this benchmark started", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_benchmark(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,88 +30,54 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
-import os
-import resource
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from common import (
+    GIB,
+    MIB,
+    READY_TIMEOUT,
+    Blob,
+    Child,
+    Fetch,
+    OtherLoad,
+    add_run_arguments,
+    add_target_arguments,
+    add_tool_arguments,
+    children_cpu_seconds,
+    congestion_control,
+    cpu_seconds,
+    curl_fetch,
+    free_ports,
+    make_blob,
+    memory_status,
+    mirror_argv,
+    parse_run_arguments,
+    require_tools,
+    run_benchmark,
+    start,
+    store_bytes,
+    wait_for,
+    workspace,
+)
+
 HOST_A = "127.0.0.21"
 HOST_B = "127.0.0.22"
 REGISTRY = "docker.io"
 REPOSITORY = "bench/blob"
 TAG = "latest"
-READY_TIMEOUT = 30.0
 FOUND_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
-WRITE_CHUNK = 8 * MIB
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 MODES = ("local", "peer")
-
-
-@dataclass(frozen=True, slots=True)
-class Blob:
-    hex: str
-    size: int
-
-    @property
-    def digest(self) -> str:
-        return f"sha256:{self.hex}"
-
-    @property
-    def url_path(self) -> str:
-        return f"/v2/{REPOSITORY}/blobs/{self.digest}"
-
-
-@dataclass(slots=True)
-class Child:
-    """A process this benchmark started, in its own session so a stop reaches its children."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to the whole process group if it does not exit in time."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} ignored SIGTERM; killing it", file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # Anything left in the group goes too. The group id is the leader's pid, which the kernel
-        # does not hand out again while the group has members.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,22 +97,10 @@ class Node:
         return self.child.proc.pid
 
     def url(self, blob: Blob) -> str:
-        return self.base_url + blob.url_path
+        return self.base_url + blob.url_path(REPOSITORY)
 
     def ensure_running(self) -> None:
-        code = self.child.proc.poll()
-        if code is not None:
-            raise RuntimeError(
-                f"node {self.name} exited with status {code}:\n" + self.child.log_tail()
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class Fetch:
-    """What curl reported for one download."""
-
-    mib_per_s: float
-    ttfb: float
+        self.child.ensure_running()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,67 +117,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Peer-proxied blob throughput and node memory of a two-node mirror cluster."
     )
-    parser.add_argument("--size-mib", type=int, default=1024, help="blob size (default: 1024)")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default: 3)")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="unmeasured fetches per mode first (default: 1)"
-    )
+    add_run_arguments(parser, rounds=3, warmup_per="mode")
     parser.add_argument(
         "--small-fetches",
         type=int,
         default=20,
         help="GETs of the small config blob per mode, for time to first byte (default: 20)",
     )
-    parser.add_argument(
-        "--target", type=float, default=0.8, help="ratio peer/local to meet (default: 0.8)"
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit with status 1 when the ratio misses --target"
-    )
-    parser.add_argument("--curl", default="curl", help="curl binary (default: curl on PATH)")
-    parser.add_argument(
-        "--python",
-        default=sys.executable,
-        help="Python that runs the mirror nodes (default: this one)",
-    )
-    parser.add_argument(
-        "--tmp-dir", default=None, help="where to create the temporary directory (default: $TMPDIR)"
-    )
-    args = parser.parse_args(argv)
-    if args.size_mib < 1:
-        parser.error("--size-mib must be at least 1")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    add_target_arguments(parser, ratio="peer/local", target=0.8)
+    add_tool_arguments(parser, python_runs="the mirror nodes")
+    args = parse_run_arguments(parser, argv)
     if args.warmup < 0 or args.small_fetches < 0:
         parser.error("--warmup and --small-fetches must not be negative")
     return args
-
-
-def store_bytes(cache_dir: Path, data: bytes) -> Blob:
-    blob_dir = cache_dir / "blobs" / "sha256"
-    blob_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(data).hexdigest()
-    (blob_dir / digest).write_bytes(data)
-    return Blob(hex=digest, size=len(data))
-
-
-def make_blob(cache_dir: Path, size: int) -> Blob:
-    """Random bytes at blobs/sha256/<their sha256>, synced so writeback does not disturb timing."""
-    blob_dir = cache_dir / "blobs" / "sha256"
-    blob_dir.mkdir(parents=True, exist_ok=True)
-    partial = cache_dir / "blob.partial"
-    digest = hashlib.sha256()
-    with open(partial, "wb") as handle:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(WRITE_CHUNK, remaining))
-            digest.update(chunk)
-            handle.write(chunk)
-            remaining -= len(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, blob_dir / digest.hexdigest())
-    return Blob(hex=digest.hexdigest(), size=size)
 
 
 def make_image(cache_dir: Path, layer: Blob) -> tuple[Blob, Blob]:
@@ -247,23 +153,6 @@ def make_image(cache_dir: Path, layer: Blob) -> tuple[Blob, Blob]:
     return config, manifest
 
 
-def free_port(host: str, kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def free_tcp_ports(host: str, count: int) -> list[int]:
-    """Distinct TCP ports nobody listens on (all held open until every one is chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
 def keygen(python: str, path: Path) -> None:
     done = subprocess.run(
         [python, "-m", "mirror", "keygen", "--out", str(path)],
@@ -279,20 +168,8 @@ def keygen(python: str, path: Path) -> None:
 def start_node(
     python: str, work: Path, name: str, host: str, key_file: Path, routers: dict[str, str]
 ) -> Node:
-    port, metrics_port = free_tcp_ports(host, 2)
-    argv = [
-        python,
-        "-m",
-        "mirror",
-        "run",
-        "--store",
-        "cache",
-        "--cache-dir",
-        str(work / f"cache-{name}"),
-        "--registry-addr",
-        f"{host}:{port}",
-        "--metrics-addr",
-        f"{host}:{metrics_port}",
+    port, metrics_port = free_ports(2, host)
+    cluster = [
         "--cluster-key-file",
         str(key_file),
         "--router-addr",
@@ -301,105 +178,12 @@ def start_node(
         "static:" + ",".join(routers.values()),
         "--resolve-timeout",
         "200ms",
-        "--log-level",
-        "warning",
     ]
-    log = work / f"node-{name}.log"
-    with open(log, "wb") as output:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    child = Child(name=f"node {name}", proc=proc, log=log)
+    argv = mirror_argv(
+        python, work / f"cache-{name}", f"{host}:{port}", f"{host}:{metrics_port}", cluster
+    )
+    child = start(f"node {name}", argv, work / f"node-{name}.log")
     return Node(name=name, child=child, host=host, port=port, metrics_port=metrics_port)
-
-
-def http_status(url: str, method: str = "GET") -> int | None:
-    request = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def wait_for(node: Node, url: str, method: str, what: str, timeout: float) -> float:
-    """Poll `url` until it answers 200; fail early if the node dies. Returns the seconds waited."""
-    started = time.monotonic()
-    pause = 0.01
-    while True:
-        node.ensure_running()
-        if http_status(url, method) == 200:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"{what} not within {timeout:.0f}s:\n" + node.child.log_tail())
-        time.sleep(pause)
-        pause = min(pause * 2, 0.2)
-
-
-def curl_fetch(curl: str, url: str, expected_size: int) -> Fetch:
-    """One full download with curl to /dev/null: speed as curl measured it, time to first byte."""
-    write_out = "%{speed_download} %{size_download} %{http_code} %{time_starttransfer}"
-    done = subprocess.run(
-        [curl, "-s", "-o", "/dev/null", "-w", write_out, url],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"curl {url} failed with status {done.returncode}: {done.stderr}")
-    speed, size, status, ttfb = done.stdout.split()
-    if status != "200":
-        raise RuntimeError(f"{url} answered HTTP {status}")
-    if int(float(size)) != expected_size:
-        raise RuntimeError(f"{url} sent {size} bytes instead of {expected_size}")
-    return Fetch(mib_per_s=float(speed) / MIB, ttfb=float(ttfb))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process used so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent on anything but idling and waiting for I/O, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS
-
-
-def own_cpu_seconds(nodes: tuple[Node, ...]) -> float:
-    """CPU time of this benchmark: itself, its finished children (curl) and the nodes."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (
-        own.ru_utime
-        + own.ru_stime
-        + children_cpu_seconds()
-        + sum(cpu_seconds(n.pid) for n in nodes)
-    )
-
-
-def memory_status(pid: int) -> dict[str, float]:
-    """VmHWM and VmRSS of a process, in MiB."""
-    values: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                values[key] = int(rest.split()[0]) / 1024
-    return values
 
 
 def lookup_totals(node: Node) -> tuple[float, float]:
@@ -418,35 +202,15 @@ def lookup_totals(node: Node) -> tuple[float, float]:
 
 
 def measure(curl: str, url: str, size: int, node_a: Node, node_b: Node) -> Sample:
-    before = cpu_seconds(node_a.pid), cpu_seconds(node_b.pid), children_cpu_seconds()
+    before = cpu_seconds([node_a.pid]), cpu_seconds([node_b.pid]), children_cpu_seconds()
     fetch = curl_fetch(curl, url, size)
     gibs = size / GIB
     return Sample(
         fetch=fetch,
-        cpu_a=(cpu_seconds(node_a.pid) - before[0]) / gibs,
-        cpu_b=(cpu_seconds(node_b.pid) - before[1]) / gibs,
+        cpu_a=(cpu_seconds([node_a.pid]) - before[0]) / gibs,
+        cpu_b=(cpu_seconds([node_b.pid]) - before[1]) / gibs,
         cpu_curl=(children_cpu_seconds() - before[2]) / gibs,
     )
-
-
-def congestion_control() -> str:
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-def raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def workspace(parent: str | None) -> Iterator[Path]:
-    work = Path(tempfile.mkdtemp(prefix="mirror-peer-bench-", dir=parent))
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def ms(seconds: float) -> str:
@@ -454,10 +218,9 @@ def ms(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if shutil.which(args.curl) is None:
-        raise RuntimeError(f"{args.curl} is not installed")
+    require_tools(args.curl)
     size = args.size_mib * MIB
-    with workspace(args.tmp_dir) as work, contextlib.ExitStack() as processes:
+    with workspace(args.tmp_dir, "mirror-peer-bench-") as work, contextlib.ExitStack() as processes:
         cache_a = work / "cache-A"
         (work / "cache-B").mkdir()
         print(f"writing a {args.size_mib} MiB random blob under {work} ...", flush=True)
@@ -466,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         key_file = work / "cluster.key"
         keygen(args.python, key_file)
         routers = {
-            host: f"{host}:{free_port(host, socket.SOCK_DGRAM)}" for host in (HOST_A, HOST_B)
+            host: f"{host}:{free_ports(1, host, socket.SOCK_DGRAM)[0]}" for host in (HOST_A, HOST_B)
         }
 
         node_a = start_node(args.python, work, "A", HOST_A, key_file, routers)
@@ -476,14 +239,17 @@ def run(args: argparse.Namespace) -> int:
         nodes = (node_a, node_b)
         for node in nodes:
             wait_for(
-                node, node.base_url + "/readyz", "GET", f"node {node.name} ready", READY_TIMEOUT
+                node.child,
+                node.base_url + "/readyz",
+                READY_TIMEOUT,
+                f"node {node.name} ready not within {READY_TIMEOUT:.0f}s",
             )
         found_after = wait_for(
-            node_b,
+            node_b.child,
             node_b.url(blob),
-            "HEAD",
-            "node B finding the blob through the DHT",
             FOUND_TIMEOUT,
+            f"node B finding the blob through the DHT not within {FOUND_TIMEOUT:.0f}s",
+            method="HEAD",
         )
         # Let the first announcements and lookups settle before the idle sample.
         time.sleep(1.0)
@@ -512,8 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
         samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
         lookups_before = lookup_totals(node_b)
-        busy_before, own_before = machine_busy_seconds(), own_cpu_seconds(nodes)
-        started = time.monotonic()
+        other_load = OtherLoad(lambda: [node.pid for node in nodes])
         for number in range(args.rounds):
             order = MODES if number % 2 == 0 else MODES[::-1]
             for mode in order:
@@ -531,9 +296,7 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 flush=True,
             )
-        elapsed = time.monotonic() - started
-        foreign = (machine_busy_seconds() - busy_before) - (own_cpu_seconds(nodes) - own_before)
-        foreign_share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1))
+        foreign_share = other_load.share()
         lookups_after = lookup_totals(node_b)
         served = {node.name: memory_status(node.pid) for node in nodes}
 
@@ -583,10 +346,7 @@ def run(args: argparse.Namespace) -> int:
             f" peer {ms(statistics.median(small['peer']))} (medians;"
             f" peer max {ms(max(small['peer']))})"
         )
-    print(
-        f"other processes used {foreign_share:.0%} of the machine's {os.cpu_count()} CPUs"
-        " during the rounds" + ("; expect noisy figures" if foreign_share > 0.1 else "")
-    )
+    print(OtherLoad.describe(foreign_share))
     served_gib = (args.rounds + args.warmup) * size / GIB
     print(
         f"memory: node B VmHWM {served['B']['VmHWM']:.1f} MiB after proxying {served_gib:.1f} GiB"
@@ -603,16 +363,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; stopped everything this benchmark started", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_benchmark(run, parse_args(argv))
 
 
 if __name__ == "__main__":
