@@ -21,12 +21,17 @@ from mirror.config import (
     RoutingConfig,
     RunConfig,
     StoreKind,
+    UpstreamConfig,
     parse_address,
+    parse_bool,
+    parse_cache_size,
     parse_cidr,
     parse_duration,
     parse_ip,
 )
 from mirror.errors import ConfigError, MirrorError
+from mirror.oci.reference import validate_registry
+from mirror.upstream.registries import parse_upstream
 
 PROG = "mirror"
 
@@ -44,7 +49,7 @@ def _typed(convert: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return convert(text)
-        except (ConfigError, ValueError) as exc:
+        except (MirrorError, ValueError) as exc:
             raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: {exc}") from exc
 
     parse.__name__ = what
@@ -115,8 +120,14 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         "--store",
         default=StoreKind.AUTO.value,
         type=_typed(StoreKind, "store"),
-        help="where bytes come from: auto (containerd when its socket answers, else cache), "
-        "containerd, or cache",
+        help="where bytes come from: auto (containerd when its socket answers, else Docker "
+        "when its socket answers, else the node cache), containerd, docker, or cache",
+    )
+    flag(
+        "--docker-host",
+        default=None,
+        help="Docker's API socket, e.g. unix:///var/run/docker.sock (default: as the docker "
+        "CLI finds it)",
     )
     flag(
         "--containerd-sock",
@@ -132,6 +143,13 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="containerd's content store directory (default: asked from containerd)",
     )
     flag("--cache-dir", default="/var/lib/mirror", type=Path, help="the node cache directory")
+    flag(
+        "--cache-size",
+        default="20%",
+        type=_typed(parse_cache_size, "size"),
+        help="bound of the node cache (50GiB, 500MB, or a share of its disk such as 20%%); "
+        "least recently used blobs are evicted past it",
+    )
     flag(
         "--registry-addr",
         default="0.0.0.0:5000",
@@ -196,6 +214,47 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="lifetime of this node's provider records; re-announced at half of it",
     )
     flag(
+        "--upstream",
+        default=None,
+        repeatable=True,
+        type=_typed(parse_upstream, "upstream"),
+        help="REGISTRY=URL: where a registry is really fetched from (default https://REGISTRY; "
+        "docker.io is https://registry-1.docker.io)",
+    )
+    flag(
+        "--upstream-fallback",
+        default="true",
+        type=_typed(parse_bool, "boolean"),
+        help="fetch from upstream when no node holds the content; false answers 404 so the "
+        "runtime goes upstream itself",
+    )
+    flag(
+        "--registry-auth-file",
+        default=None,
+        type=Path,
+        help="a Docker config.json with credentials for upstream registries",
+    )
+    flag(
+        "--upstream-tag-timeout",
+        default="2s",
+        type=_typed(parse_duration, "duration"),
+        help="how long to wait for upstream to resolve a tag before asking the cluster",
+    )
+    flag(
+        "--resolve-tags",
+        default="true",
+        type=_typed(parse_bool, "boolean"),
+        help="answer tags from this node and the cluster when upstream does not answer; "
+        "false resolves tags only upstream",
+    )
+    flag(
+        "--mirrored-registries",
+        default=None,
+        repeatable=True,
+        type=_typed(validate_registry, "registry"),
+        help="registries served (default: all); requests for others get a 404 at once",
+    )
+    flag(
         "--allow-client",
         default=None,
         repeatable=True,
@@ -243,7 +302,17 @@ def routing_config(args: argparse.Namespace) -> RoutingConfig:
     )
 
 
+def upstream_config(args: argparse.Namespace) -> UpstreamConfig:
+    return UpstreamConfig(
+        fallback=args.upstream_fallback,
+        overrides=tuple(_listed(args, "--upstream")),
+        auth_file=args.registry_auth_file,
+        tag_timeout=args.upstream_tag_timeout,
+    )
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
+    mirrored = _listed(args, "--mirrored-registries")
     return RunConfig(
         store=args.store,
         containerd=ContainerdConfig(
@@ -251,11 +320,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             namespace=args.containerd_namespace,
             content_path=args.containerd_content_path,
         ),
+        docker_host=args.docker_host,
         cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
         registry_addr=args.registry_addr,
         metrics_addr=args.metrics_addr,
         log_level=args.log_level,
         routing=routing_config(args),
+        upstream=upstream_config(args),
+        mirrored_registries=frozenset(mirrored) if mirrored else None,
+        resolve_tags=args.resolve_tags,
     )
 
 

@@ -21,6 +21,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class StoreKind(StrEnum):
     AUTO = "auto"
     CONTAINERD = "containerd"
+    DOCKER = "docker"
     CACHE = "cache"
 
 
@@ -82,6 +83,53 @@ def parse_cidr(text: str) -> IPNetwork:
         raise ConfigError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from exc
 
 
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B?|B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSize:
+    """A byte count, or a share of the cache directory's file system (resolved at start)."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else f"{self.bytes}B"
+
+
+def parse_cache_size(text: str) -> CacheSize:
+    """`20%` of the disk, or `50GiB`, `500MB`, `1T`, plain bytes."""
+    cleaned = text.strip()
+    if cleaned.endswith("%"):
+        try:
+            percent = float(cleaned[:-1])
+        except ValueError as exc:
+            raise ConfigError(f"{text!r} is not a percentage such as 20%") from exc
+        if not 0 < percent <= 100:
+            raise ConfigError(f"{text!r} must be between 0% and 100%")
+        return CacheSize(fraction=percent / 100)
+    match = _SIZE.fullmatch(cleaned)
+    if match is None:
+        raise ConfigError(f"{text!r} is not a size such as 50GiB, 500MB or 20%")
+    unit = (match["unit"] or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit and unit[0] != "B" else 0
+    value = int(float(match["number"]) * base**power)
+    if value <= 0:
+        raise ConfigError(f"cache size {text!r} must be positive")
+    return CacheSize(bytes=value)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{text!r} is not true or false")
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerdConfig:
     socket: Path
@@ -107,11 +155,29 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Fetching from registries outside the cluster when no node holds the content."""
+
+    # False: an OCI 404 lets the runtime go upstream itself (Spegel's behaviour).
+    fallback: bool
+    # Registry -> base URL, from --upstream REGISTRY=URL.
+    overrides: tuple[tuple[str, str], ...]
+    auth_file: Path | None
+    tag_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     store: StoreKind
     containerd: ContainerdConfig
+    docker_host: str | None
     cache_dir: Path
+    cache_size: CacheSize
     registry_addr: Address
     metrics_addr: Address
     log_level: LogLevel
     routing: RoutingConfig
+    upstream: UpstreamConfig
+    # None: every registry is mirrored; otherwise requests for others get a 404 at once.
+    mirrored_registries: frozenset[str] | None
+    resolve_tags: bool

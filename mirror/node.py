@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import shutil
 import signal
 import socket
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from mirror.config import Address, LogLevel, RoutingConfig, RunConfig, StoreKind
+from mirror.content.service import ContentPolicy, ContentService
 from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
 from mirror.peers.auth import RequestSigner, RequestVerifier
@@ -27,33 +30,85 @@ from mirror.routing.dht import DhtNode, stable_node_id
 from mirror.stores.base import Store
 from mirror.stores.cache import CacheStore
 from mirror.stores.containerd.store import ContainerdStore
+from mirror.stores.docker import inspect_docker
+from mirror.stores.layered import LayeredStore
+from mirror.upstream.client import UpstreamClient
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.registries import UpstreamMap
 
 log = logging.getLogger(__name__)
 
 
-async def open_store(config: RunConfig) -> Store:
-    """The configured store, started; `auto` takes containerd only when its socket answers."""
+def cache_bytes(config: RunConfig) -> int:
+    """--cache-size in bytes; a share is taken of the file system holding the cache."""
+    if config.cache_size.bytes is not None:
+        return config.cache_size.bytes
+    assert config.cache_size.fraction is not None
+    existing = config.cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return int(shutil.disk_usage(existing).total * config.cache_size.fraction)
+
+
+async def _runtime_store(config: RunConfig) -> Store | None:
+    """The runtime's own store, started, or None where the runtime keeps no usable content."""
     if config.store is StoreKind.CACHE:
-        store: Store = CacheStore(config.cache_dir)
-    elif config.store is StoreKind.CONTAINERD:
-        store = ContainerdStore(config.containerd)
-    else:
-        candidate = ContainerdStore(config.containerd)
-        try:
-            await candidate.start()
-        except StoreUnavailable as exc:
-            log.info("store auto: %s; using the node cache at %s", exc, config.cache_dir)
-            await candidate.close()
-            store = CacheStore(config.cache_dir)
-        else:
-            log.info("store auto: containerd at %s", config.containerd.socket)
-            return candidate
+        return None
+    if config.store is StoreKind.CONTAINERD:
+        return await _started(ContainerdStore(config.containerd))
+    if config.store is StoreKind.DOCKER:
+        return await _docker_store(config)
+    try:
+        return await _started(ContainerdStore(config.containerd))
+    except StoreUnavailable as exc:
+        log.info("store auto: %s", exc)
+    try:
+        return await _docker_store(config)
+    except StoreUnavailable as exc:
+        log.info("store auto: %s; using the node cache only", exc)
+    return None
+
+
+async def _docker_store(config: RunConfig) -> Store | None:
+    engine = await inspect_docker(config.docker_host)
+    if not engine.containerd_image_store:
+        log.info(
+            "Docker %s keeps images in its classic store, which holds no manifests or "
+            "compressed layers: serving what passes through the node cache",
+            engine.version,
+        )
+        return None
+    containerd = replace(config.containerd, namespace=engine.containerd_namespace)
+    log.info(
+        "Docker %s uses containerd's image store: namespace %s",
+        engine.version,
+        containerd.namespace,
+    )
+    return await _started(ContainerdStore(containerd))
+
+
+async def _started(store: Store) -> Store:
     try:
         await store.start()
     except StoreUnavailable:
         await store.close()
         raise
     return store
+
+
+async def open_stores(config: RunConfig, metrics: Metrics) -> tuple[Store, CacheStore]:
+    """What the node serves (the runtime's store, then the cache) and the cache itself."""
+    runtime = await _runtime_store(config)
+    cache = CacheStore(config.cache_dir, max_bytes=cache_bytes(config), metrics=metrics)
+    try:
+        await cache.start()
+    except StoreUnavailable:
+        if runtime is not None:
+            await runtime.close()
+        raise
+    if runtime is None:
+        return cache, cache
+    return LayeredStore(runtime, cache), cache
 
 
 async def _serve(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:
@@ -126,12 +181,12 @@ async def _join_cluster(
     metrics: Metrics,
     stack: AsyncExitStack,
     background: _Background,
-) -> tuple[AccessPolicy, PeerFetcher | None]:
+) -> tuple[AccessPolicy, PeerFetcher | None, DhtNode | None]:
     routing = config.routing
     key = routing.cluster_key
     if key is None:
         log.info("no cluster key: running alone (no DHT, no peers)")
-        return AccessPolicy(routing.allow_clients, None), None
+        return AccessPolicy(routing.allow_clients, None), None, None
     ip = advertise_ip(routing, config.registry_addr)
     http_address = str(Address(ip, config.registry_addr.port))
     dht = DhtNode(
@@ -155,7 +210,21 @@ async def _join_cluster(
     await fetcher.start()
     stack.push_async_callback(fetcher.close)
     log.info("joined the cluster as %s (router %s)", http_address, routing.router_addr)
-    return AccessPolicy(routing.allow_clients, RequestVerifier(key)), fetcher
+    return AccessPolicy(routing.allow_clients, RequestVerifier(key)), fetcher, dht
+
+
+async def _upstream_client(
+    config: RunConfig, metrics: Metrics, stack: AsyncExitStack
+) -> UpstreamClient | None:
+    settings = config.upstream
+    if not settings.fallback:
+        log.info("upstream fallback off: a miss in the cluster is a 404")
+        return None
+    credentials = Credentials.load(settings.auth_file) if settings.auth_file else None
+    client = UpstreamClient(UpstreamMap(dict(settings.overrides)), credentials, metrics)
+    await client.start()
+    stack.push_async_callback(client.close)
+    return client
 
 
 async def run_node(config: RunConfig) -> None:
@@ -170,15 +239,25 @@ async def run_node(config: RunConfig) -> None:
     metrics = Metrics()
     background = _Background()
     async with AsyncExitStack() as stack:
-        store = await open_store(config)
+        store, cache = await open_stores(config, metrics)
         stack.push_async_callback(store.close)
         metrics.store_up.labels(store.name).set(1)
+        upstream = await _upstream_client(config, metrics, stack)
         try:
-            access, peers = await _join_cluster(config, store, metrics, stack, background)
+            access, peers, dht = await _join_cluster(config, store, metrics, stack, background)
         finally:
             # Unwound before the DHT closes: nothing announces into a closed node.
             stack.push_async_callback(background.stop)
-        api = RegistryApi(store, metrics, access=access, peers=peers)
+        policy = ContentPolicy(
+            mirrored_registries=config.mirrored_registries,
+            resolve_tags=config.resolve_tags,
+            tag_timeout=config.upstream.tag_timeout,
+        )
+        content = ContentService(
+            store, metrics, policy, cache=cache, peers=peers, claims=dht, upstream=upstream
+        )
+        stack.push_async_callback(content.close)
+        api = RegistryApi(store, metrics, content, access=access)
         debug = config.log_level is LogLevel.DEBUG
         registry_runner = await _serve(api.app(), config.registry_addr, access_log=debug)
         stack.push_async_callback(registry_runner.cleanup)

@@ -104,3 +104,64 @@ async def test_unusable_directory_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(StoreUnavailable):
         await CacheStore(blocker / "cache").start()
+
+
+async def test_least_recently_used_blobs_are_evicted_past_the_bound(tmp_path: Path) -> None:
+    from mirror.metrics import Metrics
+
+    metrics = Metrics()
+    store = CacheStore(tmp_path / "cache", max_bytes=2500, metrics=metrics)
+    await store.start()
+    blobs = [bytes([i]) * 1000 for i in range(3)]
+    digests = [digest_of(b) for b in blobs]
+    await store.put(digests[0], blobs[0])
+    await store.put(digests[1], blobs[1])
+    opened = await store.open(digests[0])  # now the most recently used, and pinned
+    assert opened is not None
+    await store.put(digests[2], blobs[2])
+    assert await store.stat(digests[1]) is None, "the least recently used blob stayed"
+    assert await store.stat(digests[0]) == 1000 and await store.stat(digests[2]) == 1000
+    assert store.total_bytes == 2000
+    assert metrics.registry.get_sample_value("mirror_cache_evictions_total") == 1
+    assert metrics.registry.get_sample_value("mirror_cache_bytes") == 2000
+    await opened.close()
+
+
+async def test_an_open_blob_is_never_evicted(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path / "cache", max_bytes=1500)
+    await store.start()
+    first, second = b"a" * 1000, b"b" * 1000
+    await store.put(digest_of(first), first)
+    held = await store.open(digest_of(first))
+    assert held is not None
+    await store.put(digest_of(second), second)
+    # Over the bound, but the only candidate is being read: it stays until closed.
+    assert await store.stat(digest_of(first)) == 1000
+    assert await held.read_all(2000) == first
+    await held.close()
+
+
+async def test_the_bound_applies_at_start(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path / "cache")
+    await store.start()
+    for i in range(4):
+        data = bytes([i]) * 1000
+        await store.put(digest_of(data), data)
+    bounded = CacheStore(tmp_path / "cache", max_bytes=2000)
+    await bounded.start()
+    assert bounded.total_bytes <= 2000
+
+
+async def test_changes_are_announced(cache: CacheStore) -> None:
+    import asyncio
+
+    changes = cache.changes()
+    waiting = asyncio.ensure_future(anext(changes))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await cache.put(digest_of(b"new"), b"new")
+    await asyncio.wait_for(waiting, 5)
+    waiting = asyncio.ensure_future(anext(changes))
+    await cache.set_tag(tag_ref("docker.io", "a", "1"), digest_of(b"new"))
+    await asyncio.wait_for(waiting, 5)
+    await changes.aclose()

@@ -10,76 +10,26 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness.cluster import (
+    HOSTS,
+    Cluster,
+    MirrorFactory,
+    make_cluster,
+    status_of,
+    wait_until,
+)
 from harness.containerd import ContainerdNode, write_hosts_toml
 from harness.images import TestImages
 from harness.mirror_node import MirrorNode
 from harness.net import free_udp_port
 from harness.netns import NetNamespace, make_namespace
 from harness.registry import Registry
-
-HOSTS = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
-MirrorFactory = Callable[..., MirrorNode]
-
-
-@dataclass
-class Cluster:
-    key_file: Path
-    routers: list[str]
-    nodes: list[ContainerdNode]
-    mirrors: list[MirrorNode | None]
-
-    def start_mirror(self, factory: MirrorFactory, index: int, *extra: str) -> MirrorNode:
-        host = HOSTS[index]
-        mirror = factory(
-            "--store=containerd",
-            f"--containerd-sock={self.nodes[index].socket}",
-            f"--cluster-key-file={self.key_file}",
-            f"--router-addr={self.routers[index]}",
-            f"--bootstrap=static:{','.join(self.routers)}",
-            "--resolve-timeout=200ms",
-            *extra,
-            host=host,
-        )
-        self.mirrors[index] = mirror
-        return mirror
-
-    def mirror(self, index: int) -> MirrorNode:
-        mirror = self.mirrors[index]
-        assert mirror is not None
-        return mirror
-
-
-def keygen(path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "mirror", "keygen", "--out", str(path)], check=True, timeout=30
-    )
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll a condition against a deadline (the nodes converge asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def status_of(url: str, headers: dict[str, str] | None = None) -> int:
-    request = urllib.request.Request(url, method="HEAD", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 @pytest.fixture
@@ -89,24 +39,16 @@ def cluster(
     containerd_factory: Callable[[], ContainerdNode],
     test_images: TestImages,
 ) -> Cluster:
-    key_file = tmp_path / "cluster.key"
-    keygen(key_file)
-    routers = [f"{host}:{free_udp_port(host)}" for host in HOSTS]
     nodes = [containerd_factory() for _ in HOSTS]
     for image in test_images.all():
         nodes[0].pull(image.push(registry.host, f"p2p/{image.name}"), plain_http=True)
-    return Cluster(key_file, routers, nodes, [None] * len(HOSTS))
+    return make_cluster(tmp_path, nodes)
 
 
 def wait_for_cluster(cluster: Cluster, digest: str) -> None:
     """Every running mirror knows the others, and each can find `digest` (node 1 holds it)."""
-    running = [mirror for mirror in cluster.mirrors if mirror is not None]
-    for mirror in running:
-        wait_until(
-            lambda m=mirror: m.metric("mirror_dht_contacts") >= len(running) - 1,
-            f"{mirror.address} to know its peers",
-        )
-    for mirror in running[1:]:
+    cluster.wait_connected()
+    for mirror in cluster.running()[1:]:
         url = f"{mirror.url}/v2/p2p/any/blobs/{digest}"
         wait_until(lambda url=url: status_of(url) == 200, f"{digest} to be found from {url}")
 
@@ -245,11 +187,14 @@ def test_pulls_and_removals_are_announced_and_withdrawn_at_once(
     registry: Registry,
     test_images: TestImages,
 ) -> None:
-    """Node 2 pulls while its mirror runs: containerd's events make it announce at once."""
+    """Node 2 pulls while its mirror runs: containerd's events make it announce at once.
+
+    A blob, not a manifest, is probed: manifests fetched by digest are kept in the node cache.
+    """
     image = test_images.index
-    announcer = cluster.start_mirror(mirror_factory, 1)
-    seeker = cluster.start_mirror(mirror_factory, 2)
-    url = f"{seeker.url}/v2/p2p/index/manifests/{image.host_manifest_digest}"
+    announcer = cluster.start_mirror(mirror_factory, 1, "--upstream-fallback=false")
+    seeker = cluster.start_mirror(mirror_factory, 2, "--upstream-fallback=false")
+    url = f"{seeker.url}/v2/p2p/index/blobs/{image.config_digest}"
     assert status_of(url) == 404
     ref = f"{registry.host}/p2p/{image.name}:{image.tag}"
     cluster.nodes[1].pull(ref, plain_http=True)

@@ -54,7 +54,7 @@ class Peers:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             signature = request.headers.get(PEER_HEADER, "")
-            assert verifier.verify(signature, request.method, request.path_qs)
+            assert verifier.verify(signature, request.method, request.raw_path)
             self.seen.append((index, request.headers.get("Range")))
             return await behaviour(request)
 

@@ -87,3 +87,25 @@ def test_parse_image_name() -> None:
     assert parse_image_name(f"docker.io/library/alpine@sha256:{HEX}") is None
     assert parse_image_name("alpine") is None
     assert parse_image_name("127.0.0.1:5000/a") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "registry", "repository"),
+    [
+        ("ghcr.io/org/app/manifests/1.0", "ghcr.io", "org/app"),
+        ("localhost:5000/app/blobs/sha256:" + HEX, "localhost:5000", "app"),
+        ("localhost/team/app/manifests/1", "localhost", "team/app"),
+        ("127.0.0.1:5000/a/b/manifests/1", "127.0.0.1:5000", "a/b"),
+        # Not host names: Docker Hub namespaces.
+        ("library/alpine/manifests/3", "docker.io", "library/alpine"),
+        ("org/app/manifests/1", "docker.io", "org/app"),
+    ],
+)
+def test_registry_in_the_first_path_component(path: str, registry: str, repository: str) -> None:
+    target = parse_target(path, None)
+    assert (target.registry, target.repository) == (registry, repository)
+
+
+def test_ns_wins_over_a_dotted_first_component() -> None:
+    target = parse_target("my.org/app/manifests/1", "ghcr.io")
+    assert (target.registry, target.repository) == ("ghcr.io", "my.org/app")

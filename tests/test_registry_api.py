@@ -10,6 +10,7 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
+from mirror.content.service import ContentPolicy, ContentService
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest, tag_ref
@@ -48,7 +49,9 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     await store.set_tag(tag_ref("docker.io", "library/app", "1.0"), parse_digest(sha(manifest)))
     await store.set_tag(tag_ref("ghcr.io", "org/app", "2.0"), parse_digest(sha(manifest)))
     metrics = Metrics()
-    server = TestServer(RegistryApi(store, metrics).app(), host="127.0.0.1")
+    policy = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
+    api = RegistryApi(store, metrics, ContentService(store, metrics, policy))
+    server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
     async with ClientSession() as http:
         yield Served(str(server.make_url("")).rstrip("/"), http, metrics, manifest, blob)

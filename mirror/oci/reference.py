@@ -84,9 +84,13 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
+def is_registry(host: str) -> bool:
+    return len(host) <= _MAX_NAME_LENGTH and _REGISTRY_RE.fullmatch(host) is not None
+
+
 def validate_registry(host: str) -> str:
     """Registry host as runtimes send it in `?ns=` (host, optional port, IPv6 in brackets)."""
-    if len(host) > _MAX_NAME_LENGTH or not _REGISTRY_RE.fullmatch(host):
+    if not is_registry(host):
         raise NameInvalid(f"invalid registry {host!r}")
     return host
 

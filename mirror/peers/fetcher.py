@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
+from yarl import URL
 
 from mirror.errors import DigestMismatch, PeerUnavailable, RangeNotSatisfiable
 from mirror.metrics import Metrics
@@ -145,24 +146,36 @@ class PeerFetcher:
 
         With `head`, only the headers are fetched and `chunks` is None.
         """
-        method = "HEAD" if head else "GET"
         tried: set[bytes] = set()
         while candidates := await self.providers(str(digest), exclude=tried):
             tried.update(p.node_id for p in candidates)
-            winner = await self._first_answer(candidates, path, range_header, method)
-            if winner is None:
-                continue
-            provider, response = winner
-            size, offset, length = _extent(response)
-            if head:
-                response.release()
-                return PeerBlob(size, offset, length, None)
-            log.info("streaming %s from %s", digest, provider.address)
-            chunks = self._stream(
-                digest, path, provider, response, candidates, size, offset, length
-            )
-            return PeerBlob(size, offset, length, chunks)
+            found = await self.blob_from(candidates, digest, path, range_header, head=head)
+            if found is not None:
+                return found
         return None
+
+    async def blob_from(
+        self,
+        candidates: list[Provider],
+        digest: Digest,
+        path: str,
+        range_header: str | None,
+        *,
+        head: bool = False,
+    ) -> PeerBlob | None:
+        """Like `blob`, from these providers (the node that claimed an upstream fetch)."""
+        method = "HEAD" if head else "GET"
+        winner = await self._first_answer(candidates, path, range_header, method)
+        if winner is None:
+            return None
+        provider, response = winner
+        size, offset, length = _extent(response)
+        if head:
+            response.release()
+            return PeerBlob(size, offset, length, None)
+        log.info("streaming %s from %s", digest, provider.address)
+        chunks = self._stream(digest, path, provider, response, candidates, size, offset, length)
+        return PeerBlob(size, offset, length, chunks)
 
     async def _first_answer(
         self,
@@ -211,8 +224,10 @@ class PeerFetcher:
         if range_header is not None:
             headers["Range"] = range_header
         try:
+            # `encoded`: sent exactly as signed (the peer checks the raw request target).
+            url = URL(f"http://{provider.address}{path}", encoded=True)
             response = await self._session.request(
-                method, f"http://{provider.address}{path}", headers=headers, allow_redirects=False
+                method, url, headers=headers, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _PeerSlowOrFailed(str(exc) or type(exc).__name__) from exc

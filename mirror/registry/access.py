@@ -31,8 +31,9 @@ class AccessPolicy:
         """Raises `Unauthorized` for a bad peer signature, `Denied` for an unknown client."""
         signature = request.headers.get(PEER_HEADER)
         if signature is not None:
+            # The raw target, exactly as sent: decoding could make two requests look alike.
             if self.verifier is None or not self.verifier.verify(
-                signature, request.method, request.path_qs
+                signature, request.method, request.raw_path
             ):
                 raise Unauthorized("peer request signature is not valid")
             return Caller.PEER

@@ -7,11 +7,9 @@ import time
 
 from aiohttp import web
 
+from mirror.content.service import ContentService
 from mirror.errors import (
-    BlobUnknown,
     Denied,
-    DigestInvalid,
-    ManifestUnknown,
     NameUnknown,
     PaginationInvalid,
     RegistryError,
@@ -20,13 +18,10 @@ from mirror.errors import (
     Unauthorized,
     Unsupported,
 )
-from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, SOURCE_PEER, Metrics
-from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, OCTET_STREAM, detect_manifest_type
-from mirror.oci.reference import Digest, parse_digest
-from mirror.peers.fetcher import PeerFetcher
+from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, Metrics
+from mirror.oci.mediatypes import OCTET_STREAM
 from mirror.registry.access import AccessPolicy, Caller
 from mirror.registry.paths import Kind, Target, parse_target
-from mirror.registry.ranges import parse_range
 from mirror.registry.responses import API_VERSION_HEADER, error_response, send_blob, send_chunks
 from mirror.stores.base import Store
 
@@ -42,14 +37,14 @@ class RegistryApi:
         self,
         store: Store,
         metrics: Metrics,
+        content: ContentService,
         *,
         access: AccessPolicy | None = None,
-        peers: PeerFetcher | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
+        self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
-        self._peers = peers
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._observe])
@@ -116,62 +111,19 @@ class RegistryApi:
             return await self._manifest(request, target, caller)
         if target.kind is Kind.TAGS:
             return await self._tags(request, target)
-        assert target.digest is not None
-        return await self._blob(request, target.digest, caller)
+        return await self._blob(request, target, caller)
 
     async def _manifest(
         self, request: web.Request, target: Target, caller: Caller
     ) -> web.StreamResponse:
-        local = await self._local_manifest(target)
-        if local is not None:
-            request[_SOURCE_KEY] = SOURCE_LOCAL
-            digest, body, media_type = local
-        elif caller is Caller.RUNTIME and self._peers is not None:
-            fetched = await self._peers.manifest(
-                str(target.tag or target.digest), _peer_path(request), target.digest
-            )
-            if fetched is None:
-                raise ManifestUnknown(f"{target.tag or target.digest} is not held in the cluster")
-            request[_SOURCE_KEY] = SOURCE_PEER
-            digest, body, media_type = fetched.digest, fetched.body, fetched.media_type
-        else:
-            raise ManifestUnknown(f"{target.tag or target.digest} is not held here")
+        answer = await self._content.manifest(target, caller)
+        request[_SOURCE_KEY] = answer.source
         headers = {
             **API_VERSION_HEADER,
-            "Docker-Content-Digest": str(digest),
-            "Content-Type": media_type,
+            "Docker-Content-Digest": answer.digest,
+            "Content-Type": answer.media_type,
         }
-        return web.Response(body=body, headers=headers)
-
-    async def _local_manifest(self, target: Target) -> tuple[str, bytes, str] | None:
-        """(digest, bytes, media type) of a manifest this node holds, or None."""
-        digest = target.digest or await self._resolve_tag(target)
-        if digest is None:
-            return None
-        blob = await self._store.open(digest)
-        if blob is None:
-            return None
-        try:
-            if blob.size > MAX_MANIFEST_SIZE:
-                raise ManifestUnknown(f"{digest} is too large to be a manifest")
-            body = await blob.read_all(MAX_MANIFEST_SIZE)
-        finally:
-            await blob.close()
-        media_type = detect_manifest_type(body)
-        if media_type is None:
-            raise ManifestUnknown(f"{digest} is not a manifest")
-        return str(digest), body, media_type
-
-    async def _resolve_tag(self, target: Target) -> Digest | None:
-        assert target.tag is not None
-        found = await self._store.resolve(target.tag)
-        if found is None:
-            return None
-        try:
-            return parse_digest(found)
-        except DigestInvalid:
-            log.warning("%s points to an unusable digest %r", target.tag, found)
-            return None
+        return web.Response(body=answer.body, headers=headers)
 
     async def _tags(self, request: web.Request, target: Target) -> web.Response:
         """Tags held for one repository, paginated with `n` and `last` as the spec describes."""
@@ -195,56 +147,35 @@ class RegistryApi:
         return web.json_response(body, headers=API_VERSION_HEADER)
 
     async def _blob(
-        self, request: web.Request, digest: Digest, caller: Caller
+        self, request: web.Request, target: Target, caller: Caller
     ) -> web.StreamResponse:
-        headers = {
-            **API_VERSION_HEADER,
-            "Docker-Content-Digest": str(digest),
-            "Content-Type": OCTET_STREAM,
-            "Accept-Ranges": "bytes",
-            "ETag": f'"{digest}"',
-        }
-        blob = await self._store.open(digest)
-        if blob is None:
-            if caller is Caller.RUNTIME and self._peers is not None:
-                return await self._blob_from_peers(request, digest, headers)
-            raise BlobUnknown(f"blob {digest} is not held here")
+        assert target.digest is not None
+        answer = await self._content.blob(
+            target,
+            target.digest,
+            caller,
+            request.headers.get("Range"),
+            head=request.method == "HEAD",
+        )
         try:
-            request[_SOURCE_KEY] = SOURCE_LOCAL
-            byte_range = parse_range(request.headers.get("Range"), blob.size)
-            if byte_range is None:
-                return await send_blob(request, blob, 0, blob.size, status=200, headers=headers)
-            headers["Content-Range"] = byte_range.content_range(blob.size)
-            return await send_blob(
-                request, blob, byte_range.offset, byte_range.length, status=206, headers=headers
-            )
+            request[_SOURCE_KEY] = answer.source
+            headers = {
+                **API_VERSION_HEADER,
+                "Docker-Content-Digest": str(target.digest),
+                "Content-Type": OCTET_STREAM,
+                "Accept-Ranges": "bytes",
+                "ETag": f'"{target.digest}"',
+            }
+            status = 200
+            offset, length = 0, answer.size
+            if answer.byte_range is not None:
+                status = 206
+                offset, length = answer.byte_range.offset, answer.byte_range.length
+                headers["Content-Range"] = answer.byte_range.content_range(answer.size)
+            if answer.local is not None:
+                return await send_blob(
+                    request, answer.local, offset, length, status=status, headers=headers
+                )
+            return await send_chunks(request, answer.chunks, length, status=status, headers=headers)
         finally:
-            await blob.close()
-
-    async def _blob_from_peers(
-        self, request: web.Request, digest: Digest, headers: dict[str, str]
-    ) -> web.StreamResponse:
-        assert self._peers is not None
-        client_range = request.headers.get("Range")
-        if client_range is not None and parse_range(client_range, 1 << 62) is None:
-            client_range = None  # a range we would ignore locally is not forwarded either
-        found = await self._peers.blob(
-            digest, _peer_path(request), client_range, head=request.method == "HEAD"
-        )
-        if found is None:
-            raise BlobUnknown(f"blob {digest} is not held in the cluster")
-        request[_SOURCE_KEY] = SOURCE_PEER
-        status = 200
-        if client_range is not None:
-            status = 206
-            headers["Content-Range"] = (
-                f"bytes {found.offset}-{found.offset + found.length - 1}/{found.size}"
-            )
-        return await send_chunks(
-            request, found.chunks, found.length, status=status, headers=headers
-        )
-
-
-def _peer_path(request: web.Request) -> str:
-    """The same request as a peer should see it: path and query, nothing else."""
-    return request.rel_url.path_qs
+            await answer.close()

@@ -12,6 +12,7 @@ from mirror.oci.reference import (
     Digest,
     TagRef,
     is_digest_reference,
+    is_registry,
     parse_digest,
     tag_ref,
     validate_registry,
@@ -42,6 +43,8 @@ class Target:
 
 def parse_target(path_after_v2: str, ns: str | None) -> Target:
     """Validate everything before any store is asked; raises a `RegistryError` on bad input."""
+    if not ns:
+        ns, path_after_v2 = _registry_prefix(path_after_v2)
     registry = validate_registry(ns) if ns else DEFAULT_REGISTRY
     match = _API_PATH.fullmatch(path_after_v2)
     if match is None:
@@ -58,3 +61,18 @@ def parse_target(path_after_v2: str, ns: str | None) -> Target:
     return Target(
         Kind.MANIFEST, registry, repository, tag_ref(registry, repository, reference), None
     )
+
+
+def _registry_prefix(path: str) -> tuple[str | None, str]:
+    """`ghcr.io/org/app/...` without `ns`: the registry as the first path component.
+
+    dockerd sends only docker.io pulls to its mirrors; naming the registry in the path
+    (`docker pull node:5000/ghcr.io/org/app:1.0`) reaches the others. A first component is a
+    registry when it is a host name: it has a dot or a port, or is `localhost`, which no
+    Docker Hub namespace can be.
+    """
+    first, slash, rest = path.partition("/")
+    looks_like_host = "." in first or ":" in first or first == "localhost"
+    if slash and rest.count("/") >= 2 and looks_like_host and is_registry(first):
+        return first, rest
+    return None, path

@@ -1,9 +1,9 @@
-"""The node's view of the DHT: announce what it holds, find who holds what.
+"""The node's view of the DHT: announce what it holds, find who holds what, claim fetches.
 
 Built on kademlia's `Server` with `ProviderProtocol`; see protocol.py for what is changed and why.
 Every network operation is bounded in time: lookups for a pull have a hard deadline of
-`resolve_timeout` (a miss must cost a pull milliseconds, not seconds), and maintenance lookups
-(provide, withdraw, bootstrap) a few RPC timeouts.
+`resolve_timeout` (a miss must cost a pull milliseconds, not seconds), maintenance lookups
+(provide, withdraw, bootstrap) a few RPC timeouts, and a claim `_CLAIM_TIMEOUTS` RPC timeouts.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterable
@@ -29,7 +30,7 @@ from mirror.routing.errors import DhtError, DhtNotRunning, Malformed, Unsupporte
 from mirror.routing.keys import ID_BYTES, dht_key, distance, stable_node_id
 from mirror.routing.lookup import IterativeLookup
 from mirror.routing.protocol import DhtSettings, NoValueStorage, ProviderProtocol
-from mirror.routing.providers import Provider, ProviderStore
+from mirror.routing.providers import ClaimStore, Provider, ProviderStore
 
 __all__ = ["DhtNode", "Provider", "dht_key", "stable_node_id"]
 
@@ -39,6 +40,9 @@ T = TypeVar("T")
 
 # Maintenance lookups (provide, withdraw, bootstrap crawl) may take this many RPC timeouts.
 _CRAWL_TIMEOUTS = 4
+# A claim's hard deadline, in RPC timeouts: its node lookup gets all but the last one, which is
+# the claim request's own. 0.75 s at the default RPC timeout; only a degraded cluster gets near.
+_CLAIM_TIMEOUTS = 3
 # How often buckets not touched for an hour (kademlia's "lonely" ones) are refreshed.
 _REFRESH_INTERVAL = 600.0
 
@@ -55,6 +59,7 @@ class _DhtServer(Server):
         settings: DhtSettings,
         sealer: DatagramSealer,
         providers: ProviderStore,
+        claims: ClaimStore,
         metrics: Metrics | None,
     ) -> None:
         super().__init__(
@@ -63,6 +68,7 @@ class _DhtServer(Server):
         self._settings = settings
         self._sealer = sealer
         self._providers = providers
+        self._claims = claims
         self._metrics = metrics
 
     def _create_protocol(self) -> ProviderProtocol:
@@ -73,6 +79,7 @@ class _DhtServer(Server):
             settings=self._settings,
             sealer=self._sealer,
             providers=self._providers,
+            claims=self._claims,
             metrics=self._metrics,
         )
 
@@ -97,8 +104,9 @@ class DhtNode:
 
     `ksize` copies of each record are kept (on the nodes closest to its key), `alpha` queries run
     in parallel per lookup, `rpc_timeout` bounds one RPC, `resolve_timeout` one `find_providers`,
-    `record_ttl` how long a record lives unless re-announced. The two reply caps keep every
-    reply inside one datagram (the byte budget in wire.py trims further if addresses are long).
+    `record_ttl` how long a record (or a claim) lives unless re-announced. The two reply caps
+    keep every reply inside one datagram (the byte budget in wire.py trims further if addresses
+    are long).
     """
 
     def __init__(
@@ -147,11 +155,16 @@ class DhtNode:
         self._resolve_timeout = resolve_timeout
         self._metrics = metrics
         self._store = ProviderStore(on_change=self._records_changed)
+        self._claims = ClaimStore()
+        # Key -> the remote node our claim of it was sent to, and until when that claim lives:
+        # `release` goes straight there (the claim may be held even if its reply was lost).
+        self._claimed_at: dict[bytes, tuple[Node, float]] = {}
         self._server = _DhtServer(
             node_id=node_id,
             settings=self._settings,
             sealer=DatagramSealer(cluster_key.purpose("dht")),
             providers=self._store,
+            claims=self._claims,
             metrics=metrics,
         )
         self._protocol: ProviderProtocol | None = None
@@ -204,6 +217,10 @@ class DhtNode:
     def local_providers(self, text: str) -> list[Provider]:
         """Live records this node itself stores for `text` (its own included): introspection."""
         return self._store.providers(dht_key(text))
+
+    def local_claim(self, text: str) -> Provider | None:
+        """The live claim of `text` this node itself keeps (as the closest node): introspection."""
+        return self._claims.holder(dht_key(text))
 
     # ----------------------------------------------------------------- membership
 
@@ -310,6 +327,72 @@ class DhtNode:
             )
         return found
 
+    # ----------------------------------------------------------------- claims
+
+    async def claim(self, text: str, ttl: float = 30.0) -> Provider | None:
+        """Claim the upstream fetch of `text` for this node, across the cluster.
+
+        The claim is kept by the node closest to the key of `text`, found with a node lookup as
+        `provide` does (this node itself when it knows none closer); it serialises competing
+        claims. Returns None when this node holds the claim now and should fetch, or the
+        provider (node id and HTTP address) of the node that already holds a live claim: stream
+        from that one. Claiming again as the holder renews the claim; it lives `ttl` seconds
+        (at most `record_ttl`) from the last claim, unless released.
+
+        Hard deadline: `_CLAIM_TIMEOUTS` RPC timeouts (the lookup gets all but one). If the
+        closest node does not answer by then, returns None: acting alone costs a duplicate
+        upstream fetch, waiting on an unreachable node would cost the pull itself. Concurrent
+        claims from one node for the same text all win: coalescing inside a node is the
+        caller's job.
+        """
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError("a claim's ttl is a positive number of seconds")
+        protocol = self._running()
+        key = dht_key(text)
+        ttl = min(ttl, self._settings.record_ttl)
+        self._forget_expired_claims()
+        closest = await self._closest_nodes(
+            key, timeout=(_CLAIM_TIMEOUTS - 1) * self._settings.rpc_timeout
+        )
+        if not closest or distance(self.node_id, key) < distance(closest[0].id, key):
+            holder = self._claims.claim(key, self._self_provider(), ttl)
+        else:
+            target = closest[0]
+            # Remembered before the reply: a claim whose reply is lost may still be held there.
+            self._claimed_at[key] = (target, time.monotonic() + ttl)
+            reply = await asyncio.shield(
+                protocol.request_claim(target, key, self.http_address, ttl)
+            )
+            if reply is None:
+                log.debug("claim of %s: no answer from %s, fetching alone", text, target)
+                return None
+            holder = reply
+            if holder.node_id != self.node_id:
+                self._claimed_at.pop(key, None)
+        if holder.node_id == self.node_id:
+            return None
+        log.debug("claim of %s: %s is fetching it", text, holder.address)
+        return holder
+
+    async def release(self, text: str) -> None:
+        """Best effort: drop this node's claim of `text`, once its fetch ended (either way).
+
+        The release goes to the node the claim was sent to (remembered by `claim`, so no lookup
+        is needed) and takes at most one RPC timeout; a claim never released expires anyway.
+        """
+        key = dht_key(text)
+        self._claims.release(key, self.node_id)
+        remote = self._claimed_at.pop(key, None)
+        protocol = self._protocol
+        if remote is None or protocol is None:
+            return
+        await asyncio.shield(protocol.request_release(remote[0], key))
+
+    def _forget_expired_claims(self) -> None:
+        now = time.monotonic()
+        for key in [key for key, (_, until) in self._claimed_at.items() if until <= now]:
+            del self._claimed_at[key]
+
     # ----------------------------------------------------------------- internals
 
     def _running(self) -> ProviderProtocol:
@@ -327,8 +410,12 @@ class DhtNode:
         if self._metrics is not None:
             self._metrics.dht_provider_records.set(count)
 
-    async def _closest_nodes(self, target: bytes) -> list[Node]:
-        """The k live nodes closest to `target` (not this one), found within a crawl deadline."""
+    async def _closest_nodes(self, target: bytes, *, timeout: float | None = None) -> list[Node]:
+        """The k live nodes closest to `target` (not this one), closest first.
+
+        Found within `timeout` (by default the crawl deadline); a lookup cut by it returns the
+        closest of the nodes that answered so far.
+        """
         protocol = self._protocol
         if protocol is None:
             return []
@@ -341,7 +428,9 @@ class DhtNode:
         )
         seeds = protocol.router.find_neighbors(Node(target), k=self._settings.ksize)
         try:
-            async with asyncio.timeout(_CRAWL_TIMEOUTS * self._settings.rpc_timeout):
+            async with asyncio.timeout(
+                _CRAWL_TIMEOUTS * self._settings.rpc_timeout if timeout is None else timeout
+            ):
                 await lookup.run(seeds)
         except TimeoutError:
             log.debug("node lookup for %s hit its deadline", target.hex())

@@ -11,6 +11,8 @@ What changes from `KademliaProtocol` (all by overriding, kademlia itself is unto
   to ``None`` instead of ``(False, None)``, and resolving a future that a caller already gave up
   on is a no-op, so a lookup cancelled at its deadline leaves no "InvalidStateError" behind.
 - Plain values are refused (`rpc_store` answers False); provider records replace them.
+- Claims (`rpc_claim`, `rpc_release`): the node closest to a key records which one node is
+  fetching it from upstream right now, so that the others stream from that one instead.
 - `welcome_if_new` hands records to a new node by their real key (kademlia re-hashes keys that
   are already hashes), and never lets this node's own id into its routing table.
 """
@@ -42,7 +44,7 @@ from mirror.routing.errors import (
     UnsupportedOperation,
 )
 from mirror.routing.keys import ID_BYTES, distance
-from mirror.routing.providers import Provider, ProviderStore
+from mirror.routing.providers import ClaimStore, Provider, ProviderStore
 from mirror.routing.wire import Found, HandOffRecord
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ class ProviderProtocol(KademliaProtocol):
         "remove_provider": (wire.node_id, wire.node_id, wire.node_id),
         "get_providers": (wire.node_id, wire.node_id),
         "hand_off": (wire.node_id, wire.hand_off_records),
+        "claim": (wire.node_id, wire.node_id, wire.node_id, wire.http_address, wire.ttl),
+        "release": (wire.node_id, wire.node_id, wire.node_id),
     }
 
     def __init__(
@@ -121,12 +125,14 @@ class ProviderProtocol(KademliaProtocol):
         settings: DhtSettings,
         sealer: DatagramSealer,
         providers: ProviderStore,
+        claims: ClaimStore,
         metrics: Metrics | None = None,
     ) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = settings.rpc_timeout
         self.settings = settings
         self.providers = providers
+        self.claims = claims
         self._sealer = sealer
         self._replays = ReplayGuard(sealer.window)
         self._metrics = metrics
@@ -297,6 +303,37 @@ class ProviderProtocol(KademliaProtocol):
             )
             stored += 1
         return stored
+
+    def rpc_claim(
+        self,
+        sender: Address,
+        nodeid: bytes,
+        key: bytes,
+        provider_id: bytes,
+        address: str,
+        ttl: float,
+    ) -> list[object] | None:
+        """Record the sender as the node fetching `key`, unless another node's claim is live.
+
+        Replies with the holder after this call (the sender when it won or renewed), or nil
+        when refused: a node can only ever claim for itself. Claims are not provider records:
+        never served by get_providers, never handed off.
+        """
+        if provider_id != nodeid or nodeid == self.source_node.id:
+            log.debug("refused a claim from %s for another node's id", sender)
+            return None
+        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+        holder = self.claims.claim(
+            key, Provider(provider_id, address), min(ttl, self.settings.record_ttl)
+        )
+        return wire.claim_reply(holder)
+
+    def rpc_release(self, sender: Address, nodeid: bytes, key: bytes, provider_id: bytes) -> bool:
+        """Drop the sender's claim of `key`; True if it held a live one."""
+        if provider_id != nodeid:
+            return False
+        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+        return self.claims.release(key, provider_id)
 
     def _neighbours(self, key: bytes, limit: int, source: Node) -> list[Node]:
         return [
@@ -505,6 +542,24 @@ class ProviderProtocol(KademliaProtocol):
         own = self.source_node.id
         return self._request(
             (node.ip, node.port), "remove_provider", [own, key, own], wire.boolean, node=node
+        )
+
+    def request_claim(
+        self, node: Node, key: bytes, address: str, ttl: float
+    ) -> asyncio.Future[Provider | None]:
+        own = self.source_node.id
+        return self._request(
+            (node.ip, node.port),
+            "claim",
+            [own, key, own, address, ttl],
+            wire.claim_holder,
+            node=node,
+        )
+
+    def request_release(self, node: Node, key: bytes) -> asyncio.Future[bool | None]:
+        own = self.source_node.id
+        return self._request(
+            (node.ip, node.port), "release", [own, key, own], wire.boolean, node=node
         )
 
     # kademlia's own call_* helpers, for kademlia code paths that still use them.

@@ -1,7 +1,8 @@
-"""The provider records one node keeps: many providers per key, each expiring on its own.
+"""The records one node keeps: provider records, and the claims of fetches in progress.
 
-A record lives for its TTL unless its owner re-announces it; nothing else ever extends it, so a
-node that stopped (or stopped holding the content) drops out of every answer within one TTL.
+A provider record lives for its TTL unless its owner re-announces it; nothing else ever extends
+it, so a node that stopped (or stopped holding the content) drops out of every answer within one
+TTL. Claims follow the same rule, one holder per key at a time.
 """
 
 from __future__ import annotations
@@ -157,3 +158,70 @@ class ProviderStore:
         self.purge()
         if self._expiries:
             self._arm(self._expiries[0][0])
+
+
+@dataclass(slots=True)
+class _Claim:
+    holder: Provider
+    expires_at: float
+
+
+class ClaimStore:
+    """Claims of upstream fetches in progress: at most one live holder per key, with expiry.
+
+    Kept apart from provider records: a claim says "this node is downloading it now", not "this
+    node holds it", so it is never served by get_providers nor handed off. Every call completes
+    without yielding to the event loop, so competing claims are serialised. Expired claims are
+    ignored on read and swept on every write (no gauge needs an exact count of them).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._claims: dict[bytes, _Claim] = {}
+        # (expires_at, key); entries outdated by a renewal or a release are skipped.
+        self._expiries: list[tuple[float, bytes]] = []
+        self._clock = clock
+
+    def __len__(self) -> int:
+        self._sweep(self._clock())
+        return len(self._claims)
+
+    def claim(self, key: bytes, provider: Provider, ttl: float) -> Provider:
+        """Make `provider` the holder of `key` for `ttl` seconds unless another's claim is live.
+
+        The holder renewing its own claim restarts its TTL. Returns the holder after the call.
+        """
+        now = self._clock()
+        self._sweep(now)
+        current = self._claims.get(key)
+        if (
+            current is not None
+            and current.expires_at > now
+            and current.holder.node_id != provider.node_id
+        ):
+            return current.holder
+        expires_at = now + ttl
+        self._claims[key] = _Claim(provider, expires_at)
+        heapq.heappush(self._expiries, (expires_at, key))
+        return provider
+
+    def release(self, key: bytes, node_id: bytes) -> bool:
+        """Drop `node_id`'s claim of `key`; False if it held no live claim."""
+        current = self._claims.get(key)
+        if current is None or current.holder.node_id != node_id:
+            return False
+        del self._claims[key]
+        return current.expires_at > self._clock()
+
+    def holder(self, key: bytes) -> Provider | None:
+        """The live holder of `key`, if any."""
+        current = self._claims.get(key)
+        if current is None or current.expires_at <= self._clock():
+            return None
+        return current.holder
+
+    def _sweep(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, key = heapq.heappop(self._expiries)
+            current = self._claims.get(key)
+            if current is not None and current.expires_at <= now:
+                del self._claims[key]

@@ -161,6 +161,19 @@ def found(value: object) -> Found:
     return Found(contacts=contacts(value[1]), providers=providers(value[0]))
 
 
+def claim_holder(value: object) -> Provider | None:
+    """A claim reply: the holder as ``[node id, address]``, or nil when the claim was refused."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise Malformed("expected [holder id, holder address]")
+    return Provider(node_id(value[0]), http_address(value[1]))
+
+
+def claim_reply(holder: Provider) -> list[object]:
+    return [holder.node_id, holder.address]
+
+
 # ---------------------------------------------------------------- encoding within the budget
 
 # An array header takes 1 byte up to 15 items, 3 bytes up to 65535: budget the larger.

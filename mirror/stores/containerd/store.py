@@ -47,12 +47,15 @@ class ContainerdStore(Store):
             content_path = self._config.content_path or await self._content_root()
         except ContainerdUnavailable as exc:
             raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
-        blob_dir = content_path / "blobs"
-        if await asyncio.to_thread(os.access, blob_dir, os.R_OK | os.X_OK):
-            self._blob_dir = blob_dir
-            log.info("serving containerd blobs from %s with sendfile", blob_dir)
+        # Kept even when unreadable now: a fresh node has no blob directory until its first pull.
+        self._blob_dir = content_path / "blobs"
+        if await asyncio.to_thread(os.access, self._blob_dir, os.R_OK | os.X_OK):
+            log.info("serving containerd blobs from %s with sendfile", self._blob_dir)
         else:
-            log.warning("cannot read %s: streaming blobs through containerd's API", blob_dir)
+            log.warning(
+                "cannot read %s (yet): streaming blobs through containerd's API until it can",
+                self._blob_dir,
+            )
 
     async def _content_root(self) -> Path:
         root = await self._client.content_root()

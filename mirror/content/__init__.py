@@ -1,0 +1,1 @@
+"""Where a request's content comes from: the node, its peers, or upstream, fetched once."""

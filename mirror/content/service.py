@@ -1,0 +1,400 @@
+"""Finding a request's content: this node, a download under way, the peers, then upstream.
+
+The order, for a request from the node's runtime:
+
+1. **This node**: the runtime's store, then the node cache.
+2. **A download under way on this node**: join it (many clients, one fetch).
+3. **Peers** that the DHT says hold it.
+4. **Upstream**, once for the whole cluster: the node closest to the digest in the DHT records
+   a claim; the first node to claim fetches from upstream and announces itself a provider at
+   once; the others stream from it while it downloads. If the claimant cannot be reached, a
+   node fetches by itself: a duplicate fetch is better than a failed pull.
+
+A peer's request is answered from steps 1 and 2 only, so it never loops through the cluster.
+
+Tags are resolved upstream first (a HEAD with a short timeout) so `latest` is never stale; when
+upstream does not answer, from this node and then the cluster, so pulls keep working during an
+outage. Manifests fetched by digest are immutable and kept in the node cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mirror.content.downloads import Download, DownloadFailed, Downloads, Source
+from mirror.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    MirrorError,
+    NameUnknown,
+    RegistryError,
+)
+from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
+from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
+from mirror.oci.reference import Digest, TagRef, parse_digest
+from mirror.peers.fetcher import PeerBlob, PeerFetcher
+from mirror.registry.access import Caller
+from mirror.registry.paths import Kind, Target
+from mirror.registry.ranges import ByteRange, parse_range
+from mirror.routing.dht import Provider
+from mirror.stores.base import BlobSource, Store
+from mirror.stores.cache import CacheStore
+from mirror.upstream.client import UpstreamClient, UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+class Claims(Protocol):
+    """The part of the DHT that coalesces upstream fetches across the cluster."""
+
+    async def claim(self, text: str, ttl: float = 30.0) -> Provider | None: ...
+
+    async def release(self, text: str) -> None: ...
+
+    async def provide(self, text: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPolicy:
+    # None: every registry is mirrored.
+    mirrored_registries: frozenset[str] | None
+    # Answer tags from this node and the cluster when upstream does not answer.
+    resolve_tags: bool
+    tag_timeout: float
+
+
+@dataclass(slots=True)
+class ManifestAnswer:
+    digest: str
+    body: bytes
+    media_type: str
+    source: str
+
+
+@dataclass(slots=True)
+class BlobAnswer:
+    """A blob ready to send: an open local blob (sendfile) or a stream of chunks."""
+
+    source: str
+    size: int
+    byte_range: ByteRange | None
+    local: BlobSource | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.byte_range.length if self.byte_range else self.size
+
+    async def close(self) -> None:
+        if self.local is not None:
+            await self.local.close()
+        for closer in self._closers:
+            await closer()
+
+
+class ContentService:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        policy: ContentPolicy,
+        *,
+        cache: CacheStore | None = None,
+        peers: PeerFetcher | None = None,
+        claims: Claims | None = None,
+        upstream: UpstreamClient | None = None,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._policy = policy
+        self._cache = cache
+        self._peers = peers
+        self._claims = claims
+        self._upstream = upstream if cache is not None else None
+        self._downloads = Downloads(cache) if cache is not None else None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        if self._downloads is not None:
+            await self._downloads.close()
+        for task in list(self._background):
+            task.cancel()
+
+    def _check_mirrored(self, target: Target) -> None:
+        mirrored = self._policy.mirrored_registries
+        if mirrored is not None and target.registry not in mirrored:
+            raise _unknown(target, f"registry {target.registry} is not mirrored here")
+
+    # --- manifests ---------------------------------------------------------------------------
+
+    async def manifest(self, target: Target, caller: Caller) -> ManifestAnswer:
+        self._check_mirrored(target)
+        if target.digest is not None:
+            return await self._manifest_by_digest(target, target.digest, caller)
+        assert target.tag is not None
+        if caller is Caller.RUNTIME and self._upstream is not None:
+            try:
+                ref = await self._upstream.head_manifest(
+                    target.registry,
+                    target.repository,
+                    target.tag.tag,
+                    timeout=self._policy.tag_timeout,
+                )
+            except UpstreamError as exc:
+                log.info("upstream did not resolve %s (%s): asking the cluster", target.tag, exc)
+            else:
+                if ref is None:
+                    raise ManifestUnknown(f"{target.tag} does not exist upstream")
+                answer = await self._manifest_by_digest(target, parse_digest(ref.digest), caller)
+                await self._remember_tag(target.tag, answer)
+                return answer
+            if not self._policy.resolve_tags:
+                raise ManifestUnknown(f"upstream did not answer for {target.tag}")
+        elif caller is Caller.RUNTIME and not self._policy.resolve_tags:
+            raise ManifestUnknown(f"{target.tag}: tags are only resolved upstream")
+        local = await self._local_manifest_by_tag(target.tag)
+        if local is not None:
+            return local
+        if caller is Caller.RUNTIME and self._peers is not None:
+            fetched = await self._peers.manifest(str(target.tag), _peer_path(target), None)
+            if fetched is not None:
+                return ManifestAnswer(fetched.digest, fetched.body, fetched.media_type, SOURCE_PEER)
+        raise ManifestUnknown(f"{target.tag} is not held in the cluster")
+
+    async def _remember_tag(self, ref: TagRef, answer: ManifestAnswer) -> None:
+        """Keep the tag upstream just confirmed, so it still resolves during an outage."""
+        if self._cache is not None:
+            await self._cache.set_tag(ref, parse_digest(answer.digest))
+
+    async def _local_manifest_by_tag(self, ref: TagRef) -> ManifestAnswer | None:
+        found = await self._store.resolve(ref)
+        if found is None:
+            return None
+        try:
+            digest = parse_digest(found)
+        except DigestInvalid:
+            log.warning("%s points to an unusable digest %r", ref, found)
+            return None
+        return await self._local_manifest(digest)
+
+    async def _local_manifest(self, digest: Digest) -> ManifestAnswer | None:
+        blob = await self._store.open(digest)
+        if blob is None:
+            return None
+        try:
+            if blob.size > MAX_MANIFEST_SIZE:
+                raise ManifestUnknown(f"{digest} is too large to be a manifest")
+            body = await blob.read_all(MAX_MANIFEST_SIZE)
+        finally:
+            await blob.close()
+        media_type = detect_manifest_type(body)
+        if media_type is None:
+            raise ManifestUnknown(f"{digest} is not a manifest")
+        return ManifestAnswer(str(digest), body, media_type, SOURCE_LOCAL)
+
+    async def _manifest_by_digest(
+        self, target: Target, digest: Digest, caller: Caller
+    ) -> ManifestAnswer:
+        local = await self._local_manifest(digest)
+        if local is not None:
+            return local
+        if caller is not Caller.RUNTIME:
+            raise ManifestUnknown(f"manifest {digest} is not held here")
+        if self._peers is not None:
+            fetched = await self._peers.manifest(str(digest), _peer_path(target, digest), digest)
+            if fetched is not None:
+                await self._keep_manifest(digest, fetched.body)
+                return ManifestAnswer(fetched.digest, fetched.body, fetched.media_type, SOURCE_PEER)
+        if self._upstream is not None:
+            try:
+                found = await self._upstream.get_manifest(
+                    target.registry, target.repository, str(digest)
+                )
+            except UpstreamError as exc:
+                raise ManifestUnknown(f"upstream could not give {digest}: {exc}") from exc
+            if found is not None:
+                await self._keep_manifest(digest, found.body)
+                return ManifestAnswer(found.digest, found.body, found.media_type, SOURCE_UPSTREAM)
+        raise ManifestUnknown(f"manifest {digest} is not held in the cluster")
+
+    async def _keep_manifest(self, digest: Digest, body: bytes) -> None:
+        if self._cache is None:
+            return
+        if "sha256:" + hashlib.sha256(body).hexdigest() != str(digest):
+            return
+        try:
+            await self._cache.put(digest, body)
+        except (MirrorError, OSError) as exc:
+            log.warning("cannot cache manifest %s: %s", digest, exc)
+
+    # --- blobs -------------------------------------------------------------------------------
+
+    async def blob(
+        self, target: Target, digest: Digest, caller: Caller, range_header: str | None, head: bool
+    ) -> BlobAnswer:
+        self._check_mirrored(target)
+        local = await self._store.open(digest)
+        if local is not None:
+            try:
+                byte_range = parse_range(range_header, local.size)
+            except BaseException:
+                await local.close()
+                raise
+            return BlobAnswer(SOURCE_LOCAL, local.size, byte_range, local=local)
+        running = self._downloads.get(digest) if self._downloads is not None else None
+        if running is not None:
+            self._metrics.coalesced_waits.labels("node").inc()
+            return await self._from_download(running, range_header, head)
+        if caller is not Caller.RUNTIME:
+            raise BlobUnknown(f"blob {digest} is not held here")
+        path = _peer_path(target, digest)
+        if self._peers is not None:
+            found = await self._peers.blob(digest, path, _forwardable(range_header), head=head)
+            if found is not None:
+                return _peer_answer(found, range_header)
+        if self._upstream is None or self._downloads is None:
+            raise BlobUnknown(f"blob {digest} is not held in the cluster")
+        if range_header is not None and _forwardable(range_header) is not None:
+            return await self._upstream_range(target, digest, range_header, head)
+        return await self._fetch_once(target, digest, path, range_header, head)
+
+    async def _fetch_once(
+        self, target: Target, digest: Digest, path: str, range_header: str | None, head: bool
+    ) -> BlobAnswer:
+        """Fetch from upstream, once for the cluster; join whoever already fetches it."""
+        assert self._downloads is not None and self._upstream is not None
+        download, reserved = self._downloads.reserve(digest)
+        if not reserved:
+            self._metrics.coalesced_waits.labels("node").inc()
+            return await self._from_download(download, range_header, head)
+        holder = await self._claim(digest)
+        if holder is not None and self._peers is not None:
+            self._downloads.abandon(download, f"{holder.address} fetches {digest}")
+            found = await self._peers.blob_from([holder], digest, path, None, head=head)
+            if found is not None:
+                self._metrics.coalesced_waits.labels("cluster").inc()
+                return _peer_answer(found, None)
+            log.info("claimant %s of %s did not serve it; fetching it here", holder.address, digest)
+            download, reserved = self._downloads.reserve(digest)
+            if not reserved:
+                return await self._from_download(download, range_header, head)
+        upstream = self._upstream
+
+        async def open_upstream() -> Source | None:
+            blob = await upstream.get_blob(target.registry, target.repository, digest)
+            if blob is None:
+                return None
+            return Source(blob.size, blob.chunks(), blob.close)
+
+        self._downloads.begin(download, open_upstream)
+        self._spawn(self._announce_and_release(download))
+        return await self._from_download(download, range_header, head)
+
+    async def _claim(self, digest: Digest) -> Provider | None:
+        if self._claims is None:
+            return None
+        try:
+            return await self._claims.claim(str(digest))
+        except Exception:
+            log.warning("claiming %s failed; fetching it here", digest, exc_info=True)
+            return None
+
+    async def _announce_and_release(self, download: Download) -> None:
+        """Announce the fetch at once, so late-comers find it by lookup; on failure, let go.
+
+        After a successful fetch the claim is kept until it expires: the claimant holds the
+        blob then, and a node whose lookup raced the announcement still streams from it
+        instead of fetching again.
+        """
+        if self._claims is None:
+            return
+        key = str(download.digest)
+        with contextlib.suppress(Exception):
+            await self._claims.provide(key)
+        try:
+            succeeded = await asyncio.shield(download.finished)
+        except (MirrorError, asyncio.CancelledError):
+            succeeded = False
+        if not succeeded:
+            with contextlib.suppress(Exception):
+                await self._claims.release(key)
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _from_download(
+        self, download: Download, range_header: str | None, head: bool
+    ) -> BlobAnswer:
+        try:
+            size = await download.wait_started()
+        except DownloadFailed as exc:
+            raise BlobUnknown(f"{download.digest} could not be fetched: {exc}") from exc
+        if size is None:
+            raise BlobUnknown(f"blob {download.digest} does not exist upstream")
+        byte_range = parse_range(range_header, size)
+        offset, length = (byte_range.offset, byte_range.length) if byte_range else (0, size)
+        chunks = None if head else download.read(offset, length)
+        return BlobAnswer(SOURCE_UPSTREAM, size, byte_range, chunks=chunks)
+
+    async def _upstream_range(
+        self, target: Target, digest: Digest, range_header: str, head: bool
+    ) -> BlobAnswer:
+        """A range of a blob nobody here has: passed through, not cached (it is a resume)."""
+        assert self._upstream is not None
+        try:
+            blob = await self._upstream.get_blob(
+                target.registry, target.repository, digest, range_header
+            )
+        except UpstreamError as exc:
+            raise BlobUnknown(f"upstream could not give {digest}: {exc}") from exc
+        if blob is None:
+            raise BlobUnknown(f"blob {digest} does not exist upstream")
+        byte_range = ByteRange(blob.offset, blob.length) if blob.status == 206 else None
+        if head:
+            await blob.close()
+            return BlobAnswer(SOURCE_UPSTREAM, blob.size, byte_range)
+        return BlobAnswer(
+            SOURCE_UPSTREAM, blob.size, byte_range, chunks=blob.chunks(), _closers=[blob.close]
+        )
+
+
+def _unknown(target: Target, message: str) -> RegistryError:
+    if target.kind is Kind.BLOB:
+        return BlobUnknown(message)
+    if target.kind is Kind.TAGS:
+        return NameUnknown(message)
+    return ManifestUnknown(message)
+
+
+def _forwardable(range_header: str | None) -> str | None:
+    """A client Range worth passing on: one we would honour ourselves (a single range)."""
+    if range_header is None:
+        return None
+    return range_header if parse_range(range_header, 1 << 62) is not None else None
+
+
+def _peer_answer(found: PeerBlob, range_header: str | None) -> BlobAnswer:
+    partial = _forwardable(range_header) is not None
+    byte_range = ByteRange(found.offset, found.length) if partial else None
+    return BlobAnswer(SOURCE_PEER, found.size, byte_range, chunks=found.chunks)
+
+
+def _peer_path(target: Target, digest: Digest | None = None) -> str:
+    """The canonical request a peer (or its logs) sees: the registry always in `ns`."""
+    ns = urllib.parse.quote(target.registry, safe="")
+    if digest is not None:
+        kind = "blobs" if target.kind is Kind.BLOB else "manifests"
+        return f"/v2/{target.repository}/{kind}/{digest}?ns={ns}"
+    assert target.tag is not None
+    return f"/v2/{target.repository}/manifests/{target.tag.tag}?ns={ns}"

@@ -1,0 +1,68 @@
+"""The runtime's store first, the node cache second: what a node holds, as one store.
+
+Content the runtime holds (containerd's content store) is served from there in preference to a
+cached copy; the cache adds what passed through this node from upstream (on Docker's classic
+store, the only place manifests and compressed layers exist at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from mirror.oci.reference import Digest, TagRef
+from mirror.stores.base import BlobSource, ImageEntry, Store
+from mirror.stores.cache import CacheStore
+
+
+class LayeredStore(Store):
+    def __init__(self, runtime: Store, cache: CacheStore) -> None:
+        self.runtime = runtime
+        self.cache = cache
+        self.name = runtime.name
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        await self.cache.start()
+
+    async def close(self) -> None:
+        await self.runtime.close()
+        await self.cache.close()
+
+    async def ready(self) -> bool:
+        return await self.runtime.ready()
+
+    async def resolve(self, ref: TagRef) -> str | None:
+        return await self.runtime.resolve(ref) or await self.cache.resolve(ref)
+
+    async def stat(self, digest: Digest) -> int | None:
+        size = await self.runtime.stat(digest)
+        return size if size is not None else await self.cache.stat(digest)
+
+    async def open(self, digest: Digest) -> BlobSource | None:
+        return await self.runtime.open(digest) or await self.cache.open(digest)
+
+    async def images(self) -> list[ImageEntry]:
+        runtime, cached = await asyncio.gather(self.runtime.images(), self.cache.images())
+        seen = {entry.ref for entry in runtime}
+        return runtime + [entry for entry in cached if entry.ref not in seen]
+
+    async def changes(self) -> AsyncIterator[None]:
+        queue: asyncio.Queue[None] = asyncio.Queue()
+
+        async def forward(store: Store) -> None:
+            async for _ in store.changes():
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(forward(s)) for s in (self.runtime, self.cache)]
+        try:
+            while True:
+                await queue.get()
+                yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -1,0 +1,1 @@
+"""Fetching from registries outside the cluster: the last resort after the node and its peers."""

@@ -1,0 +1,501 @@
+"""The HTTP client for registries outside the cluster: manifests, tag freshness and blobs.
+
+- One `aiohttp` session with no total timeout (a multi-GiB blob may take minutes) but bounded
+  connect and per-read waits, and no transparent decompression: blobs are passed on byte for
+  byte, as their digest demands.
+- Authentication (bearer tokens, Basic) is delegated to `auth.Authenticator`; a `401` is
+  answered once, then it is an `UpstreamAuthError`.
+- Redirects are followed here rather than by aiohttp, so the rule is explicit: the registry's
+  `Authorization` header goes to the registry's own origin only, never to the storage backend
+  (S3, a CDN) a blob is redirected to.
+- "Not there" (`404`) is `None`; "could not answer" (unreachable, timeout, `5xx`, refused auth,
+  wrong bytes) is `UpstreamError`, so callers never cache an outage as a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from mirror.errors import DigestInvalid, RangeNotSatisfiable
+from mirror.metrics import Metrics
+from mirror.oci.mediatypes import MANIFEST_TYPES, MAX_MANIFEST_SIZE, detect_manifest_type
+from mirror.oci.reference import (
+    Digest,
+    is_digest_reference,
+    parse_digest,
+    validate_registry,
+    validate_repository,
+    validate_tag,
+)
+from mirror.upstream.auth import Authenticator
+from mirror.upstream.credentials import Credentials
+from mirror.upstream.errors import UpstreamAuthError, UpstreamError
+from mirror.upstream.registries import UpstreamMap
+
+__all__ = [
+    "Manifest",
+    "ManifestRef",
+    "UpstreamAuthError",
+    "UpstreamBlob",
+    "UpstreamClient",
+    "UpstreamError",
+]
+
+_CHUNK = 1024 * 1024
+_MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Enough of an error body to name the OCI error code in the exception message.
+_ERROR_BODY_LIMIT = 4096
+_MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES))
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
+_USER_AGENT = "mirror/0.1 (+cluster-local OCI registry mirror)"
+
+
+@dataclass(frozen=True)
+class ManifestRef:
+    """What a `HEAD` tells about a manifest: enough to decide whether a cached tag is fresh."""
+
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: str
+
+
+class UpstreamBlob:
+    """An open blob response: headers checked, body not read yet.
+
+    The body is streamed once with `chunks()`; `close()` must be called in every case (it drops
+    the connection if the body was not read to the end, so a half-read body is never reused).
+    """
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        metrics: Metrics,
+        *,
+        status: int,
+        size: int,
+        offset: int,
+        length: int,
+    ) -> None:
+        self.status = status
+        self.size = size
+        self.offset = offset
+        self.length = length
+        self._response = response
+        self._metrics = metrics
+        self._started = False
+        self._result: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"UpstreamBlob(status={self.status}, size={self.size}, offset={self.offset}, "
+            f"length={self.length})"
+        )
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (up to 1 MiB per chunk), exactly `length` bytes or an error."""
+        if self._started:
+            raise RuntimeError("an upstream blob body can be read only once")
+        self._started = True
+        received = 0
+        try:
+            async for chunk in self._response.content.iter_chunked(_CHUNK):
+                received += len(chunk)
+                self._metrics.upstream_bytes.inc(len(chunk))
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._record("error")
+            raise UpstreamError(
+                f"blob stream from {self._response.url.origin()} broke after {received} "
+                f"of {self.length} bytes: {_describe(exc)}"
+            ) from None
+        if received != self.length:
+            self._record("error")
+            raise UpstreamError(
+                f"blob stream from {self._response.url.origin()} ended after {received} "
+                f"of {self.length} bytes"
+            )
+        self._record("ok")
+
+    async def close(self) -> None:
+        if self._result is None:
+            # The registry answered; the reader stopped early. That is not an upstream failure.
+            self._record("ok")
+            self._response.close()
+        else:
+            self._response.release()
+
+    async def __aenter__(self) -> UpstreamBlob:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _record(self, result: str) -> None:
+        if self._result is None:
+            self._result = result
+            self._metrics.upstream_fetches.labels("blob", result).inc()
+
+
+class UpstreamClient:
+    """Pull-only client for upstream registries; `start()` before use, `close()` after."""
+
+    def __init__(
+        self,
+        registries: UpstreamMap,
+        credentials: Credentials | None,
+        metrics: Metrics,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self._registries = registries
+        self._credentials = credentials
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._auth: Authenticator | None = None
+
+    async def start(self) -> None:
+        # trust_env stays off: it would also pick up ~/.netrc and send those credentials around.
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            auto_decompress=False,
+            headers={"User-Agent": _USER_AGENT},
+        )
+        self._auth = Authenticator(
+            self._session, self._registries, self._credentials, self._metrics
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+            self._auth = None
+
+    async def __aenter__(self) -> UpstreamClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- manifests -------------------------------------------------------------------------
+
+    async def head_manifest(
+        self, registry: str, repository: str, reference: str, *, timeout: float
+    ) -> ManifestRef | None:
+        """Digest, media type and size of a manifest without its body (tag freshness).
+
+        `timeout` bounds the whole call, token fetch included: a freshness check must not hold
+        up a pull that could be served from the cache.
+        """
+        kind = "manifest" if is_digest_reference(reference) else "tag"
+        _validate(registry, repository, reference)
+        try:
+            async with asyncio.timeout(timeout):
+                found = await self._head_manifest(registry, repository, reference)
+        except TimeoutError:
+            self._metrics.upstream_fetches.labels(kind, "error").inc()
+            raise UpstreamError(
+                f"{registry}/{repository}:{reference}: no answer within {timeout:g}s"
+            ) from None
+        except UpstreamError:
+            self._metrics.upstream_fetches.labels(kind, "error").inc()
+            raise
+        self._metrics.upstream_fetches.labels(kind, "ok" if found else "missing").inc()
+        return found
+
+    async def get_manifest(self, registry: str, repository: str, reference: str) -> Manifest | None:
+        """The manifest's bytes, checked against `reference` when it is a digest."""
+        _validate(registry, repository, reference)
+        try:
+            found = await self._get_manifest(registry, repository, reference)
+        except UpstreamError:
+            self._metrics.upstream_fetches.labels("manifest", "error").inc()
+            raise
+        self._metrics.upstream_fetches.labels("manifest", "ok" if found else "missing").inc()
+        return found
+
+    async def _head_manifest(
+        self, registry: str, repository: str, reference: str
+    ) -> ManifestRef | None:
+        response = await self._open(
+            "HEAD", registry, repository, f"manifests/{reference}", {"Accept": _MANIFEST_ACCEPT}
+        )
+        try:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise await _status_error(response, registry, repository, reference)
+            media_type = _media_type(response)
+            digest = _header_digest(response)
+            size = response.content_length
+        finally:
+            response.release()
+        if is_digest_reference(reference) and digest is not None and digest != reference:
+            raise UpstreamError(
+                f"{registry}/{repository}@{reference}: registry claims digest {digest}"
+            )
+        if digest is None or media_type not in MANIFEST_TYPES or size is None:
+            # Some registries leave these out of a HEAD; the body tells all of them.
+            manifest = await self._get_manifest(registry, repository, reference)
+            if manifest is None:
+                return None
+            return ManifestRef(manifest.digest, manifest.media_type, len(manifest.body))
+        return ManifestRef(digest, media_type, size)
+
+    async def _get_manifest(
+        self, registry: str, repository: str, reference: str
+    ) -> Manifest | None:
+        response = await self._open(
+            "GET", registry, repository, f"manifests/{reference}", {"Accept": _MANIFEST_ACCEPT}
+        )
+        try:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise await _status_error(response, registry, repository, reference)
+            if (response.content_length or 0) > MAX_MANIFEST_SIZE:
+                raise UpstreamError(
+                    f"{registry}/{repository}:{reference}: manifest of "
+                    f"{response.content_length} bytes exceeds {MAX_MANIFEST_SIZE}"
+                )
+            body = await _read_limited(response, MAX_MANIFEST_SIZE)
+            header_type = _media_type(response)
+            claimed = _header_digest(response)
+        finally:
+            response.release()
+        where = f"{registry}/{repository}:{reference}"
+        detected = detect_manifest_type(body)
+        if detected is None:
+            raise UpstreamError(f"{where}: the registry sent something that is not a manifest")
+        media_type = header_type if header_type in MANIFEST_TYPES else detected
+        if is_digest_reference(reference):
+            expected = parse_digest(reference)
+            if _hash(expected.algorithm, body) != expected.hex:
+                raise UpstreamError(f"{where}: body does not match the digest asked for")
+            return Manifest(body, media_type, reference)
+        if claimed is not None:
+            parsed = parse_digest(claimed)
+            if _hash(parsed.algorithm, body) == parsed.hex:
+                return Manifest(body, media_type, claimed)
+        return Manifest(body, media_type, "sha256:" + _hash("sha256", body))
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    async def get_blob(
+        self,
+        registry: str,
+        repository: str,
+        digest: Digest,
+        range_header: str | None = None,
+    ) -> UpstreamBlob | None:
+        """Open the blob (or `range_header`'s slice of it); None when the registry lacks it.
+
+        A registry that ignores the range answers `200` with the whole blob: `status` says
+        which one the caller got. An unsatisfiable range raises `RangeNotSatisfiable`.
+        """
+        _validate(registry, repository, None)
+        headers = {"Range": range_header} if range_header else {}
+        try:
+            response = await self._open("GET", registry, repository, f"blobs/{digest}", headers)
+        except UpstreamError:
+            self._metrics.upstream_fetches.labels("blob", "error").inc()
+            raise
+        try:
+            blob = await self._blob_from(response, registry, repository, str(digest))
+        except RangeNotSatisfiable:
+            response.release()
+            self._metrics.upstream_fetches.labels("blob", "ok").inc()
+            raise
+        except Exception:
+            response.close()
+            self._metrics.upstream_fetches.labels("blob", "error").inc()
+            raise
+        except BaseException:  # cancelled: not the registry's fault, but free the connection
+            response.close()
+            raise
+        if blob is None:
+            response.release()
+            self._metrics.upstream_fetches.labels("blob", "missing").inc()
+        return blob
+
+    async def _blob_from(
+        self, response: aiohttp.ClientResponse, registry: str, repository: str, digest: str
+    ) -> UpstreamBlob | None:
+        where = f"{registry}/{repository}@{digest}"
+        status = response.status
+        if status == 404:
+            return None
+        if status == 416:
+            match = _UNSATISFIED_RANGE_RE.fullmatch(response.headers.get("Content-Range", ""))
+            size = int(match.group(1)) if match else 0
+            raise RangeNotSatisfiable(f"range not satisfiable for {where}", size=size)
+        if status not in (200, 206):
+            raise await _status_error(response, registry, repository, digest)
+        length = response.content_length
+        if length is None:
+            raise UpstreamError(f"{where}: blob response without Content-Length")
+        if status == 200:
+            return UpstreamBlob(
+                response, self._metrics, status=200, size=length, offset=0, length=length
+            )
+        match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if match is None:
+            raise UpstreamError(f"{where}: 206 without a usable Content-Range")
+        first, last, size = (int(g) for g in match.groups())
+        if last < first or last >= size or last - first + 1 != length:
+            raise UpstreamError(f"{where}: inconsistent Content-Range and Content-Length")
+        return UpstreamBlob(
+            response, self._metrics, status=206, size=size, offset=first, length=length
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _open(
+        self,
+        method: str,
+        registry: str,
+        repository: str,
+        path: str,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        """Send a request to `/v2/<repository>/<path>`, authenticating as the registry demands."""
+        if self._auth is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        base = self._registries.base_url(registry)
+        url = URL(f"{base}/v2/{repository}/{path}", encoded=True)
+        authorization = await self._auth.authorization(registry, repository)
+        response = await self._send(method, url, headers, authorization)
+        # Only a 401 from the registry itself is a challenge; one from a redirect target is not
+        # ours to answer.
+        if response.status != 401 or response.url.origin() != url.origin():
+            return response
+        challenges = response.headers.getall("WWW-Authenticate", [])
+        response.release()
+        authorization = await self._auth.answer(registry, repository, challenges, authorization)
+        response = await self._send(method, url, headers, authorization)
+        if response.status == 401 and response.url.origin() == url.origin():
+            error = await _status_error(response, registry, repository, path)
+            response.release()
+            raise UpstreamAuthError(f"{registry} refused the authentication it asked for: {error}")
+        return response
+
+    async def _send(
+        self, method: str, url: URL, headers: dict[str, str], authorization: str | None
+    ) -> aiohttp.ClientResponse:
+        """One request, following redirects; `Authorization` only ever goes to `url`'s origin."""
+        assert self._session is not None
+        origin = url.origin()
+        for _ in range(_MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if authorization is not None and url.origin() == origin:
+                sent["Authorization"] = authorization
+            try:
+                response = await self._session.request(
+                    method, url, headers=sent, allow_redirects=False
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamError(f"{method} {_redact(url)}: {_describe(exc)}") from None
+            if response.status not in _REDIRECT_STATUSES:
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if not location:
+                raise UpstreamError(f"{method} {_redact(url)}: redirect without Location")
+            try:
+                url = url.join(URL(location))
+            except ValueError:
+                raise UpstreamError(f"{method} {_redact(url)}: bad redirect Location") from None
+            if url.scheme not in ("http", "https") or not url.host:
+                raise UpstreamError(f"{method}: redirect to unsupported URL {_redact(url)}")
+        raise UpstreamError(f"{method} {_redact(url)}: more than {_MAX_REDIRECTS} redirects")
+
+
+def _validate(registry: str, repository: str, reference: str | None) -> None:
+    """Names go into URLs: check them against the grammar even if the caller already did."""
+    validate_registry(registry)
+    validate_repository(repository)
+    if reference is not None:
+        if is_digest_reference(reference):
+            parse_digest(reference)
+        else:
+            validate_tag(reference)
+
+
+def _media_type(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def _header_digest(response: aiohttp.ClientResponse) -> str | None:
+    value = response.headers.get("Docker-Content-Digest", "").strip()
+    if not value:
+        return None
+    try:
+        return str(parse_digest(value))
+    except DigestInvalid:
+        return None
+
+
+def _hash(algorithm: str, body: bytes) -> str:
+    return hashlib.new(algorithm, body).hexdigest()
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                raise UpstreamError(f"{_redact(response.url)}: body exceeds {limit} bytes")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamError(f"{_redact(response.url)}: body broke off: {_describe(exc)}") from None
+    return bytes(body)
+
+
+async def _status_error(
+    response: aiohttp.ClientResponse, registry: str, repository: str, what: str
+) -> UpstreamError:
+    """An error naming the status and, when the body is OCI error JSON, its codes."""
+    codes = ""
+    if response.method != "HEAD":
+        try:
+            raw = await response.content.read(_ERROR_BODY_LIMIT)
+            document = json.loads(raw)
+            names = [e.get("code") for e in document.get("errors", []) if isinstance(e, dict)]
+            codes = " " + ",".join(str(n) for n in names if n) if names else ""
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, TypeError):
+            pass
+    message = f"{registry}/{repository} {what}: upstream answered {response.status}{codes}"
+    if response.status in (401, 403):
+        return UpstreamAuthError(message)
+    return UpstreamError(message)
+
+
+def _redact(url: URL) -> str:
+    """The URL without its query: presigned storage URLs carry credentials there."""
+    return str(url.with_query(None).with_fragment(None))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

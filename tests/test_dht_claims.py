@@ -1,0 +1,341 @@
+"""Claims of upstream fetches over real UDP on loopback: one fetcher per key, cluster-wide.
+
+The node closest to a key keeps its claim, so every node that claims the key at the same moment
+learns the same single holder; the others stream from it. A raw UDP peer probes the RPCs
+directly for what an honest node never sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import umsgpack
+from kademlia.node import Node
+
+from mirror.clusterkey import ClusterKey
+from mirror.metrics import Metrics
+from mirror.routing import DhtNode, DhtNotRunning, Provider, dht_key, stable_node_id
+from mirror.routing.auth import DatagramSealer
+from mirror.routing.keys import distance
+from mirror.routing.wire import MAX_DATAGRAM_BYTES, REQUEST, RESPONSE, decode
+
+KEY = ClusterKey(b"test cluster key, 32 bytes long!")
+SEALER = DatagramSealer(KEY.purpose("dht"))
+
+
+def http_address(index: int) -> str:
+    return f"10.0.{index // 250}.{index % 250 + 1}:5000"
+
+
+def make_node(index: int, **options: Any) -> DhtNode:
+    address = http_address(index)
+    options.setdefault("node_id", stable_node_id(address))
+    options.setdefault("metrics", Metrics())
+    return DhtNode(http_address=address, cluster_key=KEY, **options)
+
+
+@asynccontextmanager
+async def cluster(size: int, **options: Any) -> AsyncIterator[list[DhtNode]]:
+    """`size` nodes on 127.0.0.1, each bootstrapped (in turn) from the first three."""
+    nodes = [make_node(index, **options) for index in range(size)]
+    try:
+        for node in nodes:
+            await node.listen("127.0.0.1", 0)
+        seeds = [node.router_address for node in nodes[:3]]
+        for node in nodes:
+            await node.bootstrap(seeds)
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+def provider(node: DhtNode) -> Provider:
+    return Provider(node.node_id, node.http_address)
+
+
+def keeper_of(nodes: list[DhtNode], text: str) -> DhtNode:
+    """The node closest to the key of `text`: the one that keeps its claim."""
+    key = dht_key(text)
+    return min(nodes, key=lambda node: distance(node.node_id, key))
+
+
+async def wait_until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_simultaneous_claims_elect_exactly_one_fetcher() -> None:
+    async with cluster(8) as nodes:
+        for index in range(6):
+            text = f"sha256:{index:064x}"
+            results = await asyncio.gather(*(node.claim(text) for node in nodes))
+            winners = [node for node, result in zip(nodes, results, strict=True) if result is None]
+            assert len(winners) == 1, results
+            winner = winners[0]
+            assert [r for r in results if r is not None] == [provider(winner)] * 7
+            # The node closest to the key keeps the claim, and nothing else does.
+            keeper = keeper_of(nodes, text)
+            assert keeper.local_claim(text) == provider(winner)
+            assert [node for node in nodes if node.local_claim(text) is not None] == [keeper]
+
+
+@pytest.mark.parametrize("holder_keeps_it", [True, False], ids=["keeper", "remote"])
+async def test_holder_renews_and_release_lets_another_claim(holder_keeps_it: bool) -> None:
+    text = "sha256:" + "11" * 32
+    async with cluster(5) as nodes:
+        keeper = keeper_of(nodes, text)
+        others = [node for node in nodes if node is not keeper]
+        holder = keeper if holder_keeps_it else others[0]
+        second, third = others[1], others[2]
+        clock = FakeClock()
+        keeper._claims._clock = clock
+
+        assert await holder.claim(text, ttl=10) is None
+        clock.now += 8
+        assert await holder.claim(text, ttl=10) is None  # renewed: lives until 18 s from start
+        clock.now += 8
+        assert await second.claim(text) == provider(holder)
+        clock.now += 3  # 19 s: past the renewed TTL
+        assert await second.claim(text, ttl=10) is None
+        assert await holder.claim(text) == provider(second)
+        # A node that does not hold the claim releasing it changes nothing.
+        await holder.release(text)
+        assert await third.claim(text) == provider(second)
+        # Released (before its TTL), the claim is free at once.
+        await second.release(text)
+        assert keeper.local_claim(text) is None
+        assert await third.claim(text) is None
+        assert await second.claim(text) == provider(third)
+
+
+async def test_claims_expire() -> None:
+    text = "sha256:" + "12" * 32
+    async with cluster(5) as nodes:
+        first, second, third = nodes[1], nodes[2], nodes[3]
+        assert await first.claim(text, ttl=0.2) is None
+        assert await second.claim(text) == provider(first)
+        deadline = time.monotonic() + 3
+        while (holder := await second.claim(text)) is not None:
+            assert holder == provider(first)
+            assert time.monotonic() < deadline, "claim never expired"
+            await asyncio.sleep(0.01)
+        assert await third.claim(text) == provider(second)
+
+
+async def test_claim_past_a_dead_closest_node_is_bounded() -> None:
+    text = "sha256:" + "13" * 32
+    rpc_timeout = 0.1
+    deadline = 3 * rpc_timeout  # the documented hard deadline
+    slack = 0.1
+    async with cluster(6, rpc_timeout=rpc_timeout) as nodes:
+        keeper = keeper_of(nodes, text)
+        await keeper.close()  # dies without telling anyone: still in every routing table
+        alive = [node for node in nodes if node is not keeper]
+        started = time.monotonic()
+        assert await alive[0].claim(text) is None
+        assert time.monotonic() - started < deadline + slack
+        # The closest live node took over: claims are still serialised.
+        assert await alive[1].claim(text) == provider(alive[0])
+
+
+async def test_claim_acts_alone_when_the_closest_node_dies_after_the_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = "sha256:" + "14" * 32
+    rpc_timeout = 0.1
+    async with cluster(5, rpc_timeout=rpc_timeout) as nodes:
+        keeper = keeper_of(nodes, text)
+        claimer, other = [node for node in nodes if node is not keeper][:2]
+        assert await other.claim(text) is None  # a live claim the claimer can no longer see
+        lookup = claimer._closest_nodes
+
+        async def lookup_then_die(target: bytes, *, timeout: float | None = None) -> list[Node]:
+            found = await lookup(target, timeout=timeout)
+            assert found[0].id == keeper.node_id
+            await keeper.close()
+            return found
+
+        monkeypatch.setattr(claimer, "_closest_nodes", lookup_then_die)
+        started = time.monotonic()
+        assert await claimer.claim(text) is None  # better a duplicate fetch than none
+        assert time.monotonic() - started < 3 * rpc_timeout + 0.1
+
+
+async def test_claims_are_not_provider_records() -> None:
+    text = "sha256:" + "15" * 32
+    key = dht_key(text)
+    async with cluster(5, ksize=2) as nodes:
+        claimer = next(node for node in nodes if node is not keeper_of(nodes, text))
+        assert await claimer.claim(text) is None
+        assert keeper_of(nodes, text).local_claim(text) == provider(claimer)
+        for node in nodes:
+            assert await node.find_providers(text, want=1, timeout=0.2) == []
+            assert node.local_providers(text) == []
+        # Nor are they handed off: a node joining next to the key gets the provider record
+        # (the barrier here), never the claim.
+        await claimer.provide(text)
+        newcomer = make_node(99, node_id=key[:-1] + bytes([key[-1] ^ 1]), ksize=2)
+        await newcomer.listen("127.0.0.1", 0)
+        try:
+            await newcomer.bootstrap([nodes[0].router_address])
+            await wait_until(lambda: provider(claimer) in newcomer.local_providers(text))
+            assert newcomer.local_claim(text) is None
+            assert keeper_of(nodes, text).local_claim(text) == provider(claimer)
+        finally:
+            await newcomer.close()
+
+
+# ------------------------------------------------------------------ the RPCs, from a raw socket
+
+
+class _Inbox(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.queue.put_nowait(data)
+
+
+class RawPeer:
+    """A UDP socket sending sealed, hand-made requests to one node and reading its replies."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, inbox: _Inbox) -> None:
+        self.transport = transport
+        self.inbox = inbox
+
+    def request(self, name: str, args: list[object]) -> bytes:
+        msg_id = os.urandom(20)
+        self.transport.sendto(SEALER.seal(REQUEST + msg_id + umsgpack.packb([name, args])))
+        return msg_id
+
+    async def call(self, name: str, args: list[object]) -> tuple[object, int]:
+        """The reply's body and the size of its datagram (requests from the node are skipped)."""
+        msg_id = self.request(name, args)
+        async with asyncio.timeout(2.0):
+            while True:
+                raw = await self.inbox.queue.get()
+                payload, _ = SEALER.open(raw)
+                if payload[:1] == RESPONSE and payload[1:21] == msg_id:
+                    return decode(payload[21:]), len(raw)
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[DhtNode]:
+    node = make_node(0)
+    await node.listen("127.0.0.1", 0)
+    yield node
+    await node.close()
+
+
+@pytest.fixture
+async def peer(node: DhtNode) -> AsyncIterator[RawPeer]:
+    loop = asyncio.get_running_loop()
+    transport, inbox = await loop.create_datagram_endpoint(
+        _Inbox, local_addr=("127.0.0.1", 0), remote_addr=node.router_address
+    )
+    yield RawPeer(transport, inbox)
+    transport.close()
+
+
+def malformed(node: DhtNode) -> float:
+    metrics = node._metrics
+    assert metrics is not None
+    value = metrics.registry.get_sample_value(
+        "mirror_dht_dropped_datagrams_total", {"reason": "malformed"}
+    )
+    return value or 0.0
+
+
+async def test_a_node_can_only_claim_and_release_for_itself(node: DhtNode, peer: RawPeer) -> None:
+    text = "sha256:" + "16" * 32
+    key = dht_key(text)
+    sender, other, victim = os.urandom(20), os.urandom(20), os.urandom(20)
+
+    async def call(name: str, args: list[object]) -> object:
+        return (await peer.call(name, args))[0]
+
+    assert await call("claim", [sender, key, victim, "6.6.6.6:80", 30.0]) is None
+    assert await call("claim", [node.node_id, key, node.node_id, "6.6.6.6:80", 30.0]) is None
+    assert node.local_claim(text) is None
+    assert node.contact_count() == 0
+    # The honest form wins, and then holds against others.
+    assert await call("claim", [sender, key, sender, "10.1.1.1:5000", 30.0]) == [
+        sender,
+        "10.1.1.1:5000",
+    ]
+    assert await call("claim", [other, key, other, "10.1.1.2:5000", 30.0]) == [
+        sender,
+        "10.1.1.1:5000",
+    ]
+    assert await node.claim(text) == Provider(sender, "10.1.1.1:5000")
+    # Nobody releases another node's claim.
+    assert await call("release", [other, key, sender]) is False
+    assert await call("release", [other, key, other]) is False
+    assert node.local_claim(text) == Provider(sender, "10.1.1.1:5000")
+    assert await call("release", [sender, key, sender]) is True
+    assert await call("claim", [other, key, other, "10.1.1.2:5000", 30.0]) == [
+        other,
+        "10.1.1.2:5000",
+    ]
+    assert node.local_providers(text) == []
+
+
+async def test_malformed_claims_are_dropped(node: DhtNode, peer: RawPeer) -> None:
+    sender = os.urandom(20)
+    key = dht_key("sha256:" + "17" * 32)
+    bad = [
+        ["claim", [sender, key, sender, 5000, 30.0]],  # address int
+        ["claim", [sender, key, sender, "no-port", 30.0]],
+        ["claim", [sender, key, sender, "h:80", "30"]],  # ttl str
+        ["claim", [sender, key, sender, "h:80", 0.0]],
+        ["claim", [sender, key, sender, "h:80", float("inf")]],
+        ["claim", [sender, key, sender, "h:80"]],  # wrong arity
+        ["claim", [sender, b"short key", sender, "h:80", 30.0]],
+        ["release", [sender, key]],
+        ["release", [sender, key, "a text id of twenty!"]],
+    ]
+    for name, args in bad:
+        peer.request(name, args)
+    assert (await peer.call("ping", [node.node_id]))[0] == node.node_id  # barrier
+    assert malformed(node) == len(bad)
+    assert node._claims._claims == {}
+    assert node.contact_count() == 0
+
+
+async def test_claim_reply_fits_one_datagram(node: DhtNode, peer: RawPeer) -> None:
+    sender = os.urandom(20)
+    address = "node-" + "x" * 245 + ":5000"  # the longest address the wire accepts
+    assert len(address) == 255
+    key = dht_key("sha256:" + "18" * 32)
+    reply, size = await peer.call("claim", [sender, key, sender, address, 30.0])
+    assert reply == [sender, address]
+    assert size <= MAX_DATAGRAM_BYTES
+
+
+async def test_claim_rejects_a_bad_ttl_and_needs_a_listening_node() -> None:
+    idle = make_node(0)
+    with pytest.raises(ValueError):
+        await idle.claim("sha256:x", ttl=0)
+    with pytest.raises(ValueError):
+        await idle.claim("sha256:x", ttl=float("nan"))
+    with pytest.raises(DhtNotRunning):
+        await idle.claim("sha256:x")
+    await idle.release("sha256:x")  # best effort: never raises
+    await idle.close()
