@@ -7,6 +7,7 @@ resolving while it is down; bad upstream bytes never reach a client as valid con
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -237,3 +238,54 @@ async def test_bad_upstream_bytes_never_reach_a_client_as_valid(
         assert list((cache / "tmp").iterdir()) == []
     finally:
         await bad.stop()
+
+
+async def test_a_registry_demanding_tokens_is_pulled_through_with_credentials(
+    tmp_path: Path,
+    registry: Registry,
+    containerd_factory: Callable[[], ContainerdNode],
+    mirror_factory: MirrorFactory,
+    test_images: TestImages,
+) -> None:
+    """containerd pulls through the mirror from a registry that only serves with a token."""
+    import asyncio
+    import base64
+
+    from harness.token_server import TokenServer
+
+    image = test_images.multi_layer
+    image.push(registry.host, "auth/app")
+    tokens = TokenServer(tmp_path / "token", users={"alice": "s3cret"}, allow_anonymous=False)
+    base = tmp_path / "auth-registry"
+    base.mkdir()
+    (base / "storage").symlink_to(registry.storage_dir, target_is_directory=True)
+    locked = Registry(base, extra_config=tokens.registry_config())
+    auth_file = tmp_path / "config.json"
+    secret = base64.b64encode(b"alice:s3cret").decode()
+    auth_file.write_text(json.dumps({"auths": {locked.host: {"auth": secret}}}))
+    async with tokens:
+        await asyncio.to_thread(locked.start)
+        try:
+            node = await asyncio.to_thread(
+                mirror_factory,
+                "--store=cache",
+                f"--upstream={locked.host}=http://{locked.host}",
+                f"--registry-auth-file={auth_file}",
+            )
+            containerd = await asyncio.to_thread(containerd_factory)
+            hosts_dir = tmp_path / "hosts"
+            write_hosts_toml(hosts_dir, locked.host, locked.url, [node.url])
+            ref = f"{locked.host}/auth/app:{image.tag}"
+            await asyncio.to_thread(containerd.pull, ref, hosts_dir=hosts_dir)
+            assert_pulled(containerd, ref, image)
+            assert any(r.user == "alice" and r.status == 200 for r in tokens.requests)
+            fetched = await asyncio.to_thread(
+                node.metric, "mirror_upstream_token_fetches_total", result="ok"
+            )
+            assert 1 <= fetched <= 3, "tokens were not cached"
+            served = await asyncio.to_thread(
+                node.metric, "mirror_requests_total", kind="blob", status="200", source="upstream"
+            )
+            assert served >= len(image.layer_digests)
+        finally:
+            await asyncio.to_thread(locked.stop)
