@@ -7,46 +7,14 @@ import gc
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import pytest
+from harness.dht import cluster, make_node, provider
 from kademlia.node import Node
 
-from mirror.clusterkey import ClusterKey
-from mirror.metrics import Metrics
 from mirror.routing import DhtNode, DhtNotRunning, Provider, dht_key, stable_node_id
 from mirror.routing.keys import distance
-
-KEY = ClusterKey(b"test cluster key, 32 bytes long!")
-
-
-def http_address(index: int) -> str:
-    return f"10.0.{index // 250}.{index % 250 + 1}:5000"
-
-
-def make_node(index: int, **options: Any) -> DhtNode:
-    address = http_address(index)
-    options.setdefault("node_id", stable_node_id(address))
-    options.setdefault("metrics", Metrics())
-    return DhtNode(http_address=address, cluster_key=KEY, **options)
-
-
-@asynccontextmanager
-async def cluster(size: int, **options: Any) -> AsyncIterator[list[DhtNode]]:
-    """`size` nodes on 127.0.0.1, each bootstrapped (in turn) from the first three."""
-    nodes = [make_node(index, **options) for index in range(size)]
-    try:
-        for node in nodes:
-            await node.listen("127.0.0.1", 0)
-        seeds = [node.router_address for node in nodes[:3]]
-        for node in nodes:
-            await node.bootstrap(seeds)
-        yield nodes
-    finally:
-        for node in nodes:
-            await node.close()
 
 
 async def wait_until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
@@ -66,10 +34,6 @@ async def eventually_found(
         if set(found) >= wanted or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.01)
-
-
-def provider(node: DhtNode) -> Provider:
-    return Provider(node.node_id, node.http_address)
 
 
 def gauge(node: DhtNode, name: str) -> float:

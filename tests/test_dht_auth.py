@@ -8,15 +8,14 @@ node handles datagrams in order, so its reply means every datagram sent before w
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import umsgpack
+from harness.dht import KEY, SEALER, RawPeer, raw_peer
 
 from mirror.clusterkey import ClusterKey
 from mirror.metrics import Metrics
@@ -28,75 +27,14 @@ from mirror.routing.wire import (
     MAX_BODY_BYTES,
     MAX_DATAGRAM_BYTES,
     REQUEST,
-    RESPONSE,
     HandOffRecord,
     batches,
-    decode,
     hand_off_entry,
     packed_size,
 )
 
-KEY = ClusterKey(b"test cluster key, 32 bytes long!")
 OTHER_KEY = ClusterKey(b"some other cluster's key, 32 b!!")
-SEALER = DatagramSealer(KEY.purpose("dht"))
 REASONS = ("unauthenticated", "stale", "replayed", "malformed")
-
-
-class _Inbox(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.queue.put_nowait(data)
-
-
-class RawPeer:
-    """A UDP socket that sends hand-made datagrams to one node and reads its replies."""
-
-    def __init__(self, transport: asyncio.DatagramTransport, inbox: _Inbox) -> None:
-        self.transport = transport
-        self.inbox = inbox
-
-    def send(self, datagram: bytes) -> None:
-        self.transport.sendto(datagram)
-
-    def request(self, name: str, args: list[object], **seal: Any) -> bytes:
-        """Send a sealed request; returns its message id."""
-        msg_id = os.urandom(20)
-        self.send(SEALER.seal(REQUEST + msg_id + umsgpack.packb([name, args]), **seal))
-        return msg_id
-
-    async def reply(self, timeout: float = 2.0) -> tuple[bytes, bytes, object]:
-        """Next reply as (raw datagram, msg id, decoded body).
-
-        Requests from the node are skipped: fake contacts announced from this socket get
-        pinged when their bucket fills up.
-        """
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await self.inbox.queue.get()
-                payload, _ = SEALER.open(raw)
-                if payload[:1] == RESPONSE:
-                    return raw, payload[1:21], decode(payload[21:])
-
-    async def call(self, name: str, args: list[object]) -> object:
-        msg_id = self.request(name, args)
-        while True:
-            _, reply_id, body = await self.reply()
-            if reply_id == msg_id:
-                return body
-
-    async def barrier(self, node: DhtNode) -> None:
-        """Return once `node` processed everything sent before (a ping that adds no contact)."""
-        assert await self.call("ping", [node.node_id]) == node.node_id
-
-
-async def raw_peer(node: DhtNode) -> RawPeer:
-    loop = asyncio.get_running_loop()
-    transport, inbox = await loop.create_datagram_endpoint(
-        _Inbox, local_addr=("127.0.0.1", 0), remote_addr=node.router_address
-    )
-    return RawPeer(transport, inbox)
 
 
 @pytest.fixture

@@ -51,11 +51,14 @@ from mirror.upstream.client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 
+# How long a claim on an upstream fetch lives unless renewed (the fetcher renews it at half).
+_CLAIM_TTL = 30.0
+
 
 class Claims(Protocol):
     """The part of the DHT that coalesces upstream fetches across the cluster."""
 
-    async def claim(self, text: str, ttl: float = 30.0) -> Provider | None: ...
+    async def claim(self, text: str, ttl: float = ...) -> Provider | None: ...
 
     async def release(self, text: str) -> None: ...
 
@@ -303,7 +306,7 @@ class ContentService:
         if self._claims is None:
             return None
         try:
-            return await self._claims.claim(str(digest))
+            return await self._claims.claim(str(digest), _CLAIM_TTL)
         except Exception:
             log.warning("claiming %s failed; fetching it here", digest, exc_info=True)
             return None
@@ -320,10 +323,18 @@ class ContentService:
         key = str(download.digest)
         with contextlib.suppress(Exception):
             await self._claims.provide(key)
-        try:
-            succeeded = await asyncio.shield(download.finished)
-        except (MirrorError, asyncio.CancelledError):
-            succeeded = False
+        while True:
+            try:
+                async with asyncio.timeout(_CLAIM_TTL / 2):
+                    succeeded = await asyncio.shield(download.finished)
+                break
+            except TimeoutError:
+                # A long download keeps its claim alive, or another node would fetch too.
+                with contextlib.suppress(Exception):
+                    await self._claims.claim(key, _CLAIM_TTL)
+            except (MirrorError, asyncio.CancelledError):
+                succeeded = False
+                break
         if not succeeded:
             with contextlib.suppress(Exception):
                 await self._claims.release(key)
