@@ -165,3 +165,11 @@ async def test_changes_are_announced(cache: CacheStore) -> None:
     await cache.set_tag(tag_ref("docker.io", "a", "1"), digest_of(b"new"))
     await asyncio.wait_for(waiting, 5)
     await changes.aclose()
+
+
+async def test_cached_blobs_are_in_the_inventory_without_a_tag(cache: CacheStore) -> None:
+    from mirror.stores.inventory import take_inventory
+
+    await cache.put(digest_of(b"loose layer"), b"loose layer")
+    inventory = await take_inventory(cache)
+    assert str(digest_of(b"loose layer")) in inventory.digests and not inventory.tags

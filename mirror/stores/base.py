@@ -123,6 +123,10 @@ class Store(ABC):
     async def images(self) -> list[ImageEntry]:
         """Every tagged image held, for advertising and inspection."""
 
+    async def loose_digests(self) -> list[str]:
+        """Digests held outside any tagged image (a cache's), announced like the rest."""
+        return []
+
     async def changes(self) -> AsyncIterator[None]:
         """Yields whenever what the store holds may have changed (to advertise or withdraw).
 

@@ -126,6 +126,9 @@ class CacheStore(Store):
     async def images(self) -> list[ImageEntry]:
         return await asyncio.to_thread(self._scan_tags)
 
+    async def loose_digests(self) -> list[str]:
+        return list(self._lru)
+
     def _scan_tags(self) -> list[ImageEntry]:
         entries: list[ImageEntry] = []
         for path in self._tags.rglob(f"{_TAG_PREFIX}*"):

@@ -35,6 +35,7 @@ async def take_inventory(store: Store) -> Inventory:
             continue
         if await _walk_manifest(store, top, inventory, depth=0):
             inventory.tags.add(str(entry.ref))
+    inventory.digests.update(await store.loose_digests())
     return inventory
 
 

@@ -48,6 +48,9 @@ class LayeredStore(Store):
         seen = {entry.ref for entry in runtime}
         return runtime + [entry for entry in cached if entry.ref not in seen]
 
+    async def loose_digests(self) -> list[str]:
+        return await self.cache.loose_digests()
+
     async def changes(self) -> AsyncIterator[None]:
         queue: asyncio.Queue[None] = asyncio.Queue()
 
