@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,8 +37,23 @@ from mirror.upstream.registries import parse_upstream
 PROG = "mirror"
 
 
+@dataclass(frozen=True, slots=True)
+class FlagDoc:
+    """One flag as the configuration reference (docs/configuration.md) shows it."""
+
+    flag: str
+    env: str
+    default: str | None
+    help: str
+    repeatable: bool
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse prints the whole usage on error; operators want the one line that matters."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.documented: list[FlagDoc] = []
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -82,7 +98,11 @@ class _FlagAdder:
     ) -> None:
         env = _env_name(flag)
         value = self._environ.get(env, default)
-        shown = f" (env {env}; default: {default})" if default is not None else f" (env {env})"
+        # argparse %-formats help texts: a literal % (as in a default of 20%) must be doubled.
+        escaped = default.replace("%", "%%") if default is not None else None
+        shown = f" (env {env}; default: {escaped})" if escaped is not None else f" (env {env})"
+        if isinstance(self._parser, _Parser):
+            self._parser.documented.append(FlagDoc(flag, env, default, help, repeatable))
         if repeatable:
             convert = kwargs.pop("type", str)
             self._parser.add_argument(
@@ -192,8 +212,9 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         "--bootstrap",
         default=None,
         repeatable=True,
-        help="where to find peers: static:HOST[:PORT][,HOST[:PORT]...] or dns:NAME[:PORT] "
-        "(every A/AAAA record); PORT defaults to the router port",
+        help="where to find peers: static:HOST[:PORT][,HOST[:PORT]...], dns:NAME[:PORT] "
+        "(every A/AAAA record), kubernetes:NAMESPACE/SERVICE[:PORT] (EndpointSlices) or "
+        "nomad:SERVICE[:PORT] (Nomad services); PORT defaults to the router port",
     )
     flag(
         "--dns-server",
@@ -272,12 +293,133 @@ def _add_keygen(subparsers: Any) -> None:
     )
 
 
+def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
+    """`mirror configure containerd|docker`: point the node's runtime at its mirror."""
+    from mirror.runtime import containerd_hosts, docker_daemon
+    from mirror.runtime.endpoints import DEFAULT_MIRROR, parse_mirror_url
+
+    configure = subparsers.add_parser(
+        "configure", help="point the node's container runtime at its mirror (undo: cleanup)"
+    )
+    runtimes = configure.add_subparsers(dest="runtime", required=True, parser_class=_Parser)
+    mirror_help = "URL of this node's mirror, tried before anything else, in the order given"
+    containerd = runtimes.add_parser(
+        "containerd", help="write a hosts.toml per registry (containerd, ctr --hosts-dir)"
+    )
+    flag = _FlagAdder(containerd, environ)
+    flag(
+        "--config-path",
+        default=str(containerd_hosts.DEFAULT_CONFIG_PATH),
+        type=Path,
+        help="containerd's registry config_path (the directory of <registry>/hosts.toml)",
+    )
+    flag(
+        "--mirror",
+        default=DEFAULT_MIRROR,
+        repeatable=True,
+        type=_typed(parse_mirror_url, "mirror URL"),
+        help=mirror_help,
+    )
+    flag(
+        "--mirrored-registries",
+        default=None,
+        repeatable=True,
+        type=_typed(validate_registry, "registry"),
+        help="registries sent to the mirror (default: all: _default, and every registry "
+        "directory already there)",
+    )
+    flag(
+        "--upstream",
+        default=None,
+        repeatable=True,
+        type=_typed(parse_upstream, "upstream"),
+        help="REGISTRY=URL: the server containerd falls back to, as given to `mirror run` "
+        "(default https://REGISTRY; docker.io is https://registry-1.docker.io)",
+    )
+    flag(
+        "--resolve-tags",
+        default="true",
+        type=_typed(parse_bool, "boolean"),
+        help="let the mirror resolve tags; false gives it the pull capability only",
+    )
+    flag(
+        "--prepend-existing",
+        default="false",
+        nargs="?",
+        const="true",
+        type=_typed(parse_bool, "boolean"),
+        help="keep an existing hosts.toml's hosts (after the mirror's) and its server",
+    )
+
+    def configure_containerd(args: argparse.Namespace) -> list[str]:
+        return containerd_hosts.configure(
+            containerd_hosts.ContainerdHostsConfig(
+                config_path=args.config_path,
+                mirrors=tuple(_listed(args, "--mirror")),
+                registries=tuple(_listed(args, "--mirrored-registries")) or None,
+                upstream=tuple(_listed(args, "--upstream")),
+                resolve_tags=args.resolve_tags,
+                prepend_existing=args.prepend_existing,
+            )
+        )
+
+    containerd.set_defaults(handler=configure_containerd)
+    docker = runtimes.add_parser("docker", help="add the mirror to registry-mirrors of daemon.json")
+    flag = _FlagAdder(docker, environ)
+    flag(
+        "--daemon-json",
+        default=str(docker_daemon.DEFAULT_DAEMON_JSON),
+        type=Path,
+        help="dockerd's configuration file",
+    )
+    flag(
+        "--mirror",
+        default=DEFAULT_MIRROR,
+        repeatable=True,
+        type=_typed(parse_mirror_url, "mirror URL"),
+        help=mirror_help,
+    )
+    docker.set_defaults(
+        handler=lambda args: docker_daemon.configure(
+            args.daemon_json, tuple(_listed(args, "--mirror"))
+        )
+    )
+
+
+def _add_cleanup(subparsers: Any, environ: Mapping[str, str]) -> None:
+    """`mirror cleanup containerd|docker`: put back what `configure` replaced, byte for byte."""
+    from mirror.runtime import containerd_hosts, docker_daemon
+
+    cleanup = subparsers.add_parser(
+        "cleanup", help="restore the runtime configuration `mirror configure` replaced"
+    )
+    runtimes = cleanup.add_subparsers(dest="runtime", required=True, parser_class=_Parser)
+    containerd = runtimes.add_parser("containerd", help="restore the hosts.toml files")
+    _FlagAdder(containerd, environ)(
+        "--config-path",
+        default=str(containerd_hosts.DEFAULT_CONFIG_PATH),
+        type=Path,
+        help="containerd's registry config_path",
+    )
+    containerd.set_defaults(handler=lambda args: containerd_hosts.cleanup(args.config_path))
+    docker = runtimes.add_parser("docker", help="restore daemon.json")
+    _FlagAdder(docker, environ)(
+        "--daemon-json",
+        default=str(docker_daemon.DEFAULT_DAEMON_JSON),
+        type=Path,
+        help="dockerd's configuration file",
+    )
+    docker.set_defaults(handler=lambda args: docker_daemon.cleanup(args.daemon_json))
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A cluster-local OCI registry mirror.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run(subparsers, environ)
     _add_keygen(subparsers)
+    _add_configure(subparsers, environ)
+    _add_cleanup(subparsers, environ)
     return parser
 
 
@@ -366,9 +508,28 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
             asyncio.run(run_node(config))
+        elif args.command in ("configure", "cleanup"):
+            for line in args.handler(args):
+                print(line)
     except MirrorError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def flag_reference() -> dict[str, list[FlagDoc]]:
+    """Every documented flag, by command (`run`, `configure containerd`, ...)."""
+    found: dict[str, list[FlagDoc]] = {}
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        if isinstance(parser, _Parser) and parser.documented:
+            found[command] = list(parser.documented)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{command} {name}".strip())
+
+    walk(build_parser({}), "")
+    return found

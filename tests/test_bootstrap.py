@@ -62,10 +62,10 @@ def test_parse_dns_with_and_without_port() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", "expected KIND:VALUE with KIND one of dns, static"),
+        ("", "expected KIND:VALUE with KIND one of dns, kubernetes, nomad, static"),
         ("10.0.0.1", "expected KIND:VALUE"),
         ("10.0.0.1:7000", "expected KIND:VALUE"),
-        ("consul:mirror", "KIND one of dns, static"),
+        ("consul:mirror", "KIND one of dns, kubernetes, nomad, static"),
         ("static:", "empty address list"),
         ("static:10.0.0.1,,10.0.0.2", "empty entry"),
         ("static:10.0.0.1:x", "port 'x' is not a number"),

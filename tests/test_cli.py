@@ -172,3 +172,18 @@ def test_repeated_flags_replace_the_environment() -> None:
     assert [str(n) for n in from_env.routing.allow_clients] == ["10.0.0.0/8", "192.168.0.0/16"]
     given = run_config(build_parser(environ).parse_args(["run", "--allow-client=172.16.0.0/12"]))
     assert [str(n) for n in given.routing.allow_clients] == ["172.16.0.0/12"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["keygen"],
+        ["configure", "containerd"],
+        ["configure", "docker"],
+        ["cleanup", "docker"],
+    ],
+)
+def test_help_works_for_every_command(command: list[str]) -> None:
+    result = run_mirror(*command, "--help")
+    assert result.returncode == 0 and "usage: mirror" in result.stdout, result.stderr

@@ -323,6 +323,14 @@ def _dns_factory(spec: BootstrapSpec) -> BootstrapSource:
 register_kind("static", _static_factory)
 register_kind("dns", _dns_factory)
 
+# The orchestrator kinds (HTTP API clients) live in their own module, which subclasses
+# BootstrapSource: it is imported here, below what it uses, and its factories are looked
+# up when a spec is parsed, so either module may be imported first.
+from mirror.routing import orchestrators  # noqa: E402
+
+register_kind("kubernetes", lambda spec: orchestrators.kubernetes_factory(spec))
+register_kind("nomad", lambda spec: orchestrators.nomad_factory(spec))
+
 
 def _parse_host_port(spec: BootstrapSpec, item: str) -> Peer:
     """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``; HOST an IPv4 or a name."""

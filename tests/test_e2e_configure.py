@@ -1,0 +1,165 @@
+"""`mirror configure` end to end: real runtimes pull through a real mirror with the files it
+writes, and `mirror cleanup` puts the runtime's configuration back as it was.
+
+The upstream is a plain distribution registry; the mirror fetches from it (`--store=cache`), so
+a pull that works while every request upstream carries the mirror's User-Agent went through the
+mirror, not around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.cluster import wait_until
+from harness.containerd import ContainerdNode
+from harness.dockerd import DockerNode
+from harness.images import TestImages
+from harness.mirror_node import MirrorNode
+from harness.registry import Registry
+
+MirrorFactory = Callable[..., MirrorNode]
+
+# The User-Agent mirror sends upstream (mirror.upstream.client).
+MIRROR_AGENT = '"mirror/'
+
+
+def run_mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m mirror ARGS` as an operator runs it; fails the test with its stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, f"mirror {' '.join(args)}: {result.stderr}"
+    return result
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    found: dict[str, tuple[bytes | None, int]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        content = path.read_bytes() if stat.S_ISREG(info.st_mode) else None
+        found[str(path.relative_to(root))] = (content, info.st_mode)
+    return found
+
+
+def requests_for(registry: Registry, repository: str) -> list[str]:
+    return [line for line in registry.access_log() if f"/v2/{repository}/" in line]
+
+
+def test_containerd_pulls_through_the_mirror_with_the_hosts_toml_configure_writes(
+    tmp_path: Path,
+    registry: Registry,
+    test_images: TestImages,
+    mirror_factory: MirrorFactory,
+    containerd_factory: Callable[[], ContainerdNode],
+) -> None:
+    image = test_images.docker_v2
+    ref = image.push(registry.host, "e2e/app")
+    registry.clear_access_log()
+    mirror = mirror_factory("--store=cache", f"--upstream={registry.host}=http://{registry.host}")
+    node = containerd_factory()
+
+    # The node's own configuration, which configure must replace and cleanup put back.
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / "docker.io").mkdir(parents=True)
+    (hosts_dir / "docker.io" / "hosts.toml").write_text(
+        '# the operator\'s\nserver = "https://registry-1.docker.io"\n\n'
+        '[host."https://mirror.gcr.io"]\n  capabilities = ["pull"]\n'
+    )
+    before = snapshot(hosts_dir)
+
+    run_mirror_cli(
+        "configure",
+        "containerd",
+        f"--config-path={hosts_dir}",
+        f"--mirror={mirror.url}",
+        f"--upstream={registry.host}=http://{registry.host}",
+    )
+    written = (hosts_dir / registry.host / "hosts.toml").read_text()
+    assert f'server = "http://{registry.host}"' in written
+    assert f'[host."{mirror.url}"]' in written
+    assert (hosts_dir / "_default" / "hosts.toml").is_file()
+
+    node.pull(ref, hosts_dir=hosts_dir)
+    assert node.image_target(ref) == image.manifest_digest
+    assert mirror.metric("mirror_requests_total", source="upstream") > 0
+    upstream = requests_for(registry, "e2e/app")
+    assert upstream, "the pull never reached upstream"
+    assert all(MIRROR_AGENT in line for line in upstream), "containerd went around the mirror"
+
+    run_mirror_cli("cleanup", "containerd", f"--config-path={hosts_dir}")
+    assert snapshot(hosts_dir) == before
+
+
+def test_dockerd_pulls_through_the_mirror_configure_adds_to_daemon_json(
+    registry: Registry,
+    test_images: TestImages,
+    mirror_factory: MirrorFactory,
+    dockerd_factory: Callable[..., DockerNode],
+) -> None:
+    image = test_images.docker_v2
+    image.push(registry.host, "library/app")
+    registry.clear_access_log()
+    mirror = mirror_factory("--store=cache", f"--upstream=docker.io={registry.url}")
+    # The mirror's port is known only now: configure the file the running daemon was started
+    # with, then reload it, as the command tells the operator to.
+    node = dockerd_factory()
+    daemon_json = node.base_dir / "daemon.json"
+    original = daemon_json.read_bytes()
+
+    result = run_mirror_cli(
+        "configure", "docker", f"--daemon-json={daemon_json}", f"--mirror={mirror.url}"
+    )
+    assert "SIGHUP" in result.stdout
+    settings = json.loads(daemon_json.read_bytes())
+    assert settings == {**json.loads(original), "registry-mirrors": [mirror.url]}
+    reload_and_wait(node, [mirror.url + "/"])
+
+    node.pull("app:v1")
+    assert node.repo_digests("app:v1") == [f"app@{image.manifest_digest}"]
+    assert mirror.metric("mirror_requests_total", source="upstream") > 0
+    upstream = requests_for(registry, "library/app")
+    assert upstream and all(MIRROR_AGENT in line for line in upstream)
+
+    result = run_mirror_cli("cleanup", "docker", f"--daemon-json={daemon_json}")
+    assert daemon_json.read_bytes() == original
+    assert sorted(p.name for p in daemon_json.parent.glob("daemon.json*")) == ["daemon.json"]
+
+    # dockerd reloads registry-mirrors only from a file that sets it, so taking the mirror out
+    # needs a restart, as cleanup says; the restarted daemon runs on the original file.
+    assert "restart dockerd" in result.stdout
+    reloads = node.process.log_text().count("Reloaded configuration")
+    assert node.process.pid is not None
+    os.kill(node.process.pid, signal.SIGHUP)
+    wait_until(
+        lambda: node.process.log_text().count("Reloaded configuration") > reloads,
+        "dockerd to reload its configuration",
+    )
+    assert mirrors_in_use(node) == [mirror.url + "/"]
+    node.process.stop()
+    node.process.start()
+    wait_until(node.ping, f"dockerd {node.socket} to restart", timeout=60)
+    assert mirrors_in_use(node) == []
+
+
+def mirrors_in_use(node: DockerNode) -> list[str]:
+    out = node.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout
+    return list(json.loads(out) or [])
+
+
+def reload_and_wait(node: DockerNode, wanted: list[str]) -> None:
+    assert node.process.pid is not None
+    os.kill(node.process.pid, signal.SIGHUP)
+    wait_until(lambda: mirrors_in_use(node) == wanted, f"dockerd to use mirrors {wanted}")
