@@ -2,9 +2,10 @@
 
 No helm, nomad or docker runs here. These tests check what can be checked statically: the chart's
 values exist and are documented, the Nomad jobs parse as HCL and use only job-specification
-names, every ``MIRROR_*`` variable they set is a real flag of ``mirror run``, the dashboard only
-queries metrics the program exports, and the Dockerfile installs the pinned dependencies and
-drops root.
+names, every ``MIRROR_*`` variable they set is a real flag of ``mirror run``, the argument lists
+and environments they give mirror pass its own parser (``build_parser``, ``run_config``,
+``parse_bootstrap``), the dashboard only queries metrics the program exports, and the
+Dockerfile installs the pinned dependencies and drops root.
 
 values.yaml and Chart.yaml are read with the small YAML-subset reader below (PyYAML is not a
 dependency); it refuses anything outside the subset instead of misreading it. The Nomad jobs are
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import json
 import re
 import secrets
@@ -26,9 +28,11 @@ from typing import Any
 
 import pytest
 
-from mirror.cli import build_parser, run_config
+from mirror.cli import build_parser, flag_reference, run_config
 from mirror.clusterkey import ClusterKey
 from mirror.metrics import Metrics
+from mirror.routing import orchestrators
+from mirror.routing.bootstrap import BootstrapSpec, parse_bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "mirror"
@@ -335,7 +339,8 @@ def test_daemonset_wiring() -> None:
     )
     assert "hostNetwork: {{ $hostNetwork }}" in daemonset
     assert re.search(r"- configure\n\s+- containerd\n", daemonset)
-    assert "preStop:" in daemonset and '"cleanup")' in daemonset
+    assert re.search(r"preStop:\n\s+exec:\n\s+command:\n\s+- mirror\n\s+- cleanup\n", daemonset)
+    assert 'include "mirror.configureHook"' in daemonset
     # containerd is mounted read-only; the hosts.toml directory is the one written.
     assert re.search(r"name: containerd-run\n\s+mountPath: .*\n\s+readOnly: true", daemonset)
     assert re.search(r"name: containerd-content\n\s+mountPath: .*\n\s+readOnly: true", daemonset)
@@ -401,27 +406,9 @@ def test_dashboard_queries_real_metrics() -> None:
 # --- mirror's own flags -----------------------------------------------------------------------
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser({})
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    raise AssertionError("mirror has no subcommands")
-
-
-def _long_flags(parser: argparse.ArgumentParser) -> set[str]:
-    return {
-        option
-        for action in parser._actions
-        for option in action.option_strings
-        if option.startswith("--") and option != "--help"
-    }
-
-
 def _run_env_names() -> set[str]:
-    """MIRROR_<FLAG> of every `mirror run` flag, the way mirror.cli names them."""
-    flags = _long_flags(_subcommands()["run"])
-    return {"MIRROR_" + flag[2:].replace("-", "_").upper() for flag in flags}
+    """MIRROR_<FLAG> of every `mirror run` flag, as mirror.cli names them."""
+    return {doc.env for doc in flag_reference()["run"]}
 
 
 def test_chart_env_vars_are_run_flags() -> None:
@@ -463,7 +450,9 @@ def _helper_flags(name: str) -> list[str]:
 
 def test_chart_runtime_arguments_parse() -> None:
     """The init container, postStart and preStop argument lists, through mirror's own parser."""
-    configure = [f"{flag}={SAMPLE_ARGUMENTS[flag]}" for flag in _helper_flags("mirror.configureArgs")]
+    configure = [
+        f"{flag}={SAMPLE_ARGUMENTS[flag]}" for flag in _helper_flags("mirror.configureArgs")
+    ]
     cleanup = [f"{flag}={SAMPLE_ARGUMENTS[flag]}" for flag in _helper_flags("mirror.cleanupArgs")]
     daemonset = (TEMPLATES / "daemonset.yaml").read_text()
     # The init container and the postStart hook add the mirror URL; preStop needs none.
@@ -511,6 +500,47 @@ def test_chart_run_environment_parses(values: YamlDocument) -> None:
     assert config.registry_addr.port == values.data["ports"]["registry"]
     assert config.routing.router_addr.port == values.data["ports"]["router"]
     assert config.metrics_addr.port == values.data["ports"]["metrics"]
+
+
+def _self_signed_certificate() -> bytes:
+    """A PEM CA certificate, standing in for the service account's ca.crt."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def test_chart_bootstrap_specs_parse(tmp_path: Path) -> None:
+    """The --bootstrap entries the chart builds are ones mirror accepts, with the router port."""
+    formats = dict(re.findall(r'printf "((kubernetes|dns):[^"]+)"', _helper("mirror.bootstrap")))
+    formats = {kind: text for text, kind in formats.items()}
+    kubernetes = formats["kubernetes"] % ("mirror-system", "mirror", 5001)
+    dns = formats["dns"] % ("mirror", "mirror-system", "cluster.local", 5001)
+    (tmp_path / "token").write_text("token")
+    (tmp_path / "ca.crt").write_bytes(_self_signed_certificate())
+    source = orchestrators.kubernetes_factory(
+        BootstrapSpec(kubernetes, "kubernetes", kubernetes.partition(":")[2], 5001, None),
+        environ={"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"},
+        service_account_dir=tmp_path,
+    )
+    assert str(source) == "kubernetes:mirror-system/mirror:5001"
+    assert str(parse_bootstrap(dns, 5001)) == "dns:mirror.mirror-system.svc.cluster.local:5001"
 
 
 # --- the Nomad jobs ---------------------------------------------------------------------------
@@ -724,6 +754,81 @@ def test_nomad_job_wiring(jobs: dict[str, dict]) -> None:
     assert _unquote(cleanup_spec["type"]) == "sysbatch"
     ((_, cleanup_task),) = _find(cleanup, "task")
     assert _unquote(cleanup_task["config"][0]["args"][0]) == "cleanup"
+
+
+SAMPLE_NOMAD_RUNTIME = {
+    "NOMAD_IP_registry": "192.0.2.10",
+    "NOMAD_SECRETS_DIR": "/secrets",
+}
+
+
+def _interpolate(value: Any, job: dict, runtime: str) -> str:
+    """A value of the job as Nomad would hand it to the task, for one `runtime`."""
+    variables = {
+        labels[0]: _unquote(body.get("default")) for labels, body in _find(job, "variable")
+    }
+    variables["runtime"] = runtime
+    local_exprs = {
+        key: value for key, value in job.get("locals", [{}])[0].items() if key not in _META
+    }
+    ports = {f"NOMAD_PORT_{labels[0]}": str(body["static"]) for labels, body in _find(job, "port")}
+
+    def expression(text: str) -> str:
+        text = text.strip()
+        conditional = re.fullmatch(r'var\.runtime == "docker" \? "([^"]*)" : "([^"]*)"', text)
+        if conditional:
+            return conditional.group(1 if runtime == "docker" else 2)
+        if text.startswith("var."):
+            return str(variables[text[4:]])
+        if text.startswith("local."):
+            return _interpolate(local_exprs[text[6:]], job, runtime)
+        known = {**ports, **SAMPLE_NOMAD_RUNTIME}
+        if text in known:
+            return known[text]
+        raise AssertionError(f"cannot evaluate ${{{text}}} in the Nomad job")
+
+    text = str(value)
+    if text.startswith("${") and text.endswith("}") and text.count("${") == 1:
+        return expression(text[2:-1])
+    return re.sub(r"\$\{([^}]+)\}", lambda match: expression(match.group(1)), _unquote(text))
+
+
+@pytest.mark.parametrize("runtime", ["docker", "containerd"])
+def test_nomad_task_arguments_parse(jobs: dict[str, dict], runtime: str) -> None:
+    """Every task's args, as Nomad interpolates them, through mirror's own parser."""
+    seen = set()
+    for job in jobs.values():
+        for labels, task in _find(job, "task"):
+            argv = [_interpolate(arg, job, runtime) for arg in task["config"][0]["args"]]
+            args = _parse(argv)
+            seen.add(argv[0])
+            if argv[0] in ("configure", "cleanup"):
+                assert args.runtime == runtime, labels
+    assert seen == {"configure", "run", "cleanup"}
+
+
+def test_nomad_run_environment_parses(
+    jobs: dict[str, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror task's MIRROR_* environment makes a valid RunConfig, bootstrap included."""
+    job = jobs["mirror.nomad.hcl"]
+    ((_, task),) = [(labels, body) for labels, body in _find(job, "task") if labels == ("mirror",)]
+    env = {
+        key: _interpolate(value, job, "docker")
+        for key, value in task["env"][0].items()
+        if key not in _META
+    }
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(ClusterKey.generate())
+    assert env["MIRROR_CLUSTER_KEY_FILE"] == "/secrets/cluster.key"
+    environ = {name: value for name, value in env.items() if name.startswith("MIRROR_")}
+    environ["MIRROR_CLUSTER_KEY_FILE"] = str(key_file)
+    monkeypatch.setenv("NOMAD_ADDR", env["NOMAD_ADDR"])
+    monkeypatch.setenv("NOMAD_TOKEN", "workload-identity")
+    config = run_config(_parse(["run"], environ))
+    assert str(config.routing.advertise_ip) == "192.0.2.10"
+    assert config.routing.router_addr.port == 5001
+    assert [str(source) for source in config.routing.bootstrap] == ["nomad:mirror:5001"]
 
 
 def test_nomad_env_vars_are_run_flags(jobs: dict[str, dict]) -> None:

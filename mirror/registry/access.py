@@ -37,19 +37,28 @@ class AccessPolicy:
             ):
                 raise Unauthorized("peer request signature is not valid")
             return Caller.PEER
-        if not self._is_allowed(request.remote):
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        if not self._is_allowed(request.remote, local[0] if local else None):
             raise Denied(f"client {request.remote} is not allowed to use this mirror")
         return Caller.RUNTIME
 
-    def _is_allowed(self, remote: str | None) -> bool:
-        if remote is None:
+    def _is_allowed(self, remote: str | None, local: str | None) -> bool:
+        """Loopback, this host itself (a client dialling the node's own address), or allowed."""
+        address = _ip(remote)
+        if address is None:
             return False
-        try:
-            address = ipaddress.ip_address(remote)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if address.is_loopback:
+        if address.is_loopback or address == _ip(local):
             return True
         return any(address in network for network in self.allowed_clients)
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if text is None:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

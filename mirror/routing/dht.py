@@ -40,9 +40,13 @@ T = TypeVar("T")
 
 # Maintenance lookups (provide, withdraw, bootstrap crawl) may take this many RPC timeouts.
 _CRAWL_TIMEOUTS = 4
-# A claim's hard deadline, in RPC timeouts: its node lookup gets all but the last one, which is
-# the claim request's own. 0.75 s at the default RPC timeout; only a degraded cluster gets near.
+# A claim's node lookup may take this many RPC timeouts; the claim request itself gets
+# `_CLAIM_REQUEST_TIMEOUTS` of them, twice. A claim precedes a transfer of seconds: waiting a
+# little longer on a busy arbiter is far cheaper than a second upstream download, which is what
+# giving up (or asking another arbiter) costs. Measured: with 24 processes starting pulls at once
+# on 2 CPUs, 0.25 s replies were late often enough to split claims between two arbiters.
 _CLAIM_TIMEOUTS = 3
+_CLAIM_REQUEST_TIMEOUTS = 4
 # How often buckets not touched for an hour (kademlia's "lonely" ones) are refreshed.
 _REFRESH_INTERVAL = 600.0
 
@@ -339,7 +343,8 @@ class DhtNode:
         from that one. Claiming again as the holder renews the claim; it lives `ttl` seconds
         (at most `record_ttl`) from the last claim, unless released.
 
-        Hard deadline: `_CLAIM_TIMEOUTS` RPC timeouts (the lookup gets all but one). If the
+        Hard deadline: the lookup gets `_CLAIM_TIMEOUTS - 1` RPC timeouts, the claim request two
+        tries of `_CLAIM_REQUEST_TIMEOUTS` (2.5 s in all at the default RPC timeout). If the
         closest node does not answer by then, returns None: acting alone costs a duplicate
         upstream fetch, waiting on an unreachable node would cost the pull itself. Concurrent
         claims from one node for the same text all win: coalescing inside a node is the
@@ -351,18 +356,26 @@ class DhtNode:
         key = dht_key(text)
         ttl = min(ttl, self._settings.record_ttl)
         self._forget_expired_claims()
-        closest = await self._closest_nodes(
-            key, timeout=(_CLAIM_TIMEOUTS - 1) * self._settings.rpc_timeout
-        )
+        closest = await self._claim_candidates(key)
         if not closest or distance(self.node_id, key) < distance(closest[0].id, key):
             holder = self._claims.claim(key, self._self_provider(), ttl)
         else:
             target = closest[0]
             # Remembered before the reply: a claim whose reply is lost may still be held there.
             self._claimed_at[key] = (target, time.monotonic() + ttl)
-            reply = await asyncio.shield(
-                protocol.request_claim(target, key, self.http_address, ttl)
-            )
+            reply = None
+            for _ in range(2):
+                reply = await asyncio.shield(
+                    protocol.request_claim(
+                        target,
+                        key,
+                        self.http_address,
+                        ttl,
+                        timeout=_CLAIM_REQUEST_TIMEOUTS * self._settings.rpc_timeout,
+                    )
+                )
+                if reply is not None:
+                    break
             if reply is None:
                 log.debug("claim of %s: no answer from %s, fetching alone", text, target)
                 return None
@@ -409,6 +422,35 @@ class DhtNode:
     def _records_changed(self, count: int) -> None:
         if self._metrics is not None:
             self._metrics.dht_provider_records.set(count)
+
+    async def _claim_candidates(self, key: bytes) -> list[Node]:
+        """Nodes that may arbitrate the claim of `key`, closest first.
+
+        A complete lookup names the live nodes. A lookup cut short by a busy moment must not
+        shrink the candidates, or nodes would disagree on the arbiter and two would fetch: then
+        every node the routing table knows stays a candidate.
+        """
+        protocol = self._protocol
+        assert protocol is not None
+        lookup = IterativeLookup(
+            key,
+            self_id=self.node_id,
+            query=lambda node: protocol.request_find_node(node, key),
+            k=self._settings.ksize,
+            alpha=self._settings.alpha,
+        )
+        known = protocol.router.find_neighbors(Node(key), k=self._settings.ksize)
+        try:
+            async with asyncio.timeout((_CLAIM_TIMEOUTS - 1) * self._settings.rpc_timeout):
+                await lookup.run(known)
+        except TimeoutError:
+            log.debug("claim lookup for %s cut short: keeping every known node", key.hex())
+            merged = {node.id: node for node in [*lookup.closest(), *known]}
+            return sorted(
+                (node for node in merged.values() if node.id != self.node_id),
+                key=lambda node: distance(node.id, key),
+            )
+        return lookup.closest()
 
     async def _closest_nodes(self, target: bytes, *, timeout: float | None = None) -> list[Node]:
         """The k live nodes closest to `target` (not this one), closest first.

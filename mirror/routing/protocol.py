@@ -55,7 +55,7 @@ _RECEIVE_BUFFER_BYTES = 1 << 20
 # Consecutive unanswered calls before a contact leaves the routing table. kademlia evicts on the
 # first one; with timeouts of a few hundred milliseconds, one lost datagram or one busy moment
 # on the peer would then cost the table a live node.
-EVICT_AFTER_FAILURES = 2
+EVICT_AFTER_FAILURES = 3
 Address = tuple[str, int]
 Validator = Callable[[object], object]
 
@@ -450,6 +450,7 @@ class ProviderProtocol(KademliaProtocol):
         parse: Callable[[object], T],
         *,
         node: Node | None = None,
+        timeout: float | None = None,
     ) -> asyncio.Future[T | None]:
         """Send one request; the future resolves to the parsed reply, or None on no/bad reply.
 
@@ -465,7 +466,7 @@ class ProviderProtocol(KademliaProtocol):
         datagram = wire.REQUEST + msg_id + umsgpack.packb([name, args])
         if len(datagram) + SEAL_OVERHEAD > wire.MAX_DATAGRAM_BYTES:
             raise DatagramTooLarge(f"{name} request of {len(datagram)} bytes")
-        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        timer = loop.call_later(timeout or self._wait_timeout, self._timeout, msg_id)
         self._pending[msg_id] = _Pending(future, timer, parse, node)
         log.debug("calling %s on %s", name, address)
         self.transport.sendto(datagram, address)
@@ -545,7 +546,7 @@ class ProviderProtocol(KademliaProtocol):
         )
 
     def request_claim(
-        self, node: Node, key: bytes, address: str, ttl: float
+        self, node: Node, key: bytes, address: str, ttl: float, *, timeout: float | None = None
     ) -> asyncio.Future[Provider | None]:
         own = self.source_node.id
         return self._request(
@@ -554,6 +555,7 @@ class ProviderProtocol(KademliaProtocol):
             [own, key, own, address, ttl],
             wire.claim_holder,
             node=node,
+            timeout=timeout,
         )
 
     def request_release(self, node: Node, key: bytes) -> asyncio.Future[bool | None]:
