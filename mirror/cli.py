@@ -133,6 +133,22 @@ def _listed(args: argparse.Namespace, flag: str) -> list[Any]:
         raise ConfigError(f"{env}: {exc}") from exc
 
 
+# Flags `mirror run` and `mirror configure` share: the same values mean the same thing to both.
+_SHARED: dict[str, dict[str, Any]] = {
+    "--upstream": {
+        "default": None,
+        "repeatable": True,
+        "type": _typed(parse_upstream, "upstream"),
+    },
+    "--mirrored-registries": {
+        "default": None,
+        "repeatable": True,
+        "type": _typed(validate_registry, "registry"),
+    },
+    "--resolve-tags": {"default": "true", "type": _typed(parse_bool, "boolean")},
+}
+
+
 def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
     run = subparsers.add_parser("run", help="run the node agent: the registry mirror and metrics")
     flag = _FlagAdder(run, environ)
@@ -236,11 +252,9 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
     )
     flag(
         "--upstream",
-        default=None,
-        repeatable=True,
-        type=_typed(parse_upstream, "upstream"),
         help="REGISTRY=URL: where a registry is really fetched from (default https://REGISTRY; "
         "docker.io is https://registry-1.docker.io)",
+        **_SHARED["--upstream"],
     )
     flag(
         "--upstream-fallback",
@@ -263,17 +277,14 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
     )
     flag(
         "--resolve-tags",
-        default="true",
-        type=_typed(parse_bool, "boolean"),
         help="answer tags from this node and the cluster when upstream does not answer; "
         "false resolves tags only upstream",
+        **_SHARED["--resolve-tags"],
     )
     flag(
         "--mirrored-registries",
-        default=None,
-        repeatable=True,
-        type=_typed(validate_registry, "registry"),
         help="registries served (default: all); requests for others get a 404 at once",
+        **_SHARED["--mirrored-registries"],
     )
     flag(
         "--allow-client",
@@ -303,6 +314,11 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
     )
     runtimes = configure.add_subparsers(dest="runtime", required=True, parser_class=_Parser)
     mirror_help = "URL of this node's mirror, tried before anything else, in the order given"
+    mirror_flag: dict[str, Any] = {
+        "default": DEFAULT_MIRROR,
+        "repeatable": True,
+        "type": _typed(parse_mirror_url, "mirror URL"),
+    }
     containerd = runtimes.add_parser(
         "containerd", help="write a hosts.toml per registry (containerd, ctr --hosts-dir)"
     )
@@ -313,34 +329,23 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
         type=Path,
         help="containerd's registry config_path (the directory of <registry>/hosts.toml)",
     )
-    flag(
-        "--mirror",
-        default=DEFAULT_MIRROR,
-        repeatable=True,
-        type=_typed(parse_mirror_url, "mirror URL"),
-        help=mirror_help,
-    )
+    flag("--mirror", help=mirror_help, **mirror_flag)
     flag(
         "--mirrored-registries",
-        default=None,
-        repeatable=True,
-        type=_typed(validate_registry, "registry"),
         help="registries sent to the mirror (default: all: _default, and every registry "
         "directory already there)",
+        **_SHARED["--mirrored-registries"],
     )
     flag(
         "--upstream",
-        default=None,
-        repeatable=True,
-        type=_typed(parse_upstream, "upstream"),
         help="REGISTRY=URL: the server containerd falls back to, as given to `mirror run` "
         "(default https://REGISTRY; docker.io is https://registry-1.docker.io)",
+        **_SHARED["--upstream"],
     )
     flag(
         "--resolve-tags",
-        default="true",
-        type=_typed(parse_bool, "boolean"),
         help="let the mirror resolve tags; false gives it the pull capability only",
+        **_SHARED["--resolve-tags"],
     )
     flag(
         "--prepend-existing",
@@ -372,13 +377,7 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
         type=Path,
         help="dockerd's configuration file",
     )
-    flag(
-        "--mirror",
-        default=DEFAULT_MIRROR,
-        repeatable=True,
-        type=_typed(parse_mirror_url, "mirror URL"),
-        help=mirror_help,
-    )
+    flag("--mirror", help=mirror_help, **mirror_flag)
     docker.set_defaults(
         handler=lambda args: docker_daemon.configure(
             args.daemon_json, tuple(_listed(args, "--mirror"))
