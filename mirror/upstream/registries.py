@@ -30,20 +30,34 @@ def parse_upstream(text: str) -> tuple[str, str]:
         validate_registry(registry)
     except NameInvalid:
         raise ConfigError(f"upstream {text!r}: {registry!r} is not a registry host") from None
+    origin = parse_origin(
+        url,
+        f"upstream {text!r}",
+        credentials_problem="put credentials in the Docker config, not the URL",
+    )
+    return registry.lower(), origin
+
+
+def parse_origin(url: str, what: str, *, credentials_problem: str) -> str:
+    """`http(s)://HOST[:PORT]`, nothing more: a registry's v2 API always lives at `/v2/` below.
+
+    A path, query or user info would be silently dropped or, worse, leak into every request.
+    `what` names the value in the one-line error.
+    """
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError when out of range or not a number
     except ValueError as exc:
-        raise ConfigError(f"upstream {text!r}: bad URL ({exc})") from None
+        raise ConfigError(f"{what}: bad URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"upstream {text!r}: URL must start with http:// or https://")
+        raise ConfigError(f"{what}: URL must start with http:// or https://")
     if not parts.hostname:
-        raise ConfigError(f"upstream {text!r}: URL has no host")
+        raise ConfigError(f"{what}: URL has no host")
     if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"upstream {text!r}: put credentials in the Docker config, not the URL")
+        raise ConfigError(f"{what}: {credentials_problem}")
     if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith("?"):
-        raise ConfigError(f"upstream {text!r}: URL must have no path, query or fragment")
-    return registry.lower(), f"{parts.scheme}://{parts.netloc}"
+        raise ConfigError(f"{what}: URL must have no path, query or fragment")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 @dataclass(frozen=True)
