@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -38,7 +37,6 @@ from mirror.errors import (
     RegistryError,
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
-from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest, TagRef, parse_digest
 from mirror.peers.fetcher import PeerBlob, PeerFetcher
 from mirror.registry.access import Caller
@@ -47,6 +45,7 @@ from mirror.registry.ranges import ByteRange, parse_range
 from mirror.routing.dht import Provider
 from mirror.stores.base import BlobSource, Store
 from mirror.stores.cache import CacheStore
+from mirror.stores.manifests import read_manifest
 from mirror.upstream.client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -190,18 +189,10 @@ class ContentService:
         return await self._local_manifest(digest)
 
     async def _local_manifest(self, digest: Digest) -> ManifestAnswer | None:
-        blob = await self._store.open(digest)
-        if blob is None:
+        found = await read_manifest(self._store, digest)
+        if found is None:
             return None
-        try:
-            if blob.size > MAX_MANIFEST_SIZE:
-                raise ManifestUnknown(f"{digest} is too large to be a manifest")
-            body = await blob.read_all(MAX_MANIFEST_SIZE)
-        finally:
-            await blob.close()
-        media_type = detect_manifest_type(body)
-        if media_type is None:
-            raise ManifestUnknown(f"{digest} is not a manifest")
+        body, media_type = found
         return ManifestAnswer(str(digest), body, media_type, SOURCE_LOCAL)
 
     async def _manifest_by_digest(
@@ -232,8 +223,7 @@ class ContentService:
     async def _keep_manifest(self, digest: Digest, body: bytes) -> None:
         if self._cache is None:
             return
-        if "sha256:" + hashlib.sha256(body).hexdigest() != str(digest):
-            return
+        # The cache verifies the bytes against the digest before keeping them.
         try:
             await self._cache.put(digest, body)
         except (MirrorError, OSError) as exc:

@@ -59,10 +59,6 @@ class PeerBlob:
     length: int
     chunks: AsyncIterator[bytes] | None
 
-    @property
-    def is_partial(self) -> bool:
-        return self.offset != 0 or self.length != self.size
-
 
 class _PeerSlowOrFailed(Exception):
     """One attempt at one peer failed; the caller moves on to the next provider."""

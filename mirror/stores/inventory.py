@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mirror.errors import DigestInvalid
-from mirror.oci.mediatypes import INDEX_TYPES, MAX_MANIFEST_SIZE, detect_manifest_type
+from mirror.errors import DigestInvalid, ManifestUnknown
+from mirror.oci.mediatypes import INDEX_TYPES
 from mirror.oci.mediatypes import referenced_digests as children_of
 from mirror.oci.reference import Digest, parse_digest
 from mirror.stores.base import Store
+from mirror.stores.manifests import read_manifest
 
 
 @dataclass(slots=True)
@@ -43,18 +44,13 @@ async def _walk_manifest(store: Store, digest: Digest, inventory: Inventory, dep
     """Add a manifest and what it references that is present; False if the manifest is absent."""
     if str(digest) in inventory.digests:
         return True
-    blob = await store.open(digest)
-    if blob is None:
-        return False
     try:
-        if blob.size > MAX_MANIFEST_SIZE:
-            return False
-        body = await blob.read_all(MAX_MANIFEST_SIZE)
-    finally:
-        await blob.close()
-    media_type = detect_manifest_type(body)
-    if media_type is None:
+        found = await read_manifest(store, digest)
+    except ManifestUnknown:
         return False
+    if found is None:
+        return False
+    body, media_type = found
     inventory.digests.add(str(digest))
     for child_text in children_of(body):
         try:
