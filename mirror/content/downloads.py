@@ -30,6 +30,10 @@ class DownloadFailed(StoreUnavailable):
     """The download a reader was following did not complete with the right bytes."""
 
 
+class DownloadAbandoned(DownloadFailed):
+    """The reservation a reader joined was given up: another node fetches the blob."""
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """An opened origin of a blob: its size and its bytes from the start."""
@@ -78,6 +82,10 @@ class Download:
             raise
         except (MirrorError, OSError) as exc:
             log.warning("download of %s failed: %s", self.digest, exc)
+            self._finish(exc)
+        except Exception as exc:
+            # A bug, not a bad origin: readers must still fail rather than wait or see a miss.
+            log.exception("download of %s failed unexpectedly", self.digest)
             self._finish(exc)
         finally:
             self._started.set()
@@ -198,7 +206,7 @@ class Downloads:
 
     def abandon(self, download: Download, reason: str) -> None:
         """Give a reservation up (another node fetches it); its waiters fail over."""
-        download._finish(DownloadFailed(reason))
+        download._finish(DownloadAbandoned(reason))
         download._started.set()
         if self._running.get(str(download.digest)) is download:
             del self._running[str(download.digest)]

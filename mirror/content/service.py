@@ -27,7 +27,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mirror.content.downloads import Download, DownloadFailed, Downloads, Source
+from mirror.content.downloads import (
+    Download,
+    DownloadAbandoned,
+    DownloadFailed,
+    Downloads,
+    Source,
+)
 from mirror.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -235,18 +241,24 @@ class ContentService:
         self, target: Target, digest: Digest, caller: Caller, range_header: str | None, head: bool
     ) -> BlobAnswer:
         self._check_mirrored(target)
-        local = await self._store.open(digest)
-        if local is not None:
-            try:
-                byte_range = parse_range(range_header, local.size)
-            except BaseException:
-                await local.close()
-                raise
-            return BlobAnswer(SOURCE_LOCAL, local.size, byte_range, local=local)
-        running = self._downloads.get(digest) if self._downloads is not None else None
-        if running is not None:
+        try:
+            return await self._find_blob(target, digest, caller, range_header, head)
+        except DownloadAbandoned as exc:
+            if caller is not Caller.RUNTIME:
+                raise BlobUnknown(f"blob {digest} is not held here") from exc
+            # The request this one joined lost the claim to another node: look again, and
+            # find that node's claim this time.
+            return await self._find_blob(target, digest, caller, range_header, head)
+
+    async def _find_blob(
+        self, target: Target, digest: Digest, caller: Caller, range_header: str | None, head: bool
+    ) -> BlobAnswer:
+        held = await self._held_here(digest)
+        if isinstance(held, Download):
             self._metrics.coalesced_waits.labels("node").inc()
-            return await self._from_download(running, range_header, head)
+            return await self._from_download(held, range_header, head)
+        if held is not None:
+            return await _local_answer(held, range_header)
         if caller is not Caller.RUNTIME:
             raise BlobUnknown(f"blob {digest} is not held here")
         path = _peer_path(target, digest)
@@ -260,11 +272,34 @@ class ContentService:
             return await self._upstream_range(target, digest, range_header, head)
         return await self._fetch_once(target, digest, path, range_header, head)
 
+    async def _held_here(self, digest: Digest) -> BlobSource | Download | None:
+        """This node's copy of `digest`, or the download of it under way here.
+
+        The downloads and the cache are looked at together after the store answered, with no
+        await in between: a download that ended while the store was being asked has moved into
+        the cache by then, so a blob this node fetches is never reported missing.
+        """
+        local = await self._store.open(digest)
+        if local is not None:
+            return local
+        running = self._downloads.get(digest) if self._downloads is not None else None
+        if running is not None:
+            return running
+        if self._cache is not None and self._cache.holds(digest):
+            return await self._cache.open(digest)
+        return None
+
     async def _fetch_once(
         self, target: Target, digest: Digest, path: str, range_header: str | None, head: bool
     ) -> BlobAnswer:
         """Fetch from upstream, once for the cluster; join whoever already fetches it."""
         assert self._downloads is not None and self._upstream is not None
+        assert self._cache is not None
+        if self._cache.holds(digest):
+            # Fetched here while the peers were asked.
+            local = await self._cache.open(digest)
+            if local is not None:
+                return await _local_answer(local, range_header)
         download, reserved = self._downloads.reserve(digest)
         if not reserved:
             self._metrics.coalesced_waits.labels("node").inc()
@@ -339,6 +374,8 @@ class ContentService:
     ) -> BlobAnswer:
         try:
             size = await download.wait_started()
+        except DownloadAbandoned:
+            raise
         except DownloadFailed as exc:
             raise BlobUnknown(f"{download.digest} could not be fetched: {exc}") from exc
         if size is None:
@@ -383,6 +420,15 @@ def _forwardable(range_header: str | None) -> str | None:
     if range_header is None:
         return None
     return range_header if parse_range(range_header, 1 << 62) is not None else None
+
+
+async def _local_answer(local: BlobSource, range_header: str | None) -> BlobAnswer:
+    try:
+        byte_range = parse_range(range_header, local.size)
+    except BaseException:
+        await local.close()
+        raise
+    return BlobAnswer(SOURCE_LOCAL, local.size, byte_range, local=local)
 
 
 def _peer_answer(found: PeerBlob, range_header: str | None) -> BlobAnswer:

@@ -3,7 +3,7 @@
 Built on kademlia's `Server` with `ProviderProtocol`; see protocol.py for what is changed and why.
 Every network operation is bounded in time: lookups for a pull have a hard deadline of
 `resolve_timeout` (a miss must cost a pull milliseconds, not seconds), maintenance lookups
-(provide, withdraw, bootstrap) a few RPC timeouts, and a claim `_CLAIM_TIMEOUTS` RPC timeouts.
+(provide, withdraw, bootstrap) a few RPC timeouts, and a claim `claim_deadline`.
 """
 
 from __future__ import annotations
@@ -41,12 +41,22 @@ T = TypeVar("T")
 # Maintenance lookups (provide, withdraw, bootstrap crawl) may take this many RPC timeouts.
 _CRAWL_TIMEOUTS = 4
 # A claim's node lookup may take this many RPC timeouts; the claim request itself gets
-# `_CLAIM_REQUEST_TIMEOUTS` of them, twice. A claim precedes a transfer of seconds: waiting a
-# little longer on a busy arbiter is far cheaper than a second upstream download, which is what
-# giving up (or asking another arbiter) costs. Measured: with 24 processes starting pulls at once
-# on 2 CPUs, 0.25 s replies were late often enough to split claims between two arbiters.
-_CLAIM_TIMEOUTS = 3
+# `_CLAIM_REQUEST_TIMEOUTS` of them, twice per arbiter. A claim precedes a transfer of seconds:
+# waiting a little longer on a busy arbiter is far cheaper than a second upstream download, which
+# is what giving up (or asking another arbiter too soon) costs. Measured: with 24 processes
+# starting pulls at once on 2 CPUs, 0.25 s replies were late often enough to split claims
+# between two arbiters.
+_CLAIM_LOOKUP_TIMEOUTS = 2
 _CLAIM_REQUEST_TIMEOUTS = 4
+# A claim nobody answers moves on to the next closest node, at most this many in all.
+_CLAIM_ARBITERS = 2
+
+
+def claim_deadline(rpc_timeout: float) -> float:
+    """The longest a claim can take: its lookup, then two tries at each arbiter it asks."""
+    return (_CLAIM_LOOKUP_TIMEOUTS + 2 * _CLAIM_ARBITERS * _CLAIM_REQUEST_TIMEOUTS) * rpc_timeout
+
+
 # How often buckets not touched for an hour (kademlia's "lonely" ones) are refreshed.
 _REFRESH_INTERVAL = 600.0
 
@@ -160,9 +170,9 @@ class DhtNode:
         self._metrics = metrics
         self._store = ProviderStore(on_change=self._records_changed)
         self._claims = ClaimStore()
-        # Key -> the remote node our claim of it was sent to, and until when that claim lives:
-        # `release` goes straight there (the claim may be held even if its reply was lost).
-        self._claimed_at: dict[bytes, tuple[Node, float]] = {}
+        # Key -> the remote arbiters our claim of it was sent to, and until when it lives:
+        # `release` goes straight there (a claim may be held even if its reply was lost).
+        self._claimed_at: dict[bytes, tuple[tuple[Node, ...], float]] = {}
         self._server = _DhtServer(
             node_id=node_id,
             settings=self._settings,
@@ -336,19 +346,24 @@ class DhtNode:
     async def claim(self, text: str, ttl: float = 30.0) -> Provider | None:
         """Claim the upstream fetch of `text` for this node, across the cluster.
 
-        The claim is kept by the node closest to the key of `text`, found with a node lookup as
-        `provide` does (this node itself when it knows none closer); it serialises competing
-        claims. Returns None when this node holds the claim now and should fetch, or the
-        provider (node id and HTTP address) of the node that already holds a live claim: stream
-        from that one. Claiming again as the holder renews the claim; it lives `ttl` seconds
-        (at most `record_ttl`) from the last claim, unless released.
+        The claim is kept by an arbiter: the node closest to the key of `text` (this node itself
+        when it knows none closer); it serialises competing claims. Returns None when this node
+        holds the claim now and should fetch, or the provider (node id and HTTP address) of the
+        node that already holds a live claim: stream from that one. Claiming again as the holder
+        renews the claim; it lives `ttl` seconds (at most `record_ttl`) from the last claim,
+        unless released.
 
-        Hard deadline: the lookup gets `_CLAIM_TIMEOUTS - 1` RPC timeouts, the claim request two
-        tries of `_CLAIM_REQUEST_TIMEOUTS` (2.5 s in all at the default RPC timeout). If the
-        closest node does not answer by then, returns None: acting alone costs a duplicate
-        upstream fetch, waiting on an unreachable node would cost the pull itself. Concurrent
-        claims from one node for the same text all win: coalescing inside a node is the
-        caller's job.
+        Every node must pick the same arbiter, so a node that was merely slow to answer the
+        lookup stays a candidate: on a busy machine a late reply is far likelier than a dead
+        node, and dropping it would elect a second arbiter and a second upstream fetch. When the
+        arbiter does not answer the claim, the next closest node arbitrates: every claimer falls
+        back the same way, so a dead arbiter still yields one fetch.
+
+        Hard deadline (`claim_deadline`): the lookup gets `_CLAIM_LOOKUP_TIMEOUTS` RPC timeouts,
+        each of at most `_CLAIM_ARBITERS` arbiters two tries of `_CLAIM_REQUEST_TIMEOUTS`. If
+        none answers, returns None: acting alone costs a duplicate upstream fetch, waiting on
+        unreachable nodes would cost the pull itself. Concurrent claims from one node for the
+        same text all win: coalescing inside a node is the caller's job.
         """
         if not (math.isfinite(ttl) and ttl > 0):
             raise ValueError("a claim's ttl is a positive number of seconds")
@@ -356,50 +371,71 @@ class DhtNode:
         key = dht_key(text)
         ttl = min(ttl, self._settings.record_ttl)
         self._forget_expired_claims()
-        closest = await self._claim_candidates(key)
-        if not closest or distance(self.node_id, key) < distance(closest[0].id, key):
-            holder = self._claims.claim(key, self._self_provider(), ttl)
+        candidates = await self._claim_candidates(key)
+        for arbiter in self._arbiters(key, candidates):
+            if arbiter is None:
+                holder = self._claims.claim(key, self._self_provider(), ttl)
+                break
+            reply = await self._claim_at(protocol, arbiter, key, ttl)
+            if reply is not None:
+                holder = reply
+                break
+            log.debug("claim of %s: no answer from %s", text, arbiter)
         else:
-            target = closest[0]
-            # Remembered before the reply: a claim whose reply is lost may still be held there.
-            self._claimed_at[key] = (target, time.monotonic() + ttl)
-            reply = None
-            for _ in range(2):
-                reply = await asyncio.shield(
-                    protocol.request_claim(
-                        target,
-                        key,
-                        self.http_address,
-                        ttl,
-                        timeout=_CLAIM_REQUEST_TIMEOUTS * self._settings.rpc_timeout,
-                    )
-                )
-                if reply is not None:
-                    break
-            if reply is None:
-                log.debug("claim of %s: no answer from %s, fetching alone", text, target)
-                return None
-            holder = reply
-            if holder.node_id != self.node_id:
-                self._claimed_at.pop(key, None)
+            log.debug("claim of %s: no arbiter answered, fetching alone", text)
+            return None
         if holder.node_id == self.node_id:
             return None
+        self._claimed_at.pop(key, None)
         log.debug("claim of %s: %s is fetching it", text, holder.address)
         return holder
+
+    def _arbiters(self, key: bytes, candidates: list[Node]) -> list[Node | None]:
+        """The nodes to ask for the claim of `key`, in order; None stands for this node."""
+        own = distance(self.node_id, key)
+        closer = [node for node in candidates if distance(node.id, key) < own]
+        if len(closer) >= _CLAIM_ARBITERS:
+            return list(closer[:_CLAIM_ARBITERS])
+        return [*closer, None]
+
+    async def _claim_at(
+        self, protocol: ProviderProtocol, arbiter: Node, key: bytes, ttl: float
+    ) -> Provider | None:
+        """The arbiter's answer to our claim, with one retry; None if it never answered."""
+        # Remembered before the reply: a claim whose reply is lost may still be held there.
+        asked, _ = self._claimed_at.get(key, ((), 0.0))
+        if all(node.id != arbiter.id for node in asked):
+            asked = (*asked, arbiter)
+        self._claimed_at[key] = (asked, time.monotonic() + ttl)
+        for _ in range(2):
+            reply = await asyncio.shield(
+                protocol.request_claim(
+                    arbiter,
+                    key,
+                    self.http_address,
+                    ttl,
+                    timeout=_CLAIM_REQUEST_TIMEOUTS * self._settings.rpc_timeout,
+                )
+            )
+            if reply is not None:
+                return reply
+        return None
 
     async def release(self, text: str) -> None:
         """Best effort: drop this node's claim of `text`, once its fetch ended (either way).
 
-        The release goes to the node the claim was sent to (remembered by `claim`, so no lookup
-        is needed) and takes at most one RPC timeout; a claim never released expires anyway.
+        The release goes to the arbiters the claim was sent to (remembered by `claim`, so no
+        lookup is needed) and takes at most one RPC timeout; a claim never released expires.
         """
         key = dht_key(text)
         self._claims.release(key, self.node_id)
-        remote = self._claimed_at.pop(key, None)
+        asked, _ = self._claimed_at.pop(key, ((), 0.0))
         protocol = self._protocol
-        if remote is None or protocol is None:
+        if not asked or protocol is None:
             return
-        await asyncio.shield(protocol.request_release(remote[0], key))
+        await asyncio.shield(
+            asyncio.gather(*(protocol.request_release(node, key) for node in asked))
+        )
 
     def _forget_expired_claims(self) -> None:
         now = time.monotonic()
@@ -426,9 +462,9 @@ class DhtNode:
     async def _claim_candidates(self, key: bytes) -> list[Node]:
         """Nodes that may arbitrate the claim of `key`, closest first.
 
-        A complete lookup names the live nodes. A lookup cut short by a busy moment must not
-        shrink the candidates, or nodes would disagree on the arbiter and two would fetch: then
-        every node the routing table knows stays a candidate.
+        Every node the lookup heard of, whether it answered or not, and every node the routing
+        table knows: a reply that came late, or a lookup cut short by a busy moment, must not
+        shrink the candidates, or nodes would disagree on the arbiter and two would fetch.
         """
         protocol = self._protocol
         assert protocol is not None
@@ -441,16 +477,15 @@ class DhtNode:
         )
         known = protocol.router.find_neighbors(Node(key), k=self._settings.ksize)
         try:
-            async with asyncio.timeout((_CLAIM_TIMEOUTS - 1) * self._settings.rpc_timeout):
+            async with asyncio.timeout(_CLAIM_LOOKUP_TIMEOUTS * self._settings.rpc_timeout):
                 await lookup.run(known)
         except TimeoutError:
             log.debug("claim lookup for %s cut short: keeping every known node", key.hex())
-            merged = {node.id: node for node in [*lookup.closest(), *known]}
-            return sorted(
-                (node for node in merged.values() if node.id != self.node_id),
-                key=lambda node: distance(node.id, key),
-            )
-        return lookup.closest()
+        merged = {node.id: node for node in [*lookup.heard_of(), *known]}
+        return sorted(
+            (node for node in merged.values() if node.id != self.node_id),
+            key=lambda node: distance(node.id, key),
+        )
 
     async def _closest_nodes(self, target: bytes, *, timeout: float | None = None) -> list[Node]:
         """The k live nodes closest to `target` (not this one), closest first.

@@ -57,6 +57,11 @@ class IterativeLookup:
         """Nodes that answered, closest to the target first, at most k."""
         return heapq.nsmallest(self._k, self._responded.values(), key=self._distance)
 
+    def heard_of(self) -> list[Node]:
+        """Every node the lookup learned of, answered or not (for callers that must not
+        mistake a late reply for a dead node)."""
+        return list(self._known.values())
+
     async def run(self, seeds: Iterable[Node]) -> None:
         """Walk until the k closest known nodes have all answered, or enough providers."""
         self._learn(seeds)

@@ -86,6 +86,10 @@ class CacheStore(Store):
                 found.append((stat.st_atime, f"{algorithm_dir.name}:{entry.name}", stat.st_size))
         return [(digest, size) for _, digest, size in sorted(found)]
 
+    def holds(self, digest: Digest) -> bool:
+        """Whether `digest` is published here, from memory: no await between asking and acting."""
+        return str(digest) in self._lru
+
     def blob_path(self, digest: Digest) -> Path:
         return self._blobs / digest.algorithm / digest.hex
 
