@@ -3,7 +3,7 @@
 import pytest
 
 from mirror.errors import DigestInvalid, EndpointUnknown, NameInvalid
-from mirror.oci.reference import parse_digest, parse_image_name, tag_ref
+from mirror.oci.reference import is_registry, parse_digest, parse_image_name, tag_ref
 from mirror.registry.paths import Kind, parse_target
 
 HEX = "a" * 64
@@ -109,3 +109,24 @@ def test_registry_in_the_first_path_component(path: str, registry: str, reposito
 def test_ns_wins_over_a_dotted_first_component() -> None:
     target = parse_target("my.org/app/manifests/1", "ghcr.io")
     assert (target.registry, target.repository) == ("ghcr.io", "my.org/app")
+
+
+@pytest.mark.parametrize(
+    ("host", "valid"),
+    [
+        ("localhost:65535", True),
+        ("localhost:1", True),
+        ("[::1]:5000", True),
+        ("[fd00::12]", True),
+        # Would only fail later, when a URL is made of them: refused with the name.
+        ("localhost:99999", False),
+        ("localhost:0", False),
+        ("[:::::]", False),
+        ("[1.2.3.4]", False),
+    ],
+)
+def test_registry_ports_and_addresses(host: str, valid: bool) -> None:
+    assert is_registry(host) is valid
+    if not valid:
+        with pytest.raises(NameInvalid):
+            parse_target("a/manifests/x", host)

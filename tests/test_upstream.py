@@ -567,6 +567,9 @@ async def test_misbehaving_registry(make_client: ClientFactory) -> None:
             return web.Response(body=b" " * (MAX_MANIFEST_SIZE + 1), content_type="text/plain")
         if reference == "basic":
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="x"'})
+        if reference == "bad-redirect":
+            # A Location yarl parses but nothing can connect to.
+            return web.Response(status=307, headers={"Location": "http://127.0.0.1:99999/x"})
         if reference == "lying":
             # Claims a digest the body does not have: the computed one is used instead.
             headers = {"Docker-Content-Digest": other_digest, "Content-Type": OCI_MANIFEST}
@@ -587,6 +590,8 @@ async def test_misbehaving_registry(make_client: ClientFactory) -> None:
             await client.get_manifest(host, "a/b", "basic")
         with pytest.raises(UpstreamError, match="does not match"):
             await client.get_manifest(host, "a/b", other_digest)
+        with pytest.raises(UpstreamError, match="bad redirect Location"):
+            await client.get_manifest(host, "a/b", "bad-redirect")
 
         lying = await client.get_manifest(host, "a/b", "lying")
         assert lying is not None and lying.digest == good_digest
@@ -596,7 +601,7 @@ async def test_misbehaving_registry(make_client: ClientFactory) -> None:
         ref = await client.head_manifest(host, "a/b", "latest", timeout=5)
         assert ref is not None
         assert (ref.digest, ref.media_type, ref.size) == (good_digest, OCI_MANIFEST, len(good))
-        assert fetches(metrics, "manifest", "error") == 4
+        assert fetches(metrics, "manifest", "error") == 5
     finally:
         await runner.cleanup()
 

@@ -6,6 +6,7 @@ file outside a store: a digest that passed `parse_digest` is an algorithm and lo
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HEX_RE = re.compile(r"[a-f0-9]+")
 _HOST_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _REGISTRY_RE = re.compile(
-    rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?"
+    rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[(?P<ipv6>[0-9a-fA-F:.]+)\])(?::(?P<port>[0-9]{{1,5}}))?"
 )
 # The spec caps a repository name (with its registry) at 255 characters.
 _MAX_NAME_LENGTH = 255
@@ -85,7 +86,19 @@ def validate_tag(tag: str) -> str:
 
 
 def is_registry(host: str) -> bool:
-    return len(host) <= _MAX_NAME_LENGTH and _REGISTRY_RE.fullmatch(host) is not None
+    """A host name or bracketed IPv6 address, with a port in 1-65535 if any: a URL can be
+    made of it (a name that only looks right would fail later, at the upstream request)."""
+    match = _REGISTRY_RE.fullmatch(host) if len(host) <= _MAX_NAME_LENGTH else None
+    if match is None:
+        return False
+    if match["port"] is not None and not 0 < int(match["port"]) <= 65535:
+        return False
+    if match["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["ipv6"])
+        except ValueError:
+            return False
+    return True
 
 
 def validate_registry(host: str) -> str:
