@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from mirror.config import Address, LogLevel, RoutingConfig, RunConfig, StoreKind
 from mirror.content.service import ContentPolicy, ContentService
@@ -111,9 +112,32 @@ async def open_stores(config: RunConfig, metrics: Metrics) -> tuple[Store, Cache
     return LayeredStore(runtime, cache), cache
 
 
+class _MalformedRequests(logging.Filter):
+    """One INFO line, not an ERROR with a traceback, for a request aiohttp cannot parse.
+
+    The client already got its 400; a traceback per garbage request would let anyone who can
+    reach the port fill the node's log, and hide the errors that matter.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            detail = " ".join(str(exc.message).split())  # aiohttp's spans lines
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = f"malformed request from {remote}, answered 400: {detail}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_HTTP_LOG = logging.getLogger("mirror.http")
+_HTTP_LOG.addFilter(_MalformedRequests())
+
+
 async def _serve(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:
     access_logger = logging.getLogger("mirror.access") if access_log else None
-    runner = web.AppRunner(app, access_log=access_logger)
+    runner = web.AppRunner(app, access_log=access_logger, logger=_HTTP_LOG)
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
     try:
