@@ -29,7 +29,8 @@ upstream once with skopeo. Then the modes run one after the other, each on fresh
   printed after the pulls.
 
 The pulls of a mode start together (threads released by one barrier, each running
-`ip netns exec cpb-nI ctr images pull --hosts-dir ...`; ctr fetches and containerd unpacks).
+`ip netns exec cpb-nI ctr images pull --hosts-dir ...`; ctr fetches and containerd unpacks;
+with `--no-unpack`, `ctr content fetch`: the same transfers without the unpacking).
 Completion time is from the first pull's start to the last pull's end. Upstream bytes are the sum
 of the response body sizes in the upstream registry's access log (GETs of manifests and blobs)
 for the mode; the bytes the shaped qdisc sent (`tc -s`, IP packets with headers, ACKs excluded as
@@ -660,7 +661,9 @@ class Bench:
             # Straight to upstream: --plain-http (containerd 1.6 rejects a hosts.toml that
             # names only a server: "invalid `host` tree").
             where = ["--hosts-dir", str(node.hosts_dir)] if mirrored else ["--plain-http"]
-            argv = in_ns(node.namespace, *node.ctr_argv("images", "pull", *where, self.ref))
+            # `content fetch`: the same transfers, without unpacking (or an image record).
+            command = ("content", "fetch") if self.args.no_unpack else ("images", "pull")
+            argv = in_ns(node.namespace, *node.ctr_argv(*command, *where, self.ref))
             try:
                 barrier.wait()
             except threading.BrokenBarrierError:
@@ -702,7 +705,7 @@ class Bench:
         assert self.image is not None
         for node in nodes:
             listed = run(*node.ctr_argv("images", "ls", "-q")).stdout.split()
-            if self.ref not in listed:
+            if self.ref not in listed and not self.args.no_unpack:
                 raise RuntimeError(f"node {node.index} has no image {self.ref}: {listed}")
             for digest, size in self.image.blobs.items():
                 path = node.content_dir / digest.replace(":", "/", 1)
@@ -981,6 +984,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--clean-leftovers",
         action="store_true",
         help="remove namespaces, links and temporary directories an earlier run left",
+    )
+    parser.add_argument(
+        "--no-unpack",
+        action="store_true",
+        help="fetch with `ctr content fetch` (no unpacking): the transfers without the CPU "
+        "containerd spends unpacking, which every node pays with or without a mirror",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 when mode mirror misses a target"
