@@ -165,12 +165,13 @@ async def test_claim_acts_alone_when_its_arbiters_die_after_the_lookup(
         assert await other.claim(text) is None  # a live claim the claimer can no longer see
         lookup = claimer._claim_candidates
 
-        async def lookup_then_die(target: bytes) -> list[Node]:
-            found = await lookup(target)
+        async def lookup_then_die(target: bytes) -> tuple[list[Node], set[bytes]]:
+            found, silent = await lookup(target)
             assert [node.id for node in found[:2]] == [keeper.node_id, successor.node_id]
+            assert not silent
             await keeper.close()
             await successor.close()
-            return found
+            return found, silent
 
         monkeypatch.setattr(claimer, "_claim_candidates", lookup_then_die)
         started = time.monotonic()

@@ -53,7 +53,7 @@ _CLAIM_ARBITERS = 2
 
 
 def claim_deadline(rpc_timeout: float) -> float:
-    """The longest a claim can take: its lookup, then two tries at each arbiter it asks."""
+    """The longest a claim can take: its lookup, then at most two tries at each arbiter."""
     return (_CLAIM_LOOKUP_TIMEOUTS + 2 * _CLAIM_ARBITERS * _CLAIM_REQUEST_TIMEOUTS) * rpc_timeout
 
 
@@ -360,9 +360,10 @@ class DhtNode:
         back the same way, so a dead arbiter still yields one fetch.
 
         Hard deadline (`claim_deadline`): the lookup gets `_CLAIM_LOOKUP_TIMEOUTS` RPC timeouts,
-        each of at most `_CLAIM_ARBITERS` arbiters two tries of `_CLAIM_REQUEST_TIMEOUTS`. If
-        none answers, returns None: acting alone costs a duplicate upstream fetch, waiting on
-        unreachable nodes would cost the pull itself. Concurrent claims from one node for the
+        each of at most `_CLAIM_ARBITERS` arbiters two tries of `_CLAIM_REQUEST_TIMEOUTS` (one
+        if it did not answer the lookup either: a late reply, or a dead node). If none answers,
+        returns None: acting alone costs a duplicate upstream fetch, waiting on unreachable
+        nodes would cost the pull itself. Concurrent claims from one node for the
         same text all win: coalescing inside a node is the caller's job.
         """
         if not (math.isfinite(ttl) and ttl > 0):
@@ -371,12 +372,13 @@ class DhtNode:
         key = dht_key(text)
         ttl = min(ttl, self._settings.record_ttl)
         self._forget_expired_claims()
-        candidates = await self._claim_candidates(key)
+        candidates, silent = await self._claim_candidates(key)
         for arbiter in self._arbiters(key, candidates):
             if arbiter is None:
                 holder = self._claims.claim(key, self._self_provider(), ttl)
                 break
-            reply = await self._claim_at(protocol, arbiter, key, ttl)
+            tries = 1 if arbiter.id in silent else 2
+            reply = await self._claim_at(protocol, arbiter, key, ttl, tries)
             if reply is not None:
                 holder = reply
                 break
@@ -399,15 +401,15 @@ class DhtNode:
         return [*closer, None]
 
     async def _claim_at(
-        self, protocol: ProviderProtocol, arbiter: Node, key: bytes, ttl: float
+        self, protocol: ProviderProtocol, arbiter: Node, key: bytes, ttl: float, tries: int
     ) -> Provider | None:
-        """The arbiter's answer to our claim, with one retry; None if it never answered."""
+        """The arbiter's answer to our claim, in `tries` tries; None if it never answered."""
         # Remembered before the reply: a claim whose reply is lost may still be held there.
         asked, _ = self._claimed_at.get(key, ((), 0.0))
         if all(node.id != arbiter.id for node in asked):
             asked = (*asked, arbiter)
         self._claimed_at[key] = (asked, time.monotonic() + ttl)
-        for _ in range(2):
+        for _ in range(tries):
             reply = await asyncio.shield(
                 protocol.request_claim(
                     arbiter,
@@ -459,12 +461,14 @@ class DhtNode:
         if self._metrics is not None:
             self._metrics.dht_provider_records.set(count)
 
-    async def _claim_candidates(self, key: bytes) -> list[Node]:
-        """Nodes that may arbitrate the claim of `key`, closest first.
+    async def _claim_candidates(self, key: bytes) -> tuple[list[Node], set[bytes]]:
+        """Nodes that may arbitrate the claim of `key`, closest first, and the silent ones.
 
         Every node the lookup heard of, whether it answered or not, and every node the routing
         table knows: a reply that came late, or a lookup cut short by a busy moment, must not
-        shrink the candidates, or nodes would disagree on the arbiter and two would fetch.
+        shrink the candidates, or nodes would disagree on the arbiter and two would fetch. The
+        ids of those that did not answer the lookup come second: a dead node others still
+        list gets one try at the claim, not two, so it costs a claim less time.
         """
         protocol = self._protocol
         assert protocol is not None
@@ -482,10 +486,11 @@ class DhtNode:
         except TimeoutError:
             log.debug("claim lookup for %s cut short: keeping every known node", key.hex())
         merged = {node.id: node for node in [*lookup.heard_of(), *known]}
-        return sorted(
+        candidates = sorted(
             (node for node in merged.values() if node.id != self.node_id),
             key=lambda node: distance(node.id, key),
         )
+        return candidates, lookup.silent()
 
     async def _closest_nodes(self, target: bytes, *, timeout: float | None = None) -> list[Node]:
         """The k live nodes closest to `target` (not this one), closest first.

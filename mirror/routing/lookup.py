@@ -57,6 +57,10 @@ class IterativeLookup:
         """Nodes that answered, closest to the target first, at most k."""
         return heapq.nsmallest(self._k, self._responded.values(), key=self._distance)
 
+    def silent(self) -> set[bytes]:
+        """Ids of the nodes that were asked and did not answer (in time)."""
+        return set(self._failed)
+
     def heard_of(self) -> list[Node]:
         """Every node the lookup learned of, answered or not (for callers that must not
         mistake a late reply for a dead node)."""
