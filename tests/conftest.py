@@ -9,11 +9,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness.containerd import CONTAINERD_BINARY, CTR_BINARY, ContainerdNode, start_containerd
+from harness.dockerd import DOCKER_BINARY, DOCKERD_BINARY, DockerNode, start_dockerd
 from harness.images import SKOPEO_BINARY, TestImages, build_test_images
 from harness.mirror_node import MirrorNode, start_mirror
+from harness.process import stop_all
 from harness.registry import REGISTRY_BINARY, Registry
 
 # pytest puts this directory (tests/ has no __init__.py) on sys.path: import the harness as
@@ -58,8 +61,7 @@ def registry_factory(
         return reg
 
     yield make
-    for reg in reversed(started):
-        reg.stop()
+    stop_all(started)
 
 
 @pytest.fixture
@@ -81,14 +83,7 @@ def containerd_factory(
         return node
 
     yield make
-    errors = []
-    for node in reversed(nodes):
-        try:
-            node.stop()
-        except Exception as exc:  # keep stopping the others
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    stop_all(nodes)
 
 
 @pytest.fixture
@@ -106,14 +101,7 @@ def mirror_factory(tmp_path: Path) -> Iterator[Callable[..., MirrorNode]]:
         return node
 
     yield make
-    for node in started:
-        node.stop()
-
-
-# Imports for the fixtures below, which were appended to this file (others edit the top).
-from typing import Any  # noqa: E402
-
-from harness.dockerd import DOCKER_BINARY, DOCKERD_BINARY, DockerNode, start_dockerd  # noqa: E402
+    stop_all(started)
 
 
 @pytest.fixture
@@ -140,11 +128,4 @@ def dockerd_factory(tmp_path: Path) -> Iterator[Callable[..., DockerNode]]:
         return node
 
     yield make
-    errors = []
-    for node in reversed(nodes):
-        try:
-            node.stop()
-        except Exception as exc:  # keep stopping the others
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    stop_all(nodes)

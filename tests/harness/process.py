@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 
 class ManagedProcess:
@@ -105,3 +106,22 @@ class ManagedProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_all(stoppables: Iterable[Stoppable]) -> None:
+    """Stop every one, last started first; one failing does not leave the others running.
+
+    The first failure is raised once all were asked to stop.
+    """
+    errors: list[Exception] = []
+    for stoppable in reversed(list(stoppables)):
+        try:
+            stoppable.stop()
+        except Exception as exc:  # keep stopping the others
+            errors.append(exc)
+    if errors:
+        raise errors[0]
