@@ -44,7 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirror.clusterkey import ClusterKey
-from mirror.routing import DhtNode, stable_node_id
+from mirror.routing.dht import DhtNode
+from mirror.routing.keys import stable_node_id
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:

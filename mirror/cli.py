@@ -1,5 +1,10 @@
 """The `mirror` command line. Every flag of `mirror run` may also come from `MIRROR_<FLAG>`.
 
+This is the one module that reads the process's variables: `MIRROR_<FLAG>` for every flag,
+and the few that other programs define and mirror honours (`DOCKER_HOST`, and what
+Kubernetes and Nomad put into a workload, see `OTHER_VARIABLES`). They go into the typed
+configuration of mirror.config, built once here and passed down.
+
 Errors end the program with one line on stderr and a non-zero status, never a traceback.
 """
 
@@ -13,10 +18,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 from mirror import __version__
 from mirror.config import (
+    DEFAULT_DOCKER_HOST,
     ContainerdConfig,
     LogLevel,
     RoutingConfig,
@@ -32,9 +39,70 @@ from mirror.config import (
 )
 from mirror.errors import ConfigError, MirrorError
 from mirror.oci.reference import validate_registry
+from mirror.routing.bootstrap.env import (
+    SERVICE_ACCOUNT_DIR,
+    KubernetesEnv,
+    NomadEnv,
+    OrchestratorEnv,
+)
 from mirror.upstream.registries import parse_upstream
 
 PROG = "mirror"
+
+
+# Variables other programs define that mirror honours besides MIRROR_<FLAG>, with what they
+# mean to it (docs/configuration.md lists them). Read in this module only.
+OTHER_VARIABLES: Mapping[str, str] = MappingProxyType(
+    {
+        "DOCKER_HOST": "Docker's API socket when neither --docker-host nor MIRROR_DOCKER_HOST is "
+        "set, as the docker CLI reads it",
+        "KUBERNETES_SERVICE_HOST": "the API server's address, for --bootstrap kubernetes: "
+        "(Kubernetes sets it in every pod; the token and CA are read from "
+        f"{SERVICE_ACCOUNT_DIR})",
+        "KUBERNETES_SERVICE_PORT": "the API server's port, for --bootstrap kubernetes:",
+        "NOMAD_ADDR": "the Nomad HTTP API for --bootstrap nomad: http://HOST:PORT, https://… or "
+        "unix://… (the Task API socket; default http://127.0.0.1:4646)",
+        "NOMAD_TOKEN": "the ACL token or workload identity sent to Nomad (needed for unix://)",
+        "NOMAD_NAMESPACE": "the namespace of the Nomad service (default: default)",
+        "NOMAD_REGION": "the region asked (default: the agent's own)",
+        "NOMAD_CACERT": "CA certificate file verifying an https:// NOMAD_ADDR",
+        "NOMAD_CAPATH": "directory of CA certificates, when NOMAD_CACERT is not set",
+        "NOMAD_CLIENT_CERT": "client certificate for mutual TLS, with NOMAD_CLIENT_KEY",
+        "NOMAD_CLIENT_KEY": "the key of NOMAD_CLIENT_CERT",
+        "NOMAD_SKIP_VERIFY": "true: do not verify Nomad's TLS certificate",
+        "NOMAD_TLS_SERVER_NAME": "the server name expected in Nomad's certificate",
+    }
+)
+
+
+def orchestrator_env(environ: Mapping[str, str]) -> OrchestratorEnv:
+    """What Kubernetes and Nomad told this process, as given; an empty value counts as unset.
+
+    Nothing is checked here: a ``kubernetes:`` or ``nomad:`` bootstrap spec checks what it
+    uses, so a node that uses neither never fails on these variables.
+    """
+
+    def get(name: str) -> str | None:
+        return environ.get(name) or None
+
+    return OrchestratorEnv(
+        kubernetes=KubernetesEnv(
+            service_host=get("KUBERNETES_SERVICE_HOST"),
+            service_port=get("KUBERNETES_SERVICE_PORT"),
+        ),
+        nomad=NomadEnv(
+            addr=get("NOMAD_ADDR"),
+            token=get("NOMAD_TOKEN"),
+            namespace=get("NOMAD_NAMESPACE"),
+            region=get("NOMAD_REGION"),
+            skip_verify=get("NOMAD_SKIP_VERIFY"),
+            cacert=get("NOMAD_CACERT"),
+            capath=get("NOMAD_CAPATH"),
+            client_cert=get("NOMAD_CLIENT_CERT"),
+            client_key=get("NOMAD_CLIENT_KEY"),
+            tls_server_name=get("NOMAD_TLS_SERVER_NAME"),
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +183,8 @@ class _FlagAdder:
 
 
 _ENV_SUFFIX = "_from_env"
+# Where `mirror run`'s parser keeps the OrchestratorEnv it built (not a flag: no dest clash).
+_ORCHESTRATOR_ENV = "orchestrator_env"
 
 
 def _dest(flag: str) -> str:
@@ -161,9 +231,10 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
     )
     flag(
         "--docker-host",
-        default=None,
-        help="Docker's API socket, e.g. unix:///var/run/docker.sock (default: as the docker "
-        "CLI finds it)",
+        # The flag wins, then MIRROR_DOCKER_HOST (the adder's part), then DOCKER_HOST.
+        default=environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST,
+        help="Docker's API socket, unix://PATH or tcp://HOST:PORT: the flag, else "
+        "MIRROR_DOCKER_HOST, else DOCKER_HOST (as the docker CLI reads it), else the default",
     )
     flag(
         "--containerd-sock",
@@ -293,6 +364,7 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         type=_typed(parse_cidr, "CIDR"),
         help="CIDR of runtimes allowed to pull besides loopback (peers authenticate instead)",
     )
+    run.set_defaults(**{_ORCHESTRATOR_ENV: orchestrator_env(environ)})
 
 
 def _add_keygen(subparsers: Any) -> None:
@@ -430,12 +502,14 @@ def routing_config(args: argparse.Namespace) -> RoutingConfig:
     specs = _listed(args, "--bootstrap")
     if specs and args.cluster_key_file is None:
         raise ConfigError("--bootstrap needs --cluster-key-file: peers must authenticate")
+    env = getattr(args, _ORCHESTRATOR_ENV)
     return RoutingConfig(
         cluster_key=ClusterKey.load(args.cluster_key_file) if args.cluster_key_file else None,
         router_addr=args.router_addr,
         advertise_ip=args.advertise_addr,
         bootstrap=tuple(
-            parse_bootstrap(spec, args.router_addr.port, dns_server=dns_server) for spec in specs
+            parse_bootstrap(spec, args.router_addr.port, dns_server=dns_server, env=env)
+            for spec in specs
         ),
         resolve_timeout=args.resolve_timeout,
         advertise_ttl=args.advertise_ttl,
@@ -516,6 +590,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def variable_reference() -> dict[str, str]:
+    """The variables besides MIRROR_<FLAG> that `mirror run` reads, with their meaning."""
+    return dict(OTHER_VARIABLES)
 
 
 def flag_reference() -> dict[str, list[FlagDoc]]:

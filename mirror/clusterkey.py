@@ -2,13 +2,16 @@
 
 Every message is MACed with HMAC-SHA256 under a key derived for its purpose, so a MAC made for a
 datagram can never be replayed as an HTTP signature. An outsider without the key can neither
-inject DHT records nor make a node fetch from its peers on its behalf.
+inject DHT records nor make a node fetch from its peers on its behalf. Signed messages carry
+their time: one older than `FRESHNESS_SECONDS` is refused, and inside that window a
+`ReplayGuard` refuses the same message id twice.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import hmac
 import secrets
 from pathlib import Path
@@ -17,6 +20,11 @@ from mirror.errors import ConfigError
 
 KEY_BYTES = 32
 MAC_BYTES = 32
+# Accepted clock skew between nodes either way; NTP-synchronised nodes are well inside it.
+FRESHNESS_SECONDS = 30.0
+# Ids remembered at most: only authenticated messages are recorded, so this bounds what the
+# cluster's own request rate (not an outsider) can make a node hold.
+_MAX_REMEMBERED_IDS = 200_000
 
 
 class ClusterKey:
@@ -71,3 +79,37 @@ class PurposeKey:
 
     def verify(self, mac: bytes, *parts: bytes) -> bool:
         return hmac.compare_digest(mac, self.mac(*parts))
+
+
+class ReplayGuard:
+    """Remembers the ids of accepted messages until their timestamps leave the window.
+
+    Once a message's timestamp is older than the window it is refused as stale anyway, so an id
+    never needs remembering past ``sent_at + window``. Only authenticated messages get here.
+    """
+
+    def __init__(self, window: float = FRESHNESS_SECONDS) -> None:
+        self.window = window
+        self._seen: dict[bytes | str, float] = {}
+        self._expiries: list[tuple[float, bytes | str]] = []
+
+    def first_use(self, message_id: bytes | str, sent_at: float, now: float) -> bool:
+        """Record `message_id`; False if it was already recorded and is still live."""
+        self._prune(now)
+        if message_id in self._seen:
+            return False
+        forget_at = sent_at + self.window
+        self._seen[message_id] = forget_at
+        heapq.heappush(self._expiries, (forget_at, message_id))
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _prune(self, now: float) -> None:
+        while self._expiries and (
+            self._expiries[0][0] < now or len(self._seen) > _MAX_REMEMBERED_IDS
+        ):
+            forget_at, message_id = heapq.heappop(self._expiries)
+            if self._seen.get(message_id) == forget_at:
+                del self._seen[message_id]

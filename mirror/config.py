@@ -1,4 +1,11 @@
-"""The typed configuration of a node, built once from flags and environment and passed down."""
+"""The typed configuration of a node, built once by mirror.cli and passed down.
+
+mirror.cli is the one module that looks at the process's variables: ``MIRROR_<FLAG>`` for
+every flag, and the few that other programs define and mirror honours (``DOCKER_HOST``, what
+Kubernetes and Nomad put into a workload). Everything else gets what it needs from here, so
+a test hands a module its settings instead of patching the process, and no setting can be
+read differently in two places.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mirror.errors import ConfigError
+from mirror.ports import port_number
 
 if TYPE_CHECKING:
     from mirror.clusterkey import ClusterKey
-    from mirror.routing.bootstrap import BootstrapSource
+    from mirror.routing.bootstrap.base import BootstrapSource
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -44,11 +52,11 @@ class Address:
 def parse_address(text: str) -> Address:
     """`HOST:PORT` or `[IPv6]:PORT`; an empty host means all interfaces."""
     host, separator, port_text = text.rpartition(":")
-    if not separator or not port_text.isdigit():
+    if not separator or not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(f"{text!r} is not HOST:PORT")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is out of range in {text!r}")
+    port = port_number(port_text, allow_zero=True)
+    if port is None:
+        raise ConfigError(f"port {port_text} is out of range in {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return Address(host or "0.0.0.0", port)
@@ -138,6 +146,10 @@ class ContainerdConfig:
     content_path: Path | None
 
 
+# dockerd's socket when neither --docker-host, MIRROR_DOCKER_HOST nor DOCKER_HOST names one.
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
     """Peer-to-peer settings. Without a cluster key the node runs alone: no DHT, no peers."""
@@ -170,7 +182,8 @@ class UpstreamConfig:
 class RunConfig:
     store: StoreKind
     containerd: ContainerdConfig
-    docker_host: str | None
+    # --docker-host, else MIRROR_DOCKER_HOST, else DOCKER_HOST, else DEFAULT_DOCKER_HOST.
+    docker_host: str
     cache_dir: Path
     cache_size: CacheSize
     registry_addr: Address

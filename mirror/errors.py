@@ -1,4 +1,26 @@
-"""Error types. Registry errors carry their OCI code and HTTP status for the front to render."""
+"""The map of every error mirror raises on purpose.
+
+    MirrorError
+    ├── ConfigError            a flag, variable or file that cannot be used (one CLI line)
+    ├── StoreUnavailable       a store backend cannot be reached (503 on the wire)
+    │   └── DownloadFailed, DownloadAbandoned      (content/downloads.py)
+    ├── ContentVanished        a blob went away while it was read (a miss, not an outage)
+    ├── DigestMismatch         bytes did not hash to their digest
+    ├── BodyTooLarge           a body read whole was over its cap
+    ├── PeerUnavailable        no peer could deliver what the router listed
+    ├── UpstreamError          an upstream registry could not answer
+    │   └── UpstreamAuthError  ...because it refused our credentials
+    ├── DhtError               the DHT (routing/errors.py), and rejected datagrams by reason
+    └── RegistryError          an answer to the client, as OCI error JSON: code and status
+        ├── BlobUnknown, ManifestUnknown, NameUnknown                        404
+        ├── NameInvalid, DigestInvalid, PaginationInvalid                    400
+        ├── Unauthorized 401, Denied 403, Unsupported 405, EndpointUnknown 404
+        ├── RangeNotSatisfiable 416
+        └── ServiceUnavailable 503
+
+Only `RegistryError` carries an HTTP status; the HTTP front turns the others into one of those
+(`registry/api.py`), so grammar, store and client code never decide a status.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +39,40 @@ class StoreUnavailable(MirrorError):
     """A store backend (containerd socket, cache directory) cannot be reached or used."""
 
 
+class ContentVanished(MirrorError):
+    """A blob that was opened is gone before all of it was read (containerd's GC took it).
+
+    Only a stream can raise it; an open file keeps its bytes. It is a miss, not an outage:
+    a manifest read ends as "not held", a blob response is cut.
+    """
+
+
 class DigestMismatch(MirrorError):
     """Bytes did not hash to the digest they were fetched or written under."""
 
 
+class BodyTooLarge(MirrorError):
+    """A response body that must be read whole is larger than its cap."""
+
+
 class PeerUnavailable(MirrorError):
     """No peer could deliver content that the DHT said it held."""
+
+
+class UpstreamError(MirrorError):
+    """The upstream registry could not answer: unreachable, too slow, 5xx, refused our auth.
+
+    Distinct from "it answered that the content does not exist", which the client reports as
+    None, so a caller can tell a 404 it may pass on from an outage it must not cache.
+    """
+
+
+class UpstreamAuthError(UpstreamError):
+    """The registry or its token service refused us (no or wrong credentials, token denied).
+
+    Docker Hub also answers this way, rather than 404, for a repository that does not exist
+    or is private, so it is not proof of an outage.
+    """
 
 
 class RegistryError(MirrorError):

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from mirror.config import Address, LogLevel, RoutingConfig, RunConfig, StoreKind
+from mirror.content.advertiser import Advertiser
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
@@ -25,9 +26,9 @@ from mirror.peers.auth import RequestSigner, RequestVerifier
 from mirror.peers.fetcher import PeerFetcher
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
-from mirror.routing.advertiser import Advertiser
 from mirror.routing.bootstrap import Rebootstrapper
-from mirror.routing.dht import DhtNode, stable_node_id
+from mirror.routing.dht import DhtNode
+from mirror.routing.keys import stable_node_id
 from mirror.stores.base import Store
 from mirror.stores.cache import CacheStore
 from mirror.stores.containerd.store import ContainerdStore
@@ -278,10 +279,10 @@ async def run_node(config: RunConfig) -> None:
             tag_timeout=config.upstream.tag_timeout,
         )
         content = ContentService(
-            store, metrics, policy, cache=cache, peers=peers, claims=dht, upstream=upstream
+            store, metrics, policy, cache=cache, peers=peers, router=dht, upstream=upstream
         )
         stack.push_async_callback(content.close)
-        api = RegistryApi(store, metrics, content, access=access)
+        api = RegistryApi(metrics, content, access=access)
         debug = config.log_level is LogLevel.DEBUG
         registry_runner = await _serve(api.app(), config.registry_addr, access_log=debug)
         stack.push_async_callback(registry_runner.cleanup)

@@ -29,7 +29,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mirror.cli import orchestrator_env
 from mirror.errors import ConfigError
-from mirror.routing import orchestrators
 from mirror.routing.bootstrap import BootstrapSpec, parse_bootstrap
-from mirror.routing.orchestrators import (
-    KubernetesBootstrap,
-    NomadBootstrap,
-    kubernetes_factory,
-    nomad_factory,
-)
+from mirror.routing.bootstrap.env import KubernetesEnv, NomadEnv, OrchestratorEnv
+from mirror.routing.bootstrap.kubernetes import KubernetesBootstrap, kubernetes_factory
+from mirror.routing.bootstrap.nomad import NomadBootstrap, nomad_factory
 
 PORT = 7000
-LOGGER = "mirror.routing.orchestrators"
+LOGGER = "mirror.routing.bootstrap"
 NS = "mirror"
 SERVICE = "mirror-peers"
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.service-account.token"
@@ -71,9 +68,28 @@ NOMAD_VARIABLES = (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def spec(text: str, default_port: int = PORT) -> BootstrapSpec:
+def spec(
+    text: str,
+    default_port: int = PORT,
+    *,
+    kubernetes: KubernetesEnv | None = None,
+    nomad: NomadEnv | None = None,
+) -> BootstrapSpec:
     kind, _, value = text.partition(":")
-    return BootstrapSpec(text, kind, value, default_port)
+    env = OrchestratorEnv(kubernetes or KubernetesEnv(), nomad or NomadEnv())
+    return BootstrapSpec(text, kind, value, default_port, env=env)
+
+
+def nomad_env(variables: dict[str, str]) -> NomadEnv:
+    """The NomadEnv mirror.cli builds from these variables (so tests name them as users do)."""
+    assert set(variables) <= set(NOMAD_VARIABLES), set(variables) - set(NOMAD_VARIABLES)
+    return orchestrator_env(variables).nomad
+
+
+def kubernetes_env(variables: dict[str, str], account: Path) -> KubernetesEnv:
+    """The KubernetesEnv mirror.cli builds from these variables, with a test's account dir."""
+    built = orchestrator_env(variables).kubernetes
+    return KubernetesEnv(built.service_host, built.service_port, service_account_dir=account)
 
 
 # --- a throwaway PKI -----------------------------------------------------------------------
@@ -309,20 +325,20 @@ class FakeKubernetes:
             }
         )
 
-    def environ(self, **changes: str) -> dict[str, str]:
-        environ = {
+    def variables(self, **changes: str) -> dict[str, str]:
+        """What Kubernetes would set in a pod to reach this server, with ``changes``."""
+        variables = {
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.port),
         }
-        environ.update(changes)
-        return environ
+        variables.update(changes)
+        return variables
 
     def source(
         self, text: str = f"kubernetes:{NS}/{SERVICE}", **changes: str
     ) -> KubernetesBootstrap:
-        return kubernetes_factory(
-            spec(text), environ=self.environ(**changes), service_account_dir=self.account
-        )
+        env = kubernetes_env(self.variables(**changes), self.account)
+        return kubernetes_factory(spec(text, kubernetes=env))
 
 
 @pytest.fixture
@@ -619,16 +635,16 @@ async def test_nomad_lists_registrations_with_the_router_port(
     server, port = nomad
     server.token = "workload-identity-jwt"
     server.registrations[(NS, SERVICE)] = NOMAD_REGISTRATIONS
-    environ = {
-        "NOMAD_ADDR": f"http://127.0.0.1:{port}",
-        "NOMAD_TOKEN": "workload-identity-jwt",
-        "NOMAD_NAMESPACE": NS,
-        "NOMAD_REGION": "europe",
-    }
-    source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=environ)
+    env = NomadEnv(
+        addr=f"http://127.0.0.1:{port}",
+        token="workload-identity-jwt",
+        namespace=NS,
+        region="europe",
+    )
+    source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=env))
     assert await source.addresses() == [("10.0.0.1", PORT), ("10.0.0.2", PORT), ("fd00::1", PORT)]
     assert server.requests == [({"namespace": NS, "region": "europe"}, "workload-identity-jwt")]
-    source = nomad_factory(spec(f"nomad:{SERVICE}:7001"), environ=environ)
+    source = nomad_factory(spec(f"nomad:{SERVICE}:7001", nomad=env))
     assert {port for _, port in await source.addresses()} == {7001}
 
 
@@ -637,9 +653,8 @@ async def test_nomad_without_token_or_namespace_sends_neither(
 ) -> None:
     server, port = nomad
     server.registrations[("default", SERVICE)] = NOMAD_REGISTRATIONS[:1]
-    source = nomad_factory(
-        spec(f"nomad:{SERVICE}"), environ={"NOMAD_ADDR": f"http://127.0.0.1:{port}"}
-    )
+    env = NomadEnv(addr=f"http://127.0.0.1:{port}")
+    source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=env))
     assert await source.addresses() == [("10.0.0.2", PORT)]
     assert server.requests == [({}, None)]
 
@@ -647,9 +662,8 @@ async def test_nomad_without_token_or_namespace_sends_neither(
 async def test_nomad_follows_next_tokens(nomad: tuple[FakeNomad, int]) -> None:
     server, port = nomad
     server.registrations[("default", SERVICE)] = NOMAD_REGISTRATIONS
-    source = nomad_factory(
-        spec(f"nomad:{SERVICE}"), environ={"NOMAD_ADDR": f"http://127.0.0.1:{port}"}
-    )
+    env = NomadEnv(addr=f"http://127.0.0.1:{port}")
+    source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=env))
     source.page_size = 3
     assert await source.addresses() == [("10.0.0.1", PORT), ("10.0.0.2", PORT), ("fd00::1", PORT)]
     assert [query for query, _ in server.requests] == [
@@ -663,8 +677,8 @@ async def test_nomad_empty_list_warns(
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     _, port = nomad
-    environ = {"NOMAD_ADDR": f"http://127.0.0.1:{port}", "NOMAD_NAMESPACE": NS}
-    assert await nomad_factory(spec(f"nomad:{SERVICE}"), environ=environ).addresses() == []
+    env = NomadEnv(addr=f"http://127.0.0.1:{port}", namespace=NS)
+    assert await nomad_factory(spec(f"nomad:{SERVICE}", nomad=env)).addresses() == []
     assert (
         f"no registrations of service {SERVICE} (is the job running, and in namespace mirror?)"
         in caplog.text
@@ -678,8 +692,8 @@ async def test_nomad_wrong_token_gets_403(
     server, port = nomad
     server.token = "the-right-token"
     server.registrations[("default", SERVICE)] = NOMAD_REGISTRATIONS
-    environ = {"NOMAD_ADDR": f"http://127.0.0.1:{port}", "NOMAD_TOKEN": "a-wrong-token"}
-    assert await nomad_factory(spec(f"nomad:{SERVICE}"), environ=environ).addresses() == []
+    env = NomadEnv(addr=f"http://127.0.0.1:{port}", token="a-wrong-token")
+    assert await nomad_factory(spec(f"nomad:{SERVICE}", nomad=env)).addresses() == []
     assert (
         "reading the service failed: HTTP 403: Permission denied "
         "(the token needs read-job in the namespace)"
@@ -688,8 +702,8 @@ async def test_nomad_wrong_token_gets_403(
 
 async def test_nomad_refused_connection_gives_nothing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    environ = {"NOMAD_ADDR": f"http://127.0.0.1:{closed_port()}"}
-    assert await nomad_factory(spec(f"nomad:{SERVICE}"), environ=environ).addresses() == []
+    env = NomadEnv(addr=f"http://127.0.0.1:{closed_port()}")
+    assert await nomad_factory(spec(f"nomad:{SERVICE}", nomad=env)).addresses() == []
     assert "cannot connect to 127.0.0.1:" in caplog.text
 
 
@@ -702,8 +716,8 @@ async def test_nomad_skips_addresses_that_are_not_ips(
         registration("5f0730ca", "node-1.example.com"),
         registration("a831f7f2", "10.0.0.1"),
     ]
-    environ = {"NOMAD_ADDR": f"http://127.0.0.1:{port}"}
-    source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=environ)
+    env = NomadEnv(addr=f"http://127.0.0.1:{port}")
+    source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=env))
     assert await source.addresses() == [("10.0.0.1", PORT)]
     assert "registration address 'node-1.example.com' is not an IP address" in caplog.text
 
@@ -714,8 +728,8 @@ async def test_nomad_task_api_socket(tmp_path: Path) -> None:
     server.registrations[("default", SERVICE)] = NOMAD_REGISTRATIONS[:2]
     socket_path = tmp_path / "api.sock"
     async with serving(server.app(), unix=socket_path):
-        environ = {"NOMAD_ADDR": f"unix://{socket_path}", "NOMAD_TOKEN": "workload-identity-jwt"}
-        source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=environ)
+        env = NomadEnv(addr=f"unix://{socket_path}", token="workload-identity-jwt")
+        source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=env))
         assert await source.addresses() == [("10.0.0.1", PORT), ("10.0.0.2", PORT)]
 
 
@@ -725,27 +739,27 @@ async def test_nomad_mutual_tls(pki: Pki, tmp_path: Path, caplog: pytest.LogCapt
     server.registrations[("default", SERVICE)] = NOMAD_REGISTRATIONS[:1]
     context = pki.server_context(require_client_cert=True)
     async with serving(server.app(), ssl_context=context) as port:
-        tls = {
-            "NOMAD_ADDR": f"https://127.0.0.1:{port}",
-            "NOMAD_CACERT": str(pki.ca_cert),
-            "NOMAD_CLIENT_CERT": str(pki.client_cert),
-            "NOMAD_CLIENT_KEY": str(pki.client_key),
-        }
-        source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=tls)
+        tls = NomadEnv(
+            addr=f"https://127.0.0.1:{port}",
+            cacert=str(pki.ca_cert),
+            client_cert=str(pki.client_cert),
+            client_key=str(pki.client_key),
+        )
+        source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=tls))
         assert await source.addresses() == [("10.0.0.2", PORT)]
         # A CA that did not sign the server: refused, unless verification is skipped.
         other = make_pki(tmp_path / "other-pki")
-        untrusted = {**tls, "NOMAD_CACERT": str(other.ca_cert)}
-        source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=untrusted)
+        untrusted = replace(tls, cacert=str(other.ca_cert))
+        source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=untrusted))
         assert await source.addresses() == []
         assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
-        skipping = {**untrusted, "NOMAD_SKIP_VERIFY": "true"}
-        source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=skipping)
+        skipping = replace(untrusted, skip_verify="true")
+        source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=skipping))
         assert await source.addresses() == [("10.0.0.2", PORT)]
         # Without a client certificate the server ends the handshake.
         caplog.clear()
-        anonymous = {"NOMAD_ADDR": tls["NOMAD_ADDR"], "NOMAD_CACERT": str(pki.ca_cert)}
-        source = nomad_factory(spec(f"nomad:{SERVICE}"), environ=anonymous)
+        anonymous = NomadEnv(addr=tls.addr, cacert=str(pki.ca_cert))
+        source = nomad_factory(spec(f"nomad:{SERVICE}", nomad=anonymous))
         assert await source.addresses() == []
         assert "reading the service failed" in caplog.text
     assert len(server.requests) == 2
@@ -755,20 +769,19 @@ async def test_nomad_mutual_tls(pki: Pki, tmp_path: Path, caplog: pytest.LogCapt
 
 
 @pytest.fixture
-def service_account(tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The standard service-account files and variables, for parse_bootstrap."""
+def service_account(tmp_path: Path, pki: Pki) -> Path:
+    """The standard service-account files, for parse_bootstrap."""
     account = tmp_path / "serviceaccount"
     account.mkdir()
     (account / "token").write_text(TOKEN)
     (account / "ca.crt").write_bytes(pki.ca_cert.read_bytes())
-    monkeypatch.setattr(orchestrators, "SERVICE_ACCOUNT_DIR", account)
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     return account
 
 
 def test_parse_kubernetes(service_account: Path) -> None:
-    source = parse_bootstrap(f"kubernetes:{NS}/{SERVICE}", PORT)
+    variables = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
+    pod = OrchestratorEnv(kubernetes=kubernetes_env(variables, service_account))
+    source = parse_bootstrap(f"kubernetes:{NS}/{SERVICE}", PORT, env=pod)
     assert isinstance(source, KubernetesBootstrap)
     assert (source.namespace, source.service, source.port) == (NS, SERVICE, PORT)
     assert (
@@ -777,26 +790,26 @@ def test_parse_kubernetes(service_account: Path) -> None:
     )
     assert source.token_path == service_account / "token"
     assert str(source) == f"kubernetes:{NS}/{SERVICE}:{PORT}"
-    source = parse_bootstrap("kubernetes:kube-system/mirror:7001", PORT)
+    source = parse_bootstrap("kubernetes:kube-system/mirror:7001", PORT, env=pod)
     assert isinstance(source, KubernetesBootstrap)
     assert source.port == 7001
-    source = parse_bootstrap("kubernetes:default/mirror:router-udp", PORT)
+    source = parse_bootstrap("kubernetes:default/mirror:router-udp", PORT, env=pod)
     assert isinstance(source, KubernetesBootstrap)
     assert source.port == "router-udp"
 
 
-def test_parse_nomad(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in NOMAD_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    source = parse_bootstrap(f"nomad:{SERVICE}", PORT)
+def test_parse_nomad() -> None:
+    source = parse_bootstrap(f"nomad:{SERVICE}", PORT, env=orchestrator_env({}))
     assert isinstance(source, NomadBootstrap)
     assert (source.service, source.port) == (SERVICE, PORT)
     assert str(source.settings.address) == "http://127.0.0.1:4646/"
     assert source.settings.token is None
-    monkeypatch.setenv("NOMAD_ADDR", "https://nomad.service.consul:4646")
-    monkeypatch.setenv("NOMAD_SKIP_VERIFY", "1")
-    monkeypatch.setenv("NOMAD_NAMESPACE", "mirror")
-    source = parse_bootstrap("nomad:Mirror-Router:7001", PORT)
+    variables = {
+        "NOMAD_ADDR": "https://nomad.service.consul:4646",
+        "NOMAD_SKIP_VERIFY": "1",
+        "NOMAD_NAMESPACE": "mirror",
+    }
+    source = parse_bootstrap("nomad:Mirror-Router:7001", PORT, env=orchestrator_env(variables))
     assert isinstance(source, NomadBootstrap)
     assert (source.service, source.port, source.settings.namespace) == (
         "Mirror-Router",
@@ -843,7 +856,7 @@ def test_parse_rejects_bad_orchestrator_specs(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("environ", "expected"),
+    ("variables", "expected"),
     [
         ({"KUBERNETES_SERVICE_HOST": None}, "KUBERNETES_SERVICE_HOST is not set: kubernetes: "),
         ({"KUBERNETES_SERVICE_PORT": ""}, "KUBERNETES_SERVICE_PORT is not set"),
@@ -856,14 +869,18 @@ def test_parse_rejects_bad_orchestrator_specs(text: str, expected: str) -> None:
     ],
 )
 def test_kubernetes_factory_rejects_bad_environment(
-    service_account: Path, environ: dict[str, str | None], expected: str
+    service_account: Path, variables: dict[str, str | None], expected: str
 ) -> None:
-    values = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    values.update(environ)
+    values: dict[str, str | None] = {
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+        "KUBERNETES_SERVICE_PORT": "443",
+    }
+    values.update(variables)
     text = f"kubernetes:{NS}/{SERVICE}"
     complete = {name: value for name, value in values.items() if value is not None}
+    env = kubernetes_env(complete, service_account)
     with pytest.raises(ConfigError) as info:
-        kubernetes_factory(spec(text), environ=complete, service_account_dir=service_account)
+        kubernetes_factory(spec(text, kubernetes=env))
     assert str(info.value).startswith(f"--bootstrap {text!r}: {expected}")
     assert "\n" not in str(info.value)
 
@@ -888,17 +905,17 @@ def test_kubernetes_factory_rejects_bad_service_account(
         (service_account / "ca.crt").unlink()
     else:
         (service_account / "ca.crt").write_text("not a certificate\n")
-    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    variables = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     text = f"kubernetes:{NS}/{SERVICE}"
     with pytest.raises(ConfigError) as info:
-        kubernetes_factory(spec(text), environ=environ, service_account_dir=service_account)
+        kubernetes_factory(spec(text, kubernetes=kubernetes_env(variables, service_account)))
     message = str(info.value)
     assert message.startswith(f"--bootstrap {text!r}: " + expected.format(account=service_account))
     assert "\n" not in message
 
 
 @pytest.mark.parametrize(
-    ("environ", "expected"),
+    ("variables", "expected"),
     [
         ({"NOMAD_ADDR": "127.0.0.1:4646"}, "expected http://HOST:PORT, https://… or unix://…"),
         ({"NOMAD_ADDR": "ftp://nomad:4646"}, "NOMAD_ADDR 'ftp://nomad:4646': expected http://"),
@@ -928,10 +945,10 @@ def test_kubernetes_factory_rejects_bad_service_account(
         ),
     ],
 )
-def test_nomad_factory_rejects_bad_environment(environ: dict[str, str], expected: str) -> None:
+def test_nomad_factory_rejects_bad_environment(variables: dict[str, str], expected: str) -> None:
     text = f"nomad:{SERVICE}"
     with pytest.raises(ConfigError) as info:
-        nomad_factory(spec(text), environ=environ)
+        nomad_factory(spec(text, nomad=nomad_env(variables)))
     message = str(info.value)
     assert message.startswith(f"--bootstrap {text!r}: ")
     assert expected in message

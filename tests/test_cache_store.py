@@ -1,16 +1,21 @@
-"""The node cache: verified atomic writes, tags, and nothing partial ever visible."""
+"""The node cache: verified atomic writes, tags, and nothing partial ever visible.
+
+What every store does (stat, open, ranges, tags, misses) is checked for the cache by the
+conformance suite, tests/test_store_conformance.py; this file keeps what only the cache does.
+"""
 
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
 
 from mirror.errors import DigestMismatch, StoreUnavailable
-from mirror.oci.reference import parse_digest, tag_ref
+from mirror.oci.reference import Digest, parse_digest, tag_ref
 from mirror.stores.cache import CacheStore
 
 
-def digest_of(data: bytes):
+def digest_of(data: bytes) -> Digest:
     return parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
 
 
@@ -19,31 +24,6 @@ async def cache(tmp_path: Path) -> CacheStore:
     store = CacheStore(tmp_path / "cache")
     await store.start()
     return store
-
-
-async def test_put_open_stat(cache: CacheStore) -> None:
-    data = b"hello world" * 1000
-    digest = digest_of(data)
-    assert await cache.stat(digest) is None and await cache.open(digest) is None
-    await cache.put(digest, data)
-    assert await cache.stat(digest) == len(data)
-    blob = await cache.open(digest)
-    assert blob is not None
-    try:
-        assert await blob.read_all(1 << 20) == data
-        assert b"".join([c async for c in blob.iter_range(5, 6)]) == data[5:11]
-    finally:
-        await blob.close()
-
-
-async def test_streamed_write_in_chunks(cache: CacheStore) -> None:
-    data = bytes(range(256)) * 10000
-    digest = digest_of(data)
-    async with cache.writer(digest, len(data)) as writer:
-        for start in range(0, len(data), 65536):
-            await writer.write(data[start : start + 65536])
-        await writer.commit()
-    assert await cache.stat(digest) == len(data)
 
 
 async def test_wrong_bytes_never_become_visible(cache: CacheStore) -> None:
@@ -82,13 +62,38 @@ async def test_tags_round_trip_and_list(cache: CacheStore) -> None:
     assert await cache.resolve(ref) is None
     await cache.set_tag(ref, digest)
     await cache.set_tag(nested, digest)
-    assert await cache.resolve(ref) == str(digest)
-    assert await cache.resolve(nested) == str(digest)
+    assert await cache.resolve(ref) == digest
+    assert await cache.resolve(nested) == digest
     other = digest_of(b"manifest 2")
     await cache.set_tag(ref, other)
-    assert await cache.resolve(ref) == str(other)
+    assert await cache.resolve(ref) == other
     listed = {(str(e.ref), e.digest) for e in await cache.images()}
-    assert listed == {(str(ref), str(other)), (str(nested), str(digest))}
+    assert listed == {(str(ref), other), (str(nested), digest)}
+
+
+async def test_a_tag_file_with_an_unusable_digest_is_not_held(
+    cache: CacheStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref = tag_ref("ghcr.io", "org/app", "broken")
+    good = tag_ref("ghcr.io", "org/app", "good")
+    await cache.set_tag(good, digest_of(b"manifest"))
+    tag_file = cache.root / "tags" / "ghcr.io" / "org" / "app" / "@broken"
+    tag_file.write_text("sha256:not-hex")
+    with caplog.at_level(logging.WARNING, logger="mirror.stores"):
+        assert await cache.resolve(ref) is None
+    assert "sha256:not-hex" in caplog.text and str(ref) in caplog.text
+    assert [entry.ref for entry in await cache.images()] == [good]
+
+
+async def test_a_blob_removed_behind_the_caches_back_is_forgotten(cache: CacheStore) -> None:
+    data = b"soon gone"
+    await cache.put(digest_of(data), data)
+    assert cache.holds(digest_of(data)) and cache.total_bytes == len(data)
+    cache.blob_path(digest_of(data)).unlink()
+    assert await cache.open(digest_of(data)) is None
+    assert not cache.holds(digest_of(data))
+    assert cache.total_bytes == 0
+    assert await cache.loose_digests() == []
 
 
 async def test_leftover_temp_files_are_cleared_at_start(tmp_path: Path) -> None:
@@ -164,7 +169,7 @@ async def test_changes_are_announced(cache: CacheStore) -> None:
     waiting = asyncio.ensure_future(anext(changes))
     await cache.set_tag(tag_ref("docker.io", "a", "1"), digest_of(b"new"))
     await asyncio.wait_for(waiting, 5)
-    await changes.aclose()
+    await changes.aclose()  # type: ignore[attr-defined]
 
 
 async def test_cached_blobs_are_in_the_inventory_without_a_tag(cache: CacheStore) -> None:

@@ -5,13 +5,21 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 from harness.net import free_port, wait_for_http
 
-from mirror.cli import build_parser, run_config
-from mirror.config import Address, StoreKind
+from mirror.cli import OTHER_VARIABLES, build_parser, orchestrator_env, run_config
+from mirror.config import DEFAULT_DOCKER_HOST, Address, StoreKind
+from mirror.routing.bootstrap import NomadBootstrap
+from mirror.routing.bootstrap.env import (
+    SERVICE_ACCOUNT_DIR,
+    KubernetesEnv,
+    NomadEnv,
+    OrchestratorEnv,
+)
 
 
 def run_mirror(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -48,6 +56,135 @@ def test_environment_supplies_defaults_and_flags_win() -> None:
     assert config.registry_addr == Address("127.0.0.1", 5123)
     override = run_config(build_parser(environ).parse_args(["run", "--store", "auto"]))
     assert override.store is StoreKind.AUTO
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "expected"),
+    [
+        ([], {}, DEFAULT_DOCKER_HOST),
+        ([], {"DOCKER_HOST": "tcp://docker:2375"}, "tcp://docker:2375"),
+        ([], {"DOCKER_HOST": ""}, DEFAULT_DOCKER_HOST),
+        (
+            [],
+            {"DOCKER_HOST": "tcp://docker:2375", "MIRROR_DOCKER_HOST": "unix:///d.sock"},
+            "unix:///d.sock",
+        ),
+        (
+            ["--docker-host", "unix:///flag.sock"],
+            {"DOCKER_HOST": "tcp://docker:2375", "MIRROR_DOCKER_HOST": "unix:///d.sock"},
+            "unix:///flag.sock",
+        ),
+    ],
+)
+def test_docker_host_flag_then_mirror_variable_then_docker_host(
+    args: list[str], environ: dict[str, str], expected: str
+) -> None:
+    config = run_config(build_parser(environ).parse_args(["run", *args]))
+    assert config.docker_host == expected
+
+
+class _Recording(Mapping[str, str]):
+    """A mapping of variables that remembers every name asked for (``get`` goes through
+    ``__getitem__``)."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.asked: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.add(name)
+        return self.values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("the parser must ask for names, not list the environment")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def test_variables_read_are_flags_or_documented() -> None:
+    """Every name the parser asks for is a MIRROR_<FLAG> or listed in OTHER_VARIABLES."""
+    recording = _Recording({})
+    build_parser(recording)
+    others = {name for name in recording.asked if not name.startswith("MIRROR_")}
+    assert others == set(OTHER_VARIABLES)
+
+
+def test_orchestrator_env_is_built_from_the_given_mapping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The process's own variables play no part: only the mapping handed to the parser does.
+    monkeypatch.setenv("NOMAD_ADDR", "http://elsewhere:4646")
+    assert orchestrator_env({}) == OrchestratorEnv()
+    assert OrchestratorEnv().kubernetes.service_account_dir == SERVICE_ACCOUNT_DIR
+    variables = {
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+        "KUBERNETES_SERVICE_PORT": "443",
+        "NOMAD_ADDR": "https://nomad:4646",
+        "NOMAD_TOKEN": "secret",
+        "NOMAD_NAMESPACE": "mirror",
+        "NOMAD_REGION": "europe",
+        "NOMAD_SKIP_VERIFY": "false",
+        "NOMAD_CACERT": "/tls/ca.pem",
+        "NOMAD_CAPATH": "/tls/cas",
+        "NOMAD_CLIENT_CERT": "/tls/cli.pem",
+        "NOMAD_CLIENT_KEY": "/tls/cli-key.pem",
+        "NOMAD_TLS_SERVER_NAME": "server.global.nomad",
+    }
+    assert orchestrator_env(variables) == OrchestratorEnv(
+        kubernetes=KubernetesEnv(service_host="10.96.0.1", service_port="443"),
+        nomad=NomadEnv(
+            addr="https://nomad:4646",
+            token="secret",
+            namespace="mirror",
+            region="europe",
+            skip_verify="false",
+            cacert="/tls/ca.pem",
+            capath="/tls/cas",
+            client_cert="/tls/cli.pem",
+            client_key="/tls/cli-key.pem",
+            tls_server_name="server.global.nomad",
+        ),
+    )
+    # An empty variable is an unset one, as the nomad CLI and client-go treat it.
+    assert orchestrator_env({"NOMAD_TOKEN": "", "KUBERNETES_SERVICE_HOST": ""}) == OrchestratorEnv()
+
+
+def test_bootstrap_gets_the_orchestrator_variables_given(tmp_path: Path) -> None:
+    from mirror.clusterkey import ClusterKey
+
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(ClusterKey.generate())
+    environ = {
+        "MIRROR_CLUSTER_KEY_FILE": str(key_file),
+        "MIRROR_BOOTSTRAP": "nomad:mirror",
+        "NOMAD_ADDR": "http://192.0.2.1:4646",
+        "NOMAD_NAMESPACE": "mirror",
+    }
+    config = run_config(build_parser(environ).parse_args(["run"]))
+    (source,) = config.routing.bootstrap
+    assert isinstance(source, NomadBootstrap)
+    assert str(source.settings.address) == "http://192.0.2.1:4646/"
+    assert source.settings.namespace == "mirror"
+
+
+def test_bad_orchestrator_variable_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text("x" * 43)
+    result = subprocess.run(
+        [sys.executable, "-m", "mirror", "run", "--store=cache", "--cluster-key-file=k"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "MIRROR_BOOTSTRAP": "nomad:mirror",
+            "NOMAD_ADDR": "ftp://nomad:4646",
+        },
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "NOMAD_ADDR 'ftp://nomad:4646': expected http://" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_bad_environment_value_is_one_line() -> None:

@@ -23,10 +23,12 @@ from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, Metrics
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import RequestSigner, RequestVerifier
 from mirror.peers.fetcher import PeerFetcher
-from mirror.registry.access import AccessPolicy, Caller
+from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
-from mirror.registry.paths import Kind, Target
-from mirror.routing import DhtNode, Provider, stable_node_id
+from mirror.request import Caller, Kind, Target
+from mirror.routing.dht import DhtNode
+from mirror.routing.keys import stable_node_id
+from mirror.routing.router import Provider
 from mirror.stores.base import BlobSource
 from mirror.stores.cache import CacheStore
 from mirror.upstream.client import UpstreamClient
@@ -92,7 +94,7 @@ async def test_a_download_that_ends_while_the_store_is_asked_is_found_in_the_cac
         return Source(len(DATA), chunks(), close)
 
     cache.gate.clear()
-    request = asyncio.create_task(service.blob(TARGET, DIGEST, Caller.PEER, None, head=False))
+    request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
     await cache.asked.wait()
     downloads.begin(download, origin)
     assert await download.finished
@@ -105,24 +107,33 @@ async def test_a_download_that_ends_while_the_store_is_asked_is_found_in_the_cac
     assert await body(answer) == DATA
 
 
-class GatedClaims:
-    """The real DHT's claims, with the decision held until the test opens the gate."""
+class GatedRouter:
+    """The real DHT, with claim decisions held until the test opens the gate."""
 
     def __init__(self, dht: DhtNode) -> None:
         self._dht = dht
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def claim(self, text: str, ttl: float = 30.0) -> Provider | None:
+    async def find_providers(self, key: str, want: int = 2) -> list[Provider]:
+        return await self._dht.find_providers(key, want)
+
+    async def claim(self, key: str, ttl: float) -> Provider | None:
         self.entered.set()
         await self.gate.wait()
-        return await self._dht.claim(text, ttl)
+        return await self._dht.claim(key, ttl)
 
-    async def release(self, text: str) -> None:
-        await self._dht.release(text)
+    async def release(self, key: str) -> None:
+        await self._dht.release(key)
 
-    async def provide(self, text: str) -> bool:
-        return await self._dht.provide(text)
+    async def provide(self, key: str) -> bool:
+        return await self._dht.provide(key)
+
+    async def withdraw(self, key: str) -> None:
+        await self._dht.withdraw(key)
+
+    def ready(self) -> bool:
+        return self._dht.ready()
 
 
 @dataclass
@@ -140,7 +151,7 @@ async def holder(tmp_path: Path) -> AsyncIterator[Holder]:
     await store.put(DIGEST, DATA)
     metrics = Metrics()
     access = AccessPolicy(allowed_clients=(), verifier=RequestVerifier(KEY))
-    api = RegistryApi(store, metrics, ContentService(store, metrics, POLICY), access=access)
+    api = RegistryApi(metrics, ContentService(store, metrics, POLICY), access=access)
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
     address = f"127.0.0.1:{server.port}"
@@ -174,21 +185,21 @@ async def test_a_request_that_joined_an_abandoned_reservation_follows_the_claima
     # Never reached when the cluster coalesces: a closed port, so a regression fails fast.
     upstream = UpstreamClient(UpstreamMap({REGISTRY: "http://127.0.0.1:9"}), None, metrics)
     await upstream.start()
-    claims = GatedClaims(ours)
+    router = GatedRouter(ours)
     service = ContentService(
-        cache, metrics, POLICY, cache=cache, peers=peers, claims=claims, upstream=upstream
+        cache, metrics, POLICY, cache=cache, peers=peers, router=router, upstream=upstream
     )
     try:
-        assert await holder.dht.claim(str(DIGEST)) is None  # the peer fetches it
-        first = asyncio.create_task(service.blob(TARGET, DIGEST, Caller.RUNTIME, None, False))
-        await claims.entered.wait()
-        second = asyncio.create_task(service.blob(TARGET, DIGEST, Caller.RUNTIME, None, False))
+        assert await holder.dht.claim(str(DIGEST), 30.0) is None  # the peer fetches it
+        first = asyncio.create_task(service.blob(TARGET, Caller.RUNTIME, None, head=False))
+        await router.entered.wait()
+        second = asyncio.create_task(service.blob(TARGET, Caller.RUNTIME, None, head=False))
         # Yield until the second request waits on the first one's reservation.
         while not metrics.registry.get_sample_value(
             "mirror_coalesced_waits_total", {"where": "node"}
         ):
             await asyncio.sleep(0)
-        claims.gate.set()
+        router.gate.set()
         answers = await asyncio.gather(first, second)
         assert [answer.source for answer in answers] == [SOURCE_PEER, SOURCE_PEER]
         assert [await body(answer) for answer in answers] == [DATA, DATA]

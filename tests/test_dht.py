@@ -13,8 +13,10 @@ import pytest
 from harness.dht import cluster, make_node, provider
 from kademlia.node import Node
 
-from mirror.routing import DhtNode, DhtNotRunning, Provider, dht_key, stable_node_id
-from mirror.routing.keys import distance
+from mirror.routing.dht import DhtNode
+from mirror.routing.errors import DhtNotRunning
+from mirror.routing.keys import dht_key, distance, stable_node_id
+from mirror.routing.router import Provider
 
 
 async def wait_until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
@@ -140,10 +142,9 @@ async def test_records_are_handed_to_a_closer_node_that_joins_later() -> None:
         far = Node(bytes(byte ^ 0xFF for byte in key), "127.0.0.1", 9)
         near = Node(newcomer.node_id, "127.0.0.1", 9)
         for holder in holders:
-            protocol = holder._protocol
-            assert protocol is not None
-            assert [r.key for r in protocol._records_for(far)] == []
-            assert [r.provider for r in protocol._records_for(near)] == [provider(nodes[0])]
+            table = holder._table
+            assert [r.key for r in table._records_for(far)] == []
+            assert [r.provider for r in table._records_for(near)] == [provider(nodes[0])]
         await newcomer.listen("127.0.0.1", 0)
         try:
             await newcomer.bootstrap([nodes[0].router_address])
@@ -176,7 +177,7 @@ async def test_own_address_in_the_bootstrap_list_is_never_a_contact() -> None:
         for node in nodes:
             # Each node's seed list named itself (the first three are the seeds).
             assert node.contact_count() == 2
-            router = node._protocol.router
+            router = node._table.routing
             ids = {contact.id for bucket in router.buckets for contact in bucket.get_nodes()}
             assert node.node_id not in ids
             assert gauge(node, "mirror_dht_contacts") == 2
@@ -230,9 +231,7 @@ async def test_sixty_four_nodes_find_and_miss_within_the_deadline(
             assert provider(nodes[index]) in found
 
         # Abandoned RPCs then time out quietly: no "InvalidStateError", no stray task errors.
-        await wait_until(
-            lambda: not any(node._protocol._pending for node in alive if node._protocol)
-        )
+        await wait_until(lambda: not any(node._rpc._pending for node in alive))
         gc.collect()
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []

@@ -17,11 +17,14 @@ import pytest
 import umsgpack
 from harness.dht import KEY, SEALER, RawPeer, raw_peer
 
-from mirror.clusterkey import ClusterKey
+from mirror.clusterkey import FRESHNESS_SECONDS as FRESHNESS_WINDOW
+from mirror.clusterkey import ClusterKey, ReplayGuard
 from mirror.metrics import Metrics
-from mirror.routing import DhtNode, Provider, dht_key, stable_node_id
-from mirror.routing.auth import FRESHNESS_WINDOW, SEAL_OVERHEAD, DatagramSealer, ReplayGuard
-from mirror.routing.errors import Replayed, Stale, Unauthenticated
+from mirror.routing.auth import SEAL_OVERHEAD, DatagramSealer
+from mirror.routing.dht import DhtNode
+from mirror.routing.errors import Stale, Unauthenticated
+from mirror.routing.keys import dht_key, stable_node_id
+from mirror.routing.router import Provider
 from mirror.routing.wire import (
     HEADER_BYTES,
     MAX_BODY_BYTES,
@@ -92,10 +95,9 @@ def test_sealer_round_trip_and_tampering() -> None:
 
 def test_replay_guard_forgets_ids_once_they_would_be_stale() -> None:
     guard = ReplayGuard(window=30)
-    guard.check(b"a" * 20, sent_at=100.0, now=100.0)
-    with pytest.raises(Replayed):
-        guard.check(b"a" * 20, sent_at=100.0, now=120.0)
-    guard.check(b"b" * 20, sent_at=131.0, now=131.0)  # prunes "a" (stale from 130 on)
+    assert guard.first_use(b"a" * 20, sent_at=100.0, now=100.0)
+    assert not guard.first_use(b"a" * 20, sent_at=100.0, now=120.0)
+    assert guard.first_use(b"b" * 20, sent_at=131.0, now=131.0)  # prunes "a" (stale from 130 on)
     assert len(guard) == 1
 
 

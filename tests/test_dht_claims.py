@@ -16,8 +16,11 @@ import pytest
 from harness.dht import RawPeer, cluster, make_node, provider, raw_peer
 from kademlia.node import Node
 
-from mirror.routing import DhtNode, DhtNotRunning, Provider, dht, dht_key
-from mirror.routing.keys import distance
+from mirror.routing.claims import claim_deadline
+from mirror.routing.dht import DhtNode
+from mirror.routing.errors import DhtNotRunning
+from mirror.routing.keys import dht_key, distance
+from mirror.routing.router import Provider
 from mirror.routing.wire import MAX_DATAGRAM_BYTES
 
 # For tests that expect one exact holder. A reply later than the RPC timeout makes its sender
@@ -123,8 +126,8 @@ async def test_a_late_lookup_reply_does_not_elect_a_second_arbiter(
         keeper, *others = closest_to(nodes, text)
         first, claimer = others[-1], others[-2]  # the farthest: neither arbitrates
         assert await first.claim(text) is None
-        protocol = claimer._running()
-        find_node = protocol.request_find_node
+        client = claimer._client
+        find_node = client.find_node
 
         def keeper_late(node: Node, key: bytes) -> asyncio.Future[object]:
             if node.id != keeper.node_id:
@@ -133,7 +136,7 @@ async def test_a_late_lookup_reply_does_not_elect_a_second_arbiter(
             late.set_result(None)  # what a reply after the timeout looks like to the lookup
             return late
 
-        monkeypatch.setattr(protocol, "request_find_node", keeper_late)
+        monkeypatch.setattr(client, "find_node", keeper_late)
         assert await claimer.claim(text) == provider(first)
         assert [node for node in nodes if node.local_claim(text) is not None] == [keeper]
 
@@ -147,7 +150,7 @@ async def test_a_dead_arbiter_hands_the_claim_to_the_next_closest_node() -> None
         await keeper.close()  # dies without telling anyone: still in every routing table
         started = time.monotonic()
         assert await claimers[0].claim(text) is None
-        assert time.monotonic() - started < dht.claim_deadline(rpc_timeout) + slack
+        assert time.monotonic() - started < claim_deadline(rpc_timeout) + slack
         # Every claimer falls back to the same successor: claims are still serialised.
         assert successor.local_claim(text) == provider(claimers[0])
         results = await asyncio.gather(*(node.claim(text) for node in claimers[1:]))
@@ -163,7 +166,7 @@ async def test_claim_acts_alone_when_its_arbiters_die_after_the_lookup(
     async with cluster(5, rpc_timeout=rpc_timeout) as nodes:
         keeper, successor, claimer, other, _ = closest_to(nodes, text)
         assert await other.claim(text) is None  # a live claim the claimer can no longer see
-        lookup = claimer._claim_candidates
+        lookup = claimer._claimer._candidates
 
         async def lookup_then_die(target: bytes) -> tuple[list[Node], set[bytes]]:
             found, silent = await lookup(target)
@@ -173,10 +176,10 @@ async def test_claim_acts_alone_when_its_arbiters_die_after_the_lookup(
             await successor.close()
             return found, silent
 
-        monkeypatch.setattr(claimer, "_claim_candidates", lookup_then_die)
+        monkeypatch.setattr(claimer._claimer, "_candidates", lookup_then_die)
         started = time.monotonic()
         assert await claimer.claim(text) is None  # better a duplicate fetch than none
-        assert time.monotonic() - started < dht.claim_deadline(rpc_timeout) + 0.5
+        assert time.monotonic() - started < claim_deadline(rpc_timeout) + 0.5
 
 
 async def test_claims_are_not_provider_records() -> None:

@@ -24,22 +24,22 @@ from harness.dockerd import DockerNode
 from harness.images import TestImages
 from harness.registry import Registry
 
+from mirror.cli import build_parser, run_config
 from mirror.errors import StoreUnavailable
 from mirror.stores.docker import DockerEngine, engine_from_info, inspect_docker
 
 
-async def test_inspect_classic_dockerd(
-    dockerd_factory: Callable[..., DockerNode], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_inspect_classic_dockerd(dockerd_factory: Callable[..., DockerNode]) -> None:
     node = dockerd_factory()
     engine = await inspect_docker(node.host)
     assert engine == DockerEngine(version=engine.version, containerd_image_store=False)
     assert engine.version.startswith("20.10"), engine.version
     assert engine.containerd_namespace == "moby"
 
-    # None means "as the CLI would": DOCKER_HOST wins over contexts and the default socket.
-    monkeypatch.setenv("DOCKER_HOST", node.host)
-    assert await inspect_docker(None) == engine
+    # DOCKER_HOST, as the docker CLI reads it, reaches the daemon: mirror.cli resolves it
+    # into RunConfig.docker_host (inspect_docker reads no variables itself).
+    args = build_parser({"DOCKER_HOST": node.host}).parse_args(["run", "--store=docker"])
+    assert await inspect_docker(run_config(args).docker_host) == engine
 
 
 async def test_missing_socket_is_store_unavailable_quickly(tmp_path: Path) -> None:

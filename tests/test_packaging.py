@@ -33,8 +33,8 @@ import pytest
 from mirror.cli import build_parser, flag_reference, run_config
 from mirror.clusterkey import ClusterKey
 from mirror.metrics import Metrics
-from mirror.routing import orchestrators
-from mirror.routing.bootstrap import BootstrapSpec, parse_bootstrap
+from mirror.routing.bootstrap import parse_bootstrap
+from mirror.routing.bootstrap.env import KubernetesEnv, OrchestratorEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "mirror"
@@ -536,11 +536,8 @@ def test_chart_bootstrap_specs_parse(tmp_path: Path) -> None:
     dns = formats["dns"] % ("mirror", "mirror-system", "cluster.local", 5001)
     (tmp_path / "token").write_text("token")
     (tmp_path / "ca.crt").write_bytes(_self_signed_certificate())
-    source = orchestrators.kubernetes_factory(
-        BootstrapSpec(kubernetes, "kubernetes", kubernetes.partition(":")[2], 5001, None),
-        environ={"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"},
-        service_account_dir=tmp_path,
-    )
+    pod = KubernetesEnv("10.96.0.1", "443", service_account_dir=tmp_path)
+    source = parse_bootstrap(kubernetes, 5001, env=OrchestratorEnv(kubernetes=pod))
     assert str(source) == "kubernetes:mirror-system/mirror:5001"
     assert str(parse_bootstrap(dns, 5001)) == "dns:mirror.mirror-system.svc.cluster.local:5001"
 
@@ -809,9 +806,7 @@ def test_nomad_task_arguments_parse(jobs: dict[str, dict], runtime: str) -> None
     assert seen == {"configure", "run", "cleanup"}
 
 
-def test_nomad_run_environment_parses(
-    jobs: dict[str, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_nomad_run_environment_parses(jobs: dict[str, dict], tmp_path: Path) -> None:
     """The mirror task's MIRROR_* environment makes a valid RunConfig, bootstrap included."""
     job = jobs["mirror.nomad.hcl"]
     ((_, task),) = [(labels, body) for labels, body in _find(job, "task") if labels == ("mirror",)]
@@ -825,8 +820,9 @@ def test_nomad_run_environment_parses(
     assert env["MIRROR_CLUSTER_KEY_FILE"] == "/secrets/cluster.key"
     environ = {name: value for name, value in env.items() if name.startswith("MIRROR_")}
     environ["MIRROR_CLUSTER_KEY_FILE"] = str(key_file)
-    monkeypatch.setenv("NOMAD_ADDR", env["NOMAD_ADDR"])
-    monkeypatch.setenv("NOMAD_TOKEN", "workload-identity")
+    # What Nomad gives the task besides MIRROR_*: the Task API and its workload identity.
+    environ["NOMAD_ADDR"] = env["NOMAD_ADDR"]
+    environ["NOMAD_TOKEN"] = "workload-identity"
     config = run_config(_parse(["run"], environ))
     assert str(config.routing.advertise_ip) == "192.0.2.10"
     assert config.routing.router_addr.port == 5001

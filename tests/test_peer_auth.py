@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from mirror.clusterkey import ClusterKey
+from mirror.clusterkey import FRESHNESS_SECONDS, ClusterKey
 from mirror.config import parse_cidr, parse_duration
 from mirror.errors import ConfigError
-from mirror.peers.auth import FRESHNESS_SECONDS, RequestSigner, RequestVerifier
+from mirror.peers.auth import RequestSigner, RequestVerifier
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
 
@@ -38,7 +38,19 @@ def test_stale_and_foreign_signatures_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "header", ["", "v1", "v2 1 2 3", "v1 x n AAAA", "v1 1 n !!!", "v1 1 2 3 4"]
+    "header",
+    [
+        "",
+        "v1",
+        "v2 1 2 3",
+        "v1 x n AAAA",
+        "v1 1 n !!!",
+        "v1 1 2 3 4",
+        "v1 \u00b2 n AAAA",  # a digit to str.isdigit, not to int()
+        f"v1 {'9' * 400} n AAAA",  # an int, but too large for a float
+        f"v1 {'9' * 5000} n AAAA",  # too long for int()
+        "v1 1 n \u00e9\u00e9\u00e9\u00e9",
+    ],
 )
 def test_malformed_signatures_are_refused(header: str) -> None:
     assert not RequestVerifier(KEY).verify(header, "GET", "/v2/")

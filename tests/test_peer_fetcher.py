@@ -2,7 +2,8 @@
 
 The peers are small aiohttp servers on loopback that behave the way a broken or hostile node
 would; a real mirror node never sends wrong bytes, so this is the only way to show the fetcher's
-defences. The provider list comes from a fixed lookup instead of the DHT (tested on its own).
+defences. The provider list comes from the in-memory router instead of the DHT (tested on its
+own).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from harness.dht import cluster
 
 from mirror.clusterkey import ClusterKey
 from mirror.errors import DigestMismatch, PeerUnavailable
@@ -22,8 +24,9 @@ from mirror.metrics import Metrics
 from mirror.oci.reference import parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
 from mirror.peers.fetcher import PeerFetcher
-from mirror.registry.ranges import parse_range
-from mirror.routing.dht import Provider
+from mirror.ranges import RangeRequest, resolve_range
+from mirror.routing.memory import MemoryCluster, MemoryRouter
+from mirror.routing.router import Provider
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
 BLOB = bytes(range(256)) * 16384  # 4 MiB
@@ -33,14 +36,15 @@ PATH = f"/v2/app/blobs/{DIGEST}"
 Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass
-class FixedLookup:
-    providers: list[Provider]
-    calls: int = 0
+TAG_KEY = "docker.io/app:1"
 
-    async def find_providers(self, text: str, want: int = 2) -> list[Provider]:
-        self.calls += 1
-        return list(self.providers)
+
+def router_for(*providers: Provider) -> MemoryRouter:
+    """A router whose cluster lists `providers`, in this order, as holders of DIGEST and TAG_KEY."""
+    cluster = MemoryCluster()
+    for key in (str(DIGEST), TAG_KEY):
+        cluster.providers[key] = {provider.node_id: provider for provider in providers}
+    return cluster.router(b"\xff" * 20, "127.0.0.1:9")
 
 
 @dataclass
@@ -75,7 +79,7 @@ async def peers() -> AsyncIterator[Peers]:
 
 
 async def good(request: web.Request) -> web.StreamResponse:
-    byte_range = parse_range(request.headers.get("Range"), len(BLOB))
+    byte_range = resolve_range(request.headers.get("Range"), len(BLOB))
     if byte_range is None:
         return web.Response(body=BLOB)
     end = byte_range.offset + byte_range.length
@@ -116,14 +120,14 @@ def slow(seconds: float) -> Behaviour:
 
 async def fetcher_for(*providers: Provider, hedge_after: float = 0.05) -> PeerFetcher:
     fetcher = PeerFetcher(
-        FixedLookup(list(providers)), RequestSigner(KEY), Metrics(), hedge_after=hedge_after
+        router_for(*providers), RequestSigner(KEY), Metrics(), hedge_after=hedge_after
     )
     await fetcher.start()
     return fetcher
 
 
-async def read_all(fetcher: PeerFetcher, range_header: str | None = None) -> bytes:
-    blob = await fetcher.blob(DIGEST, PATH, range_header)
+async def read_all(fetcher: PeerFetcher, requested: RangeRequest | None = None) -> bytes:
+    blob = await fetcher.blob(DIGEST, PATH, requested)
     assert blob is not None and blob.chunks is not None
     return b"".join([chunk async for chunk in blob.chunks])
 
@@ -139,7 +143,7 @@ async def test_streams_a_whole_blob(peers: Peers) -> None:
 async def test_a_peer_dying_mid_blob_is_resumed_elsewhere_with_a_range(peers: Peers) -> None:
     dying = await peers.add(dying_after(1_000_000))
     spare = await peers.add(good)
-    fetcher = PeerFetcher(FixedLookup([dying, spare]), RequestSigner(KEY), Metrics(), hedge_after=5)
+    fetcher = PeerFetcher(router_for(dying, spare), RequestSigner(KEY), Metrics(), hedge_after=5)
     await fetcher.start()
     try:
         # Shuffling may put the spare first; retry until the dying peer was asked first.
@@ -160,8 +164,7 @@ async def test_a_peer_dying_mid_blob_is_resumed_elsewhere_with_a_range(peers: Pe
 async def test_wrong_bytes_never_complete_and_the_peer_is_distrusted(peers: Peers) -> None:
     bad = await peers.add(corrupt)
     metrics = Metrics()
-    lookup = FixedLookup([bad])
-    fetcher = PeerFetcher(lookup, RequestSigner(KEY), metrics)
+    fetcher = PeerFetcher(router_for(bad), RequestSigner(KEY), metrics)
     await fetcher.start()
     received = bytearray()
     try:
@@ -196,7 +199,7 @@ async def test_a_slow_peer_is_hedged(peers: Peers) -> None:
 async def test_a_range_is_forwarded(peers: Peers) -> None:
     fetcher = await fetcher_for(await peers.add(good))
     try:
-        blob = await fetcher.blob(DIGEST, PATH, "bytes=100-199")
+        blob = await fetcher.blob(DIGEST, PATH, RangeRequest(100, 199))
         assert blob is not None and blob.chunks is not None
         assert (blob.size, blob.offset, blob.length) == (len(BLOB), 100, 100)
         assert b"".join([c async for c in blob.chunks]) == BLOB[100:200]
@@ -233,12 +236,25 @@ async def test_manifest_digest_is_checked(peers: Peers) -> None:
 
     fetcher = await fetcher_for(await peers.add(lie))
     try:
-        assert await fetcher.manifest("docker.io/app:1", "/v2/app/manifests/1", None) is None
+        assert await fetcher.manifest(TAG_KEY, "/v2/app/manifests/1", None) is None
     finally:
         await fetcher.close()
     fetcher = await fetcher_for(await peers.add(serve))
     try:
-        found = await fetcher.manifest("docker.io/app:1", "/v2/app/manifests/1", None)
+        found = await fetcher.manifest(TAG_KEY, "/v2/app/manifests/1", None)
         assert found is not None and found.digest == digest and found.body == manifest
     finally:
         await fetcher.close()
+
+
+async def test_a_lookup_is_timed_once_by_the_fetcher_and_not_again_by_the_dht() -> None:
+    metrics = Metrics()
+    async with cluster(3, metrics=metrics) as nodes:
+        await nodes[1].provide(str(DIGEST))
+        fetcher = PeerFetcher(nodes[0], RequestSigner(KEY), metrics)
+        found = await fetcher.providers(str(DIGEST))
+    assert [provider.address for provider in found] == [nodes[1].http_address]
+    count = metrics.registry.get_sample_value(
+        "mirror_peer_lookup_duration_seconds_count", {"result": "found"}
+    )
+    assert count == 1

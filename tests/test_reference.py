@@ -4,7 +4,8 @@ import pytest
 
 from mirror.errors import DigestInvalid, EndpointUnknown, NameInvalid
 from mirror.oci.reference import is_registry, parse_digest, parse_image_name, tag_ref
-from mirror.registry.paths import Kind, parse_target
+from mirror.registry.paths import parse_target
+from mirror.request import Kind
 
 HEX = "a" * 64
 

@@ -1,5 +1,6 @@
 """The pull API over real HTTP on loopback, backed by the node cache."""
 
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -31,8 +32,18 @@ class Served:
     blob: bytes
 
 
+ALL_REGISTRIES = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
+
+
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with serving(tmp_path, ALL_REGISTRIES) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, policy: ContentPolicy) -> AsyncIterator[Served]:
+    """A node on its cache holding library/app:1.0 (docker.io) and org/app:2.0 (ghcr.io)."""
     store = CacheStore(tmp_path / "cache")
     await store.start()
     blob = bytes(range(256)) * 4096  # 1 MiB
@@ -49,8 +60,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     await store.set_tag(tag_ref("docker.io", "library/app", "1.0"), parse_digest(sha(manifest)))
     await store.set_tag(tag_ref("ghcr.io", "org/app", "2.0"), parse_digest(sha(manifest)))
     metrics = Metrics()
-    policy = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
-    api = RegistryApi(store, metrics, ContentService(store, metrics, policy))
+    api = RegistryApi(metrics, ContentService(store, metrics, policy))
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
     async with ClientSession() as http:
@@ -158,12 +168,30 @@ async def test_tags_list_with_pagination(served: Served) -> None:
         f"{served.url}/v2/org/app/tags/list?ns=ghcr.io&last=2.0"
     ) as response:
         assert (await response.json())["tags"] == []
-    async with served.http.get(f"{served.url}/v2/org/app/tags/list?ns=ghcr.io&n=x") as response:
-        assert response.status == 400
-        assert await error_code(response) == "PAGINATION_NUMBER_INVALID"
+    for bad in ("x", "-1", "\u00b2", "1" * 5000):
+        url = f"{served.url}/v2/org/app/tags/list?ns=ghcr.io&n={bad}"
+        async with served.http.get(url) as response:
+            assert response.status == 400
+            assert await error_code(response) == "PAGINATION_NUMBER_INVALID"
     async with served.http.get(f"{served.url}/v2/org/nothing/tags/list") as response:
         assert response.status == 404
         assert await error_code(response) == "NAME_UNKNOWN"
+
+
+async def test_tags_of_a_registry_that_is_not_mirrored_are_not_listed(tmp_path: Path) -> None:
+    """--mirrored-registries holds for tag lists as for manifests (it once bypassed it)."""
+    docker_only = ContentPolicy(
+        mirrored_registries=frozenset({"docker.io"}), resolve_tags=True, tag_timeout=1.0
+    )
+    async with serving(tmp_path, docker_only) as served:
+        async with served.http.get(f"{served.url}/v2/org/app/manifests/2.0?ns=ghcr.io") as response:
+            assert response.status == 404
+        async with served.http.get(f"{served.url}/v2/org/app/tags/list?ns=ghcr.io") as response:
+            assert response.status == 404
+            assert await error_code(response) == "NAME_UNKNOWN"
+        async with served.http.get(f"{served.url}/v2/library/app/tags/list") as response:
+            assert response.status == 200
+            assert (await response.json())["tags"] == ["1.0"]
 
 
 async def test_a_blob_that_is_not_a_manifest_is_not_served_as_one(served: Served) -> None:

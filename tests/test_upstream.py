@@ -23,17 +23,13 @@ from harness.images import TestImage, TestImages
 from harness.registry import Registry
 from harness.token_server import TokenServer
 
-from mirror.errors import ConfigError, RangeNotSatisfiable
+from mirror.errors import ConfigError, RangeNotSatisfiable, UpstreamAuthError, UpstreamError
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import DOCKER_MANIFEST, MAX_MANIFEST_SIZE, OCI_MANIFEST
 from mirror.oci.reference import parse_digest
+from mirror.ranges import RangeRequest
 from mirror.upstream.auth import Authenticator, BearerChallenge, parse_www_authenticate
-from mirror.upstream.client import (
-    UpstreamAuthError,
-    UpstreamBlob,
-    UpstreamClient,
-    UpstreamError,
-)
+from mirror.upstream.client import UpstreamBlob, UpstreamClient
 from mirror.upstream.credentials import Credentials, basic_authorization
 from mirror.upstream.registries import UpstreamMap, parse_upstream
 
@@ -209,18 +205,18 @@ async def test_blob_whole_and_ranges(
     )
     assert await read_all(blob) == small_bytes
 
-    blob = await client.get_blob(upstream.host, repo, parse_digest(small), "bytes=10-99")
+    blob = await client.get_blob(upstream.host, repo, parse_digest(small), RangeRequest(10, 99))
     assert blob is not None
     assert (blob.status, blob.size, blob.offset, blob.length) == (206, len(small_bytes), 10, 90)
     assert await read_all(blob) == small_bytes[10:100]
 
-    blob = await client.get_blob(upstream.host, repo, parse_digest(small), "bytes=-7")
+    blob = await client.get_blob(upstream.host, repo, parse_digest(small), RangeRequest(suffix=7))
     assert blob is not None
     assert (blob.status, blob.offset, blob.length) == (206, len(small_bytes) - 7, 7)
     assert await read_all(blob) == small_bytes[-7:]
 
     with pytest.raises(RangeNotSatisfiable) as unsatisfiable:
-        await client.get_blob(upstream.host, repo, parse_digest(small), "bytes=999999999-")
+        await client.get_blob(upstream.host, repo, parse_digest(small), RangeRequest(999999999))
     assert unsatisfiable.value.size == len(small_bytes)
 
     # The big layer streams in chunks of at most 1 MiB and hashes right.
@@ -541,7 +537,9 @@ async def test_blob_redirect_never_leaks_authorization(
         assert token_fetches(metrics, "ok") == 1
 
         # A Range goes to storage too (the storage here ignores it: a 200 is passed on as is).
-        blob = await client.get_blob(registry_host, "lib/app", parse_digest(digest), "bytes=0-9")
+        blob = await client.get_blob(
+            registry_host, "lib/app", parse_digest(digest), RangeRequest(0, 9)
+        )
         assert blob is not None and blob.status == 200
         await read_all(blob)
         assert seen_by_storage[1]["Range"] == "bytes=0-9"

@@ -11,6 +11,8 @@ The order, for a request from the node's runtime:
    node fetches by itself: a duplicate fetch is better than a failed pull.
 
 A peer's request is answered from steps 1 and 2 only, so it never loops through the cluster.
+Tag lists and readiness come from here too, so registry policy (`--mirrored-registries`) holds
+for every request the HTTP front serves.
 
 Tags are resolved upstream first (a HEAD with a short timeout) so `latest` is never stale; when
 upstream does not answer, from this node and then the cluster, so pulls keep working during an
@@ -25,7 +27,6 @@ import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from mirror.content.downloads import (
     Download,
@@ -34,40 +35,29 @@ from mirror.content.downloads import (
     Downloads,
     Source,
 )
+from mirror.content.sources import PeerSource, UpstreamSource
 from mirror.errors import (
     BlobUnknown,
-    DigestInvalid,
     ManifestUnknown,
     MirrorError,
     NameUnknown,
     RegistryError,
+    UpstreamError,
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
 from mirror.oci.reference import Digest, TagRef, parse_digest
-from mirror.peers.fetcher import PeerBlob, PeerFetcher
-from mirror.registry.access import Caller
-from mirror.registry.paths import Kind, Target
-from mirror.registry.ranges import ByteRange, parse_range
-from mirror.routing.dht import Provider
+from mirror.peers.fetcher import PeerBlob
+from mirror.ranges import ByteRange, RangeRequest
+from mirror.request import Caller, Kind, TagPage, Target
+from mirror.routing.router import Provider, Router
 from mirror.stores.base import BlobSource, Store
 from mirror.stores.cache import CacheStore
 from mirror.stores.manifests import read_manifest
-from mirror.upstream.client import UpstreamClient, UpstreamError
 
 log = logging.getLogger(__name__)
 
 # How long a claim on an upstream fetch lives unless renewed (the fetcher renews it at half).
 _CLAIM_TTL = 30.0
-
-
-class Claims(Protocol):
-    """The part of the DHT that coalesces upstream fetches across the cluster."""
-
-    async def claim(self, text: str, ttl: float = ...) -> Provider | None: ...
-
-    async def release(self, text: str) -> None: ...
-
-    async def provide(self, text: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +107,16 @@ class ContentService:
         policy: ContentPolicy,
         *,
         cache: CacheStore | None = None,
-        peers: PeerFetcher | None = None,
-        claims: Claims | None = None,
-        upstream: UpstreamClient | None = None,
+        peers: PeerSource | None = None,
+        router: Router | None = None,
+        upstream: UpstreamSource | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._policy = policy
         self._cache = cache
         self._peers = peers
-        self._claims = claims
+        self._router = router
         self._upstream = upstream if cache is not None else None
         self._downloads = Downloads(cache) if cache is not None else None
         self._background: set[asyncio.Task[None]] = set()
@@ -137,10 +127,32 @@ class ContentService:
         for task in list(self._background):
             task.cancel()
 
+    async def ready(self) -> bool:
+        """Whether this node can serve: its store answers and its router takes requests."""
+        if self._router is not None and not self._router.ready():
+            return False
+        return await self._store.ready()
+
     def _check_mirrored(self, target: Target) -> None:
         mirrored = self._policy.mirrored_registries
         if mirrored is not None and target.registry not in mirrored:
             raise _unknown(target, f"registry {target.registry} is not mirrored here")
+
+    # --- tags --------------------------------------------------------------------------------
+
+    async def tags(self, target: Target, page: TagPage) -> list[str]:
+        """Tags this node holds for one repository, sorted, one page of them."""
+        self._check_mirrored(target)
+        tags = sorted(
+            entry.ref.tag
+            for entry in await self._store.images()
+            if entry.ref.registry == target.registry and entry.ref.repository == target.repository
+        )
+        if not tags:
+            raise NameUnknown(f"no tags of {target.registry}/{target.repository} are held here")
+        if page.last is not None:
+            tags = [tag for tag in tags if tag > page.last]
+        return tags if page.limit is None else tags[: page.limit]
 
     # --- manifests ---------------------------------------------------------------------------
 
@@ -184,15 +196,8 @@ class ContentService:
             await self._cache.set_tag(ref, parse_digest(answer.digest))
 
     async def _local_manifest_by_tag(self, ref: TagRef) -> ManifestAnswer | None:
-        found = await self._store.resolve(ref)
-        if found is None:
-            return None
-        try:
-            digest = parse_digest(found)
-        except DigestInvalid:
-            log.warning("%s points to an unusable digest %r", ref, found)
-            return None
-        return await self._local_manifest(digest)
+        digest = await self._store.resolve(ref)
+        return None if digest is None else await self._local_manifest(digest)
 
     async def _local_manifest(self, digest: Digest) -> ManifestAnswer | None:
         found = await read_manifest(self._store, digest)
@@ -238,39 +243,47 @@ class ContentService:
     # --- blobs -------------------------------------------------------------------------------
 
     async def blob(
-        self, target: Target, digest: Digest, caller: Caller, range_header: str | None, head: bool
+        self, target: Target, caller: Caller, requested: RangeRequest | None, *, head: bool
     ) -> BlobAnswer:
+        """The blob `target` names (or the `requested` slice of it), ready to send."""
         self._check_mirrored(target)
+        assert target.digest is not None, "a blob is always asked for by digest"
+        digest = target.digest
         try:
-            return await self._find_blob(target, digest, caller, range_header, head)
+            return await self._find_blob(target, digest, caller, requested, head)
         except DownloadAbandoned as exc:
             if caller is not Caller.RUNTIME:
                 raise BlobUnknown(f"blob {digest} is not held here") from exc
             # The request this one joined lost the claim to another node: look again, and
             # find that node's claim this time.
-            return await self._find_blob(target, digest, caller, range_header, head)
+            return await self._find_blob(target, digest, caller, requested, head)
 
     async def _find_blob(
-        self, target: Target, digest: Digest, caller: Caller, range_header: str | None, head: bool
+        self,
+        target: Target,
+        digest: Digest,
+        caller: Caller,
+        requested: RangeRequest | None,
+        head: bool,
     ) -> BlobAnswer:
         held = await self._held_here(digest)
         if isinstance(held, Download):
             self._metrics.coalesced_waits.labels("node").inc()
-            return await self._from_download(held, range_header, head)
+            return await self._from_download(held, requested, head)
         if held is not None:
-            return await _local_answer(held, range_header)
+            return await _local_answer(held, requested)
         if caller is not Caller.RUNTIME:
             raise BlobUnknown(f"blob {digest} is not held here")
         path = _peer_path(target, digest)
         if self._peers is not None:
-            found = await self._peers.blob(digest, path, _forwardable(range_header), head=head)
+            found = await self._peers.blob(digest, path, requested, head=head)
             if found is not None:
-                return _peer_answer(found, range_header)
+                return _peer_answer(found, requested)
         if self._upstream is None or self._downloads is None:
             raise BlobUnknown(f"blob {digest} is not held in the cluster")
-        if range_header is not None and _forwardable(range_header) is not None:
-            return await self._upstream_range(target, digest, range_header, head)
-        return await self._fetch_once(target, digest, path, range_header, head)
+        if requested is not None:
+            return await self._upstream_range(target, digest, requested, head)
+        return await self._fetch_once(target, digest, path, head)
 
     async def _held_here(self, digest: Digest) -> BlobSource | Download | None:
         """This node's copy of `digest`, or the download of it under way here.
@@ -290,7 +303,7 @@ class ContentService:
         return None
 
     async def _fetch_once(
-        self, target: Target, digest: Digest, path: str, range_header: str | None, head: bool
+        self, target: Target, digest: Digest, path: str, head: bool
     ) -> BlobAnswer:
         """Fetch from upstream, once for the cluster; join whoever already fetches it."""
         assert self._downloads is not None and self._upstream is not None
@@ -299,11 +312,11 @@ class ContentService:
             # Fetched here while the peers were asked.
             local = await self._cache.open(digest)
             if local is not None:
-                return await _local_answer(local, range_header)
+                return await _local_answer(local, None)
         download, reserved = self._downloads.reserve(digest)
         if not reserved:
             self._metrics.coalesced_waits.labels("node").inc()
-            return await self._from_download(download, range_header, head)
+            return await self._from_download(download, None, head)
         holder = await self._claim(digest)
         if holder is not None and self._peers is not None:
             self._downloads.abandon(download, f"{holder.address} fetches {digest}")
@@ -314,7 +327,7 @@ class ContentService:
             log.info("claimant %s of %s did not serve it; fetching it here", holder.address, digest)
             download, reserved = self._downloads.reserve(digest)
             if not reserved:
-                return await self._from_download(download, range_header, head)
+                return await self._from_download(download, None, head)
         upstream = self._upstream
 
         async def open_upstream() -> Source | None:
@@ -325,13 +338,13 @@ class ContentService:
 
         self._downloads.begin(download, open_upstream)
         self._spawn(self._announce_and_release(download))
-        return await self._from_download(download, range_header, head)
+        return await self._from_download(download, None, head)
 
     async def _claim(self, digest: Digest) -> Provider | None:
-        if self._claims is None:
+        if self._router is None:
             return None
         try:
-            return await self._claims.claim(str(digest), _CLAIM_TTL)
+            return await self._router.claim(str(digest), _CLAIM_TTL)
         except Exception:
             log.warning("claiming %s failed; fetching it here", digest, exc_info=True)
             return None
@@ -343,11 +356,11 @@ class ContentService:
         blob then, and a node whose lookup raced the announcement still streams from it
         instead of fetching again.
         """
-        if self._claims is None:
+        if self._router is None:
             return
         key = str(download.digest)
         with contextlib.suppress(Exception):
-            await self._claims.provide(key)
+            await self._router.provide(key)
         while True:
             try:
                 async with asyncio.timeout(_CLAIM_TTL / 2):
@@ -356,13 +369,13 @@ class ContentService:
             except TimeoutError:
                 # A long download keeps its claim alive, or another node would fetch too.
                 with contextlib.suppress(Exception):
-                    await self._claims.claim(key, _CLAIM_TTL)
+                    await self._router.claim(key, _CLAIM_TTL)
             except (MirrorError, asyncio.CancelledError):
                 succeeded = False
                 break
         if not succeeded:
             with contextlib.suppress(Exception):
-                await self._claims.release(key)
+                await self._router.release(key)
 
     def _spawn(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)
@@ -370,7 +383,7 @@ class ContentService:
         task.add_done_callback(self._background.discard)
 
     async def _from_download(
-        self, download: Download, range_header: str | None, head: bool
+        self, download: Download, requested: RangeRequest | None, head: bool
     ) -> BlobAnswer:
         try:
             size = await download.wait_started()
@@ -380,19 +393,19 @@ class ContentService:
             raise BlobUnknown(f"{download.digest} could not be fetched: {exc}") from exc
         if size is None:
             raise BlobUnknown(f"blob {download.digest} does not exist upstream")
-        byte_range = parse_range(range_header, size)
+        byte_range = requested.resolve(size) if requested is not None else None
         offset, length = (byte_range.offset, byte_range.length) if byte_range else (0, size)
         chunks = None if head else download.read(offset, length)
         return BlobAnswer(SOURCE_UPSTREAM, size, byte_range, chunks=chunks)
 
     async def _upstream_range(
-        self, target: Target, digest: Digest, range_header: str, head: bool
+        self, target: Target, digest: Digest, requested: RangeRequest, head: bool
     ) -> BlobAnswer:
         """A range of a blob nobody here has: passed through, not cached (it is a resume)."""
         assert self._upstream is not None
         try:
             blob = await self._upstream.get_blob(
-                target.registry, target.repository, digest, range_header
+                target.registry, target.repository, digest, requested
             )
         except UpstreamError as exc:
             raise BlobUnknown(f"upstream could not give {digest}: {exc}") from exc
@@ -415,25 +428,17 @@ def _unknown(target: Target, message: str) -> RegistryError:
     return ManifestUnknown(message)
 
 
-def _forwardable(range_header: str | None) -> str | None:
-    """A client Range worth passing on: one we would honour ourselves (a single range)."""
-    if range_header is None:
-        return None
-    return range_header if parse_range(range_header, 1 << 62) is not None else None
-
-
-async def _local_answer(local: BlobSource, range_header: str | None) -> BlobAnswer:
+async def _local_answer(local: BlobSource, requested: RangeRequest | None) -> BlobAnswer:
     try:
-        byte_range = parse_range(range_header, local.size)
+        byte_range = requested.resolve(local.size) if requested is not None else None
     except BaseException:
         await local.close()
         raise
     return BlobAnswer(SOURCE_LOCAL, local.size, byte_range, local=local)
 
 
-def _peer_answer(found: PeerBlob, range_header: str | None) -> BlobAnswer:
-    partial = _forwardable(range_header) is not None
-    byte_range = ByteRange(found.offset, found.length) if partial else None
+def _peer_answer(found: PeerBlob, requested: RangeRequest | None) -> BlobAnswer:
+    byte_range = ByteRange(found.offset, found.length) if requested is not None else None
     return BlobAnswer(SOURCE_PEER, found.size, byte_range, chunks=found.chunks)
 
 

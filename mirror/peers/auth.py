@@ -12,15 +12,13 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from collections import OrderedDict
 
-from mirror.clusterkey import ClusterKey
+from mirror.clusterkey import FRESHNESS_SECONDS, ClusterKey, ReplayGuard
 
 PEER_HEADER = "X-Mirror-Peer"
 _VERSION = "v1"
-# Clocks of a cluster agree within seconds; a signature older than this is refused.
-FRESHNESS_SECONDS = 30.0
-_MAX_REMEMBERED_NONCES = 100_000
+# Unix milliseconds have 13 digits until the year 2286; anything longer is not a time.
+_MAX_STAMP_DIGITS = 15
 
 
 class RequestSigner:
@@ -39,15 +37,16 @@ class RequestVerifier:
 
     def __init__(self, key: ClusterKey) -> None:
         self._key = key.purpose("http")
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._replays = ReplayGuard(FRESHNESS_SECONDS)
 
     def verify(self, header: str, method: str, path_qs: str, *, now: float | None = None) -> bool:
         current = time.time() if now is None else now
         parts = header.split(" ")
-        if len(parts) != 4 or parts[0] != _VERSION or not parts[1].isdigit():
+        if len(parts) != 4 or parts[0] != _VERSION or not _is_timestamp(parts[1]):
             return False
         _, stamp, nonce, mac_text = parts
-        if abs(current - int(stamp) / 1000) > FRESHNESS_SECONDS:
+        sent_at = int(stamp) / 1000
+        if abs(current - sent_at) > FRESHNESS_SECONDS:
             return False
         try:
             mac = base64.b64decode(mac_text, validate=True)
@@ -57,14 +56,9 @@ class RequestVerifier:
             mac, method.encode(), path_qs.encode(), stamp.encode(), nonce.encode()
         ):
             return False
-        self._forget_older_than(current - FRESHNESS_SECONDS)
-        if nonce in self._seen:
-            return False
-        self._seen[nonce] = current
-        return True
+        return self._replays.first_use(nonce, sent_at, current)
 
-    def _forget_older_than(self, cutoff: float) -> None:
-        while self._seen and (
-            next(iter(self._seen.values())) < cutoff or len(self._seen) > _MAX_REMEMBERED_NONCES
-        ):
-            self._seen.popitem(last=False)
+
+def _is_timestamp(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²") and few enough to be a time."""
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_STAMP_DIGITS

@@ -18,18 +18,20 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiohttp
 from yarl import URL
 
-from mirror.errors import DigestMismatch, PeerUnavailable, RangeNotSatisfiable
+from mirror.bodies import read_capped
+from mirror.errors import BodyTooLarge, DigestMismatch, PeerUnavailable, RangeNotSatisfiable
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner
-from mirror.routing.dht import Provider
+from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
+from mirror.routing.router import Provider, Router
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,6 @@ _CHUNK = 1024 * 1024
 # A peer that sent bytes not matching their digest is not asked again for this long.
 _DISTRUST_SECONDS = 600.0
 _PROVIDERS_WANTED = 3
-
-
-class ProviderLookup(Protocol):
-    async def find_providers(self, text: str, want: int = 2) -> list[Provider]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +65,7 @@ class _PeerSlowOrFailed(Exception):
 class PeerFetcher:
     def __init__(
         self,
-        lookup: ProviderLookup,
+        router: Router,
         signer: RequestSigner,
         metrics: Metrics,
         *,
@@ -76,7 +74,7 @@ class PeerFetcher:
         read_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lookup = lookup
+        self._router = router
         self._signer = signer
         self._metrics = metrics
         self._hedge_after = hedge_after
@@ -94,9 +92,11 @@ class PeerFetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def providers(self, key_text: str, exclude: set[bytes] = frozenset()) -> list[Provider]:
+    async def providers(
+        self, key_text: str, exclude: AbstractSet[bytes] = frozenset()
+    ) -> list[Provider]:
         started = self._clock()
-        found = await self._lookup.find_providers(key_text, want=_PROVIDERS_WANTED)
+        found = await self._router.find_providers(key_text, want=_PROVIDERS_WANTED)
         now = self._clock()
         usable = [
             p
@@ -120,8 +120,8 @@ class PeerFetcher:
                 continue
             provider, response = winner
             try:
-                body = await _read_limited(response, MAX_MANIFEST_SIZE)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                body = await read_capped(response, MAX_MANIFEST_SIZE)
+            except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
                 self._failed(provider, "broken", exc)
                 continue
             finally:
@@ -136,7 +136,7 @@ class PeerFetcher:
         return None
 
     async def blob(
-        self, digest: Digest, path: str, range_header: str | None, *, head: bool = False
+        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
     ) -> PeerBlob | None:
         """Open the blob (or the client's range of it) at the first provider that answers.
 
@@ -145,7 +145,7 @@ class PeerFetcher:
         tried: set[bytes] = set()
         while candidates := await self.providers(str(digest), exclude=tried):
             tried.update(p.node_id for p in candidates)
-            found = await self.blob_from(candidates, digest, path, range_header, head=head)
+            found = await self.blob_from(candidates, digest, path, requested, head=head)
             if found is not None:
                 return found
         return None
@@ -155,12 +155,13 @@ class PeerFetcher:
         candidates: list[Provider],
         digest: Digest,
         path: str,
-        range_header: str | None,
+        requested: RangeRequest | None,
         *,
         head: bool = False,
     ) -> PeerBlob | None:
         """Like `blob`, from these providers (the node that claimed an upstream fetch)."""
         method = "HEAD" if head else "GET"
+        range_header = requested.header() if requested is not None else None
         winner = await self._first_answer(candidates, path, range_header, method)
         if winner is None:
             return None
@@ -232,7 +233,8 @@ class PeerFetcher:
         response.release()
         if response.status == 416:
             raise RangeNotSatisfiable(
-                "range not satisfiable", size=_size_from_content_range(response)
+                "range not satisfiable",
+                size=unsatisfied_size(response.headers.get("Content-Range")),
             )
         raise _PeerSlowOrFailed(f"answered {response.status}")
 
@@ -300,7 +302,7 @@ class PeerFetcher:
         end: int,
     ) -> tuple[Provider, aiohttp.ClientResponse] | None:
         """Continue from `position` at another provider, asking the DHT again if none is left."""
-        range_header = f"bytes={position}-{end - 1}"
+        range_header = ByteRange(position, end - position).header()
         for _ in range(2):
             if not spares:
                 spares.extend(await self.providers(str(digest), exclude={p.node_id for p in used}))
@@ -361,24 +363,9 @@ def _extent(response: aiohttp.ClientResponse) -> tuple[int, int, int]:
     length = response.content_length or 0
     if response.status != 206:
         return length, 0, length
-    content_range = response.headers.get("Content-Range", "")
-    try:
-        unit_range, _, total = content_range.partition("/")
-        first, _, last = unit_range.removeprefix("bytes ").partition("-")
-        return int(total), int(first), int(last) - int(first) + 1
-    except ValueError as exc:
-        raise PeerUnavailable(f"peer sent an unusable Content-Range {content_range!r}") from exc
-
-
-def _size_from_content_range(response: aiohttp.ClientResponse) -> int:
-    total = response.headers.get("Content-Range", "").rpartition("/")[2]
-    return int(total) if total.isdigit() else 0
-
-
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if (response.content_length or 0) > limit:
-        raise ValueError(f"peer manifest larger than {limit} bytes")
-    body = await response.content.read(limit + 1)
-    if len(body) > limit:
-        raise ValueError(f"peer manifest larger than {limit} bytes")
-    return body
+    content_range = response.headers.get("Content-Range")
+    parsed = parse_content_range(content_range)
+    if parsed is None:
+        raise PeerUnavailable(f"peer sent an unusable Content-Range {content_range!r}")
+    byte_range, size = parsed
+    return size, byte_range.offset, byte_range.length

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from enum import Enum
 
 from aiohttp import web
 
 from mirror.config import IPNetwork
 from mirror.errors import Denied, Unauthorized
 from mirror.peers.auth import PEER_HEADER, RequestVerifier
-
-
-class Caller(Enum):
-    RUNTIME = "runtime"  # the local container runtime: may be served from peers
-    PEER = "peer"  # another node: served from this node's store only, never forwarded
+from mirror.request import Caller
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,9 @@
-"""Handlers of the pull API: manifests and blobs from the node's store, else from its peers."""
+"""Handlers of the pull API: HTTP in, typed requests to the content service, HTTP out.
+
+Every route that answers from content (manifests, blobs, tag lists, readiness) asks the
+content service, the one place that decides where bytes come from and which registries are
+served; this module only parses, checks who is calling, and renders answers and errors.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,11 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from mirror.content.service import ContentService
 from mirror.errors import (
     Denied,
-    NameUnknown,
     PaginationInvalid,
     RegistryError,
     ServiceUnavailable,
@@ -20,28 +25,29 @@ from mirror.errors import (
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, Metrics
 from mirror.oci.mediatypes import OCTET_STREAM
-from mirror.registry.access import AccessPolicy, Caller
-from mirror.registry.paths import Kind, Target, parse_target
+from mirror.ranges import parse_range_header
+from mirror.registry.access import AccessPolicy
+from mirror.registry.paths import parse_target
 from mirror.registry.responses import API_VERSION_HEADER, error_response, send_blob, send_chunks
-from mirror.stores.base import Store
+from mirror.request import Caller, Kind, TagPage, Target
 
 log = logging.getLogger(__name__)
 
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _KIND_KEY = web.RequestKey("kind", str)
 _SOURCE_KEY = web.RequestKey("source", str)
+# A page size past this many digits is not a number any client means.
+_MAX_PAGE_DIGITS = 9
 
 
 class RegistryApi:
     def __init__(
         self,
-        store: Store,
         metrics: Metrics,
         content: ContentService,
         *,
         access: AccessPolicy | None = None,
     ) -> None:
-        self._store = store
         self._metrics = metrics
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
@@ -56,7 +62,7 @@ class RegistryApi:
         return app
 
     @web.middleware
-    async def _observe(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Render errors as OCI JSON (never a traceback) and record every API request."""
         started = time.perf_counter()
         try:
@@ -96,9 +102,9 @@ class RegistryApi:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if await self._store.ready():
+        if await self._content.ready():
             return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"store {self._store.name} is not ready\n")
+        return web.Response(status=503, text="not ready: the store or the router does not answer\n")
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         request[_KIND_KEY] = "other"
@@ -110,7 +116,7 @@ class RegistryApi:
         if target.kind is Kind.MANIFEST:
             return await self._manifest(request, target, caller)
         if target.kind is Kind.TAGS:
-            return await self._tags(request, target)
+            return await self._tags(request, target, _tag_page(request))
         return await self._blob(request, target, caller)
 
     async def _manifest(
@@ -125,23 +131,9 @@ class RegistryApi:
         }
         return web.Response(body=answer.body, headers=headers)
 
-    async def _tags(self, request: web.Request, target: Target) -> web.Response:
+    async def _tags(self, request: web.Request, target: Target, page: TagPage) -> web.Response:
         """Tags held for one repository, paginated with `n` and `last` as the spec describes."""
-        tags = sorted(
-            entry.ref.tag
-            for entry in await self._store.images()
-            if entry.ref.registry == target.registry and entry.ref.repository == target.repository
-        )
-        if not tags:
-            raise NameUnknown(f"no tags of {target.registry}/{target.repository} are held here")
-        last = request.query.get("last")
-        if last is not None:
-            tags = [tag for tag in tags if tag > last]
-        limit = request.query.get("n")
-        if limit is not None:
-            if not limit.isdigit():
-                raise PaginationInvalid(f"n must be a non-negative integer, not {limit!r}")
-            tags = tags[: int(limit)]
+        tags = await self._content.tags(target, page)
         request[_SOURCE_KEY] = SOURCE_LOCAL
         body = {"name": target.repository, "tags": tags}
         return web.json_response(body, headers=API_VERSION_HEADER)
@@ -152,9 +144,8 @@ class RegistryApi:
         assert target.digest is not None
         answer = await self._content.blob(
             target,
-            target.digest,
             caller,
-            request.headers.get("Range"),
+            parse_range_header(request.headers.get("Range")),
             head=request.method == "HEAD",
         )
         try:
@@ -179,3 +170,13 @@ class RegistryApi:
             return await send_chunks(request, answer.chunks, length, status=status, headers=headers)
         finally:
             await answer.close()
+
+
+def _tag_page(request: web.Request) -> TagPage:
+    """`n` and `last` of a tags/list request; `n` must be a plain non-negative number."""
+    limit = request.query.get("n")
+    if limit is not None and not (
+        limit.isascii() and limit.isdigit() and len(limit) <= _MAX_PAGE_DIGITS
+    ):
+        raise PaginationInvalid(f"n must be a non-negative integer, not {limit[:40]!r}")
+    return TagPage(limit=None if limit is None else int(limit), last=request.query.get("last"))

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from enum import StrEnum
 
 from mirror.errors import EndpointUnknown
 from mirror.oci.reference import (
     DEFAULT_REGISTRY,
-    Digest,
-    TagRef,
     is_digest_reference,
     is_registry,
     parse_digest,
@@ -18,27 +14,11 @@ from mirror.oci.reference import (
     validate_registry,
     validate_repository,
 )
+from mirror.request import Kind, Target
 
 # The name is greedy, so a repository may itself contain "blobs" or "manifests" components.
 _API_PATH = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
 _TAGS_PATH = re.compile(r"(?P<name>.+)/tags/list")
-
-
-class Kind(StrEnum):
-    MANIFEST = "manifest"
-    BLOB = "blob"
-    TAGS = "tags"
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What a pull request asks for: a manifest by tag or digest, or a blob by digest."""
-
-    kind: Kind
-    registry: str
-    repository: str
-    tag: TagRef | None
-    digest: Digest | None
 
 
 def parse_target(path_after_v2: str, ns: str | None) -> Target:

@@ -1,32 +1,14 @@
-"""Routing: the cluster DHT that says which peers hold a digest or a tag.
+"""Routing: who in the cluster holds a digest or a tag, and who fetches it from upstream.
 
-Provider records (many per key, each naming a peer's HTTP address) on top of kademlia, with
-authenticated datagrams, single-datagram replies and hard lookup deadlines.
+`router.py` is the seam the rest of the node depends on (`Router`, `Provider`); importing it
+loads nothing else. Behind it, `dht.py` (`DhtNode`) is the cluster DHT of provider records
+built from the modules here, one job each: `rpc.py` (the authenticated UDP endpoint),
+`handlers.py` (what a node answers), `client.py` (what it asks), `table.py` (routing-table
+upkeep around kademlia's `RoutingTable`), `lookup.py` (iterative lookups under a deadline),
+`crawl.py` (bootstrap and maintenance walks), `providers.py` (records and claims a node
+keeps), `claims.py` (claiming an upstream fetch), `wire.py`, `auth.py`, `keys.py`,
+`settings.py` and `errors.py`. `memory.py` is an in-process `Router` for tests;
+`bootstrap/` finds the first contacts (static lists, DNS, orchestrators).
+
+This package imports nothing on purpose: name the module you need.
 """
-
-from mirror.routing.dht import DhtNode, Provider, dht_key, stable_node_id
-from mirror.routing.errors import (
-    DatagramRejected,
-    DhtError,
-    DhtNotRunning,
-    Malformed,
-    Replayed,
-    Stale,
-    Unauthenticated,
-    UnsupportedOperation,
-)
-
-__all__ = [
-    "DatagramRejected",
-    "DhtError",
-    "DhtNode",
-    "DhtNotRunning",
-    "Malformed",
-    "Provider",
-    "Replayed",
-    "Stale",
-    "Unauthenticated",
-    "UnsupportedOperation",
-    "dht_key",
-    "stable_node_id",
-]

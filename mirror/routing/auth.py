@@ -4,24 +4,21 @@ Sealed layout: ``payload || timestamp (8 bytes, signed big-endian milliseconds) 
 The MAC covers payload and timestamp, and is checked before a single byte of the payload is
 parsed, so an outsider can neither inject records nor reach the msgpack decoder. The timestamp
 bounds how long a captured datagram stays usable; inside that window a replayed request is
-recognised by its message id (`ReplayGuard`).
+recognised by its message id (`clusterkey.ReplayGuard`, checked in `rpc.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
 from collections.abc import Callable
 from typing import Any
 
-from mirror.clusterkey import MAC_BYTES, PurposeKey
-from mirror.routing.errors import Replayed, Stale, Unauthenticated
+from mirror.clusterkey import FRESHNESS_SECONDS, MAC_BYTES, PurposeKey
+from mirror.routing.errors import Stale, Unauthenticated
 
 TIMESTAMP_BYTES = 8
 SEAL_OVERHEAD = TIMESTAMP_BYTES + MAC_BYTES
-# Accepted clock skew between nodes either way; NTP-synchronised nodes are well inside it.
-FRESHNESS_WINDOW = 30.0
 
 
 class DatagramSealer:
@@ -31,7 +28,7 @@ class DatagramSealer:
         self,
         key: PurposeKey,
         *,
-        window: float = FRESHNESS_WINDOW,
+        window: float = FRESHNESS_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._key = key
@@ -66,42 +63,12 @@ class DatagramSealer:
         return payload, sent_at
 
 
-class ReplayGuard:
-    """Remembers accepted request ids until their timestamps leave the freshness window.
-
-    Once a datagram's timestamp is older than the window it is rejected as stale anyway, so an
-    id never needs remembering past ``sent_at + window``. Only authenticated datagrams get here,
-    so an outsider cannot grow this set; its size is bounded by the cluster's own request rate.
-    """
-
-    def __init__(self, window: float) -> None:
-        self._window = window
-        self._seen: dict[bytes, float] = {}
-        self._expiries: list[tuple[float, bytes]] = []
-
-    def check(self, msg_id: bytes, sent_at: float, now: float) -> None:
-        """Record `msg_id`; raises `Replayed` if it was already recorded and is still live."""
-        self._prune(now)
-        if msg_id in self._seen:
-            raise Replayed("request id already seen")
-        forget_at = sent_at + self._window
-        self._seen[msg_id] = forget_at
-        heapq.heappush(self._expiries, (forget_at, msg_id))
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def _prune(self, now: float) -> None:
-        while self._expiries and self._expiries[0][0] < now:
-            _, msg_id = heapq.heappop(self._expiries)
-            self._seen.pop(msg_id, None)
-
-
 class SealedTransport:
     """Wraps the UDP transport so that everything sent through it, by any layer, is sealed.
 
-    kademlia and rpcudp call ``transport.sendto`` directly; wrapping the transport (rather than
-    each call site) means no code path can send an unsealed datagram.
+    The endpoint (rpc.py) only ever holds this wrapper, never the raw transport, for sending:
+    wrapping the transport rather than each call site means no code path can send an unsealed
+    datagram.
     """
 
     def __init__(self, transport: asyncio.DatagramTransport, sealer: DatagramSealer) -> None:

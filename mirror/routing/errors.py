@@ -15,10 +15,6 @@ class DhtNotRunning(DhtError):
     """The node was asked to talk to the network before `listen()` or after `close()`."""
 
 
-class UnsupportedOperation(DhtError):
-    """A kademlia entry point this DHT disables (plain values: `get`, `set`, `store`)."""
-
-
 class DatagramTooLarge(DhtError):
     """An outgoing message would not fit in one datagram under the MTU budget (a bug here)."""
 

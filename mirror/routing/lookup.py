@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from kademlia.node import Node
 
-from mirror.routing.providers import Provider
+from mirror.routing.router import Provider
 from mirror.routing.wire import Found
 
 Query = Callable[[Node], "asyncio.Future[Found | None]"]

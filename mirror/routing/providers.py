@@ -14,13 +14,7 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True, slots=True)
-class Provider:
-    """A node that holds some content, and where peers fetch it from."""
-
-    node_id: bytes  # 20 bytes
-    address: str  # HTTP "host:port" of that node's registry
+from mirror.routing.router import Provider
 
 
 @dataclass(slots=True)

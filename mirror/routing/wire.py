@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import umsgpack
 from kademlia.node import Node
 
+from mirror.ports import port_number
 from mirror.routing.auth import SEAL_OVERHEAD
 from mirror.routing.errors import DatagramTooLarge, Malformed
 from mirror.routing.keys import ID_BYTES
-from mirror.routing.providers import Provider
+from mirror.routing.router import Provider
 
 REQUEST = b"\x00"
 RESPONSE = b"\x01"
@@ -82,7 +83,7 @@ def http_address(value: object) -> str:
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not host.isprintable() or " " in host:
         raise Malformed("expected a host:port address")
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+    if port_number(port_text) is None:
         raise Malformed("expected a host:port address")
     return value
 

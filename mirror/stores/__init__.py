@@ -1,5 +1,1 @@
-"""Where bytes come from on this node: one `Store` interface, one module per backend."""
-
-from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, StreamBlob
-
-__all__ = ["BlobSource", "FileBlob", "ImageEntry", "Store", "StreamBlob"]
+"""Where bytes come from on this node: one `Store` interface (base.py), one module per backend."""

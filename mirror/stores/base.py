@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from mirror.oci.reference import Digest, TagRef
+from mirror.errors import DigestInvalid
+from mirror.oci.reference import Digest, TagRef, parse_digest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +26,20 @@ class ImageEntry:
     """One named image a store holds: its tag reference and the digest the tag points to."""
 
     ref: TagRef
-    digest: str
+    digest: Digest
+
+
+def usable_digest(store: str, ref: TagRef, text: str) -> Digest | None:
+    """The digest a store's tag record holds, validated; None and a warning when unusable.
+
+    A tag pointing at something that is not a digest mirror can verify (a corrupt tag file,
+    an algorithm such as sha384) is treated as a tag this store does not hold.
+    """
+    try:
+        return parse_digest(text)
+    except DigestInvalid as exc:
+        log.warning("%s store: %s points to an unusable digest %r (%s)", store, ref, text, exc)
+        return None
 
 
 class BlobSource(ABC):
@@ -108,12 +125,18 @@ class Store(ABC):
         return True
 
     @abstractmethod
-    async def resolve(self, ref: TagRef) -> str | None:
-        """The digest `ref` points to, or None when this store does not hold that tag."""
+    async def resolve(self, ref: TagRef) -> Digest | None:
+        """The digest `ref` points to, or None when this store does not hold that tag.
+
+        A tag held but pointing at an unusable digest is None too (and logged).
+        """
 
     @abstractmethod
     async def stat(self, digest: Digest) -> int | None:
-        """The size of a blob this store really holds (for this node), or None."""
+        """The size of a blob this store really holds (for this node), or None.
+
+        Content that vanished (collected, removed) is None, never an error.
+        """
 
     @abstractmethod
     async def open(self, digest: Digest) -> BlobSource | None:
@@ -121,7 +144,10 @@ class Store(ABC):
 
     @abstractmethod
     async def images(self) -> list[ImageEntry]:
-        """Every tagged image held, for advertising and inspection."""
+        """Every tagged image held, for advertising and inspection.
+
+        Tags pointing at an unusable digest are left out.
+        """
 
     async def loose_digests(self) -> list[str]:
         """Digests held outside any tagged image (a cache's), announced like the rest."""

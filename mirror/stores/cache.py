@@ -22,6 +22,7 @@ import os
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -29,7 +30,7 @@ from typing import BinaryIO
 from mirror.errors import DigestMismatch, StoreUnavailable
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, TagRef, parse_digest, tag_ref
-from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store
+from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, usable_digest
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,18 @@ class CacheStore(Store):
     def _tag_path(self, ref: TagRef) -> Path:
         return self._tags / ref.registry / ref.repository / f"{_TAG_PREFIX}{ref.tag}"
 
-    async def resolve(self, ref: TagRef) -> str | None:
+    async def resolve(self, ref: TagRef) -> Digest | None:
         try:
             text = await asyncio.to_thread(self._tag_path(ref).read_text)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return text.strip() or None
+        return usable_digest(self.name, ref, text.strip())
 
     async def stat(self, digest: Digest) -> int | None:
         try:
             return (await asyncio.to_thread(self.blob_path(digest).stat)).st_size
         except (FileNotFoundError, NotADirectoryError):
+            self._forget(str(digest))
             return None
 
     async def open(self, digest: Digest) -> BlobSource | None:
@@ -117,6 +119,7 @@ class CacheStore(Store):
             fileobj = await asyncio.to_thread(open, self.blob_path(digest), "rb")
         except (FileNotFoundError, NotADirectoryError):
             self._unpin(key)
+            self._forget(key)
             return None
         if key in self._lru:
             self._lru.move_to_end(key)
@@ -126,6 +129,14 @@ class CacheStore(Store):
         self._readers[key] -= 1
         if self._readers[key] <= 0:
             del self._readers[key]
+
+    def _forget(self, key: str) -> None:
+        """Drop a blob whose file is gone (removed behind the cache's back) from the books."""
+        size = self._lru.pop(key, None)
+        if size is not None:
+            self._total -= size
+            self._report_size()
+            log.warning("%s vanished from the cache directory", key)
 
     async def images(self) -> list[ImageEntry]:
         return await asyncio.to_thread(self._scan_tags)
@@ -142,19 +153,24 @@ class CacheStore(Store):
             registry, repository = relative[0], "/".join(relative[1:-1])
             try:
                 ref = tag_ref(registry, repository, relative[-1][len(_TAG_PREFIX) :])
-                digest = str(parse_digest(path.read_text().strip()))
+                text = path.read_text().strip()
             except (OSError, ValueError):
                 continue
-            entries.append(ImageEntry(ref, digest))
+            digest = usable_digest(self.name, ref, text)
+            if digest is not None:
+                entries.append(ImageEntry(ref, digest))
         return entries
 
     async def changes(self) -> AsyncIterator[None]:
         seen = self._version
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda seen=seen: self._version != seen)
+                await self._changed.wait_for(partial(self._changed_since, seen))
                 seen = self._version
             yield
+
+    def _changed_since(self, version: int) -> bool:
+        return self._version != version
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -30,6 +30,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from mirror.config import DEFAULT_DOCKER_HOST
 from mirror.errors import StoreUnavailable
 
 # `docker info` DriverStatus entry a daemon on the containerd image store reports.
@@ -56,27 +57,28 @@ class DockerEngine:
 
 
 async def inspect_docker(
-    docker_host: str | None, *, timeout: float = DEFAULT_TIMEOUT
+    docker_host: str = DEFAULT_DOCKER_HOST, *, timeout: float = DEFAULT_TIMEOUT
 ) -> DockerEngine:
     """Ask the daemon at ``docker_host`` which image store it uses.
 
-    ``docker_host`` is a Docker host URL such as ``unix:///var/run/docker.sock``; ``None``
-    takes it from the environment the way the Docker CLI does (``DOCKER_HOST``, else the
-    current CLI context, else the default socket).
+    ``docker_host`` is a Docker host URL such as ``unix:///var/run/docker.sock``, as
+    mirror.cli resolved it (``--docker-host``, ``MIRROR_DOCKER_HOST``, ``DOCKER_HOST``, else
+    the default socket); nothing here looks at the process's variables.
 
     Raises ``StoreUnavailable`` with a one-line message when the daemon does not answer
     within ``timeout`` seconds: a node without a working Docker must fail at startup with a
     clear reason rather than later on the first pull.
     """
-    where = docker_host or "DOCKER_HOST/default socket"
     try:
         info = await asyncio.wait_for(
             asyncio.to_thread(_docker_info, docker_host, timeout), timeout
         )
     except TimeoutError:
-        raise StoreUnavailable(f"Docker daemon at {where}: no answer within {timeout:g}s") from None
+        raise StoreUnavailable(
+            f"Docker daemon at {docker_host}: no answer within {timeout:g}s"
+        ) from None
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        raise StoreUnavailable(f"Docker daemon at {where}: {_one_line(exc)}") from exc
+        raise StoreUnavailable(f"Docker daemon at {docker_host}: {_one_line(exc)}") from exc
     return engine_from_info(info)
 
 
@@ -105,14 +107,11 @@ def engine_from_info(info: Mapping[str, Any]) -> DockerEngine:
     )
 
 
-def _docker_info(docker_host: str | None, timeout: float) -> dict[str, Any]:
+def _docker_info(docker_host: str, timeout: float) -> dict[str, Any]:
     """``GET /info`` with a fresh client (blocking; runs in a worker thread)."""
     # version="auto" negotiates the API version: a pinned old one is refused by new daemons
-    # (Docker 29 accepts 1.44 and later only).
-    if docker_host is None:
-        client = docker.from_env(version="auto", timeout=timeout)
-    else:
-        client = docker.DockerClient(base_url=docker_host, version="auto", timeout=timeout)
+    # (Docker 29 accepts 1.44 and later only). Not docker.from_env(): the host is given.
+    client = docker.DockerClient(base_url=docker_host, version="auto", timeout=timeout)
     try:
         info: dict[str, Any] = client.info()
         return info

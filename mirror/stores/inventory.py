@@ -30,11 +30,7 @@ class Inventory:
 async def take_inventory(store: Store) -> Inventory:
     inventory = Inventory()
     for entry in await store.images():
-        try:
-            top = parse_digest(entry.digest)
-        except DigestInvalid:
-            continue
-        if await _walk_manifest(store, top, inventory, depth=0):
+        if await _walk_manifest(store, entry.digest, inventory, depth=0):
             inventory.tags.add(str(entry.ref))
     inventory.digests.update(await store.loose_digests())
     return inventory

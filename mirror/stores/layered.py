@@ -33,15 +33,17 @@ class LayeredStore(Store):
     async def ready(self) -> bool:
         return await self.runtime.ready()
 
-    async def resolve(self, ref: TagRef) -> str | None:
-        return await self.runtime.resolve(ref) or await self.cache.resolve(ref)
+    async def resolve(self, ref: TagRef) -> Digest | None:
+        digest = await self.runtime.resolve(ref)
+        return digest if digest is not None else await self.cache.resolve(ref)
 
     async def stat(self, digest: Digest) -> int | None:
         size = await self.runtime.stat(digest)
         return size if size is not None else await self.cache.stat(digest)
 
     async def open(self, digest: Digest) -> BlobSource | None:
-        return await self.runtime.open(digest) or await self.cache.open(digest)
+        blob = await self.runtime.open(digest)
+        return blob if blob is not None else await self.cache.open(digest)
 
     async def images(self) -> list[ImageEntry]:
         runtime, cached = await asyncio.gather(self.runtime.images(), self.cache.images())

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
+from mirror.errors import UpstreamAuthError, UpstreamError
 from mirror.metrics import Metrics
 from mirror.upstream.credentials import Credentials, basic_authorization
-from mirror.upstream.errors import UpstreamAuthError, UpstreamError
 from mirror.upstream.registries import UpstreamMap
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
 
-from mirror.errors import DigestInvalid, RangeNotSatisfiable
+from mirror.bodies import read_capped
+from mirror.errors import (
+    BodyTooLarge,
+    DigestInvalid,
+    RangeNotSatisfiable,
+    UpstreamAuthError,
+    UpstreamError,
+)
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import MANIFEST_TYPES, MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import (
@@ -35,19 +41,12 @@ from mirror.oci.reference import (
     validate_repository,
     validate_tag,
 )
+from mirror.ranges import RangeRequest, parse_content_range, unsatisfied_size
 from mirror.upstream.auth import Authenticator
 from mirror.upstream.credentials import Credentials
-from mirror.upstream.errors import UpstreamAuthError, UpstreamError
 from mirror.upstream.registries import UpstreamMap
 
-__all__ = [
-    "Manifest",
-    "ManifestRef",
-    "UpstreamAuthError",
-    "UpstreamBlob",
-    "UpstreamClient",
-    "UpstreamError",
-]
+__all__ = ["Manifest", "ManifestRef", "UpstreamBlob", "UpstreamClient"]
 
 _CHUNK = 1024 * 1024
 _MAX_REDIRECTS = 5
@@ -55,8 +54,6 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Enough of an error body to name the OCI error code in the exception message.
 _ERROR_BODY_LIMIT = 4096
 _MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES))
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-_UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 _USER_AGENT = "mirror/0.1 (+cluster-local OCI registry mirror)"
 
 
@@ -274,12 +271,7 @@ class UpstreamClient:
                 return None
             if response.status != 200:
                 raise await _status_error(response, registry, repository, reference)
-            if (response.content_length or 0) > MAX_MANIFEST_SIZE:
-                raise UpstreamError(
-                    f"{registry}/{repository}:{reference}: manifest of "
-                    f"{response.content_length} bytes exceeds {MAX_MANIFEST_SIZE}"
-                )
-            body = await _read_limited(response, MAX_MANIFEST_SIZE)
+            body = await _read_manifest(response, f"{registry}/{repository}:{reference}")
             header_type = _media_type(response)
             claimed = _header_digest(response)
         finally:
@@ -307,15 +299,15 @@ class UpstreamClient:
         registry: str,
         repository: str,
         digest: Digest,
-        range_header: str | None = None,
+        requested: RangeRequest | None = None,
     ) -> UpstreamBlob | None:
-        """Open the blob (or `range_header`'s slice of it); None when the registry lacks it.
+        """Open the blob (or the `requested` slice of it); None when the registry lacks it.
 
         A registry that ignores the range answers `200` with the whole blob: `status` says
         which one the caller got. An unsatisfiable range raises `RangeNotSatisfiable`.
         """
         _validate(registry, repository, None)
-        headers = {"Range": range_header} if range_header else {}
+        headers = {"Range": requested.header()} if requested is not None else {}
         try:
             response = await self._open("GET", registry, repository, f"blobs/{digest}", headers)
         except UpstreamError:
@@ -347,8 +339,7 @@ class UpstreamClient:
         if status == 404:
             return None
         if status == 416:
-            match = _UNSATISFIED_RANGE_RE.fullmatch(response.headers.get("Content-Range", ""))
-            size = int(match.group(1)) if match else 0
+            size = unsatisfied_size(response.headers.get("Content-Range"))
             raise RangeNotSatisfiable(f"range not satisfiable for {where}", size=size)
         if status not in (200, 206):
             raise await _status_error(response, registry, repository, digest)
@@ -359,14 +350,14 @@ class UpstreamClient:
             return UpstreamBlob(
                 response, self._metrics, status=200, size=length, offset=0, length=length
             )
-        match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("Content-Range", "").strip())
-        if match is None:
+        parsed = parse_content_range(response.headers.get("Content-Range"))
+        if parsed is None:
             raise UpstreamError(f"{where}: 206 without a usable Content-Range")
-        first, last, size = (int(g) for g in match.groups())
-        if last < first or last >= size or last - first + 1 != length:
+        byte_range, size = parsed
+        if byte_range.length != length:
             raise UpstreamError(f"{where}: inconsistent Content-Range and Content-Length")
         return UpstreamBlob(
-            response, self._metrics, status=206, size=size, offset=first, length=length
+            response, self._metrics, status=206, size=size, offset=byte_range.offset, length=length
         )
 
     # -- requests --------------------------------------------------------------------------
@@ -460,16 +451,13 @@ def _hash(algorithm: str, body: bytes) -> str:
     return hashlib.new(algorithm, body).hexdigest()
 
 
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    body = bytearray()
+async def _read_manifest(response: aiohttp.ClientResponse, where: str) -> bytes:
     try:
-        async for chunk in response.content.iter_chunked(64 * 1024):
-            body += chunk
-            if len(body) > limit:
-                raise UpstreamError(f"{_redact(response.url)}: body exceeds {limit} bytes")
+        return await read_capped(response, MAX_MANIFEST_SIZE)
+    except BodyTooLarge as exc:
+        raise UpstreamError(f"{where}: manifest {exc}") from None
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UpstreamError(f"{_redact(response.url)}: body broke off: {_describe(exc)}") from None
-    return bytes(body)
 
 
 async def _status_error(

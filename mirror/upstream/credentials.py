@@ -93,9 +93,9 @@ def _parse_entry(entry: object, where: str) -> tuple[str, str] | None:
         if not colon or not username:
             raise ConfigError(f"{where}.auth is not base64 of 'user:password'")
         return username, password
-    username, password = entry.get("username"), entry.get("password")
-    if username is None and password is None:
+    user, secret = entry.get("username"), entry.get("password")
+    if user is None and secret is None:
         return None
-    if not isinstance(username, str) or not isinstance(password, str) or not username:
+    if not isinstance(user, str) or not isinstance(secret, str) or not user:
         raise ConfigError(f"{where} needs both 'username' and 'password' as strings")
-    return username, password
+    return user, secret

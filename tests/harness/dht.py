@@ -12,8 +12,10 @@ import umsgpack
 
 from mirror.clusterkey import ClusterKey
 from mirror.metrics import Metrics
-from mirror.routing import DhtNode, Provider, stable_node_id
 from mirror.routing.auth import DatagramSealer
+from mirror.routing.dht import DhtNode
+from mirror.routing.keys import stable_node_id
+from mirror.routing.router import Provider
 from mirror.routing.wire import REQUEST, RESPONSE, decode
 
 KEY = ClusterKey(b"test cluster key, 32 bytes long!")

@@ -190,10 +190,11 @@ class ContainerdClient:
             ],
         )
         self._channel = channel
-        self._images = images_pb2_grpc.ImagesStub(channel)
-        self._content = content_pb2_grpc.ContentStub(channel)
-        self._introspection = introspection_pb2_grpc.IntrospectionStub(channel)
-        self._events = events_pb2_grpc.EventsStub(channel)
+        # grpcio-tools generates the stubs without annotations.
+        self._images = images_pb2_grpc.ImagesStub(channel)  # type: ignore[no-untyped-call]
+        self._content = content_pb2_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
+        self._introspection = introspection_pb2_grpc.IntrospectionStub(channel)  # type: ignore[no-untyped-call]
+        self._events = events_pb2_grpc.EventsStub(channel)  # type: ignore[no-untyped-call]
 
     @property
     def _images_stub(self) -> images_pb2_grpc.ImagesStub:
@@ -265,7 +266,7 @@ class ContainerdClient:
         """
         response = await self._plugins([f'type=="{CONTENT_PLUGIN_TYPE}"'])
         for plugin in response.plugins:
-            root = plugin.exports.get("root")
+            root: str = plugin.exports.get("root", "")
             if plugin.type == CONTENT_PLUGIN_TYPE and root:
                 return root
         return None

@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import TypeVar
 
 from mirror.config import ContainerdConfig
-from mirror.errors import StoreUnavailable
+from mirror.errors import ContentVanished, StoreUnavailable
 from mirror.oci.reference import Digest, TagRef, parse_image_name
-from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, StreamBlob
+from mirror.stores.base import (
+    BlobSource,
+    FileBlob,
+    ImageEntry,
+    Store,
+    StreamBlob,
+    usable_digest,
+)
 from mirror.stores.containerd.client import (
     ContainerdClient,
     ContainerdError,
+    ContainerdNotFound,
     ContainerdUnavailable,
 )
 
@@ -73,9 +81,9 @@ class ContainerdStore(Store):
             return False
         return True
 
-    async def resolve(self, ref: TagRef) -> str | None:
+    async def resolve(self, ref: TagRef) -> Digest | None:
         image = await self._call(self._client.get_image(str(ref)))
-        return image.digest if image is not None else None
+        return usable_digest(self.name, ref, image.digest) if image is not None else None
 
     async def stat(self, digest: Digest) -> int | None:
         info = await self._call(self._client.content_info(str(digest)))
@@ -96,9 +104,13 @@ class ContainerdStore(Store):
         return StreamBlob(size, lambda offset, length: self._read(digest, offset, length))
 
     async def _read(self, digest: Digest, offset: int, length: int) -> AsyncIterator[bytes]:
+        if length <= 0:
+            return  # Content.Read takes size 0 as "to the end"
         try:
             async for chunk in self._client.read_content(str(digest), offset, length):
                 yield chunk
+        except ContainerdNotFound as exc:
+            raise ContentVanished(f"{digest} left containerd while it was read: {exc}") from exc
         except ContainerdError as exc:
             raise StoreUnavailable(f"containerd stopped streaming {digest}: {exc}") from exc
 
@@ -128,8 +140,11 @@ class ContainerdStore(Store):
         entries = []
         for record in records:
             ref = parse_image_name(record.name)
-            if ref is not None:
-                entries.append(ImageEntry(ref, record.digest))
+            if ref is None:
+                continue
+            digest = usable_digest(self.name, ref, record.digest)
+            if digest is not None:
+                entries.append(ImageEntry(ref, digest))
         return entries
 
     async def _call(self, pending: Awaitable[T]) -> T:

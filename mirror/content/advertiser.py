@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from mirror.metrics import Metrics
+from mirror.routing.router import Router
 from mirror.stores.base import Store
 from mirror.stores.inventory import Inventory, take_inventory
 
@@ -26,16 +27,10 @@ _CONCURRENCY = 32
 _SETTLE_SECONDS = 0.05
 
 
-class Announcer(Protocol):
-    async def provide(self, text: str) -> bool: ...
-
-    async def withdraw(self, text: str) -> None: ...
-
-
 class Advertiser:
-    def __init__(self, store: Store, dht: Announcer, metrics: Metrics, *, ttl: float) -> None:
+    def __init__(self, store: Store, router: Router, metrics: Metrics, *, ttl: float) -> None:
         self._store = store
-        self._dht = dht
+        self._router = router
         self._metrics = metrics
         self._reannounce_every = ttl / 2
         self._announced: Inventory = Inventory()
@@ -80,8 +75,8 @@ class Advertiser:
         current = held.keys()
         gone = previous - current
         fresh = current if reannounce else current - previous
-        await self._each(self._dht.withdraw, gone)
-        failed = await self._each(self._dht.provide, fresh)
+        await self._each(self._router.withdraw, gone)
+        failed = await self._each(self._router.provide, fresh)
         self._announced = held
         self._metrics.advertised_keys.labels("digest").set(len(held.digests))
         self._metrics.advertised_keys.labels("tag").set(len(held.tags))

@@ -1,0 +1,101 @@
+"""What this node asks of others: one method per outgoing RPC, arguments in wire order.
+
+The counterpart of handlers.py (what this node answers). Each method returns the endpoint's
+future: it resolves to the parsed reply, or None when the peer did not answer in time or
+answered nonsense, and never raises, so callers can abandon it at their own deadline.
+
+From kademlia it uses only `Node`: the contact asked (its address, and the routing-table entry
+that the answer, or the silence, updates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from kademlia.node import Node
+
+from mirror.routing import wire
+from mirror.routing.router import Provider
+from mirror.routing.rpc import Address, RpcEndpoint
+from mirror.routing.wire import Found
+
+
+class DhtClient:
+    """Typed calls to other nodes over `endpoint`, always sent as node `own_id`."""
+
+    def __init__(self, endpoint: RpcEndpoint, own_id: bytes) -> None:
+        self._endpoint = endpoint
+        self._own = own_id
+
+    def ping(self, address: Address) -> asyncio.Future[bytes | None]:
+        """The id of whoever answers at `address` (bootstrap: no contact to credit yet)."""
+        return self._endpoint.request(address, "ping", [self._own], wire.node_id)
+
+    def ping_contact(self, node: Node) -> asyncio.Future[bytes | None]:
+        """Whether a known contact is still there: its answer or silence updates the table."""
+        return self._endpoint.request(
+            (node.ip, node.port), "ping", [self._own], wire.node_id, contact=node
+        )
+
+    def find_node(self, node: Node, target: bytes) -> asyncio.Future[Found | None]:
+        return self._endpoint.request(
+            (node.ip, node.port),
+            "find_node",
+            [self._own, target],
+            lambda value: Found(contacts=wire.contacts(value), providers=[]),
+            contact=node,
+        )
+
+    def get_providers(self, node: Node, key: bytes) -> asyncio.Future[Found | None]:
+        return self._endpoint.request(
+            (node.ip, node.port), "get_providers", [self._own, key], wire.found, contact=node
+        )
+
+    def add_provider(
+        self, node: Node, key: bytes, address: str, ttl: float
+    ) -> asyncio.Future[bool | None]:
+        """Announce this node (only ever itself) as a provider of `key` at HTTP `address`."""
+        own = self._own
+        return self._endpoint.request(
+            (node.ip, node.port),
+            "add_provider",
+            [own, key, own, address, ttl],
+            wire.boolean,
+            contact=node,
+        )
+
+    def remove_provider(self, node: Node, key: bytes) -> asyncio.Future[bool | None]:
+        own = self._own
+        return self._endpoint.request(
+            (node.ip, node.port), "remove_provider", [own, key, own], wire.boolean, contact=node
+        )
+
+    def hand_off(self, node: Node, batch: list[list[object]]) -> asyncio.Future[int | None]:
+        """Records `node` is now among the closest to; entries as `wire.hand_off_entry` makes.
+
+        The reply (how many it stored) only matters to tests: callers fire and forget, and the
+        contact is not credited either way (it was just welcomed).
+        """
+        return self._endpoint.request(
+            (node.ip, node.port), "hand_off", [self._own, batch], wire.count
+        )
+
+    def claim(
+        self, node: Node, key: bytes, address: str, ttl: float, *, timeout: float
+    ) -> asyncio.Future[Provider | None]:
+        """Ask arbiter `node` to record this node as the fetcher of `key`; replies the holder."""
+        own = self._own
+        return self._endpoint.request(
+            (node.ip, node.port),
+            "claim",
+            [own, key, own, address, ttl],
+            wire.claim_holder,
+            contact=node,
+            timeout=timeout,
+        )
+
+    def release(self, node: Node, key: bytes) -> asyncio.Future[bool | None]:
+        own = self._own
+        return self._endpoint.request(
+            (node.ip, node.port), "release", [own, key, own], wire.boolean, contact=node
+        )

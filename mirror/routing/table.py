@@ -1,0 +1,197 @@
+"""The routing table and its upkeep: who this node knows, and what a newcomer is owed.
+
+kademlia's `RoutingTable` (k-buckets, splitting, replacement lists, neighbour search) and its
+`Node` are the only parts of the kademlia package still in use, here and as the contact type
+elsewhere: they are the well-tested core of the algorithm and carry no I/O of their own. What
+kademlia built around them is replaced, because it got these wrong for us:
+
+- Welcoming a contact hands it the records it is now responsible for by their real key
+  (kademlia hashes keys that are already hashes, so its hand-off went to the wrong nodes), and
+  never lets this node's own id into its table (static seed lists usually name the node itself).
+- A contact leaves the table after `EVICT_AFTER_FAILURES` consecutive unanswered calls, not on
+  the first one.
+- When a bucket is full, `RoutingTable` pings its head through ``protocol.call_ping(node)`` and
+  hands the result to `asyncio.ensure_future`: `_HeadPinger` is that "protocol", and returns the
+  endpoint's future, so no task is scheduled that could outlive the endpoint.
+- Refresh ids of lonely buckets are drawn inside the id space (kademlia can draw 2**160).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+
+from kademlia.node import Node
+from kademlia.routing import RoutingTable
+
+from mirror.metrics import Metrics
+from mirror.routing import wire
+from mirror.routing.client import DhtClient
+from mirror.routing.keys import ID_BYTES, distance
+from mirror.routing.providers import ProviderStore
+from mirror.routing.wire import HandOffRecord
+
+log = logging.getLogger(__name__)
+
+# Consecutive unanswered calls before a contact leaves the routing table. kademlia evicts on the
+# first one; with timeouts of a few hundred milliseconds, one lost datagram or one busy moment
+# on the peer would then cost the table a live node.
+EVICT_AFTER_FAILURES = 3
+# A bucket nobody looked into for this long is "lonely" (kademlia's section 2.3).
+_LONELY_AFTER = 3600.0
+_ID_SPACE = 1 << (8 * ID_BYTES)
+
+
+class _HeadPinger:
+    """The one thing `RoutingTable` asks of its protocol: ``call_ping(node)``, when full."""
+
+    def __init__(self, client: DhtClient) -> None:
+        self._client = client
+
+    def call_ping(self, node: Node) -> asyncio.Future[bytes | None]:
+        # A future, not a coroutine: `ensure_future` returns it as it is. The answer (or the
+        # silence) reaches `ContactTable` through the endpoint, as for every call to a contact.
+        return self._client.ping_contact(node)
+
+
+class ContactTable:
+    """This node's contacts; implements the endpoint's `ContactEvents`."""
+
+    def __init__(
+        self,
+        own_id: bytes,
+        *,
+        ksize: int,
+        records: ProviderStore,
+        client: DhtClient,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._own = own_id
+        self._ksize = ksize
+        self._records = records
+        self._client = client
+        self._metrics = metrics
+        self.routing = RoutingTable(_HeadPinger(client), ksize, Node(own_id))
+        self._failures: dict[bytes, int] = {}
+        # Stored key -> XOR distance of its k-th closest contact (see `_records_for`).
+        self._kth_distance: dict[bytes, int] = {}
+
+    def contact_count(self) -> int:
+        return sum(len(bucket) for bucket in self.routing.buckets)
+
+    def closest(self, target: bytes, limit: int | None = None) -> list[Node]:
+        """Up to `limit` (default k) known contacts closest to `target`: a lookup's seeds."""
+        return list(self.routing.find_neighbors(Node(target), k=limit or self._ksize))
+
+    def neighbours(self, key: bytes, limit: int, source: Node) -> list[Node]:
+        """The contacts closest to `key` to tell `source` of (never `source` itself)."""
+        return [
+            node
+            for node in self.routing.find_neighbors(Node(key), k=limit, exclude=source)
+            if node.id != source.id
+        ]
+
+    def refresh_ids(self) -> list[bytes]:
+        """One random id in the range of each bucket nobody looked into for an hour."""
+        lonely_before = time.monotonic() - _LONELY_AFTER  # the clock KBucket stamps with
+        return [
+            random.randint(low, min(high, _ID_SPACE - 1)).to_bytes(ID_BYTES, "big")
+            for low, high in (
+                bucket.range
+                for bucket in self.routing.buckets
+                if bucket.last_updated < lonely_before
+            )
+        ]
+
+    # ----------------------------------------------------------------- ContactEvents
+
+    def answered(self, node: Node) -> None:
+        self.welcome(node)
+
+    def silent(self, node: Node) -> None:
+        failures = self._failures.get(node.id, 0) + 1
+        if failures < EVICT_AFTER_FAILURES:
+            self._failures[node.id] = failures
+            return
+        self._failures.pop(node.id, None)
+        log.debug("no reply from %s %d times, removing it from the routing table", node, failures)
+        self.routing.remove_contact(node)
+        self._kth_distance.clear()  # the k closest of some keys now reach further
+        self._contacts_changed()
+
+    # ----------------------------------------------------------------- welcoming
+
+    def welcome(self, node: Node) -> None:
+        """Add (or refresh) a contact; a new one gets the records it is now responsible for."""
+        if node.id == self._own or node.ip is None:
+            return  # static bootstrap lists usually name this node itself
+        self._failures.pop(node.id, None)
+        bucket = self.routing.buckets[self.routing.get_bucket_for(node)]
+        if node.id in bucket.replacement_nodes:
+            # kademlia treats these as new every time: each message from one would re-send
+            # its hand-off and ping the bucket's head again. It waits for a free slot instead.
+            return
+        if node.id not in bucket.nodes:
+            records = self._records_for(node)
+            if records:
+                self._hand_off(node, records)
+        self.routing.add_contact(node)  # also moves a known contact to the recent end
+        self._contacts_changed()
+
+    def _records_for(self, node: Node) -> list[HandOffRecord]:
+        """Records whose key `node` is closer to than the furthest of our k closest contacts.
+
+        kademlia hashes the stored key again here (`digest(key)`), which points at an unrelated
+        part of the id space; provider keys are used as they are. It also searches the routing
+        table once per stored key for every new contact; here the k-th closest distance of each
+        key is cached, so a new contact costs one XOR per key. A key's entry only changes when
+        a contact enters its k closest (exactly the keys handed off: their entry is dropped and
+        recomputed when next needed) or leaves the table (`silent` clears them all).
+        """
+        records: list[HandOffRecord] = []
+        keys = self._records.stored_keys()
+        if len(self._kth_distance) > 2 * len(keys) + 64:
+            self._kth_distance.clear()  # entries of keys no longer stored
+        contacts: list[int] | None = None
+        for key in keys:
+            kth = self._kth_distance.get(key)
+            if kth is None:
+                if contacts is None:
+                    contacts = [
+                        contact.long_id
+                        for bucket in self.routing.buckets
+                        for contact in bucket.nodes.values()
+                    ]
+                kth = self._compute_kth_distance(key, contacts)
+                self._kth_distance[key] = kth
+            if distance(node.id, key) >= kth:
+                continue
+            del self._kth_distance[key]
+            records.extend(
+                HandOffRecord(key, provider, remaining)
+                for provider, remaining in self._records.remaining(key)
+                if provider.node_id != node.id
+            )
+        return records
+
+    def _compute_kth_distance(self, key: bytes, contacts: list[int]) -> int:
+        """Distance from `key` to the k-th closest contact (beyond the id space if fewer)."""
+        if len(contacts) < self._ksize:
+            return _ID_SPACE
+        target = int.from_bytes(key, "big")
+        return heapq.nsmallest(self._ksize, (c ^ target for c in contacts))[-1]
+
+    def _hand_off(self, node: Node, records: list[HandOffRecord]) -> None:
+        budget = wire.MAX_BODY_BYTES - wire.packed_size(["hand_off", [self._own, []]])
+        entries = [wire.hand_off_entry(record) for record in records]
+        for batch in wire.batches(entries, budget):
+            log.debug("handing %d provider records to new contact %s", len(batch), node)
+            # Fire and forget: the future resolves (reply or timeout) without anyone awaiting it.
+            self._client.hand_off(node, batch)
+
+    def _contacts_changed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.dht_contacts.set(self.contact_count())

@@ -1,0 +1,166 @@
+"""In-memory peers and upstream for unit tests of the content service: no sockets, no timers.
+
+`MemoryPeers` finds holders through a `MemoryRouter` (as `PeerFetcher` does through the DHT)
+and serves what each holder was given; `MemoryUpstream` is a registry in a dict that can be
+taken down, held at a gate mid-blob, and counts what it was asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from mirror.errors import RangeNotSatisfiable, UpstreamError
+from mirror.oci.mediatypes import detect_manifest_type
+from mirror.oci.reference import Digest
+from mirror.peers.fetcher import PeerBlob, PeerManifest
+from mirror.ranges import RangeRequest
+from mirror.routing.memory import MemoryRouter
+from mirror.routing.router import Provider
+from mirror.upstream.client import Manifest, ManifestRef
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def _chunks(data: bytes, gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    half = len(data) // 2
+    yield data[:half]
+    if gate is not None:
+        await gate.wait()
+    yield data[half:]
+
+
+class MemoryPeers:
+    """The cluster's other nodes: key (digest or tag text) -> bytes, per node address."""
+
+    def __init__(self, router: MemoryRouter) -> None:
+        self._router = router
+        self.held: dict[str, dict[str, bytes]] = {}
+        self.asked: list[tuple[str, str]] = []  # (address, key) in order
+
+    def give(self, provider: Provider, key: str, data: bytes) -> None:
+        """`provider` holds `data` under `key`, and has announced it."""
+        self.held.setdefault(provider.address, {})[key] = data
+        self._router.cluster.providers.setdefault(key, {})[provider.node_id] = provider
+
+    async def manifest(self, key: str, path: str, expected: Digest | None) -> PeerManifest | None:
+        for provider in await self._router.find_providers(key):
+            self.asked.append((provider.address, key))
+            body = self.held.get(provider.address, {}).get(key)
+            media_type = None if body is None else detect_manifest_type(body)
+            if body is not None and media_type is not None:
+                return PeerManifest(body, media_type, digest_of(body))
+        return None
+
+    async def blob(
+        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
+    ) -> PeerBlob | None:
+        candidates = await self._router.find_providers(str(digest))
+        return await self.blob_from(candidates, digest, path, requested, head=head)
+
+    async def blob_from(
+        self,
+        candidates: list[Provider],
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        *,
+        head: bool = False,
+    ) -> PeerBlob | None:
+        for provider in candidates:
+            self.asked.append((provider.address, str(digest)))
+            data = self.held.get(provider.address, {}).get(str(digest))
+            if data is None:
+                continue
+            part = requested.resolve(len(data)) if requested is not None else None
+            offset, length = (part.offset, part.length) if part else (0, len(data))
+            chunks = None if head else _chunks(data[offset : offset + length])
+            return PeerBlob(len(data), offset, length, chunks)
+        return None
+
+
+@dataclass
+class MemoryBlob:
+    """An open upstream blob response."""
+
+    status: int
+    size: int
+    offset: int
+    length: int
+    data: bytes
+    gate: asyncio.Event | None
+    closed: bool = False
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return _chunks(self.data, self.gate)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class MemoryUpstream:
+    """A registry in a dict. `down` makes every call fail as an unreachable registry does."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, bytes] = field(default_factory=dict)
+    tags: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    down: bool = False
+    # Held before the second half of every blob body, while unset (None: never held).
+    gate: asyncio.Event | None = None
+    asked: list[tuple[str, str]] = field(default_factory=list)  # (what, reference)
+
+    def push(self, registry: str, repository: str, tag: str, manifest: bytes) -> str:
+        digest = digest_of(manifest)
+        self.manifests[digest] = manifest
+        self.tags[(registry, repository, tag)] = digest
+        return digest
+
+    def count(self, what: str, reference: str) -> int:
+        return self.asked.count((what, reference))
+
+    def _call(self, what: str, reference: str) -> None:
+        self.asked.append((what, reference))
+        if self.down:
+            raise UpstreamError(f"{what} {reference}: upstream is down")
+
+    async def head_manifest(
+        self, registry: str, repository: str, reference: str, *, timeout: float
+    ) -> ManifestRef | None:
+        self._call("head", reference)
+        digest = self.tags.get((registry, repository, reference))
+        if digest is None:
+            return None
+        body = self.manifests[digest]
+        return ManifestRef(digest, detect_manifest_type(body) or "", len(body))
+
+    async def get_manifest(self, registry: str, repository: str, reference: str) -> Manifest | None:
+        self._call("manifest", reference)
+        body = self.manifests.get(reference)
+        if body is None:
+            return None
+        return Manifest(body, detect_manifest_type(body) or "", reference)
+
+    async def get_blob(
+        self,
+        registry: str,
+        repository: str,
+        digest: Digest,
+        requested: RangeRequest | None = None,
+    ) -> MemoryBlob | None:
+        self._call("blob", str(digest))
+        data = self.blobs.get(str(digest))
+        if data is None:
+            return None
+        if requested is None:
+            return MemoryBlob(200, len(data), 0, len(data), data, self.gate)
+        try:
+            part = requested.resolve(len(data))
+        except RangeNotSatisfiable:
+            raise
+        body = data[part.offset : part.end]
+        return MemoryBlob(206, len(data), part.offset, part.length, body, self.gate)

@@ -1,0 +1,280 @@
+"""Every real store passes the same checks (tests/storetest.py), with real content in it.
+
+- the node cache, written through its verified writer;
+- containerd (namespace k8s.io), images pulled with `ctr images pull` from a real distribution
+  registry, served from the content directory (sendfile) and, when that directory cannot be
+  read, streamed through Content.Read;
+- the layered store over containerd's `moby` namespace plus a cache: Docker's containerd image
+  store, tested through containerd directly (the Docker here predates that store);
+- the layered store answering from its cache half (containerd holds nothing of the image).
+
+One containerd and one registry serve the whole module; every check pulls an image of its own.
+A tag pointing at a digest mirror cannot use is checked with a fake Images service, since
+containerd refuses to record one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from harness.containerd import ContainerdNode, start_containerd
+from harness.images import OCI_MANIFEST, run_skopeo
+from harness.registry import Registry
+from storetest import Backend, Image, StoreContract, build_image, write_oci_layout
+
+from mirror.config import ContainerdConfig
+from mirror.oci.reference import parse_digest, tag_ref
+from mirror.stores.base import FileBlob, Store, StreamBlob
+from mirror.stores.cache import CacheStore
+from mirror.stores.containerd.api import descriptor_pb2, images_pb2, images_pb2_grpc
+from mirror.stores.containerd.store import ContainerdStore
+from mirror.stores.layered import LayeredStore
+
+K8S = "k8s.io"
+MOBY = "moby"
+
+
+@pytest.fixture(scope="module")
+def containerd(
+    tmp_path_factory: pytest.TempPathFactory, required_binaries: dict[str, str]
+) -> Iterator[ContainerdNode]:
+    node = start_containerd(tmp_path_factory.mktemp("containerd"))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream(
+    tmp_path_factory: pytest.TempPathFactory, required_binaries: dict[str, str]
+) -> Iterator[Registry]:
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    registry.start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+class CacheBackend(Backend):
+    """Images written into the node cache as a download does: verified writes, then the tag."""
+
+    def __init__(self, cache: CacheStore, store: Store | None = None) -> None:
+        self.cache = cache
+        self.store = store if store is not None else cache
+
+    async def add_image(self) -> Image:
+        image = build_image("registry.test")
+        for digest, data in image.blobs.items():
+            async with self.cache.writer(digest, len(data)) as writer:
+                for start in range(0, len(data), 256 * 1024):
+                    await writer.write(data[start : start + 256 * 1024])
+                await writer.commit()
+        await self.cache.set_tag(image.ref, image.manifest)
+        return image
+
+    async def vanish(self, image: Image) -> None:
+        for digest in image.blobs:
+            self.cache.blob_path(digest).unlink()
+
+
+class ContainerdBackend(Backend):
+    """Images pushed to a real registry and pulled by containerd into `namespace`."""
+
+    def __init__(
+        self, store: Store, node: ContainerdNode, registry: Registry, namespace: str, work: Path
+    ) -> None:
+        self.store = store
+        self._node = node
+        self._registry = registry
+        self._namespace = namespace
+        self._work = work
+
+    async def add_image(self) -> Image:
+        image = build_image(self._registry.host)
+        await asyncio.to_thread(self._push_and_pull, image)
+        return image
+
+    def _push_and_pull(self, image: Image) -> None:
+        layout = self._work / image.ref.repository.replace("/", "-")
+        source = write_oci_layout(image, layout)
+        run_skopeo(
+            "copy", "--preserve-digests", "--dest-tls-verify=false", source, f"docker://{image.ref}"
+        )
+        self._node.pull(str(image.ref), plain_http=True, namespace=self._namespace)
+
+    async def vanish(self, image: Image) -> None:
+        # `ctr images rm --sync` deletes the image and waits for the GC to collect its content.
+        await asyncio.to_thread(self._node.remove_image, str(image.ref), self._namespace)
+        kept = [str(d) for d in image.blobs if self._node.has_blob(str(d))]
+        assert not kept, f"containerd's GC kept {kept}"
+
+
+async def _started(store: Store) -> Store:
+    await store.start()
+    return store
+
+
+def _containerd_store(node: ContainerdNode, namespace: str, content: Path | None = None) -> Store:
+    return ContainerdStore(ContainerdConfig(node.socket, namespace, content))
+
+
+class TestCacheStore(StoreContract):
+    @pytest.fixture
+    async def backend(self, tmp_path: Path) -> AsyncIterator[Backend]:
+        cache = CacheStore(tmp_path / "cache")
+        await cache.start()
+        try:
+            yield CacheBackend(cache)
+        finally:
+            await cache.close()
+
+
+class TestContainerdStore(StoreContract):
+    @pytest.fixture
+    async def backend(
+        self, containerd: ContainerdNode, upstream: Registry, tmp_path: Path
+    ) -> AsyncIterator[Backend]:
+        store = await _started(_containerd_store(containerd, K8S))
+        try:
+            yield ContainerdBackend(store, containerd, upstream, K8S, tmp_path)
+        finally:
+            await store.close()
+
+    async def test_blobs_are_open_files_for_sendfile(self, backend: Backend) -> None:
+        image = await backend.add_image()
+        blob = await backend.store.open(image.layer)
+        assert isinstance(blob, FileBlob)
+        await blob.close()
+
+
+class TestContainerdStoreStreaming(StoreContract):
+    """The content directory is unreadable (another mount namespace): Content.Read."""
+
+    @pytest.fixture
+    async def backend(
+        self, containerd: ContainerdNode, upstream: Registry, tmp_path: Path
+    ) -> AsyncIterator[Backend]:
+        store = await _started(_containerd_store(containerd, K8S, tmp_path / "not-mounted"))
+        try:
+            yield ContainerdBackend(store, containerd, upstream, K8S, tmp_path)
+        finally:
+            await store.close()
+
+    async def test_blobs_stream_through_the_api(self, backend: Backend) -> None:
+        image = await backend.add_image()
+        blob = await backend.store.open(image.layer)
+        assert isinstance(blob, StreamBlob)
+        await blob.close()
+
+
+class TestLayeredStoreOverMoby(StoreContract):
+    """Docker's containerd image store: namespace `moby`, then the node cache."""
+
+    @pytest.fixture
+    async def backend(
+        self, containerd: ContainerdNode, upstream: Registry, tmp_path: Path
+    ) -> AsyncIterator[Backend]:
+        store = LayeredStore(_containerd_store(containerd, MOBY), CacheStore(tmp_path / "cache"))
+        await store.start()
+        try:
+            yield ContainerdBackend(store, containerd, upstream, MOBY, tmp_path)
+        finally:
+            await store.close()
+
+    async def test_other_namespaces_do_not_see_it(
+        self, backend: Backend, containerd: ContainerdNode
+    ) -> None:
+        image = await backend.add_image()
+        k8s = await _started(_containerd_store(containerd, K8S))
+        try:
+            assert containerd.has_blob(str(image.layer))
+            assert await k8s.resolve(image.ref) is None
+            assert await k8s.stat(image.layer) is None
+            assert await k8s.open(image.layer) is None
+        finally:
+            await k8s.close()
+
+
+class TestLayeredStoreFromItsCache(StoreContract):
+    """containerd holds nothing of the image: everything comes from the cache half."""
+
+    @pytest.fixture
+    async def backend(self, containerd: ContainerdNode, tmp_path: Path) -> AsyncIterator[Backend]:
+        cache = CacheStore(tmp_path / "cache")
+        store = LayeredStore(_containerd_store(containerd, K8S), cache)
+        await store.start()
+        try:
+            yield CacheBackend(cache, store)
+        finally:
+            await store.close()
+
+
+# --- a tag pointing at a digest mirror cannot use --------------------------------------------
+
+UNUSABLE = "sha384:" + "ab" * 48  # valid for containerd, not an algorithm mirror verifies
+BROKEN_NAME = "registry.test/team/broken:v1"
+
+
+class _OneBrokenImage(images_pb2_grpc.ImagesServicer):
+    """An Images service holding one image whose target digest mirror cannot use."""
+
+    def _image(self) -> images_pb2.Image:
+        target = descriptor_pb2.Descriptor(media_type=OCI_MANIFEST, digest=UNUSABLE, size=10)
+        return images_pb2.Image(name=BROKEN_NAME, target=target)
+
+    async def Get(
+        self, request: images_pb2.GetImageRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.GetImageResponse:
+        if request.name != BROKEN_NAME:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"image {request.name}: not found")
+        return images_pb2.GetImageResponse(image=self._image())
+
+    async def List(
+        self, request: images_pb2.ListImagesRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ListImagesResponse:
+        return images_pb2.ListImagesResponse(images=[self._image()])
+
+
+@pytest.fixture
+async def broken_containerd(tmp_path: Path) -> AsyncIterator[ContainerdStore]:
+    """A ContainerdStore (not started: the fake has no Introspection) over the fake service."""
+    server = grpc.aio.server()
+    images_pb2_grpc.add_ImagesServicer_to_server(_OneBrokenImage(), server)  # type: ignore[no-untyped-call]
+    socket = tmp_path / "fake.sock"
+    server.add_insecure_port(f"unix://{socket}")
+    await server.start()
+    store = ContainerdStore(ContainerdConfig(socket, K8S, tmp_path))
+    try:
+        yield store
+    finally:
+        await store.close()
+        await server.stop(grace=None)
+
+
+async def test_containerd_tag_with_an_unusable_digest_is_not_held(
+    broken_containerd: ContainerdStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref = tag_ref("registry.test", "team/broken", "v1")
+    with caplog.at_level(logging.WARNING, logger="mirror.stores"):
+        assert await broken_containerd.resolve(ref) is None
+    assert UNUSABLE in caplog.text and str(ref) in caplog.text
+    assert await broken_containerd.images() == []
+
+
+async def test_layered_store_takes_the_cache_tag_when_the_runtime_tag_is_unusable(
+    broken_containerd: ContainerdStore, tmp_path: Path
+) -> None:
+    cache = CacheStore(tmp_path / "cache")
+    await cache.start()
+    ref = tag_ref("registry.test", "team/broken", "v1")
+    cached = parse_digest("sha256:" + "cd" * 32)
+    await cache.set_tag(ref, cached)
+    assert await LayeredStore(broken_containerd, cache).resolve(ref) == cached
