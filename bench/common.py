@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import hashlib
 import os
+import pwd
 import resource
 import shutil
 import signal
@@ -24,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -395,6 +398,179 @@ def memory_status(pid: int) -> dict[str, float]:
             if key in ("VmHWM", "VmRSS"):
                 values[key] = int(rest.split()[0]) / 1024
     return values
+
+
+class MemorySampler:
+    """The peak resident set of some processes while a `with` block runs, sampled on a thread.
+
+    VmHWM is the kernel's own peak, but per process and since the process started; sampling
+    VmRSS gives the peak of one stretch of work, summed over several processes (an nginx master
+    and its workers). The pids are fixed when the sampler is made: a scan of /proc per sample
+    would cost more than the sample.
+    """
+
+    def __init__(self, pids: Sequence[int], interval: float = 0.02) -> None:
+        self._pids = list(pids)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self.peak_mib = 0.0
+        self.samples = 0
+
+    def _sample(self) -> None:
+        total = 0.0
+        for pid in self._pids:
+            with contextlib.suppress(OSError, KeyError):
+                total += memory_status(pid)["VmRSS"]
+        self.peak_mib = max(self.peak_mib, total)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self._interval):
+                break
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The `fraction` (0 to 1) quantile, interpolated between the closest ranks."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One transfer of a parallel curl run, as curl reported it (seconds from its start)."""
+
+    status: int
+    size: int
+    ttfb: float
+    total: float
+    exit_code: int
+
+
+class ParallelCurl:
+    """Many requests from one curl process, `concurrency` at a time (`curl --parallel`).
+
+    One event-driven C client serves every server alike and costs far less CPU than a Python
+    client would on the same cores. Each body goes to /dev/null; curl reports every transfer's
+    status, size, time to first byte and total time. `start()` returns at once, so two runs
+    (GETs and HEADs, say) can load a server together; `wait()` collects the results and the
+    wall time from start to curl's exit.
+    """
+
+    _WRITE_OUT = "%{http_code} %{size_download} %{time_starttransfer} %{time_total} %{exitcode}\\n"
+
+    def __init__(
+        self,
+        curl: str,
+        urls: Sequence[str],
+        config: Path,
+        *,
+        head: bool,
+        concurrency: int,
+        source: str | None = None,
+    ) -> None:
+        """`source`: the local address to connect from (`--interface`), so several runs can
+        stand for several clients (127.0.0.2, 127.0.0.3, ... on loopback)."""
+        if not 1 <= concurrency <= 300:
+            raise ValueError("curl runs 1 to 300 transfers at a time")
+        lines: list[str] = []
+        for url in urls:
+            lines += [f'url = "{url}"', 'output = "/dev/null"']
+        config.write_text("\n".join(lines) + "\n")
+        self._argv = [
+            curl,
+            "--silent",
+            "--no-progress-meter",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            str(concurrency),
+            *(["--head"] if head else []),
+            *(["--interface", source] if source else []),
+            "--write-out",
+            self._WRITE_OUT,
+            "--config",
+            str(config),
+        ]
+        self._expected = len(urls)
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread
+        self._output = ("", "")
+        self._started = self._ended = 0.0
+
+    def start(self) -> ParallelCurl:
+        self._started = time.perf_counter()
+        self._proc = subprocess.Popen(
+            self._argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        # Collected on a thread, so the wall time ends when curl does, not when wait() is called
+        # (runs started together are waited for one after the other).
+        self._reader = threading.Thread(target=self._collect, name="curl-reader", daemon=True)
+        self._reader.start()
+        return self
+
+    def _collect(self) -> None:
+        assert self._proc is not None
+        self._output = self._proc.communicate()
+        self._ended = time.perf_counter()
+
+    def wait(self) -> tuple[list[Transfer], float]:
+        """Every transfer (in the order they ended) and the run's wall time in seconds."""
+        assert self._proc is not None, "start() first"
+        self._reader.join()
+        stdout, stderr = self._output
+        wall = self._ended - self._started
+        transfers = []
+        for line in stdout.splitlines():
+            status, size, ttfb, total, code = line.split()
+            transfers.append(
+                Transfer(int(status), int(float(size)), float(ttfb), float(total), int(code))
+            )
+        if len(transfers) != self._expected:
+            raise RuntimeError(
+                f"curl reported {len(transfers)} of {self._expected} transfers"
+                f" (status {self._proc.returncode}): {stderr.strip()[-500:]}"
+            )
+        return transfers, wall
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows of this network namespace: connections dropped because a
+    listening socket's accept queue (its backlog) was full. The client retries the SYN after
+    about a second, so each one costs a request a second."""
+    with open("/proc/net/netstat") as netstat:
+        lines = [line.split() for line in netstat if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("ListenOverflows")])
+
+
+def nginx_version(nginx: str) -> str:
+    done = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=True)
+    return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+
+
+def nginx_user_directive() -> str:
+    """As root nginx would run its workers as "nobody", which cannot read a 0700 temp dir:
+    run them as the user the benchmark (and so the mirror) runs as. Empty when not root."""
+    if os.geteuid() != 0:
+        return ""
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
 
 
 @contextlib.contextmanager

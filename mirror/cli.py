@@ -25,6 +25,7 @@ from mirror import __version__
 from mirror.config import (
     DEFAULT_DOCKER_HOST,
     ContainerdConfig,
+    HttpLimits,
     LogLevel,
     RoutingConfig,
     RunConfig,
@@ -34,8 +35,10 @@ from mirror.config import (
     parse_bool,
     parse_cache_size,
     parse_cidr,
+    parse_connection_cap,
     parse_duration,
     parse_ip,
+    parse_mib_per_second,
 )
 from mirror.errors import ConfigError, MirrorError
 from mirror.oci.reference import validate_registry
@@ -270,6 +273,21 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="HOST:PORT serving /metrics",
     )
     flag(
+        "--request-head-timeout",
+        default="10s",
+        type=_typed(parse_duration, "duration"),
+        help="a connection to the registry or metrics port must send a whole request head "
+        "within this long of opening, or of the first byte of its next request, or it is "
+        "closed; a response being sent is never cut",
+    )
+    flag(
+        "--max-connections-per-client",
+        default="512",
+        type=_typed(parse_connection_cap, "count"),
+        help="open connections one client IP may hold on the registry or metrics port; past "
+        "it new ones are closed at once (0: no cap)",
+    )
+    flag(
         "--log-level",
         default=LogLevel.INFO.value,
         type=_typed(LogLevel, "log level"),
@@ -347,6 +365,13 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="how long to wait for upstream to resolve a tag before asking the cluster",
     )
     flag(
+        "--upstream-timeout",
+        default="10s",
+        type=_typed(parse_duration, "duration"),
+        help="longest wait for an upstream registry's response headers, token fetch included "
+        "(not for the body); past it the request is a 404 and the runtime falls back",
+    )
+    flag(
         "--resolve-tags",
         help="answer tags from this node and the cluster when upstream does not answer; "
         "false resolves tags only upstream",
@@ -356,6 +381,13 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         "--mirrored-registries",
         help="registries served (default: all); requests for others get a 404 at once",
         **_SHARED["--mirrored-registries"],
+    )
+    flag(
+        "--scrub-rate",
+        default="20",
+        type=_typed(parse_mib_per_second, "rate"),
+        help="MiB/s the background scrub reads to re-hash cached blobs against their digests "
+        "(corrupt ones are evicted; blobs served since start go first); 0 turns it off",
     )
     flag(
         "--allow-client",
@@ -523,6 +555,7 @@ def upstream_config(args: argparse.Namespace) -> UpstreamConfig:
         overrides=tuple(_listed(args, "--upstream")),
         auth_file=args.registry_auth_file,
         tag_timeout=args.upstream_tag_timeout,
+        timeout=args.upstream_timeout,
     )
 
 
@@ -540,11 +573,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         cache_size=args.cache_size,
         registry_addr=args.registry_addr,
         metrics_addr=args.metrics_addr,
+        http_limits=HttpLimits(
+            request_head_timeout=args.request_head_timeout,
+            max_connections_per_client=args.max_connections_per_client,
+        ),
         log_level=args.log_level,
         routing=routing_config(args),
         upstream=upstream_config(args),
         mirrored_registries=frozenset(mirrored) if mirrored else None,
         resolve_tags=args.resolve_tags,
+        scrub_rate=args.scrub_rate,
     )
 
 

@@ -129,6 +129,17 @@ def parse_cache_size(text: str) -> CacheSize:
     return CacheSize(bytes=value)
 
 
+def parse_mib_per_second(text: str) -> int:
+    """A rate in MiB/s (`20`, `2.5`), in bytes per second; `0` means off."""
+    try:
+        mib = float(text.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is not a rate in MiB/s such as 20") from exc
+    if not 0 <= mib < 1024**2:
+        raise ConfigError(f"rate {text!r} must be between 0 and 1048576 MiB/s")
+    return int(mib * 1024**2)
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -136,6 +147,14 @@ def parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{text!r} is not true or false")
+
+
+def parse_connection_cap(text: str) -> int:
+    """A number of connections, `0` meaning no cap."""
+    cleaned = text.strip()
+    if not (cleaned.isascii() and cleaned.isdigit()) or len(cleaned) > 9:
+        raise ConfigError(f"{text!r} is not a number of connections such as 512 (0: no cap)")
+    return int(cleaned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +195,19 @@ class UpstreamConfig:
     overrides: tuple[tuple[str, str], ...]
     auth_file: Path | None
     tag_timeout: float
+    # Longest wait for an upstream response's headers, token fetch included (not the body).
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Bounds on the connections of the registry and metrics ports (registry/connections.py)."""
+
+    # A connection must send a whole request head within this many seconds of opening, or of
+    # the first byte of its next request; a response being sent is never cut.
+    request_head_timeout: float
+    # Open connections one client IP may hold on a port; past it new ones are closed. 0: no cap.
+    max_connections_per_client: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +220,12 @@ class RunConfig:
     cache_size: CacheSize
     registry_addr: Address
     metrics_addr: Address
+    http_limits: HttpLimits
     log_level: LogLevel
     routing: RoutingConfig
     upstream: UpstreamConfig
     # None: every registry is mirrored; otherwise requests for others get a 404 at once.
     mirrored_registries: frozenset[str] | None
     resolve_tags: bool
+    # Bytes per second the background scrub reads to re-verify cached blobs; 0: no scrub.
+    scrub_rate: int

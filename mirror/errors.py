@@ -3,6 +3,7 @@
     MirrorError
     ├── ConfigError            a flag, variable or file that cannot be used (one CLI line)
     ├── StoreUnavailable       a store backend cannot be reached (503 on the wire)
+    │   ├── CacheFull          the cache's disk cannot take a write (the blob streams through)
     │   └── DownloadFailed, DownloadAbandoned      (content/downloads.py)
     ├── ContentVanished        a blob went away while it was read (a miss, not an outage)
     ├── DigestMismatch         bytes did not hash to their digest
@@ -37,6 +38,10 @@ class ConfigError(MirrorError):
 
 class StoreUnavailable(MirrorError):
     """A store backend (containerd socket, cache directory) cannot be reached or used."""
+
+
+class CacheFull(StoreUnavailable):
+    """The cache's disk has no room left for a write, and evicting cannot make enough."""
 
 
 class ContentVanished(MirrorError):

@@ -87,6 +87,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "mirror_connections_closed",
+            "Connections to the registry or metrics port the node closed, by reason (head-timeout: "
+            "no whole request head within --request-head-timeout; per-client-limit: past "
+            "--max-connections-per-client, closed at once).",
+            ["reason"],
+            registry=self.registry,
+        )
 
         self.upstream_fetches = Counter(
             "mirror_upstream_fetches",
@@ -120,7 +128,58 @@ class Metrics:
         )
         self.cache_evictions = Counter(
             "mirror_cache_evictions",
-            "Blobs evicted from the node cache to stay under --cache-size.",
+            "Blobs evicted from the node cache (least recently used first) to stay under "
+            "--cache-size or to make room on a full disk.",
+            registry=self.registry,
+        )
+        self.cache_passthrough = Counter(
+            "mirror_cache_passthrough",
+            "Blobs the node cache could not keep, streamed through to their readers instead, "
+            "by reason (over-bound: larger than --cache-size; no-space: the cache's disk is "
+            "full even after evicting).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cache_passthrough_bytes = Counter(
+            "mirror_cache_passthrough_bytes",
+            "Size of the blobs streamed through without being kept, by reason (as above).",
+            ["reason"],
+            registry=self.registry,
+        )
+        # Integrity of what the node holds (content/scrub.py): re-hashing by the background
+        # scrub and on a peer's report, and what was found.
+        self.verified_blobs = Counter(
+            "mirror_verified_blobs",
+            "Blobs this node re-hashed against their digest, by source (scrub, report).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.verified_bytes = Counter(
+            "mirror_verified_bytes",
+            "Bytes this node read to re-hash blobs, by source (scrub, report).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.corrupt_blobs = Counter(
+            "mirror_corrupt_blobs",
+            "Blobs found not to match their digest, by source (scrub, report) and action "
+            "(evicted: from the node cache; kept: in the runtime's store, which mirror cannot "
+            "change).",
+            ["source", "action"],
+            registry=self.registry,
+        )
+        self.corruption_reports_received = Counter(
+            "mirror_corruption_reports_received",
+            "Signed peer reports of a blob that did not match its digest, by outcome (queued, "
+            "coalesced, recent, not-held, busy).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.corruption_reports_sent = Counter(
+            "mirror_corruption_reports_sent",
+            "Reports sent to peers that served bytes not matching their digest, by result "
+            "(accepted, refused, failed).",
+            ["result"],
             registry=self.registry,
         )
 

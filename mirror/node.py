@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from mirror.config import Address, LogLevel, RoutingConfig, RunConfig, StoreKind
 from mirror.content.advertiser import Advertiser
+from mirror.content.scrub import BlobChecker, CorruptionReports, Scrubber
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
@@ -26,6 +27,7 @@ from mirror.peers.auth import RequestSigner, RequestVerifier
 from mirror.peers.fetcher import PeerFetcher
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
+from mirror.registry.connections import ConnectionPolicy, GuardedServer
 from mirror.routing.bootstrap import Rebootstrapper
 from mirror.routing.dht import DhtNode
 from mirror.routing.keys import stable_node_id
@@ -136,17 +138,21 @@ _HTTP_LOG = logging.getLogger("mirror.http")
 _HTTP_LOG.addFilter(_MalformedRequests())
 
 
-async def _serve(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:
+async def _serve(
+    app: web.Application,
+    address: Address,
+    *,
+    access_log: bool,
+    connections: ConnectionPolicy,
+) -> GuardedServer:
+    """Serve `app` on `address`, its connections bounded (registry/connections.py)."""
     access_logger = logging.getLogger("mirror.access") if access_log else None
-    runner = web.AppRunner(app, access_log=access_logger, logger=_HTTP_LOG)
-    await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    server = GuardedServer(app, connections, access_log=access_logger, logger=_HTTP_LOG)
     try:
-        await site.start()
+        await server.start(address.host, address.port)
     except OSError as exc:
-        await runner.cleanup()
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
-    return runner
+    return server
 
 
 def advertise_ip(routing: RoutingConfig, registry_addr: Address) -> str:
@@ -238,6 +244,26 @@ async def _join_cluster(
     return AccessPolicy(routing.allow_clients, RequestVerifier(key)), fetcher, dht
 
 
+def _integrity(
+    config: RunConfig,
+    store: Store,
+    cache: CacheStore,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+    background: _Background,
+) -> CorruptionReports:
+    """Re-hashing what the node serves: on peers' reports, and in the background scrub."""
+    runtime = store.runtime if isinstance(store, LayeredStore) else None
+    checker = BlobChecker(cache, metrics, runtime=runtime)
+    reports = CorruptionReports(checker, metrics)
+    stack.push_async_callback(reports.close)
+    if config.scrub_rate > 0:
+        background.start("scrub", Scrubber(checker, cache, rate=config.scrub_rate).run())
+    else:
+        log.info("scrub off: cached blobs are only re-hashed on peers' reports")
+    return reports
+
+
 async def _upstream_client(
     config: RunConfig, metrics: Metrics, stack: AsyncExitStack
 ) -> UpstreamClient | None:
@@ -246,7 +272,12 @@ async def _upstream_client(
         log.info("upstream fallback off: a miss in the cluster is a 404")
         return None
     credentials = Credentials.load(settings.auth_file) if settings.auth_file else None
-    client = UpstreamClient(UpstreamMap(dict(settings.overrides)), credentials, metrics)
+    client = UpstreamClient(
+        UpstreamMap(dict(settings.overrides)),
+        credentials,
+        metrics,
+        response_timeout=settings.timeout,
+    )
     await client.start()
     stack.push_async_callback(client.close)
     return client
@@ -282,12 +313,19 @@ async def run_node(config: RunConfig) -> None:
             store, metrics, policy, cache=cache, peers=peers, router=dht, upstream=upstream
         )
         stack.push_async_callback(content.close)
-        api = RegistryApi(metrics, content, access=access)
+        reports = _integrity(config, store, cache, metrics, stack, background)
+        api = RegistryApi(metrics, content, access=access, reports=reports)
         debug = config.log_level is LogLevel.DEBUG
-        registry_runner = await _serve(api.app(), config.registry_addr, access_log=debug)
-        stack.push_async_callback(registry_runner.cleanup)
-        metrics_runner = await _serve(metrics.app(), config.metrics_addr, access_log=False)
-        stack.push_async_callback(metrics_runner.cleanup)
+        connections = ConnectionPolicy(config.http_limits, metrics)
+        stack.callback(connections.close)
+        registry_server = await _serve(
+            api.app(), config.registry_addr, access_log=debug, connections=connections
+        )
+        stack.push_async_callback(registry_server.close)
+        metrics_server = await _serve(
+            metrics.app(), config.metrics_addr, access_log=False, connections=connections
+        )
+        stack.push_async_callback(metrics_server.close)
         log.info(
             "serving the registry API on %s (store %s), metrics on %s",
             config.registry_addr,

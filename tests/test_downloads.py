@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mirror.content.downloads import Download, DownloadFailed, Downloads, Source
+from mirror.metrics import Metrics
 from mirror.oci.reference import parse_digest
 from mirror.stores.cache import CacheStore
 
@@ -26,6 +27,7 @@ class Trickle:
         self.fail_at = fail_at
         self.gate = asyncio.Semaphore(0)
         self.opened = 0
+        self.sent = 0  # bytes handed to the download so far
 
     async def open(self) -> Source:
         self.opened += 1
@@ -36,7 +38,9 @@ class Trickle:
             await self.gate.acquire()
             if self.fail_at is not None and start >= self.fail_at:
                 raise ConnectionResetError("origin dropped the connection")
-            yield self.data[start : start + self.chunk]
+            piece = self.data[start : start + self.chunk]
+            self.sent += len(piece)
+            yield piece
 
     async def _close(self) -> None:
         return None
@@ -128,3 +132,146 @@ async def test_missing_upstream_and_abandoned_reservations(cache: CacheStore) ->
     downloads.abandon(reserved, "another node fetches it")
     with pytest.raises(DownloadFailed, match="another node"):
         await asyncio.wait_for(waiter, 5)
+
+
+# --- streaming through a blob the cache cannot keep -------------------------------------------
+
+BIG = bytes(range(251)) * (8 * 1024 * 1024 // 251 + 1)  # ~8 MiB, not a multiple of a chunk
+BIG_DIGEST = parse_digest("sha256:" + hashlib.sha256(BIG).hexdigest())
+WINDOW = 1024 * 1024
+CHUNK = 256 * 1024
+
+
+@pytest.fixture
+async def small_cache(tmp_path: Path) -> CacheStore:
+    """A cache bounded far below BIG: BIG is never written to it."""
+    store = CacheStore(tmp_path / "cache", max_bytes=len(BIG) // 4, metrics=Metrics())
+    await store.start()
+    return store
+
+
+async def test_a_blob_over_the_bound_is_streamed_through_in_a_bounded_window(
+    small_cache: CacheStore,
+) -> None:
+    downloads = Downloads(small_cache, window=WINDOW)
+    origin = Trickle(BIG, chunk=CHUNK)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    fast, slow = download.read(0, len(BIG)), download.read(0, len(BIG))
+    origin.release_all()  # the origin may send everything at once: only the readers hold it
+    highest = 0
+
+    async def read_slowly() -> bytes:
+        nonlocal highest
+        received = bytearray()
+        async for chunk in slow:
+            received += chunk
+            highest = max(highest, download.buffered)
+            # The origin never runs ahead of the slowest reader by more than the window.
+            assert origin.sent - len(received) <= WINDOW + CHUNK
+            assert not list((small_cache.root / "tmp").iterdir())  # never written
+            await asyncio.sleep(0)  # let the others run: this one is the slow one
+        return bytes(received)
+
+    async def read_fast() -> bytes:
+        return b"".join([chunk async for chunk in fast])
+
+    results = await asyncio.wait_for(asyncio.gather(read_fast(), read_slowly()), 10)
+    assert results == [BIG, BIG]
+    assert 0 < highest <= WINDOW
+    assert download.passthrough == "over-bound" and not download.kept
+    assert download.finished.result() is True and download.buffered == 0
+    assert await small_cache.stat(BIG_DIGEST) is None
+    metrics = small_cache._metrics
+    assert metrics is not None
+    sample = metrics.registry.get_sample_value
+    assert sample("mirror_cache_passthrough_total", {"reason": "over-bound"}) == 1
+    assert sample("mirror_cache_passthrough_bytes_total", {"reason": "over-bound"}) == len(BIG)
+
+
+async def test_a_reader_too_late_for_the_window_fails_at_once_and_others_go_on(
+    small_cache: CacheStore,
+) -> None:
+    downloads = Downloads(small_cache, window=WINDOW)
+    origin = Trickle(BIG, chunk=CHUNK)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    early = download.read(0, len(BIG))
+    origin.release_all()
+    received = bytearray()
+    while len(received) < 3 * WINDOW:
+        received += await early.__anext__()
+    # Bytes 0.. went through to `early` and are neither on disk nor in memory any more.
+    with pytest.raises(DownloadFailed, match="streamed through"):
+        download.read(0, len(BIG))
+    # A reader whose range is still in the window is served, from where `early` is.
+    position = len(received)
+    in_window = download.read(position, len(BIG) - position)
+
+    async def rest(reader: AsyncIterator[bytes]) -> bytes:
+        return b"".join([chunk async for chunk in reader])
+
+    tails = await asyncio.wait_for(asyncio.gather(rest(early), rest(in_window)), 10)
+    assert bytes(received) + tails[0] == BIG
+    assert tails[1] == BIG[position:]
+
+
+async def test_the_last_byte_of_a_stream_through_waits_for_the_digest(
+    small_cache: CacheStore,
+) -> None:
+    downloads = Downloads(small_cache, window=WINDOW)
+    wrong = BIG[:-1] + b"\x00"
+    origin = Trickle(wrong, chunk=CHUNK)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(BIG))
+    origin.release_all()
+    received = bytearray()
+    with pytest.raises(DownloadFailed, match="hashes to"):
+        async for chunk in reader:
+            received += chunk
+    assert len(received) < len(BIG)  # never the last byte: the cut comes first
+    assert list((small_cache.root / "tmp").iterdir()) == []
+
+
+async def test_a_reader_that_stops_reading_is_dropped_and_the_others_finish(
+    small_cache: CacheStore,
+) -> None:
+    downloads = Downloads(small_cache, window=WINDOW, stall_seconds=0.05)
+    origin = Trickle(BIG, chunk=CHUNK)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    stuck, reading = download.read(0, len(BIG)), download.read(0, len(BIG))
+    origin.release_all()
+    assert await asyncio.wait_for(collect_all(reading), 10) == BIG
+    with pytest.raises(DownloadFailed, match="fell behind"):
+        await stuck.__anext__()
+
+
+async def test_a_stream_through_nobody_reads_gives_up(small_cache: CacheStore) -> None:
+    downloads = Downloads(small_cache, window=WINDOW, stall_seconds=0.05)
+    origin = Trickle(BIG, chunk=CHUNK)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    origin.release_all()
+    with pytest.raises(DownloadFailed, match="nobody read it"):
+        await asyncio.wait_for(download.finished, 10)
+    assert origin.sent < len(BIG)  # it stopped taking bytes nobody wanted
+
+
+async def test_a_reader_dropped_unread_does_not_hold_the_others(small_cache: CacheStore) -> None:
+    """A request that failed before sending its body never closed its reader: the download
+    lets it go when it is collected, without waiting for the stall timeout."""
+    downloads = Downloads(small_cache, window=WINDOW)  # stalls would take 30 s: no timer here
+    origin = Trickle(BIG, chunk=CHUNK)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    reading = download.read(0, len(BIG))
+    abandoned = download.read(0, len(BIG))
+    del abandoned
+    origin.release_all()
+    assert await asyncio.wait_for(collect_all(reading), 10) == BIG
+
+
+async def collect_all(reader: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in reader])

@@ -21,9 +21,9 @@ from harness.dht import cluster
 from mirror.clusterkey import ClusterKey
 from mirror.errors import DigestMismatch, PeerUnavailable
 from mirror.metrics import Metrics
-from mirror.oci.reference import parse_digest
+from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
-from mirror.peers.fetcher import PeerFetcher
+from mirror.peers.fetcher import REPORT_PATH_PREFIX, PeerFetcher
 from mirror.ranges import RangeRequest, resolve_range
 from mirror.routing.memory import MemoryCluster, MemoryRouter
 from mirror.routing.router import Provider
@@ -51,6 +51,8 @@ def router_for(*providers: Provider) -> MemoryRouter:
 class Peers:
     servers: list[TestServer] = field(default_factory=list)
     seen: list[tuple[int, str | None]] = field(default_factory=list)
+    # (peer index, path) of every signed POST: reports of a blob that did not match its digest.
+    reports: list[tuple[int, str]] = field(default_factory=list)
 
     async def add(self, behaviour: Behaviour) -> Provider:
         verifier = RequestVerifier(KEY)
@@ -59,6 +61,9 @@ class Peers:
         async def handle(request: web.Request) -> web.StreamResponse:
             signature = request.headers.get(PEER_HEADER, "")
             assert verifier.verify(signature, request.method, request.raw_path)
+            if request.method == "POST":
+                self.reports.append((index, request.raw_path))
+                return web.json_response({"outcome": "queued"}, status=202)
             self.seen.append((index, request.headers.get("Range")))
             return await behaviour(request)
 
@@ -258,3 +263,121 @@ async def test_a_lookup_is_timed_once_by_the_fetcher_and_not_again_by_the_dht() 
         "mirror_peer_lookup_duration_seconds_count", {"result": "found"}
     )
     assert count == 1
+
+
+def blob_of(seed: int, size: int = 2 * 1024 * 1024) -> tuple[bytes, Digest]:
+    data = bytes((seed + i) % 251 for i in range(256)) * (size // 256)
+    return data, parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def serving(good: dict[Digest, bytes], corrupt: dict[Digest, bytes]) -> Behaviour:
+    """A holder whose copies of `corrupt` have one byte flipped, the others intact."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        for digest, data in corrupt.items():
+            if str(digest) in request.path:
+                flipped = bytearray(data)
+                flipped[len(data) // 2] ^= 0x01
+                return web.Response(body=bytes(flipped))
+        for digest, data in good.items():
+            if str(digest) in request.path:
+                return web.Response(body=data)
+        return web.Response(status=404)
+
+    return behaviour
+
+
+def router_holding(provider: Provider, digests: list[Digest]) -> MemoryRouter:
+    cluster = MemoryCluster()
+    for digest in digests:
+        cluster.providers[str(digest)] = {provider.node_id: provider}
+    return cluster.router(b"\xff" * 20, "127.0.0.1:9")
+
+
+async def fetch(fetcher: PeerFetcher, digest: Digest) -> bytes | None:
+    """The whole blob, None when no provider is usable; raises what the stream raises."""
+    blob = await fetcher.blob(digest, f"/v2/app/blobs/{digest}", None)
+    if blob is None:
+        return None
+    assert blob.chunks is not None
+    return b"".join([chunk async for chunk in blob.chunks])
+
+
+async def test_a_mismatch_is_reported_and_only_that_digest_is_distrusted(peers: Peers) -> None:
+    bad_bytes, bad = blob_of(1)
+    good_bytes, good = blob_of(2)
+    holder = await peers.add(serving({good: good_bytes}, {bad: bad_bytes}))
+    metrics = Metrics()
+    fetcher = PeerFetcher(router_holding(holder, [bad, good]), RequestSigner(KEY), metrics)
+    await fetcher.start()
+    try:
+        with pytest.raises(DigestMismatch):
+            await fetch(fetcher, bad)
+        await fetcher.reports_sent()
+        # Reached the holder, signed (the fake peer checks every signature), as a POST.
+        assert peers.reports == [(0, f"{REPORT_PATH_PREFIX}{bad}")]
+        assert metrics.registry.get_sample_value(
+            "mirror_corruption_reports_sent_total", {"result": "accepted"}
+        )
+        assert await fetch(fetcher, bad) is None, "asked again for the digest it got wrong"
+        assert await fetch(fetcher, good) == good_bytes, "distrusted for a digest it holds intact"
+        assert peers.reports == [(0, f"{REPORT_PATH_PREFIX}{bad}")]
+    finally:
+        await fetcher.close()
+
+
+async def test_distrust_of_a_digest_ends_and_many_bad_digests_distrust_the_node(
+    peers: Peers,
+) -> None:
+    now = [1000.0]
+    corrupt = dict(blob_of(seed)[::-1] for seed in (1, 2, 3))
+    good_bytes, good = blob_of(9)
+    holder = await peers.add(serving({good: good_bytes}, corrupt))
+    fetcher = PeerFetcher(
+        router_holding(holder, [*corrupt, good]),
+        RequestSigner(KEY),
+        Metrics(),
+        clock=lambda: now[0],
+    )
+    await fetcher.start()
+    try:
+        first, second, third = corrupt
+        with pytest.raises(DigestMismatch):
+            await fetch(fetcher, first)
+        assert await fetch(fetcher, first) is None
+        now[0] += 61
+        with pytest.raises(DigestMismatch):
+            await fetch(fetcher, first)  # asked again a minute later
+        with pytest.raises(DigestMismatch):
+            await fetch(fetcher, second)
+        assert await fetch(fetcher, good) == good_bytes, "two bad digests distrusted the node"
+        with pytest.raises(DigestMismatch):
+            await fetch(fetcher, third)
+        assert await fetch(fetcher, good) is None, "three bad digests, yet still asked"
+        now[0] += 601
+        assert await fetch(fetcher, good) == good_bytes
+        await fetcher.reports_sent()
+        assert sorted(path for _, path in peers.reports) == sorted(
+            f"{REPORT_PATH_PREFIX}{digest}" for digest in (first, first, second, third)
+        )
+    finally:
+        await fetcher.close()
+
+
+async def test_a_manifest_that_does_not_match_its_digest_is_reported(peers: Peers) -> None:
+    manifest = b'{"schemaVersion":2,"config":{},"layers":[]}'
+    digest = parse_digest("sha256:" + hashlib.sha256(manifest).hexdigest())
+
+    async def rotten(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=manifest.replace(b"2", b"3"))
+
+    holder = await peers.add(rotten)
+    fetcher = PeerFetcher(router_holding(holder, [digest]), RequestSigner(KEY), Metrics())
+    await fetcher.start()
+    try:
+        path = f"/v2/app/manifests/{digest}"
+        assert await fetcher.manifest(str(digest), path, digest) is None
+        await fetcher.reports_sent()
+        assert peers.reports == [(0, f"{REPORT_PATH_PREFIX}{digest}")]
+    finally:
+        await fetcher.close()

@@ -6,24 +6,49 @@ local clients and peers alike, read the temp file through one shared descriptor 
 waiting for bytes that have not arrived yet, so memory stays flat however many follow it. The
 last byte is only handed out once the whole blob matched its digest; if it did not, or the
 upstream stream broke, every reader fails and its client's connection is cut.
+
+**Pass-through.** A blob the cache cannot hold still reaches its readers; it is just not kept.
+The cache refuses it before the first byte (larger than `--cache-size`, or than the disk's free
+space plus all that eviction could free: writing it would only push the rest of the cache out
+before being thrown away), or its disk fills mid-blob and evicting cannot make room. From then on
+new chunks go to the readers from memory, through a window of at most `window` bytes (plus the
+chunk in hand): the download waits for the slowest reader before taking more from its origin,
+so memory stays bounded per download whatever the blob's size, and the origin's connection is
+what buffers (TCP flow control). Bytes already in the temp file stay readable there until the
+last reader is done. The digest is still checked before the last byte is handed out, and the
+temp file is removed at the end. One log line and `mirror_cache_passthrough_total` say so.
+
+A reader counts from the moment it is created (`read`), not from its first read, so the window
+keeps what it was promised. A reader that arrives when part of its range was neither written nor
+is still in memory cannot be served: `read` raises `DownloadFailed` at once (503, which runtimes
+retry), never hands out wrong bytes. A reader that stops reading holds every other one back; one
+that has not moved for `stall_seconds` while the window is full is dropped (its connection is
+cut), and a download nobody reads any more gives up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from mirror.errors import MirrorError, StoreUnavailable
+from mirror.errors import CacheFull, DigestMismatch, MirrorError, StoreUnavailable
 from mirror.oci.reference import Digest
-from mirror.stores.cache import BlobWriter, CacheStore
+from mirror.stores.cache import PASSTHROUGH_NO_SPACE, BlobWriter, CacheStore
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
+# Bytes a pass-through download holds in memory for its readers, besides the chunk in hand:
+# a few upstream chunks (up to 1 MiB each), enough to keep readers of similar speed streaming.
+WINDOW = 4 * _CHUNK
+# How long a pass-through download waits for room in its window while no reader moves.
+STALL_SECONDS = 30.0
 
 
 class DownloadFailed(StoreUnavailable):
@@ -46,6 +71,32 @@ class Source:
 Opener = Callable[[], Awaitable[Source | None]]
 
 
+class _Signal:
+    """Wakes every task waiting at the moment it fires; each then checks its condition again.
+
+    A waiter checks and calls `wait` with no await in between, so no firing is ever missed.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+@dataclass(eq=False, slots=True)
+class _Cursor:
+    """One reader: the next byte it wants and the end of its range."""
+
+    position: int
+    end: int
+    dropped: str | None = None  # why it can no longer be served
+
+
 class Download:
     """One blob being fetched into the cache. Reserved first, then begun or abandoned.
 
@@ -53,20 +104,46 @@ class Download:
     node for the blob while the claim is being decided waits instead of missing it.
     """
 
-    def __init__(self, digest: Digest, cache: CacheStore) -> None:
+    def __init__(
+        self,
+        digest: Digest,
+        cache: CacheStore,
+        *,
+        window: int = WINDOW,
+        stall_seconds: float = STALL_SECONDS,
+    ) -> None:
         self.digest = digest
         self._cache = cache
-        self._started = asyncio.Event()  # size known and temp file open, or failed
-        self._progress = asyncio.Condition()
-        self._fd: int | None = None
-        self._readers = 0
+        self._window = window
+        self._stall_seconds = stall_seconds
+        self._loop = asyncio.get_running_loop()
+        self._started = asyncio.Event()  # size known and bytes about to flow, or failed
+        self._data = _Signal()  # more bytes, the end, or a reader dropped: readers look again
+        self._room = _Signal()  # a reader moved or left: a passing-through producer looks again
+        self._fd: int | None = None  # the temp file (then the published blob), shared
+        self._ran = False  # run() is over: the descriptor closes with the last reader
+        self._cursors: set[_Cursor] = set()
         self.size: int | None = None
-        self.written = 0
-        self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.received = 0  # bytes taken from the origin (and hashed)
+        self.on_disk = 0  # [0, on_disk) are in the temp file
+        # Why the blob is streamed through rather than kept (a PASSTHROUGH_* reason), or None.
+        self.passthrough: str | None = None
+        # Pass-through: the chunks [memory_start, received) readers may still need, in order.
+        self._memory: deque[tuple[int, bytes]] = deque()
+        self._memory_start = 0
+        self._memory_bytes = 0
+        self.kept = False  # published into the cache
+        self.finished: asyncio.Future[bool] = self._loop.create_future()
         self.task: asyncio.Task[None] | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory for readers (only while passing through)."""
+        return self._memory_bytes
+
     async def run(self, opener: Opener) -> None:
-        """Fetch and publish; `finished` is True when committed, False when the origin lacks it."""
+        """Fetch and hand out; `finished` is True once every byte was verified (and `kept` if
+        it entered the cache), False when the origin does not have the blob."""
         try:
             source = await opener()
             if source is None:
@@ -89,24 +166,142 @@ class Download:
             self._finish(exc)
         finally:
             self._started.set()
-            async with self._progress:
-                self._progress.notify_all()
-            self._release_fd()
+            self._ran = True
+            self._data.fire()
+            self._release_if_unread()
 
     async def _copy(self, source: Source) -> None:
-        async with self._cache.writer(self.digest, source.size) as writer:
-            self._fd = await asyncio.to_thread(os.open, writer.temp_path, os.O_RDONLY)
-            self.size = source.size
-            self._started.set()
-            async for chunk in source.chunks:
-                await writer.write(chunk)
-                await self._advance(writer)
-            await writer.commit()
+        self.size = source.size
+        refused = await self._cache.admit(self.digest, source.size)
+        if refused is not None:
+            await self._pass_through(source.chunks, hashlib.new(self.digest.algorithm), refused)
+            return
+        try:
+            async with self._cache.writer(self.digest, source.size) as writer:
+                await self._write(source.chunks, writer)
+                return
+        except CacheFull:  # no room even for the temp file: nothing was written
+            self._cache.note_passthrough(
+                self.digest, source.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
+            )
+        hasher = hashlib.new(self.digest.algorithm)
+        await self._pass_through(source.chunks, hasher, PASSTHROUGH_NO_SPACE)
 
-    async def _advance(self, writer: BlobWriter) -> None:
-        async with self._progress:
-            self.written = writer.written
-            self._progress.notify_all()
+    async def _write(self, chunks: AsyncIterator[bytes], writer: BlobWriter) -> None:
+        """Into the temp file and then the cache; streamed through from where the disk filled."""
+        self._fd = await asyncio.to_thread(os.open, writer.temp_path, os.O_RDONLY)
+        self._started.set()
+        async for chunk in chunks:
+            before = writer.written
+            try:
+                await writer.write(chunk)
+            except CacheFull:
+                self._advance(writer.written)
+                assert self.size is not None
+                self._cache.note_passthrough(
+                    self.digest, self.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
+                )
+                # Still inside the writer: the temp file, readable up to `on_disk`, is removed
+                # only when the whole blob went through.
+                rest = chunk[writer.written - before :]
+                await self._pass_through(
+                    chunks, writer.hash_so_far(), PASSTHROUGH_NO_SPACE, first=rest
+                )
+                return
+            self._advance(writer.written)
+        await writer.commit()
+        self.kept = True
+
+    def _advance(self, written: int) -> None:
+        self.received = self.on_disk = written
+        self._data.fire()
+
+    async def _pass_through(
+        self,
+        chunks: AsyncIterator[bytes],
+        hasher: hashlib._Hash,
+        reason: str,
+        *,
+        first: bytes = b"",
+    ) -> None:
+        """Hand the rest of the blob to the readers from memory; verify it; keep nothing."""
+        self.passthrough = reason
+        self._memory_start = self.received
+        self._started.set()
+        self._data.fire()
+        if first:
+            await self._hold(first, hasher)
+        async for chunk in chunks:
+            await self._hold(chunk, hasher)
+        if self.received != self.size:
+            raise DigestMismatch(f"{self.digest}: got {self.received} bytes, expected {self.size}")
+        actual = hasher.hexdigest()
+        if actual != self.digest.hex:
+            raise DigestMismatch(
+                f"{self.digest}: content hashes to {self.digest.algorithm}:{actual}"
+            )
+
+    async def _hold(self, chunk: bytes, hasher: hashlib._Hash) -> None:
+        """Put `chunk` in the window for the readers once there is room for it."""
+        assert self.size is not None
+        if self.received + len(chunk) > self.size:
+            raise DigestMismatch(f"{self.digest}: more than the {self.size} bytes announced")
+        await self._room_for(len(chunk))
+        await asyncio.to_thread(hasher.update, chunk)
+        self._memory.append((self.received, chunk))
+        self._memory_bytes += len(chunk)
+        self.received += len(chunk)
+        self._data.fire()
+
+    async def _room_for(self, count: int) -> None:
+        """Wait until every reader is past enough of the window for `count` more bytes.
+
+        An empty window always takes a chunk, so memory is at most `window` plus one chunk.
+        With no reader at all the window is kept, not emptied: a reader on its way (its
+        request is being answered) must still find the first bytes.
+        """
+        while True:
+            self._trim()
+            if not self._memory or self._memory_bytes + count <= self._window:
+                return
+            try:
+                async with asyncio.timeout(self._stall_seconds):
+                    await self._room.wait()
+            except TimeoutError:
+                self._stalled()
+
+    def _trim(self) -> None:
+        """Drop the chunks every reader is past (none while nobody reads)."""
+        wanted = [cursor.position for cursor in self._cursors if cursor.position < cursor.end]
+        if not wanted:
+            return
+        lowest = min(wanted)
+        while self._memory:
+            offset, chunk = self._memory[0]
+            if offset + len(chunk) > lowest:
+                break
+            self._memory.popleft()
+            self._memory_bytes -= len(chunk)
+            self._memory_start = offset + len(chunk)
+
+    def _stalled(self) -> None:
+        """No reader moved for `stall_seconds` with the window full: drop the ones holding it."""
+        waiting = [cursor for cursor in self._cursors if cursor.position < cursor.end]
+        if not waiting:
+            raise DownloadFailed(
+                f"{self.digest} was streamed through, but nobody read it for "
+                f"{self._stall_seconds:g} s"
+            )
+        lowest = min(cursor.position for cursor in waiting)
+        for cursor in waiting:
+            if cursor.position == lowest:
+                cursor.dropped = (
+                    f"{self.digest}: this reader did not read for {self._stall_seconds:g} s and "
+                    "fell behind the others"
+                )
+                self._cursors.discard(cursor)
+        log.warning("dropped readers of %s stuck at byte %d for the others", self.digest, lowest)
+        self._data.fire()
 
     def _finish(self, outcome: bool | BaseException) -> None:
         if self.finished.done():
@@ -118,6 +313,7 @@ class Download:
             self.finished.exception()
         else:
             self.finished.set_result(outcome)
+        self._data.fire()
 
     async def wait_started(self) -> int | None:
         """The blob's size once the origin answered; None if the origin does not have it."""
@@ -129,62 +325,157 @@ class Download:
                 return None
         return self.size
 
-    async def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
-        """Bytes [offset, offset+length) as they arrive; the final byte only once verified."""
-        size = await self.wait_started()
-        if size is None:
-            raise DownloadFailed(f"{self.digest} is not available upstream")
-        fd = os.dup(self._fd) if self._fd is not None else await self._open_published()
-        try:
-            position, end = offset, offset + length
-            while position < end:
-                available = await self._available(position, size)
-                count = min(_CHUNK, end - position, available - position)
-                chunk = await asyncio.to_thread(os.pread, fd, count, position)
-                if not chunk:
-                    raise DownloadFailed(f"{self.digest}: temp file ended at {position}")
-                position += len(chunk)
-                yield chunk
-        finally:
-            os.close(fd)
+    def read(self, offset: int, length: int) -> DownloadReader:
+        """Bytes [offset, offset+length) as they arrive; the final byte only once verified.
+
+        The reader is counted from this call on, so bytes passing through are kept for it.
+        Raises `DownloadFailed` at once when part of the range went through already and is
+        held neither on disk nor in memory any more.
+        """
+        end = offset + length
+        gone_from, gone_to = self._gone()
+        if max(offset, gone_from) < min(end, gone_to):
+            raise DownloadFailed(
+                f"{self.digest} is being streamed through without being kept, and bytes "
+                f"{gone_from}-{gone_to - 1} are gone already"
+            )
+        cursor = _Cursor(offset, end)
+        self._cursors.add(cursor)
+        return DownloadReader(self, cursor)
+
+    def _gone(self) -> tuple[int, int]:
+        """The bytes [from, to) that were passed through and are held nowhere any more."""
+        if self.passthrough is None:
+            return 0, 0
+        on_disk = self.on_disk if self._fd is not None else 0
+        return on_disk, self._memory_start
+
+    async def _read_at(self, cursor: _Cursor) -> bytes:
+        """The next bytes for `cursor` (at least one), waiting for them if need be."""
+        while True:
+            if cursor.dropped is not None:
+                raise DownloadFailed(cursor.dropped)
+            if self.finished.done() and self.finished.exception() is not None:
+                raise self.finished.exception()  # type: ignore[misc]
+            size = self.size
+            if size is None and self._started.is_set():
+                raise DownloadFailed(f"{self.digest} is not available upstream")
+            if size is not None:
+                # Hold back the last byte until the digest is checked.
+                verified = self.finished.done() and self.finished.result()
+                limit = size if verified else min(self.received, size - 1)
+                position, until = cursor.position, min(cursor.end, limit)
+                if position < until:
+                    if position < self.on_disk:
+                        count = min(_CHUNK, until - position, self.on_disk - position)
+                        return await self._pread(position, count)
+                    if position >= self._memory_start:
+                        return self._from_memory(position, until)
+                    raise DownloadFailed(
+                        f"{self.digest}: byte {position} was streamed through and is gone"
+                    )
+            await self._data.wait()
+
+    async def _pread(self, position: int, count: int) -> bytes:
+        fd = self._fd
+        if fd is None:
+            fd = await self._open_published()
+        chunk = await asyncio.to_thread(os.pread, fd, count, position)
+        if not chunk:
+            raise DownloadFailed(f"{self.digest}: temp file ended at {position}")
+        return chunk
 
     async def _open_published(self) -> int:
-        """The download finished between a reader finding it and starting to read."""
-        if not (
-            self.finished.done() and self.finished.exception() is None and self.finished.result()
-        ):
+        """The download was over and its descriptor closed before this reader came."""
+        if not self.kept:
             raise DownloadFailed(f"download of {self.digest} is no longer readable")
         try:
-            return await asyncio.to_thread(os.open, self._cache.blob_path(self.digest), os.O_RDONLY)
+            fd = await asyncio.to_thread(os.open, self._cache.blob_path(self.digest), os.O_RDONLY)
         except OSError as exc:
             raise DownloadFailed(f"{self.digest} left the cache: {exc}") from exc
+        if self._fd is not None:  # another reader opened it meanwhile
+            os.close(fd)
+            return self._fd
+        self._fd = fd
+        return fd
 
-    async def _available(self, position: int, size: int) -> int:
-        """How far a reader at `position` may read: written bytes, all of them once verified."""
-        async with self._progress:
-            while True:
-                if self.finished.done():
-                    if self.finished.exception() is not None:
-                        raise self.finished.exception()  # type: ignore[misc]
-                    return size
-                # Hold back the last byte until the digest is checked.
-                limit = min(self.written, size - 1)
-                if limit > position:
-                    return limit
-                await self._progress.wait()
+    def _from_memory(self, position: int, until: int) -> bytes:
+        for offset, chunk in self._memory:
+            if position < offset + len(chunk):
+                start, stop = position - offset, min(len(chunk), until - offset)
+                return chunk if (start, stop) == (0, len(chunk)) else chunk[start:stop]
+        raise DownloadFailed(f"{self.digest}: byte {position} is not in memory")  # unreachable
 
-    def _release_fd(self) -> None:
+    def _release(self, cursor: _Cursor) -> None:
+        self._cursors.discard(cursor)
+        self._room.fire()
+        self._release_if_unread()
+
+    def _release_if_unread(self) -> None:
+        """Once the download is over and no reader is left, free its descriptor and memory."""
+        if not self._ran or self._cursors:
+            return
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+        self._memory.clear()
+        self._memory_bytes = 0
+        self._memory_start = self.received
+
+
+class DownloadReader(AsyncIterator[bytes]):
+    """One reader of a download: an async iterator of chunks; `aclose` lets the download go.
+
+    A reader dropped without being closed (its request failed before the body was sent) is
+    let go when it is collected, so a passing-through download never waits for it.
+    """
+
+    def __init__(self, download: Download, cursor: _Cursor) -> None:
+        self._download: Download | None = download
+        self._cursor = cursor
+
+    async def __anext__(self) -> bytes:
+        download, cursor = self._download, self._cursor
+        if download is None or cursor.position >= cursor.end:
+            self._let_go()
+            raise StopAsyncIteration
+        try:
+            chunk = await download._read_at(cursor)
+        except BaseException:
+            self._let_go()
+            raise
+        cursor.position += len(chunk)
+        if cursor.position >= cursor.end:
+            self._let_go()
+        else:
+            download._room.fire()
+        return chunk
+
+    async def aclose(self) -> None:
+        self._let_go()
+
+    def _let_go(self) -> None:
+        download, self._download = self._download, None
+        if download is not None:
+            download._release(self._cursor)
+
+    def __del__(self) -> None:
+        download = self._download
+        if download is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+                download._loop.call_soon_threadsafe(download._release, self._cursor)
 
 
 class Downloads:
     """At most one download per digest on this node; later requests join the running one."""
 
-    def __init__(self, cache: CacheStore) -> None:
+    def __init__(
+        self, cache: CacheStore, *, window: int = WINDOW, stall_seconds: float = STALL_SECONDS
+    ) -> None:
         self._cache = cache
+        self._window = window
+        self._stall_seconds = stall_seconds
         self._running: dict[str, Download] = {}
 
     def get(self, digest: Digest) -> Download | None:
@@ -195,7 +486,9 @@ class Downloads:
         existing = self._running.get(str(digest))
         if existing is not None:
             return existing, False
-        download = Download(digest, self._cache)
+        download = Download(
+            digest, self._cache, window=self._window, stall_seconds=self._stall_seconds
+        )
         self._running[str(digest)] = download
         return download, True
 

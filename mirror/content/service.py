@@ -354,7 +354,9 @@ class ContentService:
 
         After a successful fetch the claim is kept until it expires: the claimant holds the
         blob then, and a node whose lookup raced the announcement still streams from it
-        instead of fetching again.
+        instead of fetching again. A blob streamed through without being kept (the cache
+        could not hold it) is not held either: it is withdrawn (unless the node's store got
+        it meanwhile, the runtime having pulled it) and its claim let go, as after a failure.
         """
         if self._router is None:
             return
@@ -373,6 +375,11 @@ class ContentService:
             except (MirrorError, asyncio.CancelledError):
                 succeeded = False
                 break
+        if succeeded and not download.kept:
+            succeeded = False
+            with contextlib.suppress(Exception):
+                if await self._store.stat(download.digest) is None:
+                    await self._router.withdraw(key)
         if not succeeded:
             with contextlib.suppress(Exception):
                 await self._router.release(key)

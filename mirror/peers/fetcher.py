@@ -4,8 +4,9 @@
 - The first provider is asked at once; if it has not answered `hedge_after` later, the next one
   is asked too, and the first to answer wins (the other request is cancelled).
 - A blob is hashed as it streams. Its last chunk is held back until the digest is checked, so a
-  client never receives the whole of a wrong body: on a mismatch the response is cut and the
-  peers that sent it are distrusted for a while.
+  client never receives the whole of a wrong body: on a mismatch the response is cut, the peers
+  that sent it are told (a signed report: they re-hash their copy and evict it if it is really
+  wrong, content/scrub.py) and are not asked for that digest again for a minute.
 - When a peer dies mid-blob, the stream continues from another provider with a Range request
   from the first missing byte; the client sees one whole, correct body.
 """
@@ -25,10 +26,16 @@ import aiohttp
 from yarl import URL
 
 from mirror.bodies import read_capped
-from mirror.errors import BodyTooLarge, DigestMismatch, PeerUnavailable, RangeNotSatisfiable
+from mirror.errors import (
+    BodyTooLarge,
+    DigestMismatch,
+    MirrorError,
+    PeerUnavailable,
+    RangeNotSatisfiable,
+)
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
-from mirror.oci.reference import Digest
+from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
@@ -36,9 +43,21 @@ from mirror.routing.router import Provider, Router
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
-# A peer that sent bytes not matching their digest is not asked again for this long.
-_DISTRUST_SECONDS = 600.0
+# A peer that sent bytes not matching a digest is not asked for that digest again for this long:
+# its node re-hashes and evicts a bad copy on our report within seconds, and bytes damaged on the
+# way (the node's copy is fine) should not cost that peer more than this. Other digests it holds
+# are still fetched from it: one rotten file says nothing about the rest of a disk.
+_DISTRUST_SECONDS = 60.0
+# ...unless it sent wrong bytes for this many different digests within _STRIKE_WINDOW: then it
+# is a failing disk or a hostile node, and it is not asked for anything for _DISTRUST_NODE_SECONDS.
+_STRIKES_FOR_NODE = 3
+_STRIKE_WINDOW = 600.0
+_DISTRUST_NODE_SECONDS = 600.0
 _PROVIDERS_WANTED = 3
+# Where a node takes reports of a blob it served that did not match its digest (registry/api.py).
+REPORT_PATH_PREFIX = "/mirror/v1/verify/"
+# A report is a small request answered at once; past this it is given up (the peer may be down).
+_REPORT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +101,28 @@ class PeerFetcher:
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._clock = clock
-        self._distrusted: dict[bytes, float] = {}
+        # (node id, key) -> until when that node is not asked for that key; node id -> for all.
+        self._distrusted: dict[tuple[bytes, str], float] = {}
+        self._distrusted_nodes: dict[bytes, float] = {}
+        # node id -> key -> when it last sent wrong bytes for that key.
+        self._strikes: dict[bytes, dict[str, float]] = {}
+        self._reports: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
 
     async def close(self) -> None:
+        for task in list(self._reports):
+            task.cancel()
+        await asyncio.gather(*self._reports, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+    async def reports_sent(self) -> None:
+        """Until the reports started so far have been answered or given up (tests, shutdown)."""
+        while self._reports:
+            await asyncio.gather(*self._reports, return_exceptions=True)
 
     async def providers(
         self, key_text: str, exclude: AbstractSet[bytes] = frozenset()
@@ -98,11 +130,7 @@ class PeerFetcher:
         started = self._clock()
         found = await self._router.find_providers(key_text, want=_PROVIDERS_WANTED)
         now = self._clock()
-        usable = [
-            p
-            for p in found
-            if p.node_id not in exclude and self._distrusted.get(p.node_id, 0.0) <= now
-        ]
+        usable = [p for p in found if p.node_id not in exclude and self._trusted(p, key_text, now)]
         result = "found" if usable else "missing"
         self._metrics.peer_lookup_duration.labels(result).observe(now - started)
         random.shuffle(usable)
@@ -130,7 +158,9 @@ class PeerFetcher:
             claimed = str(expected) if expected else response.headers.get("Docker-Content-Digest")
             media_type = detect_manifest_type(body)
             if (claimed and claimed != actual) or media_type is None:
-                self._distrust(provider, f"manifest {path} does not match {claimed}")
+                self._distrust(provider, key_text, f"manifest {path} does not match {claimed}")
+                if claimed and claimed != actual:
+                    self._report_claimed(provider, claimed)
                 continue
             return PeerManifest(body, media_type, actual)
         return None
@@ -284,8 +314,11 @@ class PeerFetcher:
                     used.append(provider)
                     log.info("resuming %s at byte %d from %s", digest, position, provider.address)
             if hasher is not None and await hasher.hexdigest() != digest.hex:
+                # After a resume the culprit is unknown: tell each. A report costs a good
+                # holder one re-hash, never its copy.
                 for bad in used:
-                    self._distrust(bad, f"{digest} streamed with a wrong digest")
+                    self._distrust(bad, str(digest), f"{digest} streamed with a wrong digest")
+                    self._report(bad, digest)
                 raise DigestMismatch(f"peers sent bytes that do not hash to {digest}")
             if held is not None:
                 yield held
@@ -327,10 +360,73 @@ class PeerFetcher:
         self._metrics.peer_fetch_failures.labels(reason).inc()
         log.info("peer %s failed (%s): %s", provider.address, reason, error)
 
-    def _distrust(self, provider: Provider, why: str) -> None:
+    def _trusted(self, provider: Provider, key: str, now: float) -> bool:
+        return (
+            self._distrusted.get((provider.node_id, key), 0.0) <= now
+            and self._distrusted_nodes.get(provider.node_id, 0.0) <= now
+        )
+
+    def _distrust(self, provider: Provider, key: str, why: str) -> None:
+        """Stop asking `provider` for `key` for a while; for anything, after repeated offences."""
         self._metrics.peer_fetch_failures.labels("digest-mismatch").inc()
-        self._distrusted[provider.node_id] = self._clock() + _DISTRUST_SECONDS
-        log.warning("distrusting peer %s for %.0fs: %s", provider.address, _DISTRUST_SECONDS, why)
+        now = self._clock()
+        self._distrusted = {pair: until for pair, until in self._distrusted.items() if until > now}
+        self._distrusted[(provider.node_id, key)] = now + _DISTRUST_SECONDS
+        strikes = {
+            k: at
+            for k, at in self._strikes.get(provider.node_id, {}).items()
+            if now - at < _STRIKE_WINDOW
+        }
+        strikes[key] = now
+        self._strikes[provider.node_id] = strikes
+        if len(strikes) >= _STRIKES_FOR_NODE:
+            self._distrusted_nodes[provider.node_id] = now + _DISTRUST_NODE_SECONDS
+            log.warning(
+                "distrusting peer %s for %.0fs for everything: wrong bytes for %d digests (%s)",
+                provider.address,
+                _DISTRUST_NODE_SECONDS,
+                len(strikes),
+                why,
+            )
+            return
+        log.warning(
+            "not asking peer %s for %s for %.0fs: %s", provider.address, key, _DISTRUST_SECONDS, why
+        )
+
+    def _report_claimed(self, provider: Provider, claimed: str) -> None:
+        """Report a manifest that did not match the digest asked for or claimed."""
+        try:
+            digest = parse_digest(claimed)
+        except MirrorError:
+            return  # not a digest: nothing the holder could re-hash
+        self._report(provider, digest)
+
+    def _report(self, provider: Provider, digest: Digest) -> None:
+        """Tell `provider` its copy of `digest` did not hash; in the background, so the client's
+        error is not delayed by it."""
+        task = asyncio.create_task(self._send_report(provider, digest))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _send_report(self, provider: Provider, digest: Digest) -> None:
+        assert self._session is not None, "PeerFetcher.start() was not called"
+        path = f"{REPORT_PATH_PREFIX}{digest}"
+        headers = {PEER_HEADER: self._signer.sign("POST", path)}
+        url = URL(f"http://{provider.address}{path}", encoded=True)
+        try:
+            async with asyncio.timeout(_REPORT_TIMEOUT):
+                async with self._session.post(
+                    url, headers=headers, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._metrics.corruption_reports_sent.labels("failed").inc()
+            log.info("could not report %s to %s: %s", digest, provider.address, exc)
+            return
+        result = "accepted" if 200 <= status < 300 else "refused"
+        self._metrics.corruption_reports_sent.labels(result).inc()
+        log.info("reported %s to %s: %s (%d)", digest, provider.address, result, status)
 
 
 class _PipelinedHasher:

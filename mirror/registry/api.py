@@ -13,9 +13,11 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.content.scrub import CorruptionReports
 from mirror.content.service import ContentService
 from mirror.errors import (
     Denied,
+    EndpointUnknown,
     PaginationInvalid,
     RegistryError,
     ServiceUnavailable,
@@ -25,6 +27,8 @@ from mirror.errors import (
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, Metrics
 from mirror.oci.mediatypes import OCTET_STREAM
+from mirror.oci.reference import parse_digest
+from mirror.peers.fetcher import REPORT_PATH_PREFIX
 from mirror.ranges import parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.paths import parse_target
@@ -47,10 +51,12 @@ class RegistryApi:
         content: ContentService,
         *,
         access: AccessPolicy | None = None,
+        reports: CorruptionReports | None = None,
     ) -> None:
         self._metrics = metrics
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
+        self._reports = reports
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._observe])
@@ -59,6 +65,7 @@ class RegistryApi:
         app.router.add_route("*", "/v2/{path:.*}", self._pull)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_route("*", REPORT_PATH_PREFIX + "{digest}", self._report)
         return app
 
     @web.middleware
@@ -100,6 +107,26 @@ class RegistryApi:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def _report(self, request: web.Request) -> web.Response:
+        """A peer's signed report that a blob it streamed from here did not match its digest.
+
+        Only a signed peer may report: the node's own runtime (unsigned, even from loopback) is
+        refused like an outsider, so nothing but a cluster member can make the node re-hash.
+        The answer comes at once; the re-hash, and an eviction if the copy really is wrong,
+        follow in the background (content/scrub.py).
+        """
+        request[_KIND_KEY] = "report"
+        if self._access.classify(request) is not Caller.PEER:
+            raise Denied("only peers of the cluster may report a corrupt blob")
+        if request.method != "POST":
+            raise Unsupported(f"{request.method} is not supported: a report is a POST")
+        digest = parse_digest(request.match_info["digest"])
+        if self._reports is None:
+            raise EndpointUnknown("this node takes no reports")
+        outcome = self._reports.report(digest)
+        body = {"digest": str(digest), "outcome": outcome}
+        return web.json_response(body, status=202, headers=API_VERSION_HEADER)
 
     async def _readyz(self, request: web.Request) -> web.Response:
         if await self._content.ready():

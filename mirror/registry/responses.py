@@ -56,9 +56,15 @@ class SendfileResponse(web.StreamResponse):
         if transport is None:
             raise ConnectionResetError("client went away")
         # Where the transport cannot sendfile (TLS), asyncio falls back to reading and writing.
-        await asyncio.get_running_loop().sendfile(
-            transport, self._fileobj, self._offset, self._count
-        )
+        try:
+            await asyncio.get_running_loop().sendfile(
+                transport, self._fileobj, self._offset, self._count
+            )
+        except ConnectionError as exc:
+            # The client went away mid-body (a runtime cancelled its pull): nothing to answer.
+            log.info("client of %s left during the body: %s", request.path, exc)
+            transport.close()
+            return
         await self.write_eof()
 
 

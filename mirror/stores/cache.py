@@ -11,23 +11,33 @@ so a tag file can never collide with a nested repository directory.
 
 The cache is bounded: past `max_bytes` the least recently used blobs are evicted, never one that
 is open for reading (writes in progress live in tmp/ and are not counted until published).
+
+The disk is bounded too, whatever `max_bytes` says. A blob is admitted (`admit`) before its first
+byte is written: one larger than `max_bytes`, or than the free space plus everything eviction
+could remove, is never written, since it could only fill the disk and push out the rest of the
+cache before being thrown away. When the disk still runs out mid-write (other writers, other
+files on the same file system), the writer evicts least recently used blobs to make room and goes
+on; when that cannot help it raises `CacheFull`, and the download streams the blob through
+without keeping it (content/downloads.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import logging
 import os
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from mirror.errors import DigestMismatch, StoreUnavailable
+from mirror.errors import CacheFull, DigestMismatch, StoreUnavailable
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, TagRef, parse_digest, tag_ref
 from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, usable_digest
@@ -35,6 +45,13 @@ from mirror.stores.base import BlobSource, FileBlob, ImageEntry, Store, usable_d
 log = logging.getLogger(__name__)
 
 _TAG_PREFIX = "@"
+
+# Why a blob was streamed through rather than kept (the `reason` label of the metric).
+PASSTHROUGH_OVER_BOUND = "over-bound"
+PASSTHROUGH_NO_SPACE = "no-space"
+
+# A write that failed for want of space: the disk is full, or the user's quota is.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class CacheStore(Store):
@@ -55,6 +72,10 @@ class CacheStore(Store):
         self._readers: Counter[str] = Counter()
         self._version = 0
         self._changed = asyncio.Condition()
+        # Writes in progress: the bytes they are still to write are spoken for on the disk.
+        self._writers: set[BlobWriter] = set()
+        # Told of every blob opened for reading (content/scrub.py verifies those first).
+        self._open_listeners: list[Callable[[Digest], None]] = []
 
     @property
     def total_bytes(self) -> int:
@@ -123,7 +144,59 @@ class CacheStore(Store):
             return None
         if key in self._lru:
             self._lru.move_to_end(key)
+        for listener in self._open_listeners:
+            listener(digest)
         return _PinnedFileBlob(fileobj, os.fstat(fileobj.fileno()).st_size, self, key)
+
+    def watch_opens(self, listener: Callable[[Digest], None]) -> None:
+        """Call `listener` (synchronously, so it must not block) with every digest opened."""
+        self._open_listeners.append(listener)
+
+    async def evict_corrupt(self, digest: Digest, identity: tuple[int, int]) -> bool:
+        """Remove a published blob found not to match its digest; True if it was removed.
+
+        `identity` is the (device, inode) of the file that was hashed and found wrong; the caller
+        keeps that file open until this returns, so no other file can have its inode number. A
+        writer publishes by rename, so the path may hold a fresh, verified copy by now: that one
+        stays. Readers that have the bad file open keep their descriptor; new readers miss and
+        look elsewhere. Watchers of `changes()` are told, so the advertiser withdraws the digest.
+        """
+        removed = await asyncio.to_thread(self._remove_if_same, self.blob_path(digest), identity)
+        if not removed:
+            return False
+        size = self._lru.pop(str(digest), None)
+        if size is not None:
+            self._total -= size
+        self._report_size()
+        await self._notify()
+        return True
+
+    def _remove_if_same(self, path: Path, identity: tuple[int, int]) -> bool:
+        """Unlink `path` if it is still the file `identity` names.
+
+        Checked twice: once before moving it aside, and again on the moved file, so a copy
+        published between the check and the move is put back rather than lost.
+        """
+        try:
+            found = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if (found.st_dev, found.st_ino) != identity:
+            return False
+        aside = self._tmp / f"corrupt-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        moved = os.stat(aside)
+        if (moved.st_dev, moved.st_ino) != identity:
+            # link, unlike rename, never replaces a copy published in the meantime.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
+        return True
 
     def _unpin(self, key: str) -> None:
         self._readers[key] -= 1
@@ -223,20 +296,125 @@ class CacheStore(Store):
                 break
             if self._readers.get(key):
                 continue
-            size = self._lru.pop(key)
-            self._total -= size
-            try:
-                await asyncio.to_thread(self.blob_path(parse_digest(key)).unlink, True)
-            except OSError as exc:
-                log.warning("cannot evict %s from the cache: %s", key, exc)
-            if self._metrics is not None:
-                self._metrics.cache_evictions.inc()
-            log.debug("evicted %s (%d bytes) from the cache", key, size)
+            await self._evict_one(key)
         self._report_size()
+
+    async def _evict_one(self, key: str) -> None:
+        # Popped first: two evictions running at once (a publish, a write short of space)
+        # may both have listed the same blob.
+        size = self._lru.pop(key, None)
+        if size is None:
+            return
+        self._total -= size
+        try:
+            await asyncio.to_thread(self.blob_path(parse_digest(key)).unlink, True)
+        except OSError as exc:
+            log.warning("cannot evict %s from the cache: %s", key, exc)
+        if self._metrics is not None:
+            self._metrics.cache_evictions.inc()
+        log.debug("evicted %s (%d bytes) from the cache", key, size)
+
+    # --- room on the disk ----------------------------------------------------------------
+
+    async def admit(self, digest: Digest, size: int) -> str | None:
+        """Whether a blob of `size` bytes may be written: None if so, else why not.
+
+        Decided before the first byte is written, so that a blob the cache could never keep
+        does not fill the disk and push every other blob out only to be thrown away: one
+        larger than `max_bytes` (`PASSTHROUGH_OVER_BOUND`), or than the free space plus all
+        that eviction could remove (`PASSTHROUGH_NO_SPACE`). Bytes other writes in progress
+        are still to write count as taken. A blob that fits only once least recently used
+        blobs are gone has them evicted now, before it is written. A refusal is logged and
+        counted (`note_passthrough`).
+        """
+        if self.max_bytes is not None and size > self.max_bytes:
+            why = f"it is larger than the cache's bound ({_human(self.max_bytes)}, --cache-size)"
+            self.note_passthrough(digest, size, PASSTHROUGH_OVER_BOUND, why)
+            return PASSTHROUGH_OVER_BOUND
+        free = await asyncio.to_thread(self._free_bytes)
+        needed = size + self._pending_bytes()
+        if free is None or free >= needed:
+            return None
+        evictable = self._evictable_bytes()
+        if free + evictable < needed:
+            why = (
+                f"the cache's disk cannot hold it ({_human(free)} free, "
+                f"{_human(evictable)} evictable)"
+            )
+            self.note_passthrough(digest, size, PASSTHROUGH_NO_SPACE, why)
+            return PASSTHROUGH_NO_SPACE
+        await self._evict_for_space(needed)
+        return None
+
+    async def make_room(self, needed: int) -> bool:
+        """Evict least recently used blobs until `needed` bytes are free; False if impossible.
+
+        For a write that ran out of space mid-blob. When even evicting every blob that is not
+        open for reading could not free that much, nothing is evicted: emptying the cache for
+        a blob that cannot be kept anyway would only cost the next pulls.
+        """
+        free = await asyncio.to_thread(self._free_bytes)
+        if free is None:
+            return False
+        if free >= needed:
+            return True
+        if free + self._evictable_bytes() < needed:
+            return False
+        return await self._evict_for_space(needed)
+
+    async def _evict_for_space(self, needed: int) -> bool:
+        """Evict least recently used blobs, not open ones, until `needed` bytes are free."""
+        enough = False
+        evicted = False
+        for key in list(self._lru):
+            free = await asyncio.to_thread(self._free_bytes)
+            enough = free is not None and free >= needed
+            if enough:
+                break
+            if self._readers.get(key):
+                continue
+            await self._evict_one(key)
+            evicted = True
+        else:
+            free = await asyncio.to_thread(self._free_bytes)
+            enough = free is not None and free >= needed
+        if evicted:
+            self._report_size()
+            await self._notify()  # the advertiser withdraws what left
+        return enough
+
+    def _free_bytes(self) -> int | None:
+        """Bytes free on the cache's file system for an unprivileged writer; None: unknown."""
+        try:
+            found = os.statvfs(self._tmp)
+        except OSError:
+            return None
+        return found.f_bavail * found.f_frsize
+
+    def _evictable_bytes(self) -> int:
+        return sum(size for key, size in self._lru.items() if not self._readers.get(key))
+
+    def _pending_bytes(self) -> int:
+        return sum(writer.remaining for writer in self._writers)
+
+    def note_passthrough(self, digest: Digest, size: int, reason: str, why: str) -> None:
+        """Log (one line per blob) and count a blob streamed through without being kept."""
+        log.warning("not keeping %s (%s): %s; streaming it through", digest, _human(size), why)
+        if self._metrics is not None:
+            self._metrics.cache_passthrough.labels(reason).inc()
+            self._metrics.cache_passthrough_bytes.labels(reason).inc(size)
 
     def _report_size(self) -> None:
         if self._metrics is not None:
             self._metrics.cache_bytes.set(self._total)
+
+
+def _human(size: int) -> str:
+    """`64 MiB`, `4.8 MiB`, `512 B`: sizes as an operator reads them in a log line."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{size} B"
 
 
 def _read_if_exists(path: Path) -> bytes | None:
@@ -268,6 +446,10 @@ class BlobWriter:
     deletes the temp file, so partial content never becomes visible. Writes are unbuffered, so
     readers following a download in progress (through `temp_path`) see each chunk once
     `write` returns.
+
+    When the disk is full, `write` has least recently used blobs evicted and goes on; when
+    that cannot help it raises `CacheFull`. `written` and the running hash then cover exactly
+    the bytes that reached the file, so the caller can go on with the rest elsewhere.
     """
 
     def __init__(self, store: CacheStore, digest: Digest, expected_size: int | None) -> None:
@@ -281,7 +463,13 @@ class BlobWriter:
         self._committed = False
 
     async def __aenter__(self) -> BlobWriter:
-        self._handle = await asyncio.to_thread(open, self.temp_path, "xb", buffering=0)
+        try:
+            self._handle = await asyncio.to_thread(open, self.temp_path, "xb", buffering=0)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise CacheFull(f"cannot create a temp file in the cache: {exc}") from exc
+            raise
+        self._store._writers.add(self)
         return self
 
     async def __aexit__(
@@ -290,20 +478,56 @@ class BlobWriter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._store._writers.discard(self)
         if not self._committed:
             await asyncio.to_thread(self._discard)
 
-    async def write(self, chunk: bytes) -> None:
-        await asyncio.to_thread(self._write_chunk, chunk)
+    @property
+    def remaining(self) -> int:
+        """Bytes this write still expects to add to the disk (0 when its size is unknown)."""
+        if self._expected_size is None or self not in self._store._writers:
+            return 0
+        return max(0, self._expected_size - self.written)
 
-    def _write_chunk(self, chunk: bytes) -> None:
-        assert self._handle is not None
+    def hash_so_far(self) -> hashlib._Hash:
+        """A copy of the running hash, covering the `written` bytes."""
+        return self._hash.copy()
+
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk`; on a full disk, evict to make room, or raise `CacheFull`."""
         view = memoryview(chunk)
-        while view:
-            count = self._handle.write(view)
-            view = view[count:]
-        self._hash.update(chunk)
-        self.written += len(chunk)
+        made_room = False
+        while True:
+            done = await asyncio.to_thread(self._write_chunk, view)
+            view = view[done:]
+            if not view:
+                return
+            # The disk is full. Room for the rest of the blob, not just this chunk: evicting a
+            # blob per chunk and failing near the end would cost the cache for nothing.
+            if (done == 0 and made_room) or not await self._store.make_room(
+                self.remaining or len(view)
+            ):
+                self._store._writers.discard(self)  # writes no more: its space is not needed
+                raise CacheFull(f"{self.digest}: no room left after {self.written} bytes")
+            made_room = True
+
+    def _write_chunk(self, view: memoryview) -> int:
+        """Write as much of `view` as fits; the count written (short only when out of space)."""
+        assert self._handle is not None
+        done = 0
+        while done < len(view):
+            try:
+                count = self._handle.write(view[done:])
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    break
+                raise
+            if not count:
+                break
+            self._hash.update(view[done : done + count])
+            self.written += count
+            done += count
+        return done
 
     async def commit(self) -> None:
         """Verify size and digest, then publish. Raises `DigestMismatch` and discards otherwise."""

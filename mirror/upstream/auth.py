@@ -132,12 +132,16 @@ class Authenticator:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        timeout: float | None = None,
     ) -> None:
+        """`timeout` bounds one token fetch, its small body included (None: the session's
+        own timeouts only)."""
         self._session = session
         self._registries = registries
         self._credentials = credentials
         self._metrics = metrics
         self._clock = clock
+        self._timeout = timeout
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._challenges: dict[tuple[str, str], BearerChallenge] = {}
@@ -217,7 +221,8 @@ class Authenticator:
     async def _fetch_token(self, registry: str, challenge: BearerChallenge) -> _Token:
         try:
             token = await self._request_token(registry, challenge)
-        except UpstreamError:
+        except (UpstreamError, asyncio.CancelledError):
+            # Cancelled: mostly the request's deadline (the client's response timeout) ran out.
             self._metrics.token_fetches.labels("error").inc()
             raise
         self._metrics.token_fetches.labels("ok").inc()
@@ -251,10 +256,16 @@ class Authenticator:
 
         started = self._clock()
         try:
-            async with self._session.get(url, headers=headers) as response:
-                body = await response.content.read(_MAX_TOKEN_RESPONSE + 1)
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(self._timeout):
+                async with self._session.get(url, headers=headers) as response:
+                    body = await response.content.read(_MAX_TOKEN_RESPONSE + 1)
+                    status = response.status
+        except TimeoutError:
+            raise UpstreamError(
+                f"{registry}: token service {realm.origin()} did not answer"
+                + (f" within {self._timeout:g}s" if self._timeout is not None else "")
+            ) from None
+        except aiohttp.ClientError as exc:
             raise UpstreamError(
                 f"{registry}: token service {realm.origin()} failed: {exc}"
             ) from None

@@ -3,6 +3,10 @@
 - One `aiohttp` session with no total timeout (a multi-GiB blob may take minutes) but bounded
   connect and per-read waits, and no transparent decompression: blobs are passed on byte for
   byte, as their digest demands.
+- Every request's wait for response headers is bounded as a whole (`response_timeout`, the
+  `--upstream-timeout` flag): connecting, token fetches, the retry after a `401` and redirects
+  included. A registry that accepts the connection and never answers is an `UpstreamError`
+  within that time, so a runtime gets its 404 and falls back long before its own timeouts.
 - Authentication (bearer tokens, Basic) is delegated to `auth.Authenticator`; a `401` is
   answered once, then it is an `UpstreamAuthError`.
 - Redirects are followed here rather than by aiohttp, so the rule is explicit: the registry's
@@ -161,13 +165,18 @@ class UpstreamClient:
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        response_timeout: float = 10.0,
     ) -> None:
+        """`response_timeout` bounds the wait for a request's response headers (token fetch,
+        `401` retry and redirects included); `read_timeout` bounds each read of a body after
+        that, with no total, so a multi-GiB blob is never cut."""
         self._registries = registries
         self._credentials = credentials
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
+        self._response_timeout = response_timeout
         self._session: aiohttp.ClientSession | None = None
         self._auth: Authenticator | None = None
 
@@ -179,7 +188,11 @@ class UpstreamClient:
             headers={"User-Agent": _USER_AGENT},
         )
         self._auth = Authenticator(
-            self._session, self._registries, self._credentials, self._metrics
+            self._session,
+            self._registries,
+            self._credentials,
+            self._metrics,
+            timeout=self._response_timeout,
         )
 
     async def close(self) -> None:
@@ -370,11 +383,33 @@ class UpstreamClient:
         path: str,
         headers: dict[str, str],
     ) -> aiohttp.ClientResponse:
-        """Send a request to `/v2/<repository>/<path>`, authenticating as the registry demands."""
+        """Send a request to `/v2/<repository>/<path>`, authenticating as the registry demands.
+
+        The response's headers must arrive within `response_timeout`, everything before them
+        included; its body is read afterwards under the per-read timeout only.
+        """
         if self._auth is None:
             raise RuntimeError("UpstreamClient.start() was not called")
         base = self._registries.base_url(registry)
         url = URL(f"{base}/v2/{repository}/{path}", encoded=True)
+        try:
+            async with asyncio.timeout(self._response_timeout):
+                return await self._open_within(method, registry, repository, path, url, headers)
+        except TimeoutError:
+            raise UpstreamError(
+                f"{method} {_redact(url)}: no response within {self._response_timeout:g}s"
+            ) from None
+
+    async def _open_within(
+        self,
+        method: str,
+        registry: str,
+        repository: str,
+        path: str,
+        url: URL,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        assert self._auth is not None
         authorization = await self._auth.authorization(registry, repository)
         response = await self._send(method, url, headers, authorization)
         # Only a 401 from the registry itself is a challenge; one from a redirect target is not
@@ -386,8 +421,10 @@ class UpstreamClient:
         authorization = await self._auth.answer(registry, repository, challenges, authorization)
         response = await self._send(method, url, headers, authorization)
         if response.status == 401 and response.url.origin() == url.origin():
-            error = await _status_error(response, registry, repository, path)
-            response.release()
+            try:
+                error = await _status_error(response, registry, repository, path)
+            finally:
+                response.release()
             raise UpstreamAuthError(f"{registry} refused the authentication it asked for: {error}")
         return response
 

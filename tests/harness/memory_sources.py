@@ -26,12 +26,19 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-async def _chunks(data: bytes, gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+async def _chunks(
+    data: bytes, gate: asyncio.Event | None = None, chunk: int | None = None
+) -> AsyncIterator[bytes]:
+    """The two halves of `data` (in pieces of `chunk` bytes if given), held at `gate` between."""
     half = len(data) // 2
-    yield data[:half]
-    if gate is not None:
-        await gate.wait()
-    yield data[half:]
+    for index, (start, stop) in enumerate(((0, half), (half, len(data)))):
+        if index and gate is not None:
+            await gate.wait()
+        if chunk is None:
+            yield data[start:stop]
+            continue
+        for piece in range(start, stop, chunk):
+            yield data[piece : min(piece + chunk, stop)]
 
 
 class MemoryPeers:
@@ -94,9 +101,10 @@ class MemoryBlob:
     data: bytes
     gate: asyncio.Event | None
     closed: bool = False
+    chunk: int | None = None
 
     def chunks(self) -> AsyncIterator[bytes]:
-        return _chunks(self.data, self.gate)
+        return _chunks(self.data, self.gate, self.chunk)
 
     async def close(self) -> None:
         self.closed = True
@@ -113,6 +121,8 @@ class MemoryUpstream:
     # Held before the second half of every blob body, while unset (None: never held).
     gate: asyncio.Event | None = None
     asked: list[tuple[str, str]] = field(default_factory=list)  # (what, reference)
+    # Blob bodies come in pieces of this many bytes, as a real one does (None: two halves).
+    chunk: int | None = None
 
     def push(self, registry: str, repository: str, tag: str, manifest: bytes) -> str:
         digest = digest_of(manifest)
@@ -157,10 +167,12 @@ class MemoryUpstream:
         if data is None:
             return None
         if requested is None:
-            return MemoryBlob(200, len(data), 0, len(data), data, self.gate)
+            return MemoryBlob(200, len(data), 0, len(data), data, self.gate, chunk=self.chunk)
         try:
             part = requested.resolve(len(data))
         except RangeNotSatisfiable:
             raise
         body = data[part.offset : part.end]
-        return MemoryBlob(206, len(data), part.offset, part.length, body, self.gate)
+        return MemoryBlob(
+            206, len(data), part.offset, part.length, body, self.gate, chunk=self.chunk
+        )
