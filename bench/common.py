@@ -7,6 +7,12 @@ CPU seconds read from /proc, a note of how busy the rest of the machine was, and
 options and exit handling. Keeping those pieces here means the two benchmarks measure and clean
 up identically, so their figures can be read side by side.
 
+The namespace benchmarks, `cold_pull.py` (a cold pull from a shaped upstream) and `rollout.py`
+(a warm rollout from one holder over shaped node links), share the lab at the end of this
+module: one network namespace per simulated node on a bridge, a private containerd per node,
+`ctr` pulls released together, a mirror per node and distribution registries, all removed
+however the run ends.
+
 The scripts are run by path (`.venv/bin/python bench/blob_throughput.py`), which puts this
 directory on sys.path: they import this module as `common`.
 """
@@ -16,15 +22,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import grp
+import gzip
 import hashlib
+import json
 import os
+import platform
 import pwd
+import re
 import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -35,6 +46,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from harness.containerd import _config_text as containerd_config_text
+from harness.containerd import write_hosts_toml
+from harness.images import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    canonical_json,
+    run_skopeo,
+)
+from harness.process import ManagedProcess
+from harness.registry import REGISTRY_BINARY, Registry
+
+REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -599,3 +626,830 @@ def run_benchmark(run: Callable[[argparse.Namespace], int], args: argparse.Names
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+# --- network-namespace labs: cold_pull.py and rollout.py --------------------------------------
+#
+# Every simulated node is a network namespace joined to one bridge by a veth pair (eth0 inside,
+# `<namespace>-h` on the bridge), with its own containerd, its `ctr` pulls and maybe a mirror,
+# all started with `ip netns exec` (which execs: the pid is the daemon's). A `Lab` records each
+# namespace, link and process it makes and removes every one of them, however the run ends.
+
+REGISTRY_PORT = 5000
+MIRROR_PORT = 5000
+METRICS_PORT = 9090
+ROUTER_PORT = 5001
+CONTAINERD_NAMESPACE = "k8s.io"
+NS_READY_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 90.0
+PULL_TIMEOUT = 900.0
+LAYER_COPY_CHUNK = 4 * MIB
+
+# gorilla/handlers combined log: `IP - - [date] "GET /v2/... HTTP/1.1" 200 1234 "" "agent"`.
+_ACCESS_RE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<uri>\S+) [^"]*" '
+    r"(?P<status>\d{3}) (?P<size>\d+|-)"
+)
+_SYNC_PARAM = "harness-sync"
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+
+
+def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a short command, capturing its output; raise with its stderr if it fails."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+def in_ns(namespace: str, *argv: str) -> list[str]:
+    """`argv` run inside a network namespace (`ip netns exec` execs it: same pid)."""
+    return ["ip", "netns", "exec", namespace, *argv]
+
+
+def poll(condition: Callable[[], bool], what: str, timeout: float) -> float:
+    """Poll `condition` with a growing pause until true; raise after `timeout` seconds."""
+    started = time.monotonic()
+    pause = 0.01
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+    return time.monotonic() - started
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        head, _, value = line.rpartition(" ")
+        found = set(head[len(name) :].strip("{}").split(",")) if "{" in head else set()
+        if wanted <= found:
+            total += float(value)
+    return total
+
+
+def rate_bits(rate: str) -> float | None:
+    """tc's `100mbit` as bits per second (None for a form this script does not know)."""
+    match = re.fullmatch(r"([0-9.]+)([a-z]*)", rate.strip().lower())
+    if match is None or match[2] not in _RATE_UNITS:
+        return None
+    return float(match[1]) * _RATE_UNITS[match[2]]
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+# the image -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    layout: Path
+    manifest_digest: str
+    blobs: dict[str, int]  # every blob a pull fetches (manifest, config, layers) -> size
+
+    @property
+    def size(self) -> int:
+        return sum(self.blobs.values())
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it on its way to `target`."""
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return int(self._target.write(data))  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        self._target.flush()  # type: ignore[attr-defined]
+
+
+class _RandomReader:
+    """Random bytes for tarfile to copy into a layer, never more than one chunk in memory."""
+
+    def read(self, size: int = -1) -> bytes:
+        return os.urandom(LAYER_COPY_CHUNK if size < 0 else size)
+
+
+def _random_layer(blob_dir: Path, name: str, size: int) -> tuple[str, int, str]:
+    """A tar+gzip layer holding one file of `size` random bytes, written as it is made.
+
+    Stored gzip (level 0, mtime 0, no file name): random bytes do not compress, and level 0
+    takes no time. The tar has fixed owners and times, like the harness's layers, and never
+    more than one chunk of it is in memory, so a 1 GiB layer costs no more RAM than a small one.
+    Returns the layer's digest, its size and its diff_id (the digest of the tar, which the
+    image config lists and containerd checks when it unpacks).
+    """
+    partial = blob_dir / "layer.partial"
+    with open(partial, "wb") as handle:
+        compressed = _HashingWriter(handle)
+        gz = gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=0, mtime=0)
+        uncompressed = _HashingWriter(gz)
+        with tarfile.open(
+            fileobj=uncompressed,  # type: ignore[arg-type]
+            mode="w|",
+            format=tarfile.PAX_FORMAT,
+            copybufsize=LAYER_COPY_CHUNK,
+        ) as tar:
+            directory = tarfile.TarInfo(str(Path(name).parent))
+            directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+            data = tarfile.TarInfo(name)
+            data.mode, data.size = 0o644, size
+            for info in (directory, data):
+                info.mtime = info.uid = info.gid = 0
+                info.uname = info.gname = ""
+            tar.addfile(directory)
+            tar.addfile(data, _RandomReader())  # type: ignore[arg-type]
+        gz.close()
+        handle.flush()
+        os.fsync(handle.fileno())
+        length = handle.tell()
+    digest = compressed.hash.hexdigest()
+    os.replace(partial, blob_dir / digest)
+    return f"sha256:{digest}", length, f"sha256:{uncompressed.hash.hexdigest()}"
+
+
+def layer_sizes(total_mib: int, shares: Sequence[float]) -> list[int]:
+    """The sizes of layers that split `total_mib` MiB by `shares` (4 KiB at the least)."""
+    return [max(4096, int(total_mib * MIB * share)) for share in shares]
+
+
+def build_image(layout: Path, sizes: Sequence[int], tag: str) -> Image:
+    """An OCI layout: one linux manifest for this machine's architecture, one random layer of
+    each size (stored gzip), a config naming their diff_ids, and `tag` in index.json."""
+    blob_dir = layout / "blobs" / "sha256"
+    blob_dir.mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    blobs: dict[str, int] = {}
+
+    def add(data: bytes, media_type: str) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blob_dir / digest).write_bytes(data)
+        blobs[f"sha256:{digest}"] = len(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    layers, diff_ids = [], []
+    for index, size in enumerate(sizes):
+        digest, length, diff_id = _random_layer(blob_dir, f"layer{index}/data.bin", size)
+        blobs[digest] = length
+        layers.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": length})
+        diff_ids.append(diff_id)
+    config = {
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {"Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+    config_desc = add(canonical_json(config), OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config_desc,
+        "layers": layers,
+    }
+    top = add(canonical_json(manifest), OCI_MANIFEST)
+    ref = {**top, "annotations": {"org.opencontainers.image.ref.name": tag}}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [ref]}
+    (layout / "index.json").write_bytes(canonical_json(index))
+    return Image(layout=layout, manifest_digest=str(top["digest"]), blobs=blobs)
+
+
+def push_image(image: Image, tag: str, ref: str) -> None:
+    """Push the layout's `tag` to `ref` on a plain-HTTP registry, digests unchanged."""
+    run_skopeo(
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        f"oci:{image.layout}:{tag}",
+        f"docker://{ref}",
+    )
+
+
+# daemons in namespaces -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """What a registry answered to GETs, from its access log."""
+
+    sent: int  # body bytes of every GET
+    blob_bytes: int  # of those, the bytes of blob GETs
+    blob_gets: int
+
+
+class NamespacedRegistry(Registry):
+    """The harness's distribution registry, listening on `address` inside `namespace`."""
+
+    def __init__(
+        self, base_dir: Path, namespace: str, address: str, *, extra_config: str = ""
+    ) -> None:
+        self._address = address  # before __init__, which writes the config from `host`
+        super().__init__(base_dir, port=REGISTRY_PORT, extra_config=extra_config)
+        self.process = ManagedProcess(
+            in_ns(namespace, REGISTRY_BINARY, "serve", str(self.config_path)),
+            base_dir,
+            "registry",
+            stdout_path=self.access_log_path,
+        )
+
+    @property
+    def host(self) -> str:
+        return f"{self._address}:{self.port}"
+
+    def log_size(self) -> int:
+        """The access log's length now, every request answered so far included."""
+        self.sync_access_log()
+        return self.access_log_path.stat().st_size if self.access_log_path.exists() else 0
+
+    def traffic_since(self, offset: int) -> Traffic:
+        """What GETs logged after byte `offset` of the access log were answered with."""
+        self.sync_access_log()
+        with open(self.access_log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        sent = blob_bytes = blob_gets = 0
+        for line in text.splitlines():
+            match = _ACCESS_RE.match(line)
+            if match is None or _SYNC_PARAM in line or match["method"] != "GET":
+                continue
+            size = 0 if match["size"] == "-" else int(match["size"])
+            sent += size
+            if "/blobs/" in match["uri"]:
+                blob_gets += 1
+                blob_bytes += size
+        return Traffic(sent, blob_bytes, blob_gets)
+
+    def holds_blobs(self, image: Image) -> bool:
+        """Every blob of `image` is in this registry's storage at its full size."""
+        root = self.storage_dir / "docker" / "registry" / "v2" / "blobs" / "sha256"
+        for digest, size in image.blobs.items():
+            hex_digest = digest.split(":", 1)[1]
+            data = root / hex_digest[:2] / hex_digest / "data"
+            if not data.is_file() or data.stat().st_size != size:
+                return False
+        return True
+
+
+def containerd_config(base: Path) -> str:
+    """The harness's containerd config (CRI off) with root, state and sockets under `base`."""
+    return containerd_config_text(base / "root", base / "state", base, base)
+
+
+@dataclass
+class Node:
+    index: int
+    namespace: str
+    ip: str
+    base: Path | None = None  # this mode's directory: containerd, hosts.toml, mirror cache
+    containerd: ManagedProcess | None = None
+    mirror: ManagedProcess | None = None
+
+    @property
+    def socket(self) -> Path:
+        assert self.base is not None
+        return self.base / "containerd.sock"
+
+    @property
+    def content_dir(self) -> Path:
+        assert self.base is not None
+        return self.base / "root" / "io.containerd.content.v1.content" / "blobs"
+
+    @property
+    def hosts_dir(self) -> Path:
+        assert self.base is not None
+        return self.base / "hosts"
+
+    @property
+    def mirror_url(self) -> str:
+        return f"http://{self.ip}:{MIRROR_PORT}"
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        return ["ctr", "-a", str(self.socket), "-n", CONTAINERD_NAMESPACE, *args]
+
+    def metrics_text(self) -> str:
+        url = f"http://{self.ip}:{METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def write_hosts(self, registry_host: str, server_url: str, mirror_urls: Sequence[str]) -> None:
+        """hosts.toml for `registry_host`: the mirrors first, `server_url` behind them."""
+        write_hosts_toml(self.hosts_dir, registry_host, server_url, mirror_urls)
+
+
+@dataclass(frozen=True, slots=True)
+class LabNames:
+    """How one benchmark names what it makes, so an earlier run's leftovers can be found."""
+
+    prefix: str  # namespaces `PREFIX-<short>`, links `PREFIX-<short>-h`, bridge `PREFIX-br0`
+    subnet: str  # the first three octets of the /24 on the bridge
+    tmp_prefix: str  # its temporary directory's name
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}-br0"
+
+    @property
+    def bridge_ip(self) -> str:
+        return f"{self.subnet}.1"
+
+
+class Lab:
+    """Namespaces, links and processes this run made; `close` removes every one of them."""
+
+    def __init__(self, names: LabNames) -> None:
+        self.names = names
+        self.namespaces: list[str] = []
+        self.links: list[str] = []
+        self.processes: list[ManagedProcess] = []
+        self._pulls: set[subprocess.Popen[bytes]] = set()
+        self._lock = threading.Lock()
+        self.closing = False
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def add_bridge(self) -> None:
+        bridge = self.names.bridge
+        run("ip", "link", "add", bridge, "type", "bridge")
+        self.links.append(bridge)
+        run("ip", "addr", "add", f"{self.names.bridge_ip}/24", "dev", bridge)
+        run("ip", "link", "set", bridge, "up")
+
+    def add_host(self, short: str, ip: str) -> str:
+        """Namespace `PREFIX-<short>` with eth0 at `ip`, plugged into the bridge; its name."""
+        namespace = f"{self.names.prefix}-{short}"
+        outer, inner = f"{namespace}-h", f"{namespace}-i"
+        run("ip", "netns", "add", namespace)
+        self.namespaces.append(namespace)
+        run("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        self.links.append(outer)
+        run("ip", "link", "set", inner, "netns", namespace)
+        run("ip", "-n", namespace, "link", "set", inner, "name", "eth0")
+        run("ip", "-n", namespace, "addr", "add", f"{ip}/24", "dev", "eth0")
+        run("ip", "-n", namespace, "link", "set", "eth0", "up")
+        run("ip", "-n", namespace, "link", "set", "lo", "up")
+        run("ip", "link", "set", outer, "master", self.names.bridge)
+        run("ip", "link", "set", outer, "up")
+        return namespace
+
+    def start(self, argv: Sequence[str], log_dir: Path, name: str) -> ManagedProcess:
+        process = ManagedProcess(argv, log_dir, name, cwd=REPO)
+        self.track(process)
+        process.start()
+        return process
+
+    def track(self, process: ManagedProcess) -> None:
+        self.processes.append(process)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            pulls = [proc.pid for proc in self._pulls]
+        return [p.pid for p in self.processes if p.pid is not None and p.running] + pulls
+
+    def spawn_pull(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as output:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        with self._lock:
+            self._pulls.add(proc)
+        return proc
+
+    def pull_done(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._pulls.discard(proc)
+
+    def stop(self, processes: Sequence[ManagedProcess]) -> None:
+        """Stop processes in parallel (SIGTERM, SIGKILL after a while) and forget them."""
+        threads = [threading.Thread(target=p.stop, args=(STOP_TIMEOUT,)) for p in processes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for process in processes:
+            if process in self.processes:
+                self.processes.remove(process)
+
+    def close(self) -> None:
+        """Remove everything, ignoring Ctrl-C and SIGTERM meanwhile so nothing is left half-way."""
+        previous = {
+            sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        self.closing = True
+        try:
+            with self._lock:
+                pulls = list(self._pulls)
+            for proc in pulls:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            self.stop(list(self.processes))
+            for namespace in self.namespaces:
+                # Only descendants of what this run started can be in its own namespaces.
+                listed = run("ip", "netns", "pids", namespace, check=False).stdout.split()
+                for pid in listed:
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+            for link in reversed(self.links):
+                run("ip", "link", "del", link, check=False)
+            for namespace in self.namespaces:
+                run("ip", "netns", "del", namespace, check=False)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def leftovers(names: LabNames, tmp_parent: Path) -> tuple[list[str], list[str], list[Path]]:
+    """Namespaces, links and temporary directories named like this benchmark's."""
+    namespaces = [
+        line.split()[0]
+        for line in run("ip", "netns", "list").stdout.splitlines()
+        if line.split() and line.split()[0].startswith(f"{names.prefix}-")
+    ]
+    links = []
+    for line in run("ip", "-o", "link", "show").stdout.splitlines():
+        name = line.split(":", 2)[1].strip().split("@", 1)[0]
+        if name.startswith(f"{names.prefix}-"):
+            links.append(name)
+    dirs = sorted(tmp_parent.glob(f"{names.tmp_prefix}*"))
+    return namespaces, links, dirs
+
+
+def check_leftovers(names: LabNames, tmp_parent: Path, clean: bool) -> None:
+    """Refuse to start next to an earlier run's namespaces, links or directories (or a run
+    in progress); with `clean`, remove them first."""
+    namespaces, links, dirs = leftovers(names, tmp_parent)
+    if not (namespaces or links or dirs):
+        return
+    listing = ", ".join([*namespaces, *links, *(str(d) for d in dirs)])
+    if not clean:
+        raise RuntimeError(
+            f"leftovers of an earlier run (or a run in progress): {listing}; "
+            "run again with --clean-leftovers to remove them"
+        )
+    print(f"removing leftovers of an earlier run: {listing}", flush=True)
+    for namespace in namespaces:
+        for pid in run("ip", "netns", "pids", namespace, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    for link in links:
+        run("ip", "link", "del", link, check=False)
+    for namespace in namespaces:
+        run("ip", "netns", "del", namespace, check=False)
+    for directory in dirs:
+        shutil.rmtree(directory, ignore_errors=True)
+    namespaces, links, dirs = leftovers(names, tmp_parent)
+    if namespaces or links or dirs:
+        raise RuntimeError(f"could not remove: {namespaces + links + [str(d) for d in dirs]}")
+
+
+def check_subnet(names: LabNames) -> None:
+    """Refuse to add a second route to the benchmark's subnet."""
+    routes = run("ip", "-4", "route", "show").stdout
+    if re.search(rf"(^|\s){re.escape(names.subnet)}\.", routes):
+        raise RuntimeError(f"{names.subnet}.0/24 is already routed here:\n{routes}")
+
+
+def add_lab_arguments(parser: argparse.ArgumentParser, *, unit: str) -> None:
+    """--resolve-timeout, --mirror-log-level, --keep-logs and --clean-leftovers."""
+    parser.add_argument(
+        "--resolve-timeout", default="50ms", help="mirror --resolve-timeout (default: 50ms)"
+    )
+    parser.add_argument(
+        "--mirror-log-level", default="info", help="mirror --log-level (default: info)"
+    )
+    parser.add_argument(
+        "--keep-logs",
+        default=None,
+        help=f"copy every daemon's and pull's log of each {unit} into this directory",
+    )
+    parser.add_argument(
+        "--clean-leftovers",
+        action="store_true",
+        help="remove namespaces, links and temporary directories an earlier run left",
+    )
+
+
+def add_lab_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """--python (what runs the mirrors) and --tmp-dir."""
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="Python that runs the mirror nodes (default: this one)",
+    )
+    parser.add_argument(
+        "--tmp-dir", default=None, help="where to create the temporary directory (default: $TMPDIR)"
+    )
+
+
+def prepare_lab(names: LabNames, args: argparse.Namespace) -> Path:
+    """Check what a namespace lab needs before anything is made: root, the programs, no
+    leftovers of an earlier run (removed with --clean-leftovers), a free subnet. Returns the
+    directory the temporary one goes in."""
+    if os.geteuid() != 0:
+        raise RuntimeError("needs root: it creates network namespaces, veths and a bridge")
+    require_tools("ip", "tc", "containerd", "ctr", "skopeo", REGISTRY_BINARY)
+    tmp_parent = Path(args.tmp_dir or tempfile.gettempdir())
+    check_leftovers(names, tmp_parent, args.clean_leftovers)
+    check_subnet(names)
+    return tmp_parent
+
+
+def check_socket_paths(work: Path, deepest: str) -> None:
+    """containerd's sockets must fit sun_path (108 bytes): refuse a temp dir that is too deep."""
+    if len(str(work / deepest / "containerd.sock.ttrpc")) > 100:
+        raise RuntimeError(f"{work} is too long a path for containerd's sockets")
+
+
+def shape_egress(namespace: str | None, dev: str, rate: str, burst: str, latency: str) -> None:
+    """A token bucket (`tc ... tbf`) on what `dev` (in `namespace`, or this one) sends."""
+    argv = ["tc", "qdisc", "add", "dev", dev, "root", "tbf"]
+    argv += ["rate", rate, "burst", burst, "latency", latency]
+    run(*(in_ns(namespace, *argv) if namespace else argv))
+
+
+def qdisc_bytes(namespace: str | None, dev: str) -> int:
+    """Bytes the root qdisc of `dev` (in `namespace`, or this one) has sent so far."""
+    argv = ["tc", "-s", "-j", "qdisc", "show", "dev", dev]
+    out = run(*(in_ns(namespace, *argv) if namespace else argv))
+    return sum(int(q.get("bytes", 0)) for q in json.loads(out.stdout) if q.get("root"))
+
+
+def congestion_control_in(namespace: str) -> str:
+    """The TCP congestion control inside a namespace (new namespaces copy the host's)."""
+    done = run(*in_ns(namespace, "cat", "/proc/sys/net/ipv4/tcp_congestion_control"))
+    return done.stdout.strip()
+
+
+def keygen(python: str, out: Path) -> None:
+    argv = [python, "-m", "mirror", "keygen", "--out", str(out)]
+    subprocess.run(argv, check=True, cwd=REPO, capture_output=True, timeout=60)
+
+
+# per node: containerd, mirror, pulls -----------------------------------------------------------
+
+
+def start_containerd(lab: Lab, node: Node, base: Path) -> None:
+    """A fresh containerd for `node` (new root, state and content store) under `base`."""
+    node.base = base
+    base.mkdir(parents=True)
+    config = base / "config.toml"
+    config.write_text(containerd_config(base))
+    node.containerd = lab.start(
+        in_ns(node.namespace, "containerd", "--config", str(config)), base, "containerd"
+    )
+
+
+def wait_containerd(node: Node) -> None:
+    def answers() -> bool:
+        assert node.containerd is not None
+        node.containerd.ensure_running()
+        if not node.socket.exists():
+            return False
+        done = subprocess.run(
+            node.ctr_argv("version"), capture_output=True, timeout=10, check=False
+        )
+        return done.returncode == 0
+
+    poll(answers, f"containerd of node {node.index}", NS_READY_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    """What every mirror of a run is started with (see start_mirror)."""
+
+    python: str
+    key_file: Path
+    routers: tuple[str, ...]  # HOST:PORT of every node's router, for static bootstrap
+    upstream: str  # HOST:PORT of the upstream registry, fetched over plain HTTP
+    resolve_timeout: str
+    log_level: str
+    extra: tuple[str, ...] = ()
+
+
+def start_mirror(lab: Lab, node: Node, settings: MirrorSettings) -> None:
+    """`python -m mirror run --store containerd` on `node`, serving its containerd's content."""
+    assert node.base is not None
+    argv = [
+        settings.python,
+        "-m",
+        "mirror",
+        "run",
+        "--store=containerd",
+        f"--containerd-sock={node.socket}",
+        f"--cache-dir={node.base / 'cache'}",
+        f"--cluster-key-file={settings.key_file}",
+        f"--router-addr={node.ip}:{ROUTER_PORT}",
+        f"--bootstrap=static:{','.join(settings.routers)}",
+        f"--upstream={settings.upstream}=http://{settings.upstream}",
+        f"--registry-addr={node.ip}:{MIRROR_PORT}",
+        f"--metrics-addr={node.ip}:{METRICS_PORT}",
+        f"--resolve-timeout={settings.resolve_timeout}",
+        # containerd reaches its mirror from the node's own address, not from loopback.
+        f"--allow-client={node.ip}/32",
+        f"--log-level={settings.log_level}",
+        *settings.extra,
+    ]
+    node.mirror = lab.start(in_ns(node.namespace, *argv), node.base, "mirror")
+
+
+def wait_mirrors(nodes: Sequence[Node]) -> float:
+    """Until every mirror is ready and knows all the others; the seconds that took."""
+    started = time.monotonic()
+    for node in nodes:
+
+        def ready(node: Node = node) -> bool:
+            assert node.mirror is not None
+            node.mirror.ensure_running()
+            return http_ok(f"{node.mirror_url}/readyz")
+
+        poll(ready, f"mirror of node {node.index} to be ready", NS_READY_TIMEOUT)
+    for node in nodes:
+
+        def connected(node: Node = node) -> bool:
+            assert node.mirror is not None
+            node.mirror.ensure_running()
+            try:
+                text = node.metrics_text()
+            except (urllib.error.URLError, OSError):
+                return False
+            return metric_sum(text, "mirror_dht_contacts") >= len(nodes) - 1
+
+        poll(connected, f"mirror of node {node.index} to know its peers", CONNECT_TIMEOUT)
+    return time.monotonic() - started
+
+
+def pull_argv(node: Node, ref: str, *, mirrored: bool, unpack: bool) -> list[str]:
+    """`ctr images pull` (fetch and unpack) or `ctr content fetch` (the same transfers, no
+    unpacking and no image record) of `ref` on `node`, through its hosts.toml if `mirrored`."""
+    # Straight to upstream: --plain-http (containerd 1.6 rejects a hosts.toml that names
+    # only a server: "invalid `host` tree").
+    where = ["--hosts-dir", str(node.hosts_dir)] if mirrored else ["--plain-http"]
+    command = ("images", "pull") if unpack else ("content", "fetch")
+    return in_ns(node.namespace, *node.ctr_argv(*command, *where, ref))
+
+
+def pull_all(
+    lab: Lab, nodes: Sequence[Node], ref: str, *, mirrored: bool, unpack: bool
+) -> tuple[float, list[float]]:
+    """Every node pulls at the same moment; (completion, per-node seconds in node order).
+
+    Completion runs from the first pull's start to the last pull's end.
+    """
+    barrier = threading.Barrier(len(nodes))
+    spans: list[tuple[float, float] | None] = [None] * len(nodes)
+    failures: list[str] = []
+
+    def pull(slot: int, node: Node) -> None:
+        assert node.base is not None
+        log = node.base / "pull.log"
+        argv = pull_argv(node, ref, mirrored=mirrored, unpack=unpack)
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        began = time.monotonic()
+        proc = lab.spawn_pull(argv, log)
+        try:
+            code = proc.wait(timeout=PULL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        ended = time.monotonic()
+        lab.pull_done(proc)
+        if lab.closing:
+            return  # stopped by the clean-up; its directory may be gone already
+        if code != 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            tail = log.read_text(errors="replace")[-2000:]
+            failures.append(f"node {node.index}: ctr pull ended with {code}:\n{tail}")
+            return
+        spans[slot] = (began, ended)
+
+    threads = [
+        threading.Thread(target=pull, args=(slot, node), daemon=True)
+        for slot, node in enumerate(nodes)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    done = [span for span in spans if span is not None]
+    completion = max(end for _, end in done) - min(begin for begin, _ in done)
+    return completion, [end - begin for begin, end in done]
+
+
+def verify_pulled(nodes: Sequence[Node], image: Image, ref: str, *, unpack: bool) -> None:
+    """Every node holds the image under its name (when unpacked) and every blob in full."""
+    for node in nodes:
+        listed = run(*node.ctr_argv("images", "ls", "-q")).stdout.split()
+        if ref not in listed and unpack:
+            raise RuntimeError(f"node {node.index} has no image {ref}: {listed}")
+        for digest, size in image.blobs.items():
+            path = node.content_dir / digest.replace(":", "/", 1)
+            if not path.is_file() or path.stat().st_size != size:
+                raise RuntimeError(f"node {node.index} lacks {digest} ({size} bytes)")
+
+
+def cpu_groups(
+    nodes: Sequence[Node], started: Sequence[ManagedProcess], upstream: ManagedProcess
+) -> dict[str, Callable[[], float]]:
+    """CPU seconds so far of each kind of process a mode runs, as callables: the pulls (once
+    reaped), the containerds, upstream, the proxy registries in `started`, the mirrors."""
+
+    def of(processes: Sequence[ManagedProcess | None]) -> Callable[[], float]:
+        pids = [p.pid for p in processes if p is not None and p.pid is not None]
+        return lambda: cpu_seconds(pids)
+
+    groups = {
+        "ctr": children_cpu_seconds,
+        "containerd": of([node.containerd for node in nodes]),
+        "upstream": of([upstream]),
+    }
+    proxies = [p for p in started if p.name == "registry"]
+    if proxies:
+        groups["proxy"] = of(proxies)
+    if any(node.mirror is not None for node in nodes):
+        groups["mirrors"] = of([node.mirror for node in nodes])
+    return groups
+
+
+def mirror_notes(nodes: Sequence[Node]) -> list[str]:
+    """What the mirrors did, summed over the nodes, from their /metrics."""
+    totals: dict[str, float] = {}
+    per_node_upstream = []
+    for node in nodes:
+        text = node.metrics_text()
+        values = {
+            "coalesced node": metric_sum(text, "mirror_coalesced_waits_total", where="node"),
+            "coalesced cluster": metric_sum(text, "mirror_coalesced_waits_total", where="cluster"),
+            "blob GETs from local": metric_sum(
+                text, "mirror_requests_total", kind="blob", method="GET", source="local"
+            ),
+            "from peer": metric_sum(
+                text, "mirror_requests_total", kind="blob", method="GET", source="peer"
+            ),
+            "from upstream": metric_sum(
+                text, "mirror_requests_total", kind="blob", method="GET", source="upstream"
+            ),
+            "peer failures": metric_sum(text, "mirror_peer_fetch_failures_total"),
+            "upstream blob fetches": metric_sum(text, "mirror_upstream_fetches_total", kind="blob"),
+        }
+        per_node_upstream.append(metric_sum(text, "mirror_upstream_bytes_total") / MIB)
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0.0) + value
+    summary = ", ".join(f"{key} {value:g}" for key, value in totals.items())
+    fetched = " ".join(f"{mib:.1f}" for mib in per_node_upstream)
+    return [f"mirrors: {summary}", f"MiB each mirror received from upstream: {fetched}"]
+
+
+def cpu_note(cpu_used: dict[str, float], completion: float) -> str:
+    """The CPU seconds each kind of process used during the pulls, against what the machine
+    had in that time: every simulated node shares the host's CPUs."""
+    cpus = os.cpu_count() or 1
+    total = sum(cpu_used.values())
+    return (
+        "CPU seconds during the pulls: "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu_used.items())
+        + f"; {total:.1f} in all, at least {total / cpus:.1f}s on {cpus} CPUs"
+        f" (the machine had {completion * cpus:.1f})"
+    )
+
+
+def copy_logs(keep_logs: str | None, mode: str, mode_dir: Path) -> None:
+    """Copy every `*.log` under `mode_dir` to `keep_logs/mode/` (when asked to keep logs)."""
+    if keep_logs is None or not mode_dir.exists():
+        return
+    target = Path(keep_logs) / mode
+    for log in mode_dir.rglob("*.log"):
+        destination = target / log.relative_to(mode_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, destination)

@@ -1,29 +1,34 @@
 #!/usr/bin/env python3
-"""Peer-proxied blob throughput and node memory: a blob from a peer against the same blob locally.
+"""Peer blob throughput and node memory: a blob through a peer against the same blob locally.
 
 A two-node cluster runs on loopback (node A on 127.0.0.21, node B on 127.0.0.22, both
-`python -m mirror run --store cache` with one cluster key and a static bootstrap of both routers).
-Before A starts, one large random blob is written into its cache at blobs/sha256/<hex>, together
-with a small config blob, an OCI image manifest whose one layer is the big blob, and the tag
+`python -m mirror run --store cache` with one cluster key and a static bootstrap of both routers,
+B with `--peer-transfer` as given). Before A starts, one large random blob per round (warm-up
+included) is written into its cache at blobs/sha256/<hex>, with small random blobs for the time
+to first byte, a config blob, an OCI image manifest listing them all as layers, and the tag
 docker.io/bench/blob:latest pointing at that manifest (the advertiser only walks tagged images).
-A announces the three digests in the DHT; B's cache stays empty. Once B answers a HEAD for the
-blob with 200 (it found A through the DHT), the same client, curl writing to /dev/null, fetches
-the blob for several rounds, alternating (the order flips every round):
+A announces every digest in the DHT; B's cache stays empty. Every blob is fetched through B once
+only: B keeps what it fetched (share) and serves a blob asked for again after a redirect itself
+(redirect), so a second fetch of one blob would measure B's own cache. Once B answers a HEAD for
+each blob with 200 (it found A through the DHT), the same client, curl writing to /dev/null,
+fetches each round's blob, alternating (the order flips every round):
 
 - local: GET from node A, which sends it from its cache with sendfile;
-- peer: GET from node B, which looks the digest up in the DHT, requests it from A with a signed
-  peer request, hashes it as it streams and passes it on (the last chunk held until verified).
+- peer: GET from node B. With `--peer-transfer share` (the default) B looks the digest up in the
+  DHT, requests it from A with a signed peer request, hashes it as it arrives and passes it on.
+  With `--peer-transfer redirect` B looks it up, probes A with a HEAD on a signed URL and answers
+  307 to a signed URL at A, which curl follows (`-L`): A sends it with sendfile.
 
 It prints the median MiB/s of each, the ratio peer/local (target >= 0.8), curl's time to first
-byte (for the peer request it includes B's DHT lookup and its request to A), the CPU seconds per
-GiB used by A, B and curl, and memory from /proc/PID/status: VmRSS of both nodes idle after
-start, and node B's peak resident set (VmHWM) after the peer rounds, which must stay flat: the
-blob is streamed, never buffered. A final series of small GETs (the config blob) measures time to
-first byte without the transfer itself.
+byte (for the peer request it includes B's DHT lookup and its request to A, or the redirect),
+the CPU seconds per GiB used by A, B and curl, and memory from /proc/PID/status: VmRSS of both
+nodes idle after start, and node B's peak resident set (VmHWM) after the peer rounds, which must
+stay flat: the blob is streamed, never buffered. A final series of GETs of small blobs measures
+time to first byte without the transfer itself.
 
 Run it with the project's venv: `.venv/bin/python bench/peer_throughput.py [--size-mib N]
-[--rounds N]`. Everything it starts is stopped and its temporary directory deleted on exit,
-Ctrl-C and errors included.
+[--rounds N] [--peer-transfer share|redirect]`. Everything it starts is stopped and its
+temporary directory deleted on exit, Ctrl-C and errors included.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -78,6 +84,8 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 MODES = ("local", "peer")
+PEER_TRANSFERS = ("share", "redirect")
+SMALL_SIZE = 159  # bytes, about a config blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +132,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=20,
         help="GETs of the small config blob per mode, for time to first byte (default: 20)",
     )
+    parser.add_argument(
+        "--peer-transfer",
+        choices=PEER_TRANSFERS,
+        default="share",
+        help="how node B serves a blob node A holds: share (B fetches and passes it on) or "
+        "redirect (B answers 307 to a signed URL at A; curl follows it with -L) "
+        "(default: share)",
+    )
     add_target_arguments(parser, ratio="peer/local", target=0.8)
     add_tool_arguments(parser, python_runs="the mirror nodes")
     args = parse_run_arguments(parser, argv)
@@ -132,19 +148,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_image(cache_dir: Path, layer: Blob) -> tuple[Blob, Blob]:
-    """A config blob, a manifest with `layer` as its one layer, and a tag: (config, manifest)."""
+def make_image(cache_dir: Path, layers: list[Blob]) -> tuple[Blob, Blob]:
+    """A config blob, a manifest listing `layers`, and a tag: (config, manifest)."""
     config_doc = {
         "architecture": "amd64",
         "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
     }
     config = store_bytes(cache_dir, json.dumps(config_doc, sort_keys=True).encode())
     manifest_doc = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": CONFIG_TYPE, "digest": config.digest, "size": config.size},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": layer.digest, "size": layer.size}],
+        "layers": [
+            {"mediaType": LAYER_TYPE, "digest": layer.digest, "size": layer.size}
+            for layer in layers
+        ],
     }
     manifest = store_bytes(cache_dir, json.dumps(manifest_doc, indent=2).encode())
     tag_file = cache_dir / "tags" / REGISTRY / REPOSITORY / f"@{TAG}"
@@ -166,10 +185,17 @@ def keygen(python: str, path: Path) -> None:
 
 
 def start_node(
-    python: str, work: Path, name: str, host: str, key_file: Path, routers: dict[str, str]
+    python: str,
+    work: Path,
+    name: str,
+    host: str,
+    key_file: Path,
+    routers: dict[str, str],
+    extra: tuple[str, ...] = (),
 ) -> Node:
     port, metrics_port = free_ports(2, host)
     cluster = [
+        *extra,
         "--cluster-key-file",
         str(key_file),
         "--router-addr",
@@ -186,13 +212,16 @@ def start_node(
     return Node(name=name, child=child, host=host, port=port, metrics_port=metrics_port)
 
 
-def lookup_totals(node: Node) -> tuple[float, float]:
-    """(sum of seconds, count) of the node's DHT lookups that found providers, from /metrics."""
+def metrics_text(node: Node) -> str:
     url = f"http://{node.host}:{node.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def lookup_totals(node: Node) -> tuple[float, float]:
+    """(sum of seconds, count) of the node's DHT lookups that found providers, from /metrics."""
     totals = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
+    for line in metrics_text(node).splitlines():
         for part in totals:
             if line.startswith(f"mirror_peer_lookup_duration_seconds_{part}{{") and (
                 'result="found"' in line
@@ -201,12 +230,48 @@ def lookup_totals(node: Node) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
-def measure(curl: str, url: str, size: int, node_a: Node, node_b: Node) -> Sample:
+def metric_sum(node: Node, name: str, *labels: str) -> float:
+    """The sum of the samples of `name` whose labels include all of `labels` (`key="value"`)."""
+    total = 0.0
+    for line in metrics_text(node).splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.partition("{")[0] == name and all(label in head for label in labels):
+            total += float(value)
+    return total
+
+
+def curl_following(curl: str, url: str, expected_size: int) -> Fetch:
+    """Like `curl_fetch`, following one redirect (`-L`): the figures cover the whole exchange
+    (the 307 from B, then the body from A), and a fetch that was not redirected is an error."""
+    write_out = (
+        "%{speed_download} %{size_download} %{http_code} %{time_starttransfer} %{num_redirects}"
+    )
+    done = subprocess.run(
+        [curl, "-s", "-L", "--max-redirs", "1", "-o", "/dev/null", "-w", write_out, url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"curl {url} failed with status {done.returncode}: {done.stderr}")
+    speed, size, status, ttfb, redirects = done.stdout.split()
+    if status != "200" or redirects != "1":
+        raise RuntimeError(f"{url} answered HTTP {status} after {redirects} redirects, not 1")
+    if int(float(size)) != expected_size:
+        raise RuntimeError(f"{url} sent {size} bytes instead of {expected_size}")
+    return Fetch(mib_per_s=float(speed) / MIB, ttfb=float(ttfb))
+
+
+def fetch(curl: str, url: str, size: int, *, follow: bool) -> Fetch:
+    return curl_following(curl, url, size) if follow else curl_fetch(curl, url, size)
+
+
+def measure(curl: str, url: str, size: int, node_a: Node, node_b: Node, *, follow: bool) -> Sample:
     before = cpu_seconds([node_a.pid]), cpu_seconds([node_b.pid]), children_cpu_seconds()
-    fetch = curl_fetch(curl, url, size)
+    fetch_ = fetch(curl, url, size, follow=follow)
     gibs = size / GIB
     return Sample(
-        fetch=fetch,
+        fetch=fetch_,
         cpu_a=(cpu_seconds([node_a.pid]) - before[0]) / gibs,
         cpu_b=(cpu_seconds([node_b.pid]) - before[1]) / gibs,
         cpu_curl=(children_cpu_seconds() - before[2]) / gibs,
@@ -220,12 +285,15 @@ def ms(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     require_tools(args.curl)
     size = args.size_mib * MIB
+    redirect = args.peer_transfer == "redirect"
     with workspace(args.tmp_dir, "mirror-peer-bench-") as work, contextlib.ExitStack() as processes:
         cache_a = work / "cache-A"
         (work / "cache-B").mkdir()
-        print(f"writing a {args.size_mib} MiB random blob under {work} ...", flush=True)
-        blob = make_blob(cache_a, size)
-        config, manifest = make_image(cache_a, blob)
+        count = args.warmup + args.rounds
+        print(f"writing {count} random blobs of {args.size_mib} MiB under {work} ...", flush=True)
+        blobs = [make_blob(cache_a, size) for _ in range(count)]
+        smalls = [store_bytes(cache_a, os.urandom(SMALL_SIZE)) for _ in range(args.small_fetches)]
+        _config, manifest = make_image(cache_a, blobs + smalls)
         key_file = work / "cluster.key"
         keygen(args.python, key_file)
         routers = {
@@ -234,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
 
         node_a = start_node(args.python, work, "A", HOST_A, key_file, routers)
         processes.callback(node_a.child.stop)
-        node_b = start_node(args.python, work, "B", HOST_B, key_file, routers)
+        transfer = (f"--peer-transfer={args.peer_transfer}",)
+        node_b = start_node(args.python, work, "B", HOST_B, key_file, routers, transfer)
         processes.callback(node_b.child.stop)
         nodes = (node_a, node_b)
         for node in nodes:
@@ -244,22 +313,26 @@ def run(args: argparse.Namespace) -> int:
                 READY_TIMEOUT,
                 f"node {node.name} ready not within {READY_TIMEOUT:.0f}s",
             )
+        # A HEAD is answered by B itself (never redirected, nothing fetched): found, not fetched.
         found_after = wait_for(
             node_b.child,
-            node_b.url(blob),
+            node_b.url(blobs[-1]),
             FOUND_TIMEOUT,
-            f"node B finding the blob through the DHT not within {FOUND_TIMEOUT:.0f}s",
+            f"node B finding the blobs through the DHT not within {FOUND_TIMEOUT:.0f}s",
             method="HEAD",
         )
+        for blob in [*blobs, *smalls]:
+            wait_for(node_b.child, node_b.url(blob), FOUND_TIMEOUT, "B finding", method="HEAD")
         # Let the first announcements and lookups settle before the idle sample.
         time.sleep(1.0)
         idle = {node.name: memory_status(node.pid) for node in nodes}
         print(
-            f"blob {blob.digest[:23]}... {args.size_mib} MiB in tagged image "
-            f"{REGISTRY}/{REPOSITORY}:{TAG} ({manifest.digest[:23]}...); node A {node_a.base_url}"
-            f" (holds it), node B {node_b.base_url} (empty cache) found it after"
-            f" {ms(found_after)}; client: curl -> /dev/null; tcp congestion control"
-            f" {congestion_control()}",
+            f"{count} blobs of {args.size_mib} MiB ({args.warmup} warm-up) and"
+            f" {len(smalls)} of {SMALL_SIZE} bytes in tagged image {REGISTRY}/{REPOSITORY}:{TAG}"
+            f" ({manifest.digest[:23]}...); node A {node_a.base_url} (holds them), node B"
+            f" {node_b.base_url} (empty cache, --peer-transfer={args.peer_transfer}) found the"
+            f" last after {ms(found_after)}; client: curl -> /dev/null"
+            f"{' (-L for B)' if redirect else ''}; tcp congestion control {congestion_control()}",
             flush=True,
         )
         print(
@@ -271,18 +344,21 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-        urls = {"local": node_a.url(blob), "peer": node_b.url(blob)}
-        for _ in range(args.warmup):
+        nodes_by_mode = {"local": node_a, "peer": node_b}
+        follows = {"local": False, "peer": redirect}
+        for blob in blobs[: args.warmup]:
             for mode in MODES:
-                curl_fetch(args.curl, urls[mode], size)
+                fetch(args.curl, nodes_by_mode[mode].url(blob), size, follow=follows[mode])
 
         samples: dict[str, list[Sample]] = {mode: [] for mode in MODES}
         lookups_before = lookup_totals(node_b)
         other_load = OtherLoad(lambda: [node.pid for node in nodes])
-        for number in range(args.rounds):
+        for number, blob in enumerate(blobs[args.warmup :]):
             order = MODES if number % 2 == 0 else MODES[::-1]
             for mode in order:
-                samples[mode].append(measure(args.curl, urls[mode], size, node_a, node_b))
+                url = nodes_by_mode[mode].url(blob)
+                sample = measure(args.curl, url, size, node_a, node_b, follow=follows[mode])
+                samples[mode].append(sample)
                 node_a.ensure_running()
                 node_b.ensure_running()
             print(
@@ -301,10 +377,12 @@ def run(args: argparse.Namespace) -> int:
         served = {node.name: memory_status(node.pid) for node in nodes}
 
         small: dict[str, list[float]] = {mode: [] for mode in MODES}
-        small_urls = {"local": node_a.url(config), "peer": node_b.url(config)}
-        for _ in range(args.small_fetches):
+        for blob in smalls:
             for mode in MODES:
-                small[mode].append(curl_fetch(args.curl, small_urls[mode], config.size).ttfb)
+                url = nodes_by_mode[mode].url(blob)
+                small[mode].append(fetch(args.curl, url, blob.size, follow=follows[mode]).ttfb)
+        relayed = metric_sum(node_b, "mirror_served_bytes_total", 'kind="blob"')
+        redirects = metric_sum(node_b, "mirror_peer_redirects_total", 'result="sent"')
         for node in nodes:
             node.ensure_running()
 
@@ -341,23 +419,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"node B's DHT lookups during the rounds: {ms(lookup_sum / lookup_count)} mean")
     if small["local"]:
         print(
-            f"time to first byte, {args.small_fetches} GETs of the {config.size}-byte config blob:"
+            f"time to first byte, GETs of {len(smalls)} blobs of {SMALL_SIZE} bytes:"
             f" local {ms(statistics.median(small['local']))},"
             f" peer {ms(statistics.median(small['peer']))} (medians;"
             f" peer max {ms(max(small['peer']))})"
         )
     print(OtherLoad.describe(foreign_share))
+    print(
+        f"node B sent {redirects:.0f} redirects and {relayed / MIB:.1f} MiB of blob bodies"
+        f" (--peer-transfer={args.peer_transfer})"
+    )
     served_gib = (args.rounds + args.warmup) * size / GIB
     print(
-        f"memory: node B VmHWM {served['B']['VmHWM']:.1f} MiB after proxying {served_gib:.1f} GiB"
-        f" (VmRSS {idle['B']['VmRSS']:.1f} MiB idle, {served['B']['VmRSS']:.1f} MiB after);"
+        f"memory: node B VmHWM {served['B']['VmHWM']:.1f} MiB after {served_gib:.1f} GiB through"
+        f" it (VmRSS {idle['B']['VmRSS']:.1f} MiB idle, {served['B']['VmRSS']:.1f} MiB after);"
         f" node A VmHWM {served['A']['VmHWM']:.1f} MiB (VmRSS {idle['A']['VmRSS']:.1f} MiB idle)"
     )
     print(
-        f"SUMMARY: peer {medians['peer']:.0f} MiB/s, local {medians['local']:.0f} MiB/s, "
-        f"ratio {ratio:.2f} ({'meets' if met else 'BELOW'} target {args.target:.2f}); "
-        f"node B peak RSS {served['B']['VmHWM']:.0f} MiB (idle {idle['B']['VmRSS']:.0f} MiB); "
-        f"median of {args.rounds} x {args.size_mib} MiB over loopback"
+        f"SUMMARY ({args.peer_transfer}): peer {medians['peer']:.0f} MiB/s, local"
+        f" {medians['local']:.0f} MiB/s, ratio {ratio:.2f} ({'meets' if met else 'BELOW'} target"
+        f" {args.target:.2f}); node B peak RSS {served['B']['VmHWM']:.0f} MiB (idle"
+        f" {idle['B']['VmRSS']:.0f} MiB); median of {args.rounds} x {args.size_mib} MiB over"
+        " loopback"
     )
     return 1 if args.strict and not met else 0
 

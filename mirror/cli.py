@@ -24,9 +24,11 @@ from typing import Any, NoReturn
 from mirror import __version__
 from mirror.config import (
     DEFAULT_DOCKER_HOST,
+    DEFAULT_MAX_UPLOADS,
     ContainerdConfig,
     HttpLimits,
     LogLevel,
+    PeerTransfer,
     RoutingConfig,
     RunConfig,
     StoreKind,
@@ -39,6 +41,7 @@ from mirror.config import (
     parse_duration,
     parse_ip,
     parse_mib_per_second,
+    parse_upload_cap,
 )
 from mirror.errors import ConfigError, MirrorError
 from mirror.oci.reference import validate_registry
@@ -340,6 +343,24 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="lifetime of this node's provider records; re-announced at half of it",
     )
     flag(
+        "--max-uploads",
+        default=str(DEFAULT_MAX_UPLOADS),
+        type=_typed(parse_upload_cap, "count"),
+        help="blob bodies this node sends to peers at once; past it a peer's request gets a "
+        "429 at once and goes to another holder (the node's own runtime is never refused, and "
+        "a peer whose every holder is busy is served anyway); 0: no bound",
+    )
+    flag(
+        "--peer-transfer",
+        default=PeerTransfer.SHARE.value,
+        type=_typed(PeerTransfer, "peer transfer"),
+        help="how a blob a peer holds reaches this node's runtime: share (this node fetches it "
+        "from the peer, verified, and serves it) or redirect (a 307 to a peer holding it whole, "
+        "at a signed URL good for one GET within 30s: the peer sends the bytes with sendfile and "
+        "the runtime checks the digest; a retry within 5 minutes is served as with share; the "
+        "runtime must reach the peers' registry port)",
+    )
+    flag(
         "--upstream",
         help="REGISTRY=URL: where a registry is really fetched from (default https://REGISTRY; "
         "docker.io is https://registry-1.docker.io)",
@@ -546,6 +567,8 @@ def routing_config(args: argparse.Namespace) -> RoutingConfig:
         resolve_timeout=args.resolve_timeout,
         advertise_ttl=args.advertise_ttl,
         allow_clients=tuple(_listed(args, "--allow-client")),
+        peer_transfer=args.peer_transfer,
+        max_uploads=args.max_uploads,
     )
 
 

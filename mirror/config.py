@@ -40,6 +40,15 @@ class LogLevel(StrEnum):
     ERROR = "error"
 
 
+class PeerTransfer(StrEnum):
+    """How a blob a peer holds reaches this node's runtime (--peer-transfer)."""
+
+    # This node fetches it from the peer, verified, and serves it.
+    SHARE = "share"
+    # A 307 to a signed single-use URL at a peer holding it whole; the peer sends the bytes.
+    REDIRECT = "redirect"
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     host: str
@@ -157,6 +166,23 @@ def parse_connection_cap(text: str) -> int:
     return int(cleaned)
 
 
+# Blob bodies a node sends to peers at once (--max-uploads). containerd fetches up to three
+# layers of an image at once (max_concurrent_downloads), so eight serve two or three pulling
+# nodes at full parallelism, and a few TCP streams already fill a node's link (a 10 Gbit/s
+# link split eight ways still gives each stream about 150 MB/s). Past that another upload
+# only slices the same link thinner, while a node that already fetched the blob (or is
+# fetching it: the swarm) has an idle one; refusing sends the request there.
+DEFAULT_MAX_UPLOADS = 8
+
+
+def parse_upload_cap(text: str) -> int:
+    """A number of concurrent uploads to peers, `0` meaning no bound."""
+    cleaned = text.strip()
+    if not (cleaned.isascii() and cleaned.isdigit()) or len(cleaned) > 6:
+        raise ConfigError(f"{text!r} is not a number of uploads such as 8 (0: no bound)")
+    return int(cleaned)
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerdConfig:
     socket: Path
@@ -183,6 +209,11 @@ class RoutingConfig:
     advertise_ttl: float
     # Runtimes allowed besides loopback; peers are recognised by their signature instead.
     allow_clients: tuple[IPNetwork, ...]
+    # How a blob a peer holds reaches this node's runtime.
+    peer_transfer: PeerTransfer = PeerTransfer.SHARE
+    # Blob bodies sent to peers at once; past it a peer's request is refused with a 429 and
+    # goes to another holder (a last-resort request is served anyway). 0: no bound.
+    max_uploads: int = DEFAULT_MAX_UPLOADS
 
 
 @dataclass(frozen=True, slots=True)

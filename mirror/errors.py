@@ -17,6 +17,7 @@
         ├── NameInvalid, DigestInvalid, PaginationInvalid                    400
         ├── Unauthorized 401, Denied 403, Unsupported 405, EndpointUnknown 404
         ├── RangeNotSatisfiable 416
+        ├── TooManyRequests 429   a peer asked past --max-uploads (it asks another holder)
         └── ServiceUnavailable 503
 
 Only `RegistryError` carries an HTTP status; the HTTP front turns the others into one of those
@@ -149,6 +150,23 @@ class ServiceUnavailable(RegistryError):
 
     code = "UNAVAILABLE"
     status = 503
+
+
+class TooManyRequests(RegistryError):
+    """A peer's blob request while this node already sends `--max-uploads` bodies to peers.
+
+    Refused at once, before any store is asked, so the fetcher loses one round trip and goes
+    on to another holder of the blob (`peers/fetcher.py`) instead of sharing a full uplink.
+    The code is the distribution spec's `TOOMANYREQUESTS`; `retry_after` (seconds) goes out
+    as `Retry-After`, how long the fetcher should prefer other holders.
+    """
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RangeNotSatisfiable(RegistryError):

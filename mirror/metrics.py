@@ -81,6 +81,41 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Spreading the load (peers/fetcher.py chooses, registry/api.py bounds).
+        self.peer_uploads = Gauge(
+            "mirror_peer_uploads",
+            "Blob bodies this node is sending to peers now (last-resort ones included); "
+            "bounded by --max-uploads.",
+            registry=self.registry,
+        )
+        self.peer_uploads_refused = Counter(
+            "mirror_peer_uploads_refused",
+            "Peer blob requests answered 429 TOOMANYREQUESTS because --max-uploads bodies were "
+            "being sent to peers.",
+            registry=self.registry,
+        )
+        self.peer_fetches_steered = Counter(
+            "mirror_peer_fetches_steered",
+            "Requests a busy provider refused (429); this node asked the next provider at once "
+            "(or, when every one was busy, the least loaded as a last resort).",
+            registry=self.registry,
+        )
+        self.peer_last_resort_fetches = Counter(
+            "mirror_peer_last_resort_fetches",
+            "Fetches for which every provider was busy, sent to the least loaded as a "
+            "last-resort request it serves past its bound.",
+            registry=self.registry,
+        )
+        self.peer_redirects = Counter(
+            "mirror_peer_redirects",
+            "Runtime blob requests with --peer-transfer=redirect, by result (sent: answered with "
+            "a 307 to a signed URL at a peer holding the blob whole, which sends the bytes; "
+            "no-holder: no provider held it whole; retry: asked for again within 5 minutes of a "
+            "redirect, so the transfer broke or the runtime refused the bytes). Past no-holder "
+            "and retry the node serves the blob itself, as with --peer-transfer=share.",
+            ["result"],
+            registry=self.registry,
+        )
         self.refused_requests = Counter(
             "mirror_refused_requests",
             "Registry requests refused before any store was asked, by reason.",

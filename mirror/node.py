@@ -17,13 +17,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from mirror.config import Address, LogLevel, RoutingConfig, RunConfig, StoreKind
+from mirror.config import Address, LogLevel, PeerTransfer, RoutingConfig, RunConfig, StoreKind
 from mirror.content.advertiser import Advertiser
 from mirror.content.scrub import BlobChecker, CorruptionReports, Scrubber
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
-from mirror.peers.auth import RequestSigner, RequestVerifier
+from mirror.peers.auth import RequestSigner, RequestVerifier, UrlSigner, UrlVerifier
 from mirror.peers.fetcher import PeerFetcher
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
@@ -237,11 +237,22 @@ async def _join_cluster(
     background.start("bootstrap", rebootstrapper.run())
     advertiser = Advertiser(store, dht, metrics, ttl=routing.advertise_ttl)
     background.start("advertiser", advertiser.run())
-    fetcher = PeerFetcher(dht, RequestSigner(key), metrics)
+    # Only a node in redirect mode signs URLs; every node serves those its peers signed for it.
+    redirecting = routing.peer_transfer is PeerTransfer.REDIRECT
+    url_signer = UrlSigner(key) if redirecting else None
+    fetcher = PeerFetcher(dht, RequestSigner(key), metrics, url_signer=url_signer)
     await fetcher.start()
     stack.push_async_callback(fetcher.close)
-    log.info("joined the cluster as %s (router %s)", http_address, routing.router_addr)
-    return AccessPolicy(routing.allow_clients, RequestVerifier(key)), fetcher, dht
+    log.info(
+        "joined the cluster as %s (router %s, peer transfer %s)",
+        http_address,
+        routing.router_addr,
+        routing.peer_transfer,
+    )
+    access = AccessPolicy(
+        routing.allow_clients, RequestVerifier(key), url_verifier=UrlVerifier(key, http_address)
+    )
+    return access, fetcher, dht
 
 
 def _integrity(
@@ -308,13 +319,20 @@ async def run_node(config: RunConfig) -> None:
             mirrored_registries=config.mirrored_registries,
             resolve_tags=config.resolve_tags,
             tag_timeout=config.upstream.tag_timeout,
+            peer_transfer=config.routing.peer_transfer,
         )
         content = ContentService(
             store, metrics, policy, cache=cache, peers=peers, router=dht, upstream=upstream
         )
         stack.push_async_callback(content.close)
         reports = _integrity(config, store, cache, metrics, stack, background)
-        api = RegistryApi(metrics, content, access=access, reports=reports)
+        api = RegistryApi(
+            metrics,
+            content,
+            access=access,
+            reports=reports,
+            max_uploads=config.routing.max_uploads,
+        )
         debug = config.log_level is LogLevel.DEBUG
         connections = ConnectionPolicy(config.http_limits, metrics)
         stack.callback(connections.close)

@@ -1,6 +1,7 @@
 """The content service's decision order, without sockets: where each request's bytes come from.
 
-local store -> a download under way here -> peers -> a cluster-wide claim -> upstream; tags
+local store -> a download under way here -> peers -> a cluster-wide claim -> upstream; a whole
+blob from a peer is a download here like an upstream one (announced at once, shared, kept); tags
 upstream first, then this node and the cluster when upstream is out; a peer's request never
 travels further than this node. The router is the in-memory one, peers and upstream are
 in-memory sources (tests/harness/memory_sources.py); only the node cache is real, on tmp_path.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from harness.memory_sources import MemoryPeers, MemoryUpstream, digest_of
 
+from mirror.content.downloads import DownloadFailed
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
 from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RangeNotSatisfiable
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
@@ -130,12 +132,110 @@ async def test_peers_are_asked_before_upstream(node: Node) -> None:
 
 
 async def test_a_range_goes_to_the_peer_as_asked(node: Node) -> None:
+    """A range of a blob nobody here has is a resume: passed through, neither kept nor
+    announced; so is a HEAD."""
     node.peers.give(PEER, str(LAYER_DIGEST), LAYER)
     answer = await node.service.blob(
         blob_target(), Caller.RUNTIME, RangeRequest(suffix=5), head=False
     )
     assert answer.byte_range is not None and answer.byte_range.offset == len(LAYER) - 5
     assert await body(answer) == LAYER[-5:]
+    head = await node.service.blob(blob_target(), Caller.RUNTIME, None, head=True)
+    assert (head.source, head.size, head.chunks) == (SOURCE_PEER, len(LAYER), None)
+    await asyncio.gather(*node.service._background)
+    assert not node.cache.holds(LAYER_DIGEST)
+    assert ("provide", str(LAYER_DIGEST)) not in node.router.calls
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the other tasks until `condition` holds (bounded, so a regression fails)."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0)
+
+
+def coalesced(node: Node) -> float:
+    """Requests that joined a download under way on this node so far."""
+    found = node.metrics.registry.get_sample_value(
+        "mirror_coalesced_waits_total", {"where": "node"}
+    )
+    return found or 0.0
+
+
+async def test_a_blob_from_a_peer_is_a_download_announced_at_once_shared_and_kept(
+    node: Node,
+) -> None:
+    """Fetched from a peer as an upstream fetch is: a provider from the first byte, one fetch
+    for every reader here and for peers (what arrived is served at once), kept afterwards."""
+    key = str(LAYER_DIGEST)
+    node.peers.give(PEER, key, LAYER)
+    node.peers.gate = asyncio.Event()
+    first = asyncio.create_task(fetch(node))
+    await node.peers.midway.wait()  # half the blob is here, the rest held back at the peer
+    assert node.service._downloads is not None
+    download = node.service._downloads.get(LAYER_DIGEST)
+    assert download is not None and download.origin == SOURCE_PEER
+    await until(lambda: ("provide", key) in node.router.calls)  # the announcement's task ran
+    assert key in node.router.announced() and not download.finished.done()
+
+    second = asyncio.create_task(fetch(node))  # another local pull joins the fetch
+    await until(lambda: coalesced(node) >= 1)
+    from_peer = await node.service.blob(
+        blob_target(), Caller.PEER, RangeRequest(1000, 1999), head=False
+    )
+    assert from_peer.source == SOURCE_PEER and await body(from_peer) == LAYER[1000:2000]
+    assert not download.finished.done()
+
+    node.peers.gate.set()
+    assert await first == (SOURCE_PEER, LAYER)
+    assert await second == (SOURCE_PEER, LAYER)
+    assert node.peers.asked == [(PEER.address, key)]
+    await asyncio.gather(*node.service._background)
+    assert node.cache.holds(LAYER_DIGEST)
+    assert key in node.router.announced()
+    assert await fetch(node) == (SOURCE_LOCAL, LAYER)
+    assert [op for op, k in node.router.calls if k == key] == ["find_providers", "provide"]
+    assert node.upstream.asked == []
+
+
+async def test_a_peer_fetch_that_breaks_is_withdrawn_and_leaves_nothing(node: Node) -> None:
+    key = str(LAYER_DIGEST)
+    node.peers.give(PEER, key, LAYER)
+    node.peers.break_midway = True
+    with pytest.raises(DownloadFailed):
+        await fetch(node)
+    await asyncio.gather(*node.service._background)
+    assert [op for op, k in node.router.calls if k == key] == [
+        "find_providers",
+        "provide",
+        "withdraw",
+    ]
+    assert key not in node.router.announced()
+    assert not node.cache.holds(LAYER_DIGEST)
+    assert node.peers.bodies_closed == 1
+    assert list((node.cache.root / "tmp").iterdir()) == []
+    assert node.service._downloads is not None and node.service._downloads.get(LAYER_DIGEST) is None
+
+
+async def test_a_peer_blob_the_cache_cannot_keep_streams_through_and_is_withdrawn(
+    tmp_path: Path,
+) -> None:
+    cache = CacheStore(tmp_path / "small", max_bytes=len(LAYER) // 2)
+    await cache.start()
+    router = MemoryCluster().router(b"n" * 20, "10.0.0.1:5000")
+    peers = MemoryPeers(router)
+    peers.give(PEER, str(LAYER_DIGEST), LAYER)
+    service = ContentService(cache, Metrics(), POLICY, cache=cache, peers=peers, router=router)
+    try:
+        answer = await service.blob(blob_target(), Caller.RUNTIME, None, head=False)
+        assert (answer.source, await body(answer)) == (SOURCE_PEER, LAYER)
+        await asyncio.gather(*service._background)
+        assert not cache.holds(LAYER_DIGEST)
+        assert ("provide", str(LAYER_DIGEST)) in router.calls
+        assert str(LAYER_DIGEST) not in router.announced()
+    finally:
+        await service.close()
+        await cache.close()
 
 
 async def test_a_miss_in_the_cluster_is_claimed_fetched_once_announced_and_kept(
@@ -180,6 +280,28 @@ async def test_a_blob_another_node_claimed_is_streamed_from_that_node(node: Node
     assert node.metrics.registry.get_sample_value(
         "mirror_coalesced_waits_total", {"where": "cluster"}
     )
+
+
+async def test_a_node_that_lost_the_claim_fetches_from_the_winner_as_a_download(
+    node: Node,
+) -> None:
+    """The loser is a provider at once too: in a rollout, later nodes spread over both."""
+    key = str(LAYER_DIGEST)
+    node.upstream.blobs[key] = LAYER
+    other = node.router.cluster.router(OTHER_NODE.node_id, OTHER_NODE.address)
+    assert await other.claim(key, 30.0) is None  # the other node fetches it
+    node.peers.held[OTHER_NODE.address] = {key: LAYER}
+    node.peers.gate = asyncio.Event()
+    first = asyncio.create_task(fetch(node))
+    await node.peers.midway.wait()
+    await until(lambda: ("provide", key) in node.router.calls)
+    assert node.router.announced() == {key}
+    node.peers.gate.set()
+    assert await first == (SOURCE_PEER, LAYER)
+    await asyncio.gather(*node.service._background)
+    assert node.cache.holds(LAYER_DIGEST) and node.router.announced() == {key}
+    assert node.router.cluster.holder(key) == OTHER_NODE  # the winner's claim is left alone
+    assert node.upstream.asked == []
 
 
 async def test_an_abandoned_claim_is_fetched_here(node: Node) -> None:

@@ -215,7 +215,9 @@ async def test_sixty_four_nodes_find_and_miss_within_the_deadline(
             await nodes[index].close()
         alive = [node for index, node in enumerate(nodes) if index not in dead]
         resolve_timeout = 0.02
-        slack = 0.03
+        # Generous for a loaded 2-CPU machine, and still below the 0.25 s RPC timeout a lookup
+        # without its deadline would wait on a dead node.
+        slack = 0.2
         durations = []
         for attempt in range(12):
             asker = alive[attempt]

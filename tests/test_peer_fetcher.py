@@ -23,7 +23,7 @@ from mirror.errors import DigestMismatch, PeerUnavailable
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
-from mirror.peers.fetcher import REPORT_PATH_PREFIX, PeerFetcher
+from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER, PeerFetcher
 from mirror.ranges import RangeRequest, resolve_range
 from mirror.routing.memory import MemoryCluster, MemoryRouter
 from mirror.routing.router import Provider
@@ -53,6 +53,8 @@ class Peers:
     seen: list[tuple[int, str | None]] = field(default_factory=list)
     # (peer index, path) of every signed POST: reports of a blob that did not match its digest.
     reports: list[tuple[int, str]] = field(default_factory=list)
+    # (peer index, raw path with its query) of every signed GET and HEAD.
+    paths: list[tuple[int, str]] = field(default_factory=list)
 
     async def add(self, behaviour: Behaviour) -> Provider:
         verifier = RequestVerifier(KEY)
@@ -65,6 +67,7 @@ class Peers:
                 self.reports.append((index, request.raw_path))
                 return web.json_response({"outcome": "queued"}, status=202)
             self.seen.append((index, request.headers.get("Range")))
+            self.paths.append((index, request.raw_path))
             return await behaviour(request)
 
         app = web.Application()
@@ -379,5 +382,200 @@ async def test_a_manifest_that_does_not_match_its_digest_is_reported(peers: Peer
         assert await fetcher.manifest(str(digest), path, digest) is None
         await fetcher.reports_sent()
         assert peers.reports == [(0, f"{REPORT_PATH_PREFIX}{digest}")]
+    finally:
+        await fetcher.close()
+
+
+# --- spreading the load: busy holders, reported uploads, throughput -------------------------
+
+LAST_RESORT = f"{LAST_RESORT_PARAM}=1"
+
+
+def refusing(uploads: int) -> Behaviour:
+    """A holder at its upload bound: 429 with its load, except to a last-resort request."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        if request.query.get(LAST_RESORT_PARAM) == "1":
+            response = await good(request)
+            response.headers[UPLOADS_HEADER] = str(uploads + 1)
+            return response
+        body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"busy"}]}'
+        headers = {UPLOADS_HEADER: str(uploads), "Retry-After": "1"}
+        return web.Response(status=429, body=body, headers=headers)
+
+    return behaviour
+
+
+def reporting(uploads: int) -> Behaviour:
+    """A holder that serves the blob and says it is sending `uploads` bodies to peers."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        response = await good(request)
+        response.headers[UPLOADS_HEADER] = str(uploads)
+        return response
+
+    return behaviour
+
+
+def trickling(piece: int, pause: float) -> Behaviour:
+    """A holder behind a thin link: the body in `piece`-byte writes, `pause` seconds apart."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(BLOB))})
+        await response.prepare(request)
+        for start in range(0, len(BLOB), piece):
+            await response.write(BLOB[start : start + piece])
+            await asyncio.sleep(pause)
+        await response.write_eof()
+        return response
+
+    return behaviour
+
+
+def sample(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def asked(peers: Peers) -> list[int]:
+    """Which peers were asked, in order (last-resort requests included)."""
+    return [index for index, _ in peers.paths]
+
+
+async def test_a_busy_provider_is_passed_over_at_once_and_asked_last_after(peers: Peers) -> None:
+    """A 429 is no failure: the idle holder is asked at once (no hedge delay), and the busy one
+    is asked last for its Retry-After, so the next fetches do not even try it."""
+    busy = await peers.add(refusing(uploads=8))
+    idle = await peers.add(good)
+    now = [1000.0]
+    loop = asyncio.get_running_loop()
+    # Providers with nothing known are ordered at random: retry until the busy one came first.
+    for _ in range(60):
+        metrics = Metrics()
+        fetcher = PeerFetcher(
+            router_for(busy, idle), RequestSigner(KEY), metrics, hedge_after=5, clock=lambda: now[0]
+        )
+        await fetcher.start()
+        try:
+            peers.paths.clear()
+            started = loop.time()
+            assert await read_all(fetcher) == BLOB
+            if asked(peers)[0] != 0:
+                continue
+            assert loop.time() - started < 2.5, "waited for the hedge instead of moving on"
+            assert asked(peers) == [0, 1]
+            assert sample(metrics, "mirror_peer_fetches_steered_total") == 1
+            assert sample(metrics, "mirror_peer_last_resort_fetches_total") == 0
+            assert (
+                metrics.registry.get_sample_value(
+                    "mirror_peer_fetch_failures_total", {"reason": "unavailable"}
+                )
+                is None
+            ), "a busy holder was counted as failing"
+            for _ in range(10):
+                peers.paths.clear()
+                assert await read_all(fetcher) == BLOB
+                assert asked(peers) == [1], "a holder that just said it is busy was asked first"
+            return
+        finally:
+            await fetcher.close()
+    pytest.fail("the busy provider was never asked first")
+
+
+async def test_when_every_provider_is_busy_the_least_loaded_serves_a_last_resort(
+    peers: Peers,
+) -> None:
+    providers = [await peers.add(refusing(uploads)) for uploads in (9, 3, 6)]
+    metrics = Metrics()
+    fetcher = PeerFetcher(router_for(*providers), RequestSigner(KEY), metrics, hedge_after=5)
+    await fetcher.start()
+    try:
+        assert await read_all(fetcher) == BLOB
+    finally:
+        await fetcher.close()
+    plain = [index for index, path in peers.paths if LAST_RESORT not in path]
+    last_resort = [(index, path) for index, path in peers.paths if LAST_RESORT in path]
+    assert sorted(plain) == [0, 1, 2], "not every provider was asked before the last resort"
+    assert last_resort == [(1, f"{PATH}?{LAST_RESORT}")], "not the least loaded, or not once"
+    assert sample(metrics, "mirror_peer_fetches_steered_total") == 3
+    assert sample(metrics, "mirror_peer_last_resort_fetches_total") == 1
+
+
+async def test_a_blob_half_sent_is_resumed_at_a_busy_holder_as_a_last_resort(
+    peers: Peers,
+) -> None:
+    dying = await peers.add(dying_after(1_000_000))
+    busy = await peers.add(refusing(uploads=4))
+    metrics = Metrics()
+    fetcher = PeerFetcher(router_for(dying, busy), RequestSigner(KEY), metrics, hedge_after=5)
+    await fetcher.start()
+    try:
+        assert await read_all(fetcher) == BLOB
+    finally:
+        await fetcher.close()
+    index, path = peers.paths[-1]
+    assert (index, path) == (1, f"{PATH}?{LAST_RESORT}")
+    range_header = peers.seen[-1][1]
+    assert range_header is not None and int(range_header[6:].split("-")[0]) > 0
+    assert sample(metrics, "mirror_peer_last_resort_fetches_total") == 1
+
+
+async def test_the_least_loaded_provider_is_asked_first(peers: Peers) -> None:
+    loaded = [await peers.add(reporting(uploads)) for uploads in (6, 0, 3)]
+    now = [1000.0]
+    fetcher = PeerFetcher(
+        router_for(*loaded), RequestSigner(KEY), Metrics(), hedge_after=5, clock=lambda: now[0]
+    )
+    await fetcher.start()
+    try:
+        # One answer from each (a HEAD: no upload) tells this node their loads.
+        for provider in loaded:
+            assert await fetcher.blob_from([provider], DIGEST, PATH, None, head=True)
+        for _ in range(10):
+            peers.paths.clear()
+            assert await read_all(fetcher) == BLOB
+            assert asked(peers) == [1]
+        # A report is a snapshot: a few seconds later it no longer decides.
+        now[0] += 60
+        first = set()
+        for _ in range(40):
+            peers.paths.clear()
+            assert await read_all(fetcher) == BLOB
+            first.add(asked(peers)[0])
+        assert first == {0, 1, 2}
+    finally:
+        await fetcher.close()
+
+
+async def test_a_node_spreads_its_own_concurrent_fetches(peers: Peers) -> None:
+    """Without any report, this node's own bodies in flight count: a second fetch started while
+    the first is still arriving goes to the other holder."""
+    holders = [await peers.add(good), await peers.add(good)]
+    fetcher = await fetcher_for(*holders, hedge_after=5)
+    try:
+        for _ in range(10):
+            peers.paths.clear()
+            first = await fetcher.blob(DIGEST, PATH, None)
+            second = await fetcher.blob(DIGEST, PATH, None)
+            assert sorted(asked(peers)) == [0, 1], "both fetches went to one holder"
+            for opened in (first, second):
+                assert opened is not None and opened.chunks is not None
+                assert b"".join([chunk async for chunk in opened.chunks]) == BLOB
+    finally:
+        await fetcher.close()
+
+
+async def test_the_faster_of_two_idle_providers_is_asked_first(peers: Peers) -> None:
+    slow_peer = await peers.add(trickling(256 * 1024, 0.04))  # about 6 MiB/s
+    fast_peer = await peers.add(good)
+    fetcher = await fetcher_for(slow_peer, fast_peer, hedge_after=5)
+    try:
+        for provider in (slow_peer, fast_peer):
+            found = await fetcher.blob_from([provider], DIGEST, PATH, None)
+            assert found is not None and found.chunks is not None
+            assert b"".join([chunk async for chunk in found.chunks]) == BLOB
+        for _ in range(10):
+            peers.paths.clear()
+            assert await read_all(fetcher) == BLOB
+            assert asked(peers) == [1], "the slow holder was asked first"
     finally:
         await fetcher.close()

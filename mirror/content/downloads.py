@@ -1,11 +1,14 @@
 """Blob downloads in progress on this node, followed by any number of readers as they grow.
 
 A download writes into the node cache's temp file and is not tied to the request that started
-it: if that client goes away, the download goes on for the others (and for the cache). Readers,
-local clients and peers alike, read the temp file through one shared descriptor with `pread`,
-waiting for bytes that have not arrived yet, so memory stays flat however many follow it. The
+it: if that client goes away, the download goes on for the others (and for the cache). Its origin
+is upstream or a peer's stream (an `Opener`); either way this node is a provider of the blob
+while it arrives. Readers, local clients and peers alike, follow the temp file through one shared
+descriptor, waiting for bytes that have not arrived yet, so memory stays flat however many follow
+it: as chunks (`pread`), or as `FilePart`s, extents of the file that the HTTP front sends with
+sendfile (`DownloadReader.next_part`), so the bytes never enter the process on their way out. The
 last byte is only handed out once the whole blob matched its digest; if it did not, or the
-upstream stream broke, every reader fails and its client's connection is cut.
+origin's stream broke, every reader fails and its client's connection is cut.
 
 **Pass-through.** A blob the cache cannot hold still reaches its readers; it is just not kept.
 The cache refuses it before the first byte (larger than `--cache-size`, or than the disk's free
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
 import os
 from collections import deque
@@ -38,6 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from mirror.errors import CacheFull, DigestMismatch, MirrorError, StoreUnavailable
+from mirror.metrics import SOURCE_UPSTREAM
 from mirror.oci.reference import Digest
 from mirror.stores.cache import PASSTHROUGH_NO_SPACE, BlobWriter, CacheStore
 
@@ -69,6 +74,31 @@ class Source:
 
 
 Opener = Callable[[], Awaitable[Source | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """`count` bytes of a download's file from `offset`, there and ready to send.
+
+    `file` is the download's own descriptor (not closed by it, so never close it): valid until
+    the reader that got the part is closed. Send it with a positioned call (sendfile, pread),
+    never by seeking and reading: other readers share the descriptor.
+    """
+
+    file: io.FileIO
+    offset: int
+    count: int
+
+    async def chunks(self, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """The part's bytes in chunks read with `pread` (where sendfile cannot be used)."""
+        position, end = self.offset, self.offset + self.count
+        while position < end:
+            count = min(size, end - position)
+            chunk = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
+            if not chunk:
+                raise DownloadFailed(f"file ended at {position}, expected {end} bytes")
+            position += len(chunk)
+            yield chunk
 
 
 class _Signal:
@@ -121,6 +151,7 @@ class Download:
         self._data = _Signal()  # more bytes, the end, or a reader dropped: readers look again
         self._room = _Signal()  # a reader moved or left: a passing-through producer looks again
         self._fd: int | None = None  # the temp file (then the published blob), shared
+        self._file: io.FileIO | None = None  # `_fd` as a file object for sendfile (not owning it)
         self._ran = False  # run() is over: the descriptor closes with the last reader
         self._cursors: set[_Cursor] = set()
         self.size: int | None = None
@@ -135,6 +166,8 @@ class Download:
         self.kept = False  # published into the cache
         self.finished: asyncio.Future[bool] = self._loop.create_future()
         self.task: asyncio.Task[None] | None = None
+        # Where the bytes come from (a metrics source: upstream or peer), set when begun.
+        self.origin = SOURCE_UPSTREAM
 
     @property
     def buffered(self) -> int:
@@ -352,6 +385,17 @@ class Download:
 
     async def _read_at(self, cursor: _Cursor) -> bytes:
         """The next bytes for `cursor` (at least one), waiting for them if need be."""
+        part = await self._next_part(cursor, _CHUNK)
+        if isinstance(part, bytes):
+            return part
+        chunk = await asyncio.to_thread(os.pread, part.file.fileno(), part.count, part.offset)
+        if not chunk:
+            raise DownloadFailed(f"{self.digest}: temp file ended at {part.offset}")
+        return chunk
+
+    async def _next_part(self, cursor: _Cursor, limit: int | None) -> FilePart | bytes:
+        """What is there for `cursor` (at least one byte; on disk, at most `limit` unless None),
+        waiting for it if need be."""
         while True:
             if cursor.dropped is not None:
                 raise DownloadFailed(cursor.dropped)
@@ -367,8 +411,10 @@ class Download:
                 position, until = cursor.position, min(cursor.end, limit)
                 if position < until:
                     if position < self.on_disk:
-                        count = min(_CHUNK, until - position, self.on_disk - position)
-                        return await self._pread(position, count)
+                        count = min(until, self.on_disk) - position
+                        if limit is not None:
+                            count = min(count, limit)
+                        return FilePart(await self._open_file(), position, count)
                     if position >= self._memory_start:
                         return self._from_memory(position, until)
                     raise DownloadFailed(
@@ -376,14 +422,14 @@ class Download:
                     )
             await self._data.wait()
 
-    async def _pread(self, position: int, count: int) -> bytes:
+    async def _open_file(self) -> io.FileIO:
+        """The shared descriptor as a file object (for sendfile), opened again if need be."""
         fd = self._fd
         if fd is None:
             fd = await self._open_published()
-        chunk = await asyncio.to_thread(os.pread, fd, count, position)
-        if not chunk:
-            raise DownloadFailed(f"{self.digest}: temp file ended at {position}")
-        return chunk
+        if self._file is None or self._file.closed or self._file.fileno() != fd:
+            self._file = io.FileIO(fd, "rb", closefd=False)
+        return self._file
 
     async def _open_published(self) -> int:
         """The download was over and its descriptor closed before this reader came."""
@@ -416,6 +462,7 @@ class Download:
         if not self._ran or self._cursors:
             return
         if self._fd is not None:
+            self._file = None  # it does not own the descriptor
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
@@ -451,6 +498,26 @@ class DownloadReader(AsyncIterator[bytes]):
         else:
             download._room.fire()
         return chunk
+
+    async def next_part(self) -> FilePart | bytes | None:
+        """The next part of the range, as much as is there (None at its end): a `FilePart` of
+        the file for what is on disk, bytes for what passes through memory.
+
+        Waits for bytes that have not arrived; the last byte comes only once verified. A part
+        of the file stays valid until `aclose`, which the caller must call when done (also
+        after the last part): unlike iterating, this never lets the download go by itself.
+        """
+        download, cursor = self._download, self._cursor
+        if download is None or cursor.position >= cursor.end:
+            return None
+        try:
+            part = await download._next_part(cursor, None)
+        except BaseException:
+            self._let_go()
+            raise
+        cursor.position += part.count if isinstance(part, FilePart) else len(part)
+        download._room.fire()
+        return part
 
     async def aclose(self) -> None:
         self._let_go()
@@ -492,7 +559,9 @@ class Downloads:
         self._running[str(digest)] = download
         return download, True
 
-    def begin(self, download: Download, opener: Opener) -> None:
+    def begin(self, download: Download, opener: Opener, *, origin: str = SOURCE_UPSTREAM) -> None:
+        """Start fetching a reserved download from `opener` (`origin`: upstream, or peer)."""
+        download.origin = origin
         download.task = asyncio.create_task(
             self._run(download, opener), name=f"download {download.digest}"
         )
@@ -503,6 +572,15 @@ class Downloads:
         download._started.set()
         if self._running.get(str(download.digest)) is download:
             del self._running[str(download.digest)]
+
+    def settle(self, download: Download, reason: str) -> None:
+        """Abandon `download` if it is still only reserved: neither begun nor given up.
+
+        For the request that reserved it, whatever way it ends (an error, its client leaving):
+        a reservation left behind would keep its waiters, and this digest, waiting for ever.
+        """
+        if download.task is None and not download.finished.done():
+            self.abandon(download, reason)
 
     async def _run(self, download: Download, opener: Opener) -> None:
         try:

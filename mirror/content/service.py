@@ -4,11 +4,17 @@ The order, for a request from the node's runtime:
 
 1. **This node**: the runtime's store, then the node cache.
 2. **A download under way on this node**: join it (many clients, one fetch).
-3. **Peers** that the DHT says hold it.
+3. **Peers** that the DHT says hold it. A whole blob is fetched as a download of this node's,
+   exactly like an upstream fetch: announced at once, served to local readers and to peers
+   while it arrives, kept in the node cache. So every node that fetches a blob becomes one
+   more source of it in the middle of a rollout, not only once its runtime stored it.
 4. **Upstream**, once for the whole cluster: the node closest to the digest in the DHT records
    a claim; the first node to claim fetches from upstream and announces itself a provider at
-   once; the others stream from it while it downloads. If the claimant cannot be reached, a
-   node fetches by itself: a duplicate fetch is better than a failed pull.
+   once; the others fetch from it (as in 3) while it downloads. If the claimant cannot be
+   reached, a node fetches by itself: a duplicate fetch is better than a failed pull.
+
+A `Range` on a blob nobody here has is a resume (its whole fetch is elsewhere): passed through
+from a peer or upstream, never kept. A HEAD only asks the peers.
 
 A peer's request is answered from steps 1 and 2 only, so it never loops through the cluster.
 Tag lists and readiness come from here too, so registry policy (`--mirrored-registries`) holds
@@ -28,11 +34,14 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 
+from mirror.config import PeerTransfer
 from mirror.content.downloads import (
     Download,
     DownloadAbandoned,
     DownloadFailed,
+    DownloadReader,
     Downloads,
+    Opener,
     Source,
 )
 from mirror.content.sources import PeerSource, UpstreamSource
@@ -67,6 +76,8 @@ class ContentPolicy:
     # Answer tags from this node and the cluster when upstream does not answer.
     resolve_tags: bool
     tag_timeout: float
+    # REDIRECT: a runtime's blob GET that a peer holds whole gets a 307 to that peer.
+    peer_transfer: PeerTransfer = PeerTransfer.SHARE
 
 
 @dataclass(slots=True)
@@ -79,13 +90,20 @@ class ManifestAnswer:
 
 @dataclass(slots=True)
 class BlobAnswer:
-    """A blob ready to send: an open local blob (sendfile) or a stream of chunks."""
+    """A blob ready to send: an open local blob (sendfile), a download here (`growing`: sent
+    with sendfile from its file as it grows), or a stream of chunks.
+
+    For a download, `chunks` is the same reader as `growing`, for callers that want bytes.
+    """
 
     source: str
     size: int
     byte_range: ByteRange | None
     local: BlobSource | None = None
     chunks: AsyncIterator[bytes] | None = None
+    growing: DownloadReader | None = None
+    # A signed URL at a peer holding the blob whole: sent as a 307, the peer sends the bytes.
+    redirect: str | None = None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
@@ -95,6 +113,8 @@ class BlobAnswer:
     async def close(self) -> None:
         if self.local is not None:
             await self.local.close()
+        if self.growing is not None:
+            await self.growing.aclose()
         for closer in self._closers:
             await closer()
 
@@ -254,8 +274,8 @@ class ContentService:
         except DownloadAbandoned as exc:
             if caller is not Caller.RUNTIME:
                 raise BlobUnknown(f"blob {digest} is not held here") from exc
-            # The request this one joined lost the claim to another node: look again, and
-            # find that node's claim this time.
+            # The request this one joined started no fetch (it only asked, or failed before
+            # fetching): look again for itself.
             return await self._find_blob(target, digest, caller, requested, head)
 
     async def _find_blob(
@@ -275,15 +295,88 @@ class ContentService:
         if caller is not Caller.RUNTIME:
             raise BlobUnknown(f"blob {digest} is not held here")
         path = _peer_path(target, digest)
+        if (
+            self._policy.peer_transfer is PeerTransfer.REDIRECT
+            and caller is Caller.RUNTIME
+            and not head
+            and self._peers is not None
+        ):
+            # A range too (a runtime resuming after a holder died): the runtime's client keeps
+            # its Range header when it follows the 307, and the holder honours it.
+            url = await self._peers.redirect_url(digest, path)
+            if url is not None:
+                return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
+        if requested is not None:
+            return await self._range_elsewhere(target, digest, path, requested, head)
+        if self._downloads is None:  # no node cache: nothing is fetched here, only passed on
+            answer = await self._from_peers(None, digest, path, head)
+            if answer is None:
+                raise BlobUnknown(f"blob {digest} is not held in the cluster")
+            return answer
+        # Reserved before peers or upstream are asked: other requests here, local or from
+        # peers, wait for this one's fetch instead of starting their own.
+        download, reserved = self._downloads.reserve(digest)
+        if not reserved:
+            self._metrics.coalesced_waits.labels("node").inc()
+            return await self._from_download(download, None, head)
+        try:
+            answer = await self._from_peers(download, digest, path, head)
+            if answer is None:
+                answer = await self._fetch_once(target, digest, path, download, head)
+            return answer
+        finally:
+            self._downloads.settle(download, f"no fetch of {digest} was started")
+
+    async def _range_elsewhere(
+        self, target: Target, digest: Digest, path: str, requested: RangeRequest, head: bool
+    ) -> BlobAnswer:
+        """A range of a blob nobody here has: a resume, its whole fetch is elsewhere.
+
+        Passed through from a peer, else from upstream; not kept, not announced.
+        """
         if self._peers is not None:
             found = await self._peers.blob(digest, path, requested, head=head)
             if found is not None:
                 return _peer_answer(found, requested)
         if self._upstream is None or self._downloads is None:
             raise BlobUnknown(f"blob {digest} is not held in the cluster")
-        if requested is not None:
-            return await self._upstream_range(target, digest, requested, head)
-        return await self._fetch_once(target, digest, path, head)
+        return await self._upstream_range(target, digest, requested, head)
+
+    async def _from_peers(
+        self, download: Download | None, digest: Digest, path: str, head: bool
+    ) -> BlobAnswer | None:
+        """Step 3: the blob from peers that hold it (or fetch it); None when none does.
+
+        The peer's stream becomes `download` (this request's reservation): see `_share`. A
+        HEAD only asks, and without a node cache (`download` None) the stream is passed on.
+        """
+        if self._peers is None:
+            return None
+        found = await self._peers.blob(digest, path, None, head=head)
+        if found is None:
+            return None
+        if download is None:
+            return _peer_answer(found, None)
+        return await self._share(download, found, head)
+
+    async def _share(self, download: Download, found: PeerBlob, head: bool) -> BlobAnswer:
+        """Fetch the peer's stream `found` as `download`, a download like an upstream one.
+
+        Begun at once and announced at once: while it arrives, this node's readers and peers
+        (ranges too) read it from the growing temp file, so a rollout's later nodes fetch from
+        this one instead of all from the first holder. The peer fetcher still verifies the
+        digest (holding its last chunk back), reports and distrusts bad peers, and resumes from
+        another provider when its peer dies mid-blob. The blob is kept in the node cache, so
+        this node stays a provider after its runtime took it; the announcement is withdrawn
+        if the fetch fails or the cache could not keep it.
+        """
+        assert self._downloads is not None
+        if found.chunks is None:  # a HEAD: nothing is fetched, the reservation is let go
+            self._downloads.abandon(download, f"{download.digest} was only asked for (HEAD)")
+            return _peer_answer(found, None)
+        self._downloads.begin(download, _peer_opener(found), origin=SOURCE_PEER)
+        self._spawn(self._announce(download, claimed=False))
+        return await self._from_download(download, None, head)
 
     async def _held_here(self, digest: Digest) -> BlobSource | Download | None:
         """This node's copy of `digest`, or the download of it under way here.
@@ -303,31 +396,23 @@ class ContentService:
         return None
 
     async def _fetch_once(
-        self, target: Target, digest: Digest, path: str, head: bool
+        self, target: Target, digest: Digest, path: str, download: Download, head: bool
     ) -> BlobAnswer:
-        """Fetch from upstream, once for the cluster; join whoever already fetches it."""
-        assert self._downloads is not None and self._upstream is not None
-        assert self._cache is not None
-        if self._cache.holds(digest):
-            # Fetched here while the peers were asked.
-            local = await self._cache.open(digest)
-            if local is not None:
-                return await _local_answer(local, None)
-        download, reserved = self._downloads.reserve(digest)
-        if not reserved:
-            self._metrics.coalesced_waits.labels("node").inc()
-            return await self._from_download(download, None, head)
+        """Step 4: from upstream, once for the cluster, into this request's reservation.
+
+        The node that wins the claim fetches; one that loses fetches from the winner instead,
+        which serves it while it downloads (`_share`: this node is then a provider too).
+        """
+        assert self._downloads is not None
+        if self._upstream is None:
+            raise BlobUnknown(f"blob {digest} is not held in the cluster")
         holder = await self._claim(digest)
         if holder is not None and self._peers is not None:
-            self._downloads.abandon(download, f"{holder.address} fetches {digest}")
             found = await self._peers.blob_from([holder], digest, path, None, head=head)
             if found is not None:
                 self._metrics.coalesced_waits.labels("cluster").inc()
-                return _peer_answer(found, None)
+                return await self._share(download, found, head)
             log.info("claimant %s of %s did not serve it; fetching it here", holder.address, digest)
-            download, reserved = self._downloads.reserve(digest)
-            if not reserved:
-                return await self._from_download(download, None, head)
         upstream = self._upstream
 
         async def open_upstream() -> Source | None:
@@ -337,7 +422,7 @@ class ContentService:
             return Source(blob.size, blob.chunks(), blob.close)
 
         self._downloads.begin(download, open_upstream)
-        self._spawn(self._announce_and_release(download))
+        self._spawn(self._announce(download, claimed=True))
         return await self._from_download(download, None, head)
 
     async def _claim(self, digest: Digest) -> Provider | None:
@@ -349,14 +434,15 @@ class ContentService:
             log.warning("claiming %s failed; fetching it here", digest, exc_info=True)
             return None
 
-    async def _announce_and_release(self, download: Download) -> None:
-        """Announce the fetch at once, so late-comers find it by lookup; on failure, let go.
+    async def _announce(self, download: Download, *, claimed: bool) -> None:
+        """Announce the fetch at once, so late-comers find it by lookup; let go if not kept.
 
-        After a successful fetch the claim is kept until it expires: the claimant holds the
-        blob then, and a node whose lookup raced the announcement still streams from it
-        instead of fetching again. A blob streamed through without being kept (the cache
-        could not hold it) is not held either: it is withdrawn (unless the node's store got
-        it meanwhile, the runtime having pulled it) and its claim let go, as after a failure.
+        `claimed`: this node won the cluster's claim on the upstream fetch. After a successful
+        fetch the claim is kept until it expires: the claimant holds the blob then, and a node
+        whose lookup raced the announcement still streams from it instead of fetching again.
+        A fetch that failed, or a blob streamed through without being kept (the cache could
+        not hold it), is not held: the announcement is withdrawn (unless the node's store got
+        the blob meanwhile, the runtime having pulled it) and the claim let go.
         """
         if self._router is None:
             return
@@ -370,17 +456,18 @@ class ContentService:
                 break
             except TimeoutError:
                 # A long download keeps its claim alive, or another node would fetch too.
-                with contextlib.suppress(Exception):
-                    await self._router.claim(key, _CLAIM_TTL)
+                if claimed:
+                    with contextlib.suppress(Exception):
+                        await self._router.claim(key, _CLAIM_TTL)
             except (MirrorError, asyncio.CancelledError):
                 succeeded = False
                 break
-        if succeeded and not download.kept:
-            succeeded = False
-            with contextlib.suppress(Exception):
-                if await self._store.stat(download.digest) is None:
-                    await self._router.withdraw(key)
-        if not succeeded:
+        if succeeded and download.kept:
+            return
+        with contextlib.suppress(Exception):
+            if await self._store.stat(download.digest) is None:
+                await self._router.withdraw(key)
+        if claimed:
             with contextlib.suppress(Exception):
                 await self._router.release(key)
 
@@ -402,8 +489,8 @@ class ContentService:
             raise BlobUnknown(f"blob {download.digest} does not exist upstream")
         byte_range = requested.resolve(size) if requested is not None else None
         offset, length = (byte_range.offset, byte_range.length) if byte_range else (0, size)
-        chunks = None if head else download.read(offset, length)
-        return BlobAnswer(SOURCE_UPSTREAM, size, byte_range, chunks=chunks)
+        reader = None if head else download.read(offset, length)
+        return BlobAnswer(download.origin, size, byte_range, chunks=reader, growing=reader)
 
     async def _upstream_range(
         self, target: Target, digest: Digest, requested: RangeRequest, head: bool
@@ -447,6 +534,23 @@ async def _local_answer(local: BlobSource, requested: RangeRequest | None) -> Bl
 def _peer_answer(found: PeerBlob, requested: RangeRequest | None) -> BlobAnswer:
     byte_range = ByteRange(found.offset, found.length) if requested is not None else None
     return BlobAnswer(SOURCE_PEER, found.size, byte_range, chunks=found.chunks)
+
+
+def _peer_opener(found: PeerBlob) -> Opener:
+    """The origin of a download: a peer's verified stream of a whole blob, already open."""
+    chunks = found.chunks
+    assert chunks is not None
+
+    async def close() -> None:
+        # Lets go of the peer's connection now, not whenever the generator is collected.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def opener() -> Source:
+        return Source(found.size, chunks, close)
+
+    return opener
 
 
 def _peer_path(target: Target, digest: Digest | None = None) -> str:

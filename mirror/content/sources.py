@@ -28,6 +28,8 @@ class PeerSource(Protocol):
         self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
     ) -> PeerBlob | None: ...
 
+    async def redirect_url(self, digest: Digest, path: str) -> str | None: ...
+
     async def blob_from(
         self,
         candidates: list[Provider],

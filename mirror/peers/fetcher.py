@@ -9,6 +9,12 @@
   wrong, content/scrub.py) and are not asked for that digest again for a minute.
 - When a peer dies mid-blob, the stream continues from another provider with a Range request
   from the first missing byte; the client sees one whole, correct body.
+- Providers are asked in the order of what this node knows of their load (`ProviderLoads`):
+  the uploads each reported in its last answer, this node's own requests to each, and the
+  throughput each delivered. A holder sending `--max-uploads` bodies already answers a blob
+  request `429` at once; the next provider is asked without delay, and only when every one is
+  busy is the least loaded asked again with a last-resort flag, which it serves anyway: the
+  cluster never goes upstream for bytes it holds just because every holder is busy.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
@@ -36,7 +44,7 @@ from mirror.errors import (
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest, parse_digest
-from mirror.peers.auth import PEER_HEADER, RequestSigner
+from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
 
@@ -58,6 +66,39 @@ _PROVIDERS_WANTED = 3
 REPORT_PATH_PREFIX = "/mirror/v1/verify/"
 # A report is a small request answered at once; past this it is given up (the peer may be down).
 _REPORT_TIMEOUT = 5.0
+# Every answer of a node to a signed peer request says how many blob bodies it is sending to
+# peers at that moment (registry/api.py): fetchers learn each holder's load for free.
+UPLOADS_HEADER = "X-Mirror-Uploads"
+# `<path>&last-resort=1`: a blob request every provider refused as busy. The holder serves it
+# past its bound. A query parameter, so the request signature covers it (no one on the way can
+# add it); not `mirror-*`, which marks a signed URL (peers/auth.py).
+LAST_RESORT_PARAM = "last-resort"
+# A holder's reported uploads describe it for this long: a blob upload lasts seconds, so an
+# older count says little about now (this node's own requests to it are known exactly anyway).
+_REPORT_FRESH_SECONDS = 5.0
+# A holder that answered 429 is asked last for its Retry-After (within these bounds), so this
+# node's other fetches go elsewhere at once instead of each paying a round trip to learn it.
+_BUSY_SECONDS_DEFAULT = 1.0
+_BUSY_SECONDS_MAX = 10.0
+# Bodies shorter than this measure latency more than throughput: they do not update the average.
+_MIN_MEASURED_BYTES = 256 * 1024
+# Weight of the newest measurement in a provider's throughput average (EWMA): a few blobs are
+# enough to follow a holder whose link filled up.
+_THROUGHPUT_WEIGHT = 0.3
+# Providers whose expected rates are within this factor are equals and drawn in random order
+# (a provider twice as good is never passed over).
+_TIE_FACTOR = 1.25
+# What is known of a provider not heard of for this long is forgotten (memory stays bounded).
+_FORGET_SECONDS = 600.0
+_FORGET_PAST = 256
+# A provider probed before the runtime is redirected to it answers a HEAD from its own store at
+# once; past this it is passed over (a redirect is worth a quick answer only).
+_PROBE_TIMEOUT = 1.0
+# The runtime asking again for a digest it was redirected for within this long is retrying: the
+# transfer broke, or the bytes did not hash and it refused them. It is not redirected again but
+# served by its node, which verifies what the peers send and reports a bad copy to its holder.
+_REDIRECT_RETRY_SECONDS = 300.0
+_REDIRECTS_REMEMBERED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +122,144 @@ class _PeerSlowOrFailed(Exception):
     """One attempt at one peer failed; the caller moves on to the next provider."""
 
 
+class _PeerBusy(Exception):
+    """The peer answered 429: it holds its bound of uploads. Not a failure: ask another."""
+
+
+@dataclass(slots=True)
+class _Load:
+    """What this node knows of one provider's load."""
+
+    # X-Mirror-Uploads of its last answer, when it came, and how many of this node's blob
+    # requests to it were in flight then (counted in `reported`).
+    reported: int = 0
+    reported_at: float = -math.inf
+    own_at_report: int = 0
+    # Until when it is asked last: it answered 429.
+    busy_until: float = -math.inf
+    # Bytes per second its bodies arrived at (EWMA); None until one was long enough to tell.
+    throughput: float | None = None
+    # This node's blob requests to it: sent and not answered, and answered with a body that is
+    # still arriving (a body is closed once the holder sent its last byte, or it was dropped;
+    # weakly held, so a response nobody closed but everybody forgot does not count for ever).
+    pending: int = 0
+    bodies: weakref.WeakSet[aiohttp.ClientResponse] = field(default_factory=weakref.WeakSet)
+    seen_at: float = -math.inf
+
+    def own(self) -> int:
+        for body in [body for body in self.bodies if body.closed]:
+            self.bodies.discard(body)
+        return self.pending + len(self.bodies)
+
+    def uploads(self, now: float) -> int:
+        """The uploads it is likely sending now: its recent report, corrected by what this node
+        started or finished since; without a recent report, this node's own requests."""
+        own = self.own()
+        if now - self.reported_at > _REPORT_FRESH_SECONDS:
+            return own
+        return max(own, self.reported + own - self.own_at_report)
+
+
+class ProviderLoads:
+    """The order in which providers are asked, from what this node knows of each one's load.
+
+    Three things, each free to know: the uploads a provider reported in its last answer
+    (`X-Mirror-Uploads`, trusted for a few seconds), this node's own blob requests to it in
+    flight (known exactly, so even without reports one node does not pile onto one holder),
+    and the throughput its bodies arrived at (an EWMA of bytes/s; a provider never measured is
+    assumed as fast as the best one, so a new holder, such as a node still downloading, is
+    tried). A provider ranks by the rate a new request can expect from it, throughput /
+    (uploads + 1): an idle holder beats a busy one of the same speed, and a much faster one can
+    beat an idle slow one. Rates within `_TIE_FACTOR` of each other are ordered at random,
+    so the many nodes of a rollout, which know the same, spread over equal holders instead of
+    all choosing the first. A provider that answered 429 goes last until its Retry-After ends.
+    """
+
+    def __init__(self, clock: Callable[[], float], rng: random.Random | None = None) -> None:
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._loads: dict[bytes, _Load] = {}
+
+    def of(self, provider: Provider) -> _Load:
+        load = self._loads.get(provider.node_id)
+        if load is None:
+            if len(self._loads) >= _FORGET_PAST:
+                self._forget(self._clock())
+            load = self._loads[provider.node_id] = _Load()
+        return load
+
+    def order(self, providers: list[Provider]) -> list[Provider]:
+        """Busy ones last; otherwise the best expected rate first, equals at random."""
+        now = self._clock()
+        loads = {p.node_id: self.of(p) for p in providers}
+        known = [load.throughput for load in loads.values() if load.throughput is not None]
+        assumed = max(known, default=1.0)
+
+        def rank(provider: Provider) -> tuple[bool, float]:
+            load = loads[provider.node_id]
+            throughput = load.throughput if load.throughput is not None else assumed
+            rate = throughput / (load.uploads(now) + 1)
+            return load.busy_until > now, -rate * self._rng.uniform(1.0, _TIE_FACTOR)
+
+        return sorted(providers, key=rank)
+
+    def least_loaded(self, providers: list[Provider]) -> list[Provider]:
+        """For a last resort: fewest uploads first, then the fastest, equals at random."""
+        now = self._clock()
+
+        def rank(provider: Provider) -> tuple[int, float, float]:
+            load = self.of(provider)
+            return load.uploads(now), -(load.throughput or 0.0), self._rng.random()
+
+        return sorted(providers, key=rank)
+
+    def answered(
+        self, provider: Provider, response: aiohttp.ClientResponse, *, upload: bool
+    ) -> None:
+        """Take in an answer's report; `upload`: a blob GET, counted in this node's own."""
+        now = self._clock()
+        load = self.of(provider)
+        load.seen_at = now
+        counted = upload and response.status in (200, 206)
+        reported = _count(response.headers.get(UPLOADS_HEADER))
+        if reported is not None:
+            # The holder counted this request only if it is sending its body.
+            load.reported = reported
+            load.reported_at = now
+            load.own_at_report = load.own() - (1 if upload and not counted else 0)
+        if counted:
+            load.bodies.add(response)
+        if response.status == 429:
+            retry_after = _count(response.headers.get("Retry-After"))
+            wait = _BUSY_SECONDS_DEFAULT if retry_after is None else float(retry_after)
+            load.busy_until = now + min(wait, _BUSY_SECONDS_MAX)
+
+    def measured(self, provider: Provider, received: int, seconds: float) -> None:
+        """A body (or a part of it) of `received` bytes arrived from `provider` in `seconds`."""
+        if received < _MIN_MEASURED_BYTES or seconds <= 0:
+            return
+        load = self.of(provider)
+        rate = received / seconds
+        if load.throughput is None:
+            load.throughput = rate
+        else:
+            load.throughput += _THROUGHPUT_WEIGHT * (rate - load.throughput)
+
+    def _forget(self, now: float) -> None:
+        self._loads = {
+            node_id: load
+            for node_id, load in self._loads.items()
+            if now - load.seen_at < _FORGET_SECONDS or load.own()
+        }
+
+
+def _count(text: str | None) -> int | None:
+    """A small non-negative count from a header (ASCII digits only), else None."""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 6:
+        return None
+    return int(text)
+
+
 class PeerFetcher:
     def __init__(
         self,
@@ -92,9 +271,12 @@ class PeerFetcher:
         connect_timeout: float = 2.0,
         read_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        url_signer: UrlSigner | None = None,
     ) -> None:
         self._router = router
         self._signer = signer
+        self._url_signer = url_signer
+        self._redirected: dict[str, float] = {}  # digest -> until when a request is a retry
         self._metrics = metrics
         self._hedge_after = hedge_after
         self._timeout = aiohttp.ClientTimeout(
@@ -108,6 +290,7 @@ class PeerFetcher:
         self._strikes: dict[bytes, dict[str, float]] = {}
         self._reports: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._loads = ProviderLoads(clock)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
@@ -133,8 +316,7 @@ class PeerFetcher:
         usable = [p for p in found if p.node_id not in exclude and self._trusted(p, key_text, now)]
         result = "found" if usable else "missing"
         self._metrics.peer_lookup_duration.labels(result).observe(now - started)
-        random.shuffle(usable)
-        return usable
+        return self._loads.order(usable)
 
     async def manifest(
         self, key_text: str, path: str, expected: Digest | None
@@ -170,14 +352,79 @@ class PeerFetcher:
     ) -> PeerBlob | None:
         """Open the blob (or the client's range of it) at the first provider that answers.
 
-        With `head`, only the headers are fetched and `chunks` is None.
+        With `head`, only the headers are fetched and `chunks` is None. Providers that answer
+        busy are set aside while the DHT is asked for others (a node of the swarm may have
+        announced itself meanwhile); only when none is left is the least loaded asked again,
+        as a last resort.
         """
+        tried: set[bytes] = set()
+        busy: list[Provider] = []
+        while candidates := await self.providers(str(digest), exclude=tried):
+            tried.update(p.node_id for p in candidates)
+            found = await self._open_blob(candidates, digest, path, requested, head, busy)
+            if found is not None:
+                return found
+        return await self._open_last_resort(busy, digest, path, requested, head)
+
+    async def redirect_url(self, digest: Digest, path: str) -> str | None:
+        """A signed URL (`http://HOLDER/v2/...`) at a provider holding `digest` whole.
+
+        For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers are
+        probed all at once with a HEAD on a signed URL of their own, which a holder answers from
+        its own store only (never from a download in progress, registry/api.py); the first in
+        the order `providers` gives (least loaded first) to answer 200 within `_PROBE_TIMEOUT`
+        gets a URL signed for one GET. None: nobody holds it whole, or this is a retry (see
+        `_REDIRECT_RETRY_SECONDS`): the caller serves the blob another way.
+        """
+        if self._url_signer is None:
+            return None
+        now = self._clock()
+        if self._redirected.get(str(digest), -math.inf) > now:
+            self._metrics.peer_redirects.labels("retry").inc()
+            log.info("%s asked for again after its redirect (a retry): served here", digest)
+            return None
         tried: set[bytes] = set()
         while candidates := await self.providers(str(digest), exclude=tried):
             tried.update(p.node_id for p in candidates)
-            found = await self.blob_from(candidates, digest, path, requested, head=head)
-            if found is not None:
-                return found
+            probes = [asyncio.create_task(self._holds_whole(p, path)) for p in candidates]
+            try:
+                for probe in probes:
+                    holder = await probe
+                    if holder is not None:
+                        log.info("redirecting the runtime to %s for %s", holder.address, digest)
+                        self._remember_redirect(str(digest), now)
+                        return self._signed_url(holder, "GET", path)
+            finally:
+                for task in probes:
+                    task.cancel()
+                await asyncio.gather(*probes, return_exceptions=True)
+        self._metrics.peer_redirects.labels("no-holder").inc()
+        return None
+
+    def _remember_redirect(self, digest: str, now: float) -> None:
+        if len(self._redirected) >= _REDIRECTS_REMEMBERED:
+            self._redirected = {d: t for d, t in self._redirected.items() if t > now}
+            while len(self._redirected) >= _REDIRECTS_REMEMBERED:  # the oldest go first
+                del self._redirected[next(iter(self._redirected))]
+        self._redirected.pop(digest, None)
+        self._redirected[digest] = now + _REDIRECT_RETRY_SECONDS
+
+    def _signed_url(self, provider: Provider, method: str, path: str) -> str:
+        assert self._url_signer is not None
+        return f"http://{provider.address}{self._url_signer.sign(method, provider.address, path)}"
+
+    async def _holds_whole(self, provider: Provider, path: str) -> Provider | None:
+        assert self._session is not None, "PeerFetcher.start() was not called"
+        url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                async with self._session.head(url, allow_redirects=False) as response:
+                    if response.status == 200:
+                        return provider
+                    error = f"answered {response.status} to a signed URL"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = str(exc) or type(exc).__name__
+        self._failed(provider, "unavailable", error)
         return None
 
     async def blob_from(
@@ -190,9 +437,54 @@ class PeerFetcher:
         head: bool = False,
     ) -> PeerBlob | None:
         """Like `blob`, from these providers (the node that claimed an upstream fetch)."""
+        busy: list[Provider] = []
+        found = await self._open_blob(candidates, digest, path, requested, head, busy)
+        if found is None:
+            found = await self._open_last_resort(busy, digest, path, requested, head)
+        return found
+
+    async def _open_last_resort(
+        self,
+        busy: list[Provider],
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        head: bool,
+    ) -> PeerBlob | None:
+        """Every provider that answered was busy: ask the least loaded to serve it anyway.
+
+        Going upstream instead would fetch bytes the cluster holds (each blob is fetched from
+        upstream once); waiting and asking again would cost the pull a round of 429s.
+        """
+        if not busy:
+            return None
+        self._metrics.peer_last_resort_fetches.inc()
+        ordered = self._loads.least_loaded(busy)
+        log.info("every provider of %s is busy; asking %s anyway", digest, ordered[0].address)
+        return await self._open_blob(ordered, digest, path, requested, head, None)
+
+    async def _open_blob(
+        self,
+        candidates: list[Provider],
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        head: bool,
+        busy: list[Provider] | None,
+    ) -> PeerBlob | None:
+        """The first good answer of `candidates`; those that answer busy go into `busy`
+        (None: this is the last resort, asked past their bound)."""
         method = "HEAD" if head else "GET"
         range_header = requested.header() if requested is not None else None
-        winner = await self._first_answer(candidates, path, range_header, method)
+        winner = await self._first_answer(
+            candidates,
+            path,
+            range_header,
+            method,
+            upload=not head,
+            busy=busy,
+            last_resort=busy is None,
+        )
         if winner is None:
             return None
         provider, response = winner
@@ -210,15 +502,33 @@ class PeerFetcher:
         path: str,
         range_header: str | None,
         method: str = "GET",
+        *,
+        upload: bool = False,
+        busy: list[Provider] | None = None,
+        last_resort: bool = False,
     ) -> tuple[Provider, aiohttp.ClientResponse] | None:
-        """Ask providers in turn, hedging to the next when one is slow; first good answer wins."""
+        """Ask providers in turn, hedging to the next when one is slow; first good answer wins.
+
+        `upload`: a blob GET, which a holder bounds. One that answers busy (429) is no failure:
+        it goes into `busy` (for the caller's last resort) and the next provider is asked at
+        once. `last_resort` asks past the holders' bounds.
+        """
         waiting = list(candidates)
         running: dict[asyncio.Task[aiohttp.ClientResponse], Provider] = {}
         try:
             while waiting or running:
                 if waiting and (not running or len(running) < 2):
                     provider = waiting.pop(0)
-                    task = asyncio.create_task(self._request(provider, path, range_header, method))
+                    task = asyncio.create_task(
+                        self._request(
+                            provider,
+                            path,
+                            range_header,
+                            method,
+                            upload=upload,
+                            last_resort=last_resort,
+                        )
+                    )
                     running[task] = provider
                 timeout = self._hedge_after if waiting else None
                 done, _ = await asyncio.wait(
@@ -228,6 +538,13 @@ class PeerFetcher:
                     provider = running.pop(task)
                     try:
                         return provider, task.result()
+                    except _PeerBusy as exc:
+                        if busy is None:
+                            self._failed(provider, "busy", exc)
+                            continue
+                        busy.append(provider)
+                        self._metrics.peer_fetches_steered.inc()
+                        log.info("peer %s is busy (%s): asking another", provider.address, exc)
                     except _PeerSlowOrFailed as exc:
                         self._failed(provider, "unavailable", exc)
                     except RangeNotSatisfiable:
@@ -239,28 +556,49 @@ class PeerFetcher:
             for task in running:
                 try:
                     response = await task
-                except (_PeerSlowOrFailed, RangeNotSatisfiable, asyncio.CancelledError):
+                except (
+                    _PeerSlowOrFailed,
+                    _PeerBusy,
+                    RangeNotSatisfiable,
+                    asyncio.CancelledError,
+                ):
                     continue
                 response.close()
 
     async def _request(
-        self, provider: Provider, path: str, range_header: str | None, method: str
+        self,
+        provider: Provider,
+        path: str,
+        range_header: str | None,
+        method: str,
+        *,
+        upload: bool = False,
+        last_resort: bool = False,
     ) -> aiohttp.ClientResponse:
         assert self._session is not None, "PeerFetcher.start() was not called"
+        if last_resort:
+            path = f"{path}{'&' if '?' in path else '?'}{LAST_RESORT_PARAM}=1"
         headers = {PEER_HEADER: self._signer.sign(method, path)}
         if range_header is not None:
             headers["Range"] = range_header
+        load = self._loads.of(provider)
+        load.pending += upload
         try:
             # `encoded`: sent exactly as signed (the peer checks the raw request target).
             url = URL(f"http://{provider.address}{path}", encoded=True)
             response = await self._session.request(
                 method, url, headers=headers, allow_redirects=False
             )
+            self._loads.answered(provider, response, upload=upload)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _PeerSlowOrFailed(str(exc) or type(exc).__name__) from exc
+        finally:
+            load.pending -= upload
         if response.status in (200, 206):
             return response
         response.release()
+        if response.status == 429:
+            raise _PeerBusy(f"{response.headers.get(UPLOADS_HEADER, '?')} uploads")
         if response.status == 416:
             raise RangeNotSatisfiable(
                 "range not satisfiable",
@@ -286,6 +624,8 @@ class PeerFetcher:
         used = [provider]
         spares = [p for p in candidates if p is not provider]
         held: bytes | None = None
+        # What arrived from the current provider, and since when: its throughput.
+        since, received = self._clock(), 0
         try:
             while True:
                 try:
@@ -294,6 +634,7 @@ class PeerFetcher:
                         if not chunk:
                             continue
                         position += len(chunk)
+                        received += len(chunk)
                         if hasher is not None:
                             await hasher.update(chunk)
                         if held is not None:
@@ -301,9 +642,11 @@ class PeerFetcher:
                         held = chunk
                     if position < end:
                         raise _PeerSlowOrFailed(f"ended at byte {position} of {end}")
+                    self._loads.measured(provider, received, self._clock() - since)
                     break
                 except (_PeerSlowOrFailed, aiohttp.ClientError, TimeoutError, OSError) as exc:
                     response.close()
+                    self._loads.measured(provider, received, self._clock() - since)
                     self._failed(provider, "broken", exc)
                     resumed = await self._resume(digest, path, spares, used, position, end)
                     if resumed is None:
@@ -311,6 +654,7 @@ class PeerFetcher:
                             f"no peer could continue {digest} from byte {position}"
                         ) from exc
                     provider, response = resumed
+                    since, received = self._clock(), 0
                     used.append(provider)
                     log.info("resuming %s at byte %d from %s", digest, position, provider.address)
             if hasher is not None and await hasher.hexdigest() != digest.hex:
@@ -334,26 +678,59 @@ class PeerFetcher:
         position: int,
         end: int,
     ) -> tuple[Provider, aiohttp.ClientResponse] | None:
-        """Continue from `position` at another provider, asking the DHT again if none is left."""
+        """Continue from `position` at another provider, asking the DHT again if none is left.
+
+        Providers that answer busy are set aside; if no other one continues, the least loaded
+        of them is asked as a last resort (a half-sent blob is not given up for a busy holder).
+        """
         range_header = ByteRange(position, end - position).header()
+        busy: list[Provider] = []
         for _ in range(2):
             if not spares:
-                spares.extend(await self.providers(str(digest), exclude={p.node_id for p in used}))
+                skip = {p.node_id for p in used} | {p.node_id for p in busy}
+                spares.extend(await self.providers(str(digest), exclude=skip))
             if not spares:
-                return None
+                break
             candidates = list(spares)
             spares.clear()
-            try:
-                winner = await self._first_answer(candidates, path, range_header)
-            except RangeNotSatisfiable:
-                winner = None
-            if winner is not None:
-                provider, response = winner
-                if response.status == 206 and _extent(response)[1] == position:
-                    spares.extend(p for p in candidates if p is not provider)
-                    return winner
-                response.close()
-                self._failed(provider, "ignored-range", None)
+            resumed = await self._resume_from(candidates, path, range_header, position, busy)
+            if resumed is not None:
+                spares.extend(p for p in candidates if p is not resumed[0])
+                return resumed
+        if not busy:
+            return None
+        self._metrics.peer_last_resort_fetches.inc()
+        ordered = self._loads.least_loaded(busy)
+        log.info("every provider of %s is busy; resuming at %s anyway", digest, ordered[0].address)
+        return await self._resume_from(ordered, path, range_header, position, None)
+
+    async def _resume_from(
+        self,
+        candidates: list[Provider],
+        path: str,
+        range_header: str,
+        position: int,
+        busy: list[Provider] | None,
+    ) -> tuple[Provider, aiohttp.ClientResponse] | None:
+        """The first of `candidates` to send the rest from `position` (a 206 starting there)."""
+        try:
+            winner = await self._first_answer(
+                candidates,
+                path,
+                range_header,
+                upload=True,
+                busy=busy,
+                last_resort=busy is None,
+            )
+        except RangeNotSatisfiable:
+            return None
+        if winner is None:
+            return None
+        provider, response = winner
+        if response.status == 206 and _extent(response)[1] == position:
+            return winner
+        response.close()
+        self._failed(provider, "ignored-range", None)
         return None
 
     def _failed(self, provider: Provider, reason: str, error: object) -> None:

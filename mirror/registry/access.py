@@ -2,6 +2,11 @@
 
 Without this a node on a routable address is an open proxy into the cluster's images (and, with
 upstream fallback, into the registries it mirrors).
+
+A peer proves itself with a signed header; a runtime another node redirected here
+(`--peer-transfer=redirect`) with the signed URL it was given, which counts as a peer's
+credential for that one request: answered from this node's own store only, never forwarded.
+A request carrying both, or a URL signature that is not valid, is refused outright.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from aiohttp import web
 
 from mirror.config import IPNetwork
 from mirror.errors import Denied, Unauthorized
-from mirror.peers.auth import PEER_HEADER, RequestVerifier
+from mirror.peers.auth import PEER_HEADER, RequestVerifier, UrlVerifier, carries_url_signature
 from mirror.request import Caller
 
 
@@ -21,10 +26,22 @@ from mirror.request import Caller
 class AccessPolicy:
     allowed_clients: tuple[IPNetwork, ...]
     verifier: RequestVerifier | None
+    # Signed URLs this node's peers redirect their runtimes to; None: refused (no cluster key).
+    url_verifier: UrlVerifier | None = None
 
     def classify(self, request: web.Request) -> Caller:
         """Raises `Unauthorized` for a bad peer signature, `Denied` for an unknown client."""
         signature = request.headers.get(PEER_HEADER)
+        if by_signed_url(request):
+            # Checked before the client's address: a runtime redirected here may come from
+            # another host, and one on loopback must not get more than the URL grants.
+            if signature is not None:
+                raise Unauthorized("a request carries a peer signature or a signed URL, not both")
+            if self.url_verifier is None or not self.url_verifier.verify(
+                request.method, request.raw_path
+            ):
+                raise Unauthorized("the signed URL is not valid, has expired or was used before")
+            return Caller.PEER
         if signature is not None:
             # The raw target, exactly as sent: decoding could make two requests look alike.
             if self.verifier is None or not self.verifier.verify(
@@ -45,6 +62,11 @@ class AccessPolicy:
         if address.is_loopback or address == _ip(local):
             return True
         return any(address in network for network in self.allowed_clients)
+
+
+def by_signed_url(request: web.Request) -> bool:
+    """Whether the request claims a URL signature (`classify` refuses it unless valid)."""
+    return carries_url_signature(request.raw_path)
 
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

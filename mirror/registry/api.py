@@ -13,26 +13,36 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.config import DEFAULT_MAX_UPLOADS
 from mirror.content.scrub import CorruptionReports
 from mirror.content.service import ContentService
 from mirror.errors import (
+    BlobUnknown,
     Denied,
     EndpointUnknown,
     PaginationInvalid,
     RegistryError,
     ServiceUnavailable,
     StoreUnavailable,
+    TooManyRequests,
     Unauthorized,
     Unsupported,
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_NONE, Metrics
 from mirror.oci.mediatypes import OCTET_STREAM
 from mirror.oci.reference import parse_digest
-from mirror.peers.fetcher import REPORT_PATH_PREFIX
+from mirror.peers.auth import PEER_HEADER
+from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER
 from mirror.ranges import parse_range_header
-from mirror.registry.access import AccessPolicy
+from mirror.registry.access import AccessPolicy, by_signed_url
 from mirror.registry.paths import parse_target
-from mirror.registry.responses import API_VERSION_HEADER, error_response, send_blob, send_chunks
+from mirror.registry.responses import (
+    API_VERSION_HEADER,
+    error_response,
+    send_blob,
+    send_chunks,
+    send_growing,
+)
 from mirror.request import Caller, Kind, TagPage, Target
 
 log = logging.getLogger(__name__)
@@ -40,8 +50,46 @@ log = logging.getLogger(__name__)
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _KIND_KEY = web.RequestKey("kind", str)
 _SOURCE_KEY = web.RequestKey("source", str)
+_CALLER_KEY = web.RequestKey("caller", Caller)
+# A refused peer prefers other holders this long (Retry-After): about the time a blob upload
+# takes to end and free a slot.
+_RETRY_AFTER_SECONDS = 1
 # A page size past this many digits is not a number any client means.
 _MAX_PAGE_DIGITS = 9
+
+
+class UploadSlots:
+    """The blob bodies this node is sending to peers, bounded by `--max-uploads`.
+
+    Uploads share the node's one uplink: past a few, another only makes every one slower,
+    while in a rollout other nodes holding the blob (those that fetched it, or are fetching it,
+    as the swarm serves while it downloads) have idle links. Refusing at once with a 429 costs
+    the fetcher one round trip and sends it there (peers/fetcher.py).
+
+    Counted: a peer's blob GET, from when it is accepted until its last byte is written.
+    Manifests (KiBs, read whole) and HEADs (no body) cost too little to bound, and the node's
+    own runtime is neither counted nor ever refused: serving it is what the node is for.
+    Counted but never refused: a last-resort request (every holder its fetcher found was busy;
+    refusing would send the cluster upstream for bytes it holds), and a runtime following a
+    signed URL (it would take a 429 for a failure, not for "ask another holder").
+    """
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit  # 0: no bound
+        self.active = 0
+        self._gauge = metrics.peer_uploads
+
+    def take(self, *, refusable: bool) -> bool:
+        """Count one more upload; False (nothing counted) when at the bound and `refusable`."""
+        if refusable and self.limit and self.active >= self.limit:
+            return False
+        self.active += 1
+        self._gauge.set(self.active)
+        return True
+
+    def give_back(self) -> None:
+        self.active -= 1
+        self._gauge.set(self.active)
 
 
 class RegistryApi:
@@ -52,14 +100,17 @@ class RegistryApi:
         *,
         access: AccessPolicy | None = None,
         reports: CorruptionReports | None = None,
+        max_uploads: int = DEFAULT_MAX_UPLOADS,
     ) -> None:
         self._metrics = metrics
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
         self._reports = reports
+        self._uploads = UploadSlots(max_uploads, metrics)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._observe])
+        app.on_response_prepare.append(self._tell_uploads)
         app.router.add_route("*", "/v2", self._base)
         app.router.add_route("*", "/v2/", self._base)
         app.router.add_route("*", "/v2/{path:.*}", self._pull)
@@ -78,6 +129,8 @@ class RegistryApi:
             if isinstance(error, Denied | Unauthorized):
                 self._metrics.refused_requests.labels(error.code.lower()).inc()
             response = error_response(error)
+            if isinstance(error, TooManyRequests):
+                response.headers["Retry-After"] = str(error.retry_after)
         except StoreUnavailable as error:
             log.warning("%s %s: %s", request.method, request.path, error)
             response = error_response(ServiceUnavailable(str(error)))
@@ -104,6 +157,12 @@ class RegistryApi:
         if request.method not in _READ_METHODS:
             raise Unsupported(f"{request.method} is not supported by this mirror")
         return web.json_response({}, headers=API_VERSION_HEADER)
+
+    async def _tell_uploads(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer to a peer carries this node's uploads (`X-Mirror-Uploads`), so
+        fetchers learn each holder's load without asking (peers/fetcher.py)."""
+        if request.get(_CALLER_KEY) is Caller.PEER:
+            response.headers[UPLOADS_HEADER] = str(self._uploads.active)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -136,15 +195,39 @@ class RegistryApi:
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         request[_KIND_KEY] = "other"
         caller = self._access.classify(request)
+        request[_CALLER_KEY] = caller
         target = parse_target(request.match_info["path"], request.query.get("ns"))
         request[_KIND_KEY] = target.kind.value
         if request.method not in _READ_METHODS:
             raise Unsupported(f"{request.method} is not supported: this mirror only serves pulls")
+        if target.kind is not Kind.BLOB and by_signed_url(request):
+            raise Denied("a signed URL reaches a blob only")
         if target.kind is Kind.MANIFEST:
             return await self._manifest(request, target, caller)
         if target.kind is Kind.TAGS:
             return await self._tags(request, target, _tag_page(request))
+        if caller is Caller.PEER and request.method == "GET":
+            return await self._upload(request, target)
         return await self._blob(request, target, caller)
+
+    async def _upload(self, request: web.Request, target: Target) -> web.StreamResponse:
+        """A blob body for a peer, counted in `UploadSlots` while it is sent.
+
+        Refused before any store is asked, so a busy node answers in microseconds; only a
+        fetcher's request (signed in a header: it knows a 429 means "ask another holder")
+        that is not a last resort can be refused.
+        """
+        refusable = PEER_HEADER in request.headers and request.query.get(LAST_RESORT_PARAM) != "1"
+        if not self._uploads.take(refusable=refusable):
+            self._metrics.peer_uploads_refused.inc()
+            raise TooManyRequests(
+                f"this node sends {self._uploads.active} blobs to peers; ask another holder",
+                retry_after=_RETRY_AFTER_SECONDS,
+            )
+        try:
+            return await self._blob(request, target, Caller.PEER)
+        finally:
+            self._uploads.give_back()
 
     async def _manifest(
         self, request: web.Request, target: Target, caller: Caller
@@ -177,6 +260,12 @@ class RegistryApi:
         )
         try:
             request[_SOURCE_KEY] = answer.source
+            if answer.redirect is not None:
+                return self._redirect(answer.redirect, str(target.digest))
+            if answer.local is None and by_signed_url(request):
+                # A signed URL is answered from this node's own store only, a whole blob it
+                # verified: a download under way could still fail, with no node to resume it.
+                raise BlobUnknown(f"blob {target.digest} is not held whole here")
             headers = {
                 **API_VERSION_HEADER,
                 "Docker-Content-Digest": str(target.digest),
@@ -194,9 +283,19 @@ class RegistryApi:
                 return await send_blob(
                     request, answer.local, offset, length, status=status, headers=headers
                 )
+            if answer.growing is not None:
+                return await send_growing(
+                    request, answer.growing, length, status=status, headers=headers
+                )
             return await send_chunks(request, answer.chunks, length, status=status, headers=headers)
         finally:
             await answer.close()
+
+    def _redirect(self, url: str, digest: str) -> web.Response:
+        """A 307 sending the runtime to a peer holding the blob, at a signed single-use URL."""
+        self._metrics.peer_redirects.labels("sent").inc()
+        headers = {**API_VERSION_HEADER, "Location": url, "Docker-Content-Digest": digest}
+        return web.Response(status=307, headers=headers)
 
 
 def _tag_page(request: web.Request) -> TagPage:

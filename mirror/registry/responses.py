@@ -1,4 +1,10 @@
-"""Response bodies: OCI error JSON, and blobs sent with sendfile or streamed chunk by chunk."""
+"""Response bodies: OCI error JSON, and blobs sent with sendfile or streamed chunk by chunk.
+
+A blob held here goes out with sendfile from its open file; one still downloading here goes
+out with sendfile too, from the download's growing temp file, part by part as it arrives; only
+bytes that never touch this node's disk (a peer's or upstream's stream passed on, a download the
+cache could not keep) go through the process chunk by chunk.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from mirror.content.downloads import DownloadReader
 from mirror.errors import MirrorError, RangeNotSatisfiable, RegistryError
 from mirror.stores.base import BlobSource, FileBlob
 
@@ -84,6 +91,68 @@ async def send_blob(
         return response
     chunks = blob.iter_range(offset, count) if request.method != "HEAD" and count else None
     return await send_chunks(request, chunks, count, status=status, headers=headers)
+
+
+async def send_growing(
+    request: web.Request,
+    reader: DownloadReader,
+    count: int,
+    *,
+    status: int,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Send `count` bytes of a download in progress as they arrive, the reader's range.
+
+    What is on disk goes out with the kernel's sendfile from the download's temp file, each
+    time as much as has arrived (the reader waits for more; the last byte comes only once the
+    digest matched). Bytes passing through memory (the cache could not keep the blob) are
+    written as they are. The body never enters the process twice, so memory stays flat, and
+    the event loop only schedules. If the download fails, the connection is cut, so the client
+    never takes a short body for a whole one. The reader is closed when this returns.
+    """
+    try:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = count
+        await response.prepare(request)
+        if request.method == "HEAD" or count == 0:
+            return response
+        try:
+            while (part := await reader.next_part()) is not None:
+                if isinstance(part, bytes):
+                    await response.write(part)
+                    continue
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                try:
+                    sent = await asyncio.get_running_loop().sendfile(
+                        transport, part.file, part.offset, part.count, fallback=False
+                    )
+                    if sent != part.count:  # the file ended early: never send a short body
+                        raise EOFError(f"sent {sent} of {part.count} bytes from {part.offset}")
+                except RuntimeError:
+                    # No sendfile on this transport (TLS): positioned reads, written as usual.
+                    if transport.is_closing():
+                        raise ConnectionResetError("client went away") from None
+                    async for chunk in part.chunks():
+                        await response.write(chunk)
+        except ConnectionError as exc:
+            log.info("client of %s left during the body: %s", request.path, exc)
+            _cut(request)
+            return response
+        except (OSError, EOFError, MirrorError) as exc:
+            log.warning("stream of %s aborted: %s", request.path, exc)
+            _cut(request)
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        await reader.aclose()
+
+
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
 
 
 async def send_chunks(

@@ -1,8 +1,9 @@
 """In-memory peers and upstream for unit tests of the content service: no sockets, no timers.
 
 `MemoryPeers` finds holders through a `MemoryRouter` (as `PeerFetcher` does through the DHT)
-and serves what each holder was given; `MemoryUpstream` is a registry in a dict that can be
-taken down, held at a gate mid-blob, and counts what it was asked for.
+and serves what each holder was given; its bodies can be held at a gate mid-blob or break there,
+as a slow or dying peer's do. `MemoryUpstream` is a registry in a dict that can be taken down,
+held at a gate mid-blob, and counts what it was asked for.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from mirror.errors import RangeNotSatisfiable, UpstreamError
+from mirror.errors import PeerUnavailable, RangeNotSatisfiable, UpstreamError
 from mirror.oci.mediatypes import detect_manifest_type
 from mirror.oci.reference import Digest
 from mirror.peers.fetcher import PeerBlob, PeerManifest
@@ -48,6 +49,13 @@ class MemoryPeers:
         self._router = router
         self.held: dict[str, dict[str, bytes]] = {}
         self.asked: list[tuple[str, str]] = []  # (address, key) in order
+        # Held before the second half of every blob body, while unset (None: never held).
+        self.gate: asyncio.Event | None = None
+        # Set when a body has handed out its first half and reached the gate (or the break).
+        self.midway = asyncio.Event()
+        # Bodies break after their first half (the peer died and no other could continue).
+        self.break_midway = False
+        self.bodies_closed = 0  # bodies let go of, read to the end or not
 
     def give(self, provider: Provider, key: str, data: bytes) -> None:
         """`provider` holds `data` under `key`, and has announced it."""
@@ -69,6 +77,9 @@ class MemoryPeers:
         candidates = await self._router.find_providers(str(digest))
         return await self.blob_from(candidates, digest, path, requested, head=head)
 
+    async def redirect_url(self, digest: Digest, path: str) -> str | None:
+        return None  # the in-memory cluster has no URLs to send a runtime to
+
     async def blob_from(
         self,
         candidates: list[Provider],
@@ -85,9 +96,23 @@ class MemoryPeers:
                 continue
             part = requested.resolve(len(data)) if requested is not None else None
             offset, length = (part.offset, part.length) if part else (0, len(data))
-            chunks = None if head else _chunks(data[offset : offset + length])
+            chunks = None if head else self._body(data[offset : offset + length])
             return PeerBlob(len(data), offset, length, chunks)
         return None
+
+    async def _body(self, data: bytes) -> AsyncIterator[bytes]:
+        """The two halves of `data`, held at `gate` (or broken) between them."""
+        half = len(data) // 2
+        try:
+            yield data[:half]
+            self.midway.set()
+            if self.break_midway:
+                raise PeerUnavailable(f"no peer could continue from byte {half}")
+            if self.gate is not None:
+                await self.gate.wait()
+            yield data[half:]
+        finally:
+            self.bodies_closed += 1
 
 
 @dataclass

@@ -1,0 +1,464 @@
+"""--peer-transfer=redirect over real HTTP on loopback: the holder's checks, the probe, the 307.
+
+A holder is a real registry front (`RegistryApi` over a `ContentService` on a node cache) whose
+access policy takes the signed URLs made for its address. What it must refuse is shown against
+it directly: forged, expired, replayed and misdirected signatures (401), requests that only look
+like signed URLs (401), a signed URL for anything but a blob (403), and any answer not from its
+own store (404: a signed URL is never forwarded, and never served from a download in progress).
+`PeerFetcher.redirect_url` is shown choosing a provider that holds the blob whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientResponse, ClientSession
+from aiohttp.test_utils import TestServer
+from harness.memory_sources import MemoryUpstream
+from harness.net import free_port
+from yarl import URL
+
+from mirror.clusterkey import ClusterKey
+from mirror.config import PeerTransfer
+from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
+from mirror.errors import BlobUnknown
+from mirror.metrics import SOURCE_PEER, Metrics
+from mirror.oci import mediatypes as mt
+from mirror.oci.reference import Digest, parse_digest
+from mirror.peers.auth import (
+    PEER_HEADER,
+    REDIRECT_LIFETIME,
+    RequestSigner,
+    RequestVerifier,
+    UrlSigner,
+    UrlVerifier,
+)
+from mirror.peers.fetcher import PeerFetcher
+from mirror.ranges import RangeRequest, parse_range_header
+from mirror.registry.access import AccessPolicy
+from mirror.registry.api import RegistryApi
+from mirror.request import Caller, Kind, Target
+from mirror.routing.memory import MemoryCluster
+from mirror.routing.router import Provider
+from mirror.stores.cache import CacheStore
+
+KEY = ClusterKey.from_text(ClusterKey.generate())
+POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
+BLOB = bytes(range(256)) * 4096  # 1 MiB
+DIGEST = parse_digest("sha256:" + hashlib.sha256(BLOB).hexdigest())
+PATH = f"/v2/library/app/blobs/{DIGEST}?ns=docker.io"
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": str(DIGEST),
+            "size": len(BLOB),
+        },
+        "layers": [],
+    }
+).encode()
+MANIFEST_DIGEST = parse_digest("sha256:" + hashlib.sha256(MANIFEST).hexdigest())
+
+
+class NoPeers:
+    """Peers that hold nothing and remember what they were asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def manifest(self, key: str, path: str, expected: Digest | None) -> None:
+        self.asked.append(path)
+
+    async def blob(
+        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
+    ) -> None:
+        self.asked.append(path)
+
+    async def blob_from(self, candidates: object, digest: Digest, path: str, *args: object) -> None:
+        self.asked.append(path)
+
+
+@dataclass
+class Holder:
+    url: str
+    address: str
+    http: ClientSession
+    metrics: Metrics
+    cache: CacheStore
+    peers: NoPeers
+    upstream: MemoryUpstream
+
+    def signed(self, method: str = "GET", path: str = PATH, **kwargs: float) -> str:
+        return self.url + UrlSigner(KEY).sign(method, self.address, path, **kwargs)
+
+    async def status(self, method: str, url: str, headers: dict[str, str] | None = None) -> int:
+        async with self.http.request(method, URL(url, encoded=True), headers=headers) as response:
+            await response.read()
+            return response.status
+
+
+@contextlib.asynccontextmanager
+async def holder_node(
+    tmp_path: Path,
+    *,
+    holds: bool = True,
+    upstream: MemoryUpstream | None = None,
+) -> AsyncIterator[Holder]:
+    """A node holding BLOB and MANIFEST in its cache (unless not `holds`), on a free port."""
+    cache = CacheStore(tmp_path / f"holder-{free_port()}")
+    await cache.start()
+    if holds:
+        await cache.put(DIGEST, BLOB)
+        await cache.put(MANIFEST_DIGEST, MANIFEST)
+    metrics = Metrics()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    access = AccessPolicy((), RequestVerifier(KEY), url_verifier=UrlVerifier(KEY, address))
+    peers, upstream = NoPeers(), upstream or MemoryUpstream()
+    service = ContentService(cache, metrics, POLICY, cache=cache, peers=peers, upstream=upstream)
+    server = TestServer(
+        RegistryApi(metrics, service, access=access).app(), host="127.0.0.1", port=port
+    )
+    await server.start_server()
+    try:
+        async with ClientSession() as http:
+            yield Holder(f"http://{address}", address, http, metrics, cache, peers, upstream)
+    finally:
+        await server.close()
+        await service.close()
+
+
+@pytest.fixture
+async def holder(tmp_path: Path) -> AsyncIterator[Holder]:
+    async with holder_node(tmp_path) as node:
+        yield node
+
+
+async def oci_error(response: ClientResponse) -> str:
+    body = await response.json()
+    assert set(body) == {"errors"} and len(body["errors"]) == 1
+    return str(body["errors"][0]["code"])
+
+
+async def test_a_signed_url_is_served_once_from_the_holders_store(holder: Holder) -> None:
+    url = holder.signed()
+    async with holder.http.get(URL(url, encoded=True)) as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == str(DIGEST)
+        assert await response.read() == BLOB
+    async with holder.http.get(URL(url, encoded=True)) as response:
+        assert response.status == 401
+        assert response.content_type == "application/json"
+        assert await oci_error(response) == "UNAUTHORIZED"
+    refused = holder.metrics.registry.get_sample_value(
+        "mirror_refused_requests_total", {"reason": "unauthorized"}
+    )
+    assert refused == 1
+
+
+async def test_a_signed_url_honours_a_range(holder: Holder) -> None:
+    """A runtime resuming keeps its Range when it follows the 307; the holder honours it."""
+    headers = {"Range": "bytes=1000-"}
+    async with holder.http.get(URL(holder.signed(), encoded=True), headers=headers) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 1000-{len(BLOB) - 1}/{len(BLOB)}"
+        assert await response.read() == BLOB[1000:]
+
+
+def _forged(holder: Holder) -> str:
+    url = holder.signed()
+    flipped = "A" if url[-10] != "A" else "B"  # not the last: it carries 2 unused bits
+    return url[:-10] + flipped + url[-9:]
+
+
+def _foreign(holder: Holder) -> str:
+    other = ClusterKey.from_text(ClusterKey.generate())
+    return holder.url + UrlSigner(other).sign("GET", holder.address, PATH)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(_forged, id="forged"),
+        pytest.param(lambda h: h.signed(now=time.time() - REDIRECT_LIFETIME - 1), id="expired"),
+        pytest.param(
+            lambda h: h.url + UrlSigner(KEY).sign("GET", "127.0.0.1:1", PATH),
+            id="for-another-holder",
+        ),
+        pytest.param(lambda h: h.signed("HEAD"), id="for-another-method"),
+        pytest.param(
+            lambda h: h.signed(path=PATH.replace("ns=docker.io", "ns=ghcr.io")).replace(
+                "ns=ghcr.io", "ns=docker.io"
+            ),
+            id="for-another-query",
+        ),
+        pytest.param(_foreign, id="foreign-key"),
+    ],
+)
+async def test_bad_url_signatures_get_401(holder: Holder, make: Callable[[Holder], str]) -> None:
+    async with holder.http.get(URL(make(holder), encoded=True)) as response:
+        assert response.status == 401
+        assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert await oci_error(response) == "UNAUTHORIZED"
+
+
+async def test_nothing_gets_in_by_looking_like_a_signed_url(holder: Holder) -> None:
+    """Loopback is the runtime, and a signed header a peer, but neither with `mirror-*` params."""
+    base = holder.url + PATH
+    assert await holder.status("GET", base) == 200  # the runtime, from loopback
+    assert await holder.status("GET", base + "&mirror-sig=x") == 401
+    junk = "&mirror-expires=99999999999999&mirror-nonce=" + "0" * 24 + "&mirror-sig=" + "A" * 43
+    assert await holder.status("GET", base + junk) == 401
+    # A valid header signature over a target with signature parameters: still 401.
+    target = PATH + junk
+    header = {PEER_HEADER: RequestSigner(KEY).sign("GET", target)}
+    assert await holder.status("GET", holder.url + target, header) == 401
+    # A valid header signature and a valid URL signature together: one or the other.
+    signed = holder.signed()
+    header = {PEER_HEADER: RequestSigner(KEY).sign("GET", signed[len(holder.url) :])}
+    assert await holder.status("GET", signed, header) == 401
+    # The peer header alone still works.
+    header = {PEER_HEADER: RequestSigner(KEY).sign("GET", PATH)}
+    assert await holder.status("GET", base, header) == 200
+
+
+async def test_a_signed_url_reaches_blobs_only(holder: Holder) -> None:
+    path = f"/v2/library/app/manifests/{MANIFEST_DIGEST}?ns=docker.io"
+    async with holder.http.get(URL(holder.signed(path=path), encoded=True)) as response:
+        assert response.status == 403
+        assert await oci_error(response) == "DENIED"
+
+
+async def test_a_signed_url_is_never_forwarded(tmp_path: Path) -> None:
+    """The holder does not hold it: 404, and neither peers nor upstream are asked."""
+    upstream = MemoryUpstream(blobs={str(DIGEST): BLOB})
+    async with holder_node(tmp_path, holds=False, upstream=upstream) as empty:
+        async with empty.http.get(URL(empty.signed(), encoded=True)) as response:
+            assert response.status == 404
+            assert await oci_error(response) == "BLOB_UNKNOWN"
+        assert await empty.status("HEAD", empty.signed("HEAD")) == 404
+        assert empty.peers.asked == [] and upstream.asked == []
+        # The test's sources do answer the runtime's own request.
+        assert await empty.status("HEAD", empty.url + PATH) == 200
+        assert empty.peers.asked == [PATH] and upstream.asked
+
+
+async def test_a_download_in_progress_is_not_served_on_a_signed_url(tmp_path: Path) -> None:
+    """Only a whole blob the holder verified: the runtime following the URL checks nothing
+    before it commits. The same blob is served once the download has completed."""
+    gate = asyncio.Event()
+    upstream = MemoryUpstream(blobs={str(DIGEST): BLOB}, gate=gate)
+    async with holder_node(tmp_path, holds=False, upstream=upstream) as node:
+        async with node.http.get(node.url + PATH) as runtime:  # starts the download
+            assert runtime.status == 200
+            first = await runtime.content.readexactly(len(BLOB) // 2)
+            assert await node.status("HEAD", node.signed("HEAD")) == 404
+            assert await node.status("GET", node.signed()) == 404
+            gate.set()
+            assert first + await runtime.read() == BLOB
+        deadline = time.monotonic() + 10
+        while not node.cache.holds(DIGEST):
+            assert time.monotonic() < deadline, "the download never reached the cache"
+            await asyncio.sleep(0.01)
+        assert await node.status("HEAD", node.signed("HEAD")) == 200
+        async with node.http.get(URL(node.signed(), encoded=True)) as response:
+            assert await response.read() == BLOB
+
+
+def redirect_answer(url: str) -> BlobAnswer:
+    """A BlobAnswer carrying a redirect (before ContentService has the field: a subclass)."""
+    if "redirect" in BlobAnswer.__dataclass_fields__:
+        return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
+    return _RedirectAnswer(SOURCE_PEER, 0, None, redirect=url)
+
+
+@dataclass(slots=True)
+class _RedirectAnswer(BlobAnswer):
+    redirect: str | None = None
+
+
+class Redirecting(ContentService):
+    """Answers every blob with a redirect, as ContentService does in redirect mode."""
+
+    location = "http://10.0.0.7:5000/v2/x/blobs/sha256:00?mirror-sig=x"
+
+    async def blob(
+        self, target: Target, caller: Caller, requested: RangeRequest | None, *, head: bool
+    ) -> BlobAnswer:
+        return redirect_answer(self.location)
+
+
+async def test_a_redirect_answer_is_a_307_with_no_body(tmp_path: Path) -> None:
+    cache = CacheStore(tmp_path / "cache")
+    await cache.start()
+    metrics = Metrics()
+    server = TestServer(RegistryApi(metrics, Redirecting(cache, metrics, POLICY)).app())
+    await server.start_server()
+    try:
+        async with ClientSession() as http:
+            url = server.make_url(f"/v2/library/app/blobs/{DIGEST}")
+            async with http.get(url, allow_redirects=False) as response:
+                assert response.status == 307
+                assert response.headers["Location"] == Redirecting.location
+                assert response.headers["Docker-Content-Digest"] == str(DIGEST)
+                assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+                assert response.content_length == 0
+                assert await response.read() == b""
+    finally:
+        await server.close()
+    sample = metrics.registry.get_sample_value
+    assert sample("mirror_peer_redirects_total", {"result": "sent"}) == 1
+    labels = {"method": "GET", "kind": "blob", "status": "307", "source": SOURCE_PEER}
+    assert sample("mirror_requests_total", labels) == 1
+    assert sample("mirror_served_bytes_total", {"kind": "blob", "source": SOURCE_PEER}) is None
+
+
+def fetcher_for(
+    *holders: Holder | str,
+    url_signer: UrlSigner | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> PeerFetcher:
+    """A fetcher whose router names `holders` (nodes, or bare addresses) as providers of DIGEST."""
+    cluster = MemoryCluster()
+    addresses = [h.address if isinstance(h, Holder) else h for h in holders]
+    cluster.providers[str(DIGEST)] = {
+        bytes([index + 1]) * 20: Provider(bytes([index + 1]) * 20, address)
+        for index, address in enumerate(addresses)
+    }
+    router = cluster.router(b"\xff" * 20, "127.0.0.1:9")
+    return PeerFetcher(router, RequestSigner(KEY), Metrics(), url_signer=url_signer, clock=clock)
+
+
+async def redirect_url(fetcher: PeerFetcher, digest: Digest = DIGEST) -> str | None:
+    await fetcher.start()
+    try:
+        return await fetcher.redirect_url(digest, PATH)
+    finally:
+        await fetcher.close()
+
+
+async def test_the_redirect_goes_to_a_provider_holding_the_blob_whole(
+    tmp_path: Path, holder: Holder
+) -> None:
+    gate = asyncio.Event()
+    upstream = MemoryUpstream(blobs={str(DIGEST): BLOB}, gate=gate)
+    async with (
+        holder_node(tmp_path, holds=False) as empty,
+        holder_node(tmp_path, holds=False, upstream=upstream) as downloading,
+        downloading.http.get(downloading.url + PATH) as runtime,
+    ):
+        await runtime.content.readexactly(len(BLOB) // 2)
+        dead = f"127.0.0.1:{free_port()}"
+        for _ in range(5):  # the providers come in random order
+            fetcher = fetcher_for(empty, dead, downloading, holder, url_signer=UrlSigner(KEY))
+            url = await redirect_url(fetcher)
+            assert url is not None and url.startswith(f"{holder.url}/v2/library/app/blobs/")
+        async with holder.http.get(URL(url, encoded=True)) as response:
+            assert response.status == 200
+            assert await response.read() == BLOB
+        assert await holder.status("GET", url) == 401, "a signed URL was used twice"
+        gate.set()
+        await runtime.read()
+
+
+async def test_no_redirect_without_a_whole_copy_or_in_share_mode(
+    tmp_path: Path, holder: Holder
+) -> None:
+    async with holder_node(tmp_path, holds=False) as empty:
+        fetcher = fetcher_for(empty, f"127.0.0.1:{free_port()}", url_signer=UrlSigner(KEY))
+        assert await redirect_url(fetcher) is None
+        sample = fetcher._metrics.registry.get_sample_value
+        assert sample("mirror_peer_redirects_total", {"result": "no-holder"}) == 1
+    assert await redirect_url(fetcher_for(holder)) is None, "no URL signer: share mode"
+
+
+async def test_a_runtime_asking_again_is_served_by_its_node(holder: Holder) -> None:
+    """A second request for a digest within minutes of its redirect is a retry (the transfer
+    broke, or the runtime refused the bytes): it is not redirected but served, verified."""
+    now = [1000.0]
+    fetcher = fetcher_for(holder, url_signer=UrlSigner(KEY), clock=lambda: now[0])
+    await fetcher.start()
+    try:
+        assert await fetcher.redirect_url(DIGEST, PATH) is not None
+        now[0] += 299
+        assert await fetcher.redirect_url(DIGEST, PATH) is None
+        now[0] += 2
+        assert await fetcher.redirect_url(DIGEST, PATH) is not None
+    finally:
+        await fetcher.close()
+    sample = fetcher._metrics.registry.get_sample_value
+    assert sample("mirror_peer_redirects_total", {"result": "retry"}) == 1
+
+
+class RedirectingPeers(NoPeers):
+    """Peers where a provider holds every blob whole: `redirect_url` always has a URL."""
+
+    url = "http://10.0.0.7:5000/v2/library/app/blobs/sha256:00?mirror-sig=x"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redirects: list[str] = []
+
+    async def redirect_url(self, digest: Digest, path: str) -> str | None:
+        self.redirects.append(path)
+        return self.url
+
+
+async def test_the_content_service_redirects_the_runtimes_blob_gets_only(tmp_path: Path) -> None:
+    cache = CacheStore(tmp_path / "cache")
+    await cache.start()
+    metrics, peers = Metrics(), RedirectingPeers()
+    upstream = MemoryUpstream(blobs={str(DIGEST): BLOB})
+    redirecting = ContentPolicy(
+        mirrored_registries=None,
+        resolve_tags=True,
+        tag_timeout=1.0,
+        peer_transfer=PeerTransfer.REDIRECT,
+    )
+    service = ContentService(
+        cache, metrics, redirecting, cache=cache, peers=peers, upstream=upstream
+    )
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert answer.redirect == peers.url
+        # A range (a runtime resuming) too: the runtime keeps its Range on the 307.
+        ranged = parse_range_header("bytes=100-")
+        answer = await service.blob(target, Caller.RUNTIME, ranged, head=False)
+        assert answer.redirect == peers.url
+        assert peers.redirects == [PATH, PATH]
+        # A peer is never redirected (nor forwarded); a HEAD is answered here.
+        with pytest.raises(BlobUnknown):
+            await service.blob(target, Caller.PEER, None, head=False)
+        answer = await service.blob(target, Caller.RUNTIME, None, head=True)
+        assert answer.redirect is None and answer.size == len(BLOB)
+        await answer.close()
+        assert peers.redirects == [PATH, PATH]
+        # What this node holds it serves itself.
+        await cache.put(DIGEST, BLOB)
+        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert answer.local is not None and answer.redirect is None
+        await answer.close()
+        assert peers.redirects == [PATH, PATH]
+    finally:
+        await service.close()
+
+    # In share mode (the default) no redirect is asked for: a blob nobody holds.
+    sharing = ContentService(cache, metrics, POLICY, cache=cache, peers=peers, upstream=upstream)
+    try:
+        other = Target(Kind.BLOB, "docker.io", "library/app", None, MANIFEST_DIGEST)
+        with pytest.raises(BlobUnknown):
+            await sharing.blob(other, Caller.RUNTIME, None, head=False)
+        assert peers.redirects == [PATH, PATH], "share mode asked for a redirect"
+    finally:
+        await sharing.close()
