@@ -54,6 +54,8 @@ _CHUNK = 1024 * 1024
 WINDOW = 4 * _CHUNK
 # How long a pass-through download waits for room in its window while no reader moves.
 STALL_SECONDS = 30.0
+# Bytes taken from the origin while the previous ones are being written, written together next.
+_WRITE_AHEAD = 4 * _CHUNK
 
 
 class DownloadFailed(StoreUnavailable):
@@ -99,6 +101,10 @@ class FilePart:
                 raise DownloadFailed(f"file ended at {position}, expected {end} bytes")
             position += len(chunk)
             yield chunk
+
+
+def _joined(chunks: list[bytes]) -> bytes:
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class _Signal:
@@ -221,29 +227,72 @@ class Download:
         await self._pass_through(source.chunks, hasher, PASSTHROUGH_NO_SPACE)
 
     async def _write(self, chunks: AsyncIterator[bytes], writer: BlobWriter) -> None:
-        """Into the temp file and then the cache; streamed through from where the disk filled."""
+        """Into the temp file and then the cache; streamed through from where the disk filled.
+
+        Taking bytes from the origin and writing them overlap: while one batch is written (and
+        hashed, on a worker thread), the next chunks are taken, up to `_WRITE_AHEAD` bytes, and
+        written together as the next batch. The origin's connection keeps flowing (a client
+        connection buffers little: aiohttp's stops reading at about 128 KiB), and a blob that
+        arrives in small chunks costs few thread hand-offs.
+        """
         self._fd = await asyncio.to_thread(os.open, writer.temp_path, os.O_RDONLY)
         self._started.set()
-        async for chunk in chunks:
-            before = writer.written
-            try:
-                await writer.write(chunk)
-            except CacheFull:
-                self._advance(writer.written)
-                assert self.size is not None
-                self._cache.note_passthrough(
-                    self.digest, self.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
-                )
-                # Still inside the writer: the temp file, readable up to `on_disk`, is removed
-                # only when the whole blob went through.
-                rest = chunk[writer.written - before :]
-                await self._pass_through(
-                    chunks, writer.hash_so_far(), PASSTHROUGH_NO_SPACE, first=rest
-                )
+        queued: list[bytes] = []  # taken from the origin, not yet handed to the writer
+        writing: asyncio.Task[bytes | None] | None = None
+        try:
+            async for chunk in chunks:
+                queued.append(chunk)
+                if writing is not None:
+                    if not writing.done() and sum(map(len, queued)) < _WRITE_AHEAD:
+                        continue
+                    rest = await writing
+                    writing = None
+                    if rest is not None:
+                        await self._disk_full(chunks, writer, rest + b"".join(queued))
+                        return
+                writing = asyncio.create_task(self._write_batch(writer, _joined(queued)))
+                queued = []
+            rest = await writing if writing is not None else None
+            writing = None
+            if rest is None and queued:
+                rest = await self._write_batch(writer, _joined(queued))
+            if rest is not None:
+                await self._disk_full(chunks, writer, rest + b"".join(queued))
                 return
-            self._advance(writer.written)
+        finally:
+            if writing is not None:
+                # The origin failed while a batch was being written: let it end before the
+                # writer's temp file goes.
+                await asyncio.wait([writing])
+                if not writing.cancelled():
+                    writing.exception()
         await writer.commit()
         self.kept = True
+
+    async def _write_batch(self, writer: BlobWriter, batch: bytes) -> bytes | None:
+        """Write `batch`; what did not fit when the disk is full and eviction cannot help."""
+        before = writer.written
+        try:
+            await writer.write(batch)
+        except CacheFull:
+            self._advance(writer.written)
+            return batch[writer.written - before :]
+        self._advance(writer.written)
+        return None
+
+    async def _disk_full(
+        self, chunks: AsyncIterator[bytes], writer: BlobWriter, rest: bytes
+    ) -> None:
+        """The disk filled mid-blob: `rest` and the remaining chunks go through from memory.
+
+        Still inside the writer: the temp file, readable up to `on_disk`, is removed only when
+        the whole blob went through.
+        """
+        assert self.size is not None
+        self._cache.note_passthrough(
+            self.digest, self.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
+        )
+        await self._pass_through(chunks, writer.hash_so_far(), PASSTHROUGH_NO_SPACE, first=rest)
 
     def _advance(self, written: int) -> None:
         self.received = self.on_disk = written
