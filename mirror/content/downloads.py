@@ -38,7 +38,7 @@ import io
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from mirror.errors import CacheFull, DigestMismatch, MirrorError, StoreUnavailable
@@ -55,7 +55,7 @@ WINDOW = 4 * _CHUNK
 # How long a pass-through download waits for room in its window while no reader moves.
 STALL_SECONDS = 30.0
 # Bytes taken from the origin while the previous ones are being written, written together next.
-_WRITE_AHEAD = 4 * _CHUNK
+_WRITE_AHEAD = 2 * _CHUNK
 
 
 class DownloadFailed(StoreUnavailable):
@@ -248,7 +248,7 @@ class Download:
                     rest = await writing
                     writing = None
                     if rest is not None:
-                        await self._disk_full(chunks, writer, rest + b"".join(queued))
+                        await self._disk_full(chunks, writer, [rest, *queued])
                         return
                 writing = asyncio.create_task(self._write_batch(writer, _joined(queued)))
                 queued = []
@@ -257,7 +257,7 @@ class Download:
             if rest is None and queued:
                 rest = await self._write_batch(writer, _joined(queued))
             if rest is not None:
-                await self._disk_full(chunks, writer, rest + b"".join(queued))
+                await self._disk_full(chunks, writer, [rest, *queued])
                 return
         finally:
             if writing is not None:
@@ -281,7 +281,7 @@ class Download:
         return None
 
     async def _disk_full(
-        self, chunks: AsyncIterator[bytes], writer: BlobWriter, rest: bytes
+        self, chunks: AsyncIterator[bytes], writer: BlobWriter, rest: list[bytes]
     ) -> None:
         """The disk filled mid-blob: `rest` and the remaining chunks go through from memory.
 
@@ -292,7 +292,9 @@ class Download:
         self._cache.note_passthrough(
             self.digest, self.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
         )
-        await self._pass_through(chunks, writer.hash_so_far(), PASSTHROUGH_NO_SPACE, first=rest)
+        # In pieces of at most a chunk, so the window lets go of them as readers move on.
+        pieces = [part[i : i + _CHUNK] for part in rest for i in range(0, len(part), _CHUNK)]
+        await self._pass_through(chunks, writer.hash_so_far(), PASSTHROUGH_NO_SPACE, first=pieces)
 
     def _advance(self, written: int) -> None:
         self.received = self.on_disk = written
@@ -304,15 +306,15 @@ class Download:
         hasher: hashlib._Hash,
         reason: str,
         *,
-        first: bytes = b"",
+        first: Iterable[bytes] = (),
     ) -> None:
         """Hand the rest of the blob to the readers from memory; verify it; keep nothing."""
         self.passthrough = reason
         self._memory_start = self.received
         self._started.set()
         self._data.fire()
-        if first:
-            await self._hold(first, hasher)
+        for chunk in first:
+            await self._hold(chunk, hasher)
         async for chunk in chunks:
             await self._hold(chunk, hasher)
         if self.received != self.size:
