@@ -27,24 +27,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import grp
 import os
-import pwd
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from common import (
+    BENCH_REPOSITORY,
     GIB,
     MIB,
     READY_TIMEOUT,
     Blob,
-    Child,
     OtherLoad,
+    Server,
     add_run_arguments,
     add_target_arguments,
     add_tool_arguments,
@@ -52,35 +49,17 @@ from common import (
     congestion_control,
     cpu_seconds,
     curl_fetch,
-    free_ports,
     make_blob,
     memory_status,
-    mirror_argv,
+    nginx_version,
     parse_run_arguments,
-    process_tree,
     require_tools,
     run_benchmark,
-    start,
+    start_mirror_server,
+    start_nginx,
     wait_for,
     workspace,
 )
-
-REPOSITORY = "bench"
-
-
-@dataclass(frozen=True, slots=True)
-class Server:
-    name: str
-    child: Child
-    base_url: str
-    ready_url: str
-
-    def blob_url(self, blob: Blob) -> str:
-        return self.base_url + blob.url_path(REPOSITORY)
-
-    def pids(self) -> list[int]:
-        """The process and its direct children: an nginx master and its workers."""
-        return process_tree(self.child.proc.pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,73 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def start_mirror(python: str, work: Path, cache_dir: Path) -> Server:
-    registry_port, metrics_port = free_ports(2)
-    argv = mirror_argv(python, cache_dir, f"127.0.0.1:{registry_port}", f"127.0.0.1:{metrics_port}")
-    child = start("mirror", argv, work / "mirror.log")
-    base = f"http://127.0.0.1:{registry_port}"
-    return Server(name="mirror", child=child, base_url=base, ready_url=base + "/readyz")
-
-
-def nginx_config(work: Path, port: int, blob: Blob, extra: str) -> str:
-    # As root, nginx would run its worker as "nobody", which cannot read our 0700 temp dir; run
-    # it as the same user the mirror runs as instead. Otherwise the directive would be ignored.
-    user = ""
-    if os.geteuid() == 0:
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
-    temp = work / "nginx-temp"
-    return f"""\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work / "nginx.pid"};
-error_log {work / "nginx-error.log"} warn;
-
-events {{
-    worker_connections 64;
-}}
-
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 5;
-    default_type application/octet-stream;
-    client_body_temp_path {temp / "body"};
-    proxy_temp_path {temp / "proxy"};
-    fastcgi_temp_path {temp / "fastcgi"};
-    uwsgi_temp_path {temp / "uwsgi"};
-    scgi_temp_path {temp / "scgi"};
-
-    server {{
-        listen 127.0.0.1:{port};
-        location = {blob.url_path(REPOSITORY)} {{
+def blob_location(blob: Blob, extra: str) -> str:
+    """The one blob, at the path the mirror serves it under, for nginx."""
+    return f"""location = {blob.url_path(BENCH_REPOSITORY)} {{
             alias {blob.path};
             {extra}
-        }}
-        location = /readyz {{
-            return 200 "ready\\n";
-        }}
-    }}
-}}
-"""
-
-
-def start_nginx(nginx: str, work: Path, blob: Blob, extra: str) -> Server:
-    (port,) = free_ports(1)
-    (work / "nginx-temp").mkdir()
-    config = work / "nginx.conf"
-    config.write_text(nginx_config(work, port, blob, extra))
-    argv = [nginx, "-p", str(work), "-c", str(config), "-e", str(work / "nginx-error.log")]
-    child = start("nginx", argv, work / "nginx.log")
-    base = f"http://127.0.0.1:{port}"
-    return Server(name="nginx", child=child, base_url=base, ready_url=base + "/readyz")
-
-
-def nginx_version(nginx: str) -> str:
-    done = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=True)
-    return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+        }}"""
 
 
 def measure(curl: str, server: Server, blob: Blob) -> Sample:
@@ -246,9 +164,9 @@ def run(args: argparse.Namespace) -> int:
         cache_dir = work / "cache"
         print(f"writing a {args.size_mib} MiB random blob under {work} ...", flush=True)
         blob = make_blob(cache_dir, size)
-        mirror = start_mirror(args.python, work, cache_dir)
+        mirror = start_mirror_server(args.python, work, cache_dir)
         processes.callback(mirror.child.stop)
-        nginx = start_nginx(args.nginx, work, blob, args.nginx_extra)
+        nginx = start_nginx(args.nginx, work, blob_location(blob, args.nginx_extra))
         processes.callback(nginx.child.stop)
         servers = (mirror, nginx)
         for server in servers:

@@ -628,6 +628,90 @@ def run_benchmark(run: Callable[[argparse.Namespace], int], args: argparse.Names
         return 1
 
 
+# --- the servers the blob benchmarks compare: a mirror node and nginx ---------------------------
+
+BENCH_REPOSITORY = "bench"
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A server under test (a mirror node or nginx): its process and where it answers."""
+
+    name: str
+    child: Child
+    base_url: str
+
+    @property
+    def ready_url(self) -> str:
+        return self.base_url + "/readyz"
+
+    def blob_url(self, blob: Blob) -> str:
+        return self.base_url + blob.url_path(BENCH_REPOSITORY)
+
+    def pids(self) -> list[int]:
+        """The process and its direct children: an nginx master and its workers."""
+        return process_tree(self.child.proc.pid)
+
+
+def start_mirror_server(python: str, work: Path, cache_dir: Path) -> Server:
+    """`mirror run --store cache` on free loopback ports, serving `cache_dir`."""
+    registry_port, metrics_port = free_ports(2)
+    argv = mirror_argv(python, cache_dir, f"127.0.0.1:{registry_port}", f"127.0.0.1:{metrics_port}")
+    child = start("mirror", argv, work / "mirror.log")
+    return Server("mirror", child, f"http://127.0.0.1:{registry_port}")
+
+
+def nginx_config(work: Path, port: int, location: str, *, workers: int, connections: int) -> str:
+    """nginx as a fair baseline: sendfile, no access log, `location` beside a `/readyz`."""
+    temp = work / "nginx-temp"
+    return f"""\
+daemon off;
+master_process on;
+worker_processes {workers};
+{nginx_user_directive()}
+pid {work / "nginx.pid"};
+error_log {work / "nginx-error.log"} warn;
+
+events {{
+    worker_connections {connections};
+}}
+
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 5;
+    default_type application/octet-stream;
+    client_body_temp_path {temp / "body"};
+    proxy_temp_path {temp / "proxy"};
+    fastcgi_temp_path {temp / "fastcgi"};
+    uwsgi_temp_path {temp / "uwsgi"};
+    scgi_temp_path {temp / "scgi"};
+
+    server {{
+        listen 127.0.0.1:{port};
+        {location}
+        location = /readyz {{
+            return 200 "ready\\n";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(
+    nginx: str, work: Path, location: str, *, workers: int = 1, connections: int = 64
+) -> Server:
+    """nginx on a free loopback port with `nginx_config`; its files live under `work`."""
+    (port,) = free_ports(1)
+    (work / "nginx-temp").mkdir()
+    config = work / "nginx.conf"
+    config.write_text(nginx_config(work, port, location, workers=workers, connections=connections))
+    argv = [nginx, "-p", str(work), "-c", str(config), "-e", str(work / "nginx-error.log")]
+    child = start("nginx", argv, work / "nginx.log")
+    return Server("nginx", child, f"http://127.0.0.1:{port}")
+
+
 # --- network-namespace labs: cold_pull.py and rollout.py --------------------------------------
 #
 # Every simulated node is a network namespace joined to one bridge by a veth pair (eth0 inside,

@@ -35,48 +35,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
+    BENCH_REPOSITORY,
     MIB,
     READY_TIMEOUT,
     Blob,
-    Child,
     MemorySampler,
     OtherLoad,
     ParallelCurl,
+    Server,
     Transfer,
     add_tool_arguments,
     congestion_control,
     cpu_seconds,
-    free_ports,
     listen_overflows,
     make_blob,
     memory_status,
-    mirror_argv,
-    nginx_user_directive,
     nginx_version,
     percentile,
-    process_tree,
     require_tools,
     run_benchmark,
-    start,
+    start_mirror_server,
+    start_nginx,
     wait_for,
     workspace,
 )
 
-REPOSITORY = "bench"
 PHASES = ("get", "head", "mixed")
-
-
-@dataclass(frozen=True, slots=True)
-class Server:
-    name: str
-    child: Child
-    base_url: str
-
-    def url(self, blob: Blob) -> str:
-        return self.base_url + blob.url_path(REPOSITORY)
-
-    def pids(self) -> list[int]:
-        return process_tree(self.child.proc.pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,63 +156,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def nginx_config(work: Path, port: int, blob_dir: Path, workers: int, extra: str) -> str:
+def blobs_location(blob_dir: Path, extra: str) -> str:
     """Any `/v2/bench/blobs/sha256:<hex>` from the directory the node's cache keeps blobs in."""
-    temp = work / "nginx-temp"
-    location = f"^/v2/{REPOSITORY}/blobs/sha256:([0-9a-f]{{64}})$"
-    return f"""\
-daemon off;
-master_process on;
-worker_processes {workers};
-{nginx_user_directive()}
-pid {work / "nginx.pid"};
-error_log {work / "nginx-error.log"} warn;
-
-events {{
-    worker_connections 4096;
-}}
-
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 5;
-    default_type application/octet-stream;
-    client_body_temp_path {temp / "body"};
-    proxy_temp_path {temp / "proxy"};
-    fastcgi_temp_path {temp / "fastcgi"};
-    uwsgi_temp_path {temp / "uwsgi"};
-    scgi_temp_path {temp / "scgi"};
-
-    server {{
-        listen 127.0.0.1:{port};
-        location ~ "{location}" {{
+    pattern = f"^/v2/{BENCH_REPOSITORY}/blobs/sha256:([0-9a-f]{{64}})$"
+    return f"""location ~ "{pattern}" {{
             alias {blob_dir}/$1;
             {extra}
-        }}
-        location = /readyz {{
-            return 200 "ready\\n";
-        }}
-    }}
-}}
-"""
-
-
-def start_nginx(args: argparse.Namespace, work: Path, blob_dir: Path) -> Server:
-    (port,) = free_ports(1)
-    (work / "nginx-temp").mkdir()
-    config = work / "nginx.conf"
-    config.write_text(nginx_config(work, port, blob_dir, args.nginx_workers, args.nginx_extra))
-    argv = [args.nginx, "-p", str(work), "-c", str(config), "-e", str(work / "nginx-error.log")]
-    child = start("nginx", argv, work / "nginx.log")
-    return Server("nginx", child, f"http://127.0.0.1:{port}")
-
-
-def start_mirror(python: str, work: Path, cache_dir: Path) -> Server:
-    registry_port, metrics_port = free_ports(2)
-    argv = mirror_argv(python, cache_dir, f"127.0.0.1:{registry_port}", f"127.0.0.1:{metrics_port}")
-    child = start("mirror", argv, work / "mirror.log")
-    return Server("mirror", child, f"http://127.0.0.1:{registry_port}")
+        }}"""
 
 
 def batch(transfers: list[Transfer], wall: float, expected_size: int | None) -> Batch:
@@ -255,7 +189,7 @@ def clients(
     """One batch (all GETs or all HEADs), spread over `--clients` curl runs from distinct
     loopback addresses, as many runtimes pulling at once would come from distinct nodes."""
     count = args.heads if head else args.gets
-    urls = [server.url(blobs[i % len(blobs)]) for i in range(count)]
+    urls = [server.blob_url(blobs[i % len(blobs)]) for i in range(count)]
     runs = []
     for index in range(args.clients):
         mine = urls[index :: args.clients]
@@ -398,9 +332,15 @@ def run(args: argparse.Namespace) -> int:
         cache_dir = work / "cache"
         print(f"writing {args.blobs} random blobs of {args.size_mib} MiB under {work} ...")
         blobs = [make_blob(cache_dir, size) for _ in range(args.blobs)]
-        mirror = start_mirror(args.python, work, cache_dir)
+        mirror = start_mirror_server(args.python, work, cache_dir)
         processes.callback(mirror.child.stop)
-        nginx = start_nginx(args, work, blobs[0].path.parent)
+        nginx = start_nginx(
+            args.nginx,
+            work,
+            blobs_location(blobs[0].path.parent, args.nginx_extra),
+            workers=args.nginx_workers,
+            connections=4096,
+        )
         processes.callback(nginx.child.stop)
         servers = (mirror, nginx)
         for server in servers:
