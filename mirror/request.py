@@ -35,6 +35,9 @@ class Caller(Enum):
 
     RUNTIME = "runtime"  # the node's own runtime: may be served from peers and upstream
     PEER = "peer"  # another node: served from this node's store only, never forwarded
+    # A runtime another node redirected here with a signed URL: a blob this node holds whole
+    # in its store only (a download under way could still fail, with no node to resume it).
+    REDIRECTED = "redirected"
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,6 +162,25 @@ def coalesced(node: Node) -> float:
     return found or 0.0
 
 
+async def test_a_redirected_runtime_gets_whole_blobs_only_never_a_download_under_way(
+    node: Node,
+) -> None:
+    """A signed URL promises a blob this node verified: a fetch in progress could still fail,
+    and the runtime that followed the URL would have no node to resume from."""
+    key = str(LAYER_DIGEST)
+    node.peers.give(PEER, key, LAYER)
+    node.peers.gate = asyncio.Event()
+    fetching = asyncio.create_task(fetch(node))
+    await node.peers.midway.wait()
+    with pytest.raises(BlobUnknown):
+        await node.service.blob(blob_target(), Caller.REDIRECTED, None, head=False)
+    node.peers.gate.set()
+    assert await fetching == (SOURCE_PEER, LAYER)
+    answer = await node.service.blob(blob_target(), Caller.REDIRECTED, None, head=False)
+    assert answer.source == SOURCE_LOCAL and await body(answer) == LAYER
+    assert node.peers.asked == [(PEER.address, key)]
+
+
 async def test_a_blob_from_a_peer_is_a_download_announced_at_once_shared_and_kept(
     node: Node,
 ) -> None:

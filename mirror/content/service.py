@@ -288,6 +288,8 @@ class ContentService:
     ) -> BlobAnswer:
         held = await self._held_here(digest)
         if isinstance(held, Download):
+            if caller is Caller.REDIRECTED:
+                raise BlobUnknown(f"blob {digest} is not held whole here")
             self._metrics.coalesced_waits.labels("node").inc()
             return await self._from_download(held, requested, head)
         if held is not None:

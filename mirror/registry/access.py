@@ -41,7 +41,7 @@ class AccessPolicy:
                 request.method, request.raw_path
             ):
                 raise Unauthorized("the signed URL is not valid, has expired or was used before")
-            return Caller.PEER
+            return Caller.REDIRECTED
         if signature is not None:
             # The raw target, exactly as sent: decoding could make two requests look alike.
             if self.verifier is None or not self.verifier.verify(

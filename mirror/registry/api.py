@@ -17,7 +17,6 @@ from mirror.config import DEFAULT_MAX_UPLOADS
 from mirror.content.scrub import CorruptionReports
 from mirror.content.service import ContentService
 from mirror.errors import (
-    BlobUnknown,
     Denied,
     EndpointUnknown,
     PaginationInvalid,
@@ -34,7 +33,7 @@ from mirror.oci.reference import parse_digest
 from mirror.peers.auth import PEER_HEADER
 from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER
 from mirror.ranges import parse_range_header
-from mirror.registry.access import AccessPolicy, by_signed_url
+from mirror.registry.access import AccessPolicy
 from mirror.registry.paths import parse_target
 from mirror.registry.responses import (
     API_VERSION_HEADER,
@@ -51,6 +50,8 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 _KIND_KEY = web.RequestKey("kind", str)
 _SOURCE_KEY = web.RequestKey("source", str)
 _CALLER_KEY = web.RequestKey("caller", Caller)
+# Callers another node sent here: served from this node only, counted as uploads.
+_FROM_OTHER_NODES = frozenset({Caller.PEER, Caller.REDIRECTED})
 # A refused peer prefers other holders this long (Retry-After): about the time a blob upload
 # takes to end and free a slot.
 _RETRY_AFTER_SECONDS = 1
@@ -161,7 +162,7 @@ class RegistryApi:
     async def _tell_uploads(self, request: web.Request, response: web.StreamResponse) -> None:
         """Every answer to a peer carries this node's uploads (`X-Mirror-Uploads`), so
         fetchers learn each holder's load without asking (peers/fetcher.py)."""
-        if request.get(_CALLER_KEY) is Caller.PEER:
+        if request.get(_CALLER_KEY) in _FROM_OTHER_NODES:
             response.headers[UPLOADS_HEADER] = str(self._uploads.active)
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -200,17 +201,19 @@ class RegistryApi:
         request[_KIND_KEY] = target.kind.value
         if request.method not in _READ_METHODS:
             raise Unsupported(f"{request.method} is not supported: this mirror only serves pulls")
-        if target.kind is not Kind.BLOB and by_signed_url(request):
+        if target.kind is not Kind.BLOB and caller is Caller.REDIRECTED:
             raise Denied("a signed URL reaches a blob only")
         if target.kind is Kind.MANIFEST:
             return await self._manifest(request, target, caller)
         if target.kind is Kind.TAGS:
             return await self._tags(request, target, _tag_page(request))
-        if caller is Caller.PEER and request.method == "GET":
-            return await self._upload(request, target)
+        if caller in _FROM_OTHER_NODES and request.method == "GET":
+            return await self._upload(request, target, caller)
         return await self._blob(request, target, caller)
 
-    async def _upload(self, request: web.Request, target: Target) -> web.StreamResponse:
+    async def _upload(
+        self, request: web.Request, target: Target, caller: Caller
+    ) -> web.StreamResponse:
         """A blob body for a peer, counted in `UploadSlots` while it is sent.
 
         Refused before any store is asked, so a busy node answers in microseconds; only a
@@ -225,7 +228,7 @@ class RegistryApi:
                 retry_after=_RETRY_AFTER_SECONDS,
             )
         try:
-            return await self._blob(request, target, Caller.PEER)
+            return await self._blob(request, target, caller)
         finally:
             self._uploads.give_back()
 
@@ -262,10 +265,6 @@ class RegistryApi:
             request[_SOURCE_KEY] = answer.source
             if answer.redirect is not None:
                 return self._redirect(answer.redirect, str(target.digest))
-            if answer.local is None and by_signed_url(request):
-                # A signed URL is answered from this node's own store only, a whole blob it
-                # verified: a download under way could still fail, with no node to resume it.
-                raise BlobUnknown(f"blob {target.digest} is not held whole here")
             headers = {
                 **API_VERSION_HEADER,
                 "Docker-Content-Digest": str(target.digest),
