@@ -25,9 +25,11 @@ from harness.net import free_port, free_udp_port
 from harness.registry import Registry
 
 from mirror.clusterkey import ClusterKey
-from mirror.peers.auth import PEER_HEADER, RequestSigner
+from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner, carries_url_signature
+from mirror.peers.fetcher import REPORT_PATH_PREFIX
 
 REQUESTS_PER_SEED = 400
+SIGNED_URL_PARAMS = ["mirror-sig", "mirror-expires", "mirror-nonce"]
 SEEDS = [1, 2, 3]
 REPO = "fuzz/app"
 
@@ -92,6 +94,7 @@ class Target:
     host: str
     port: int
     signer: RequestSigner
+    url_signer: UrlSigner  # signs URLs as a peer redirecting its runtime here would
     paths: list[str]
 
 
@@ -129,8 +132,10 @@ def target(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) ->
             *(f"/v2/{REPO}/blobs/{digest}?ns={ns}" for digest in image.blobs),
             f"/v2/{registry.host}/{REPO}/manifests/{image.tag}",
             "/v2/library/app/manifests/latest",
+            f"{REPORT_PATH_PREFIX}{image.manifest_digest}",  # a peer's corruption report
         ]
-        yield Target(node.host, node.port, RequestSigner(ClusterKey.load(key_file)), paths)
+        key = ClusterKey.load(key_file)
+        yield Target(node.host, node.port, RequestSigner(key), UrlSigner(key), paths)
     finally:
         if node is not None:
             node.stop()
@@ -155,7 +160,8 @@ def mutate_path(rng: random.Random, path: str) -> str:
             del parts[index]
     params = urllib.parse.parse_qsl(query, keep_blank_values=True)
     if rng.random() < 0.5:
-        params.append((rng.choice(["ns", "n", "last", "x"]), rng.choice(NASTY)))
+        name = rng.choice(["ns", "n", "last", "x", "last-resort", *SIGNED_URL_PARAMS])
+        params.append((name, rng.choice(NASTY)))
     if rng.random() < 0.2:
         params = [(name, rng.choice(NASTY)) for name, _ in params]
     encoded = "/".join(parts)
@@ -178,8 +184,13 @@ def build_request(rng: random.Random, target: Target) -> bytes:
     if rng.random() < 0.5:
         headers["Range"] = rng.choice(RANGES)
     peer = rng.random()
-    if peer < 0.25:
+    if peer < 0.2:
         headers[PEER_HEADER] = target.signer.sign(method, path)  # authentic, odd path
+    elif peer < 0.3 and not carries_url_signature(path):
+        # An authentic signed URL for an odd path, now and then tampered with afterwards.
+        path = target.url_signer.sign(method, f"{target.host}:{target.port}", path)
+        if rng.random() < 0.3:
+            path += rng.choice(["&mirror-sig=AAAA", "x", "&n=\u00b2", "%00"])
     elif peer < 0.5:
         stamp = rng.choice(["\u00b2", "9" * 400, "9" * 5000, "-1", "", "1" * 13])
         mac = rng.choice(["AAAA", "!!!", "\u00e9" * 4, "=" * 8, ""])
