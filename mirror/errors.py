@@ -2,6 +2,7 @@
 
     MirrorError
     ├── ConfigError            a flag, variable or file that cannot be used (one CLI line)
+    │   └── PrefetchFileError  a prefetch file entry that cannot be used: line and reason
     ├── StoreUnavailable       a store backend cannot be reached (503 on the wire)
     │   ├── CacheFull          the cache's disk cannot take a write (the blob streams through)
     │   └── DownloadFailed, DownloadAbandoned      (content/downloads.py)
@@ -12,6 +13,7 @@
     ├── UpstreamError          an upstream registry could not answer
     │   └── UpstreamAuthError  ...because it refused our credentials
     ├── DhtError               the DHT (routing/errors.py), and rejected datagrams by reason
+    ├── RuntimeImportError     the runtime (containerd, dockerd) refused or failed an import
     └── RegistryError          an answer to the client, as OCI error JSON: code and status
         ├── BlobUnknown, ManifestUnknown, NameUnknown                        404
         ├── NameInvalid, DigestInvalid, PaginationInvalid                    400
@@ -79,6 +81,24 @@ class UpstreamAuthError(UpstreamError):
     Docker Hub also answers this way, rather than 404, for a repository that does not exist
     or is private, so it is not proof of an outage.
     """
+
+
+class PrefetchFileError(ConfigError):
+    """A prefetch file that cannot be used; the node keeps the pins it had.
+
+    `line` is the 1-based line of the offending entry when one can be named.
+    """
+
+    def __init__(self, path: str, reason: str, *, line: int | None = None) -> None:
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {reason}")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+class RuntimeImportError(MirrorError):
+    """The node's runtime could not take an image (its API refused, unpacking failed)."""
 
 
 class RegistryError(MirrorError):

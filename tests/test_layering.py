@@ -33,10 +33,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "routing": LEAVES,
     "peers": LEAVES | {"routing"},
     "content": LEAVES | {"stores", "routing", "peers", "upstream"},
-    "registry": LEAVES | {"content", "peers", "stores"},
+    # Pins and workload watches: fetched through content, put into the runtime's own store;
+    # the workload watches reach Kubernetes and Nomad with the bootstrap's HTTP clients.
+    "prefetch": LEAVES | {"content", "stores", "upstream", "routing"},
+    "registry": LEAVES | {"content", "peers", "stores", "prefetch"},
     "runtime": LEAVES | {"upstream"},
-    "node": LEAVES | {"stores", "routing", "peers", "content", "upstream", "registry"},
-    "cli": LEAVES | {"node", "runtime", "routing", "stores", "upstream"},
+    "node": LEAVES | {"stores", "routing", "peers", "content", "upstream", "registry", "prefetch"},
+    "cli": LEAVES | {"node", "runtime", "routing", "stores", "upstream", "prefetch"},
     "__main__": {"cli"},
 }
 
