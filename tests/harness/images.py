@@ -342,6 +342,31 @@ def build_index(layout_dir: Path) -> TestImage:
     )
 
 
+BUSYBOX_BINARY = Path("/bin/busybox")  # Debian's busybox-static: runs with no libraries
+
+
+def build_busybox(layout_dir: Path, *, name: str = "busybox", docker: bool = False) -> TestImage:
+    """An image a container can start from: one layer with ``bin/busybox`` (mode 0755).
+
+    Run it with ``/bin/busybox echo ok``. A second small layer of random bytes makes each
+    build's digests fresh, so no store holds the image before a test puts it there.
+    """
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        directory = tarfile.TarInfo("bin")
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+        _normalise(directory)
+        tar.addfile(directory)
+        binary = BUSYBOX_BINARY.read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(binary), 0o755
+        _normalise(info)
+        tar.addfile(info, io.BytesIO(binary))
+    tar_bytes = raw.getvalue()
+    busybox_layer = (gzip.compress(tar_bytes, compresslevel=1, mtime=0), sha256_digest(tar_bytes))
+    return _single(name, layout_dir, [busybox_layer, _small_layer(f"{name}-fresh")], docker)
+
+
 def build_test_images(workdir: Path) -> TestImages:
     """Build the three images under ``workdir`` (takes about a second)."""
     workdir.mkdir(parents=True, exist_ok=True)
