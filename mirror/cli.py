@@ -29,10 +29,12 @@ from mirror.config import (
     HttpLimits,
     LogLevel,
     PeerTransfer,
+    PrefetchConfig,
     RoutingConfig,
     RunConfig,
     StoreKind,
     UpstreamConfig,
+    WorkloadSource,
     parse_address,
     parse_bool,
     parse_cache_size,
@@ -77,6 +79,8 @@ OTHER_VARIABLES: Mapping[str, str] = MappingProxyType(
         "NOMAD_CLIENT_KEY": "the key of NOMAD_CLIENT_CERT",
         "NOMAD_SKIP_VERIFY": "true: do not verify Nomad's TLS certificate",
         "NOMAD_TLS_SERVER_NAME": "the server name expected in Nomad's certificate",
+        "NOMAD_DC": "the node's datacenter when --nomad-datacenter is not set (Nomad sets it "
+        "in every task), for --prefetch-from nomad",
     }
 )
 
@@ -417,7 +421,57 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         type=_typed(parse_cidr, "CIDR"),
         help="CIDR of runtimes allowed to pull besides loopback (peers authenticate instead)",
     )
+    _add_prefetch_flags(flag, environ)
     run.set_defaults(**{_ORCHESTRATOR_ENV: orchestrator_env(environ)})
+
+
+def _add_prefetch_flags(flag: _FlagAdder, environ: Mapping[str, str]) -> None:
+    from mirror.prefetch.pinfile import parse_node_label
+
+    flag(
+        "--prefetch-file",
+        default=None,
+        type=Path,
+        help="TOML file of images this node keeps in its runtime before they are needed "
+        "([[image]] ref, source, nodes); re-read when it changes",
+    )
+    flag(
+        "--node-label",
+        default=None,
+        repeatable=True,
+        type=_typed(parse_node_label, "node label"),
+        help="KEY=VALUE label of this node, matched by a pin's nodes table",
+    )
+    flag(
+        "--prefetch-from",
+        default=None,
+        repeatable=True,
+        type=_typed(WorkloadSource, "workload source"),
+        help="nomad or kubernetes: pin the images of the workloads that can run on this node "
+        "(Nomad jobs; Deployments, DaemonSets, StatefulSets and CronJobs)",
+    )
+    flag(
+        "--prefetch-interval",
+        default="5m",
+        type=_typed(parse_duration, "duration"),
+        help="how often pinned tags are resolved again (a moved tag is taken again) and held "
+        "images checked",
+    )
+    flag(
+        "--nomad-datacenter",
+        default=environ.get("NOMAD_DC") or None,
+        help="this node's Nomad datacenter, for --prefetch-from nomad (default: NOMAD_DC)",
+    )
+    flag(
+        "--nomad-node-pool",
+        default="default",
+        help="this node's Nomad node pool, for --prefetch-from nomad",
+    )
+    flag(
+        "--kubernetes-namespace",
+        default=None,
+        help="only this namespace's workloads, for --prefetch-from kubernetes (default: all)",
+    )
 
 
 def _add_keygen(subparsers: Any) -> None:
@@ -536,6 +590,30 @@ def _add_cleanup(subparsers: Any, environ: Mapping[str, str]) -> None:
     docker.set_defaults(handler=lambda args: docker_daemon.cleanup(args.daemon_json))
 
 
+def _add_prefetch(subparsers: Any, environ: Mapping[str, str]) -> None:
+    prefetch = subparsers.add_parser(
+        "prefetch",
+        help="ask a node to take an image into its runtime now, and follow it until held",
+    )
+    prefetch.add_argument("ref", help="the image, as the runtime will name it (tag or digest)")
+    prefetch.add_argument(
+        "--source",
+        default=None,
+        help="where to take it from when REF cannot be resolved; tagged locally as REF",
+    )
+    prefetch.add_argument(
+        "--node",
+        default=environ.get("MIRROR_NODE", "http://127.0.0.1:5000"),
+        help="the node's registry address (env MIRROR_NODE; default: http://127.0.0.1:5000)",
+    )
+    prefetch.add_argument(
+        "--timeout",
+        default="30m",
+        type=_typed(parse_duration, "duration"),
+        help="give up after this long (default: 30m)",
+    )
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A cluster-local OCI registry mirror.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -544,6 +622,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _add_keygen(subparsers)
     _add_configure(subparsers, environ)
     _add_cleanup(subparsers, environ)
+    _add_prefetch(subparsers, environ)
     return parser
 
 
@@ -606,6 +685,24 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         mirrored_registries=frozenset(mirrored) if mirrored else None,
         resolve_tags=args.resolve_tags,
         scrub_rate=args.scrub_rate,
+        prefetch=prefetch_config(args),
+    )
+
+
+def prefetch_config(args: argparse.Namespace) -> PrefetchConfig:
+    from mirror.prefetch.pinfile import node_labels
+
+    workloads = tuple(dict.fromkeys(_listed(args, "--prefetch-from")))
+    if WorkloadSource.NOMAD in workloads and not args.nomad_datacenter:
+        raise ConfigError("--prefetch-from nomad needs --nomad-datacenter (or NOMAD_DC)")
+    return PrefetchConfig(
+        file=args.prefetch_file,
+        node_labels=tuple(node_labels(_listed(args, "--node-label")).items()),
+        workloads=workloads,
+        recheck=args.prefetch_interval,
+        nomad_datacenter=args.nomad_datacenter,
+        nomad_node_pool=args.nomad_node_pool,
+        kubernetes_namespace=args.kubernetes_namespace,
     )
 
 
@@ -642,6 +739,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
             asyncio.run(run_node(config))
+        elif args.command == "prefetch":
+            from mirror.prefetch.client import node_url, prefetch
+
+            line = asyncio.run(
+                prefetch(
+                    node_url(args.node),
+                    args.ref,
+                    args.source,
+                    timeout=args.timeout,
+                    say=lambda text: print(text, flush=True),
+                )
+            )
+            print(line)
         elif args.command in ("configure", "cleanup"):
             for line in args.handler(args):
                 print(line)

@@ -241,6 +241,34 @@ class HttpLimits:
     max_connections_per_client: int
 
 
+class WorkloadSource(StrEnum):
+    """Orchestrators whose workloads' images a node pins (--prefetch-from)."""
+
+    NOMAD = "nomad"
+    KUBERNETES = "kubernetes"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """Images a node keeps in its runtime before they are needed (mirror/prefetch/)."""
+
+    # The TOML file of pins (re-read when it changes); None: no file.
+    file: Path | None = None
+    # This node's labels, which pins' `nodes` tables match (--node-label KEY=VALUE).
+    node_labels: tuple[tuple[str, str], ...] = ()
+    # Orchestrators whose workloads that can run on this node are pinned.
+    workloads: tuple[WorkloadSource, ...] = ()
+    # Pinned tags are re-resolved this often (seconds); a moved tag is taken again.
+    recheck: float = 300.0
+    # How often the prefetch file is looked at for changes (seconds).
+    file_poll: float = 2.0
+    # Nomad: the node's datacenter and node pool, which a job must be able to place on.
+    nomad_datacenter: str | None = None
+    nomad_node_pool: str = "default"
+    # Kubernetes: one namespace's workloads, or None for all.
+    kubernetes_namespace: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     store: StoreKind
@@ -260,3 +288,4 @@ class RunConfig:
     resolve_tags: bool
     # Bytes per second the background scrub reads to re-verify cached blobs; 0: no scrub.
     scrub_rate: int
+    prefetch: PrefetchConfig = PrefetchConfig()

@@ -18,6 +18,7 @@
         ├── BlobUnknown, ManifestUnknown, NameUnknown                        404
         ├── NameInvalid, DigestInvalid, PaginationInvalid                    400
         ├── Unauthorized 401, Denied 403, Unsupported 405, EndpointUnknown 404
+        ├── RequestInvalid 400    a body the mirror's own API cannot use
         ├── RangeNotSatisfiable 416
         ├── TooManyRequests 429   a peer asked past --max-uploads (it asks another holder)
         └── ServiceUnavailable 503
@@ -170,6 +171,13 @@ class ServiceUnavailable(RegistryError):
 
     code = "UNAVAILABLE"
     status = 503
+
+
+class RequestInvalid(RegistryError):
+    """A request to the mirror's own API (`/mirror/v1/...`) whose body cannot be used."""
+
+    code = "UNSUPPORTED"
+    status = 400
 
 
 class TooManyRequests(RegistryError):

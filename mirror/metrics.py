@@ -38,6 +38,24 @@ class Metrics:
             ["kind", "source"],
             registry=self.registry,
         )
+        self.alias_answers = Counter(
+            "mirror_alias_answers",
+            "Expected image names that could not be resolved, answered with their source's "
+            "content (prefetch pins with a source).",
+            ["expected", "source"],
+            registry=self.registry,
+        )
+        self.prefetch_pins = Gauge(
+            "mirror_prefetch_pins",
+            "Images pinned on this node (prefetch file, workload watches, API), by state.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.prefetch_bytes = Counter(
+            "mirror_prefetch_bytes",
+            "Blob bytes this node fetched to hold pinned images (not those it already held).",
+            registry=self.registry,
+        )
         self.store_up = Gauge(
             "mirror_store_up",
             "1 when the node's store backend is connected.",

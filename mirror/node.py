@@ -11,7 +11,7 @@ import signal
 import socket
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -25,9 +25,16 @@ from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
 from mirror.peers.auth import RequestSigner, RequestVerifier, UrlSigner, UrlVerifier
 from mirror.peers.fetcher import PeerFetcher
+from mirror.prefetch.model import Runtime
+from mirror.prefetch.pinfile import PinFileWatcher
+from mirror.prefetch.prefetcher import PinnedSources, Prefetcher, Timing
+from mirror.prefetch.resolve import host_platform
+from mirror.prefetch.runtimes.containerd import ContainerdRuntime
+from mirror.prefetch.runtimes.docker import DockerRuntime
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
 from mirror.registry.connections import ConnectionPolicy, GuardedServer
+from mirror.registry.prefetch_api import PrefetchApi
 from mirror.routing.bootstrap import Rebootstrapper
 from mirror.routing.dht import DhtNode
 from mirror.routing.keys import stable_node_id
@@ -54,23 +61,24 @@ def cache_bytes(config: RunConfig) -> int:
     return int(shutil.disk_usage(existing).total * config.cache_size.fraction)
 
 
-async def _runtime_store(config: RunConfig) -> Store | None:
-    """The runtime's own store, started, or None where the runtime keeps no usable content."""
+async def _runtime_store(config: RunConfig) -> tuple[Store | None, StoreKind]:
+    """The runtime's own store, started (None where the runtime keeps no usable content), and
+    which runtime the node found: containerd, docker, or none (`CACHE`)."""
     if config.store is StoreKind.CACHE:
-        return None
+        return None, StoreKind.CACHE
     if config.store is StoreKind.CONTAINERD:
-        return await _started(ContainerdStore(config.containerd))
+        return await _started(ContainerdStore(config.containerd)), StoreKind.CONTAINERD
     if config.store is StoreKind.DOCKER:
-        return await _docker_store(config)
+        return await _docker_store(config), StoreKind.DOCKER
     try:
-        return await _started(ContainerdStore(config.containerd))
+        return await _started(ContainerdStore(config.containerd)), StoreKind.CONTAINERD
     except StoreUnavailable as exc:
         log.info("store auto: %s", exc)
     try:
-        return await _docker_store(config)
+        return await _docker_store(config), StoreKind.DOCKER
     except StoreUnavailable as exc:
         log.info("store auto: %s; using the node cache only", exc)
-    return None
+    return None, StoreKind.CACHE
 
 
 async def _docker_store(config: RunConfig) -> Store | None:
@@ -100,9 +108,18 @@ async def _started(store: Store) -> Store:
     return store
 
 
-async def open_stores(config: RunConfig, metrics: Metrics) -> tuple[Store, CacheStore]:
-    """What the node serves (the runtime's store, then the cache) and the cache itself."""
-    runtime = await _runtime_store(config)
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """What the node serves (the runtime's store, then the cache), the cache itself, and
+    which runtime was found (`CACHE`: none)."""
+
+    served: Store
+    cache: CacheStore
+    runtime: StoreKind
+
+
+async def open_stores(config: RunConfig, metrics: Metrics) -> Stores:
+    runtime, kind = await _runtime_store(config)
     cache = CacheStore(config.cache_dir, max_bytes=cache_bytes(config), metrics=metrics)
     try:
         await cache.start()
@@ -111,8 +128,8 @@ async def open_stores(config: RunConfig, metrics: Metrics) -> tuple[Store, Cache
             await runtime.close()
         raise
     if runtime is None:
-        return cache, cache
-    return LayeredStore(runtime, cache), cache
+        return Stores(cache, cache, kind)
+    return Stores(LayeredStore(runtime, cache), cache, kind)
 
 
 class _MalformedRequests(logging.Filter):
@@ -294,6 +311,66 @@ async def _upstream_client(
     return client
 
 
+def _pull_via(address: Address) -> str:
+    """Where dockerd reaches this node's registry port: loopback when it listens on all
+    interfaces (dockerd takes 127.0.0.0/8 registries over plain HTTP)."""
+    try:
+        unspecified = ipaddress.ip_address(address.host).is_unspecified
+    except ValueError:
+        unspecified = False
+    return str(Address("127.0.0.1", address.port)) if unspecified else str(address)
+
+
+async def _prefetch(
+    config: RunConfig,
+    kind: StoreKind,
+    content: ContentService,
+    sources: PinnedSources,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+) -> Prefetcher:
+    """The prefetcher, with the runtime it puts images into (none: held in the node cache)."""
+    runtime: Runtime | None = None
+    if kind is StoreKind.CONTAINERD:
+        containerd = ContainerdRuntime(config.containerd.socket, config.containerd.namespace)
+        await containerd.start()
+        stack.push_async_callback(containerd.close)
+        runtime = containerd
+    elif kind is StoreKind.DOCKER:
+        runtime = DockerRuntime(config.docker_host, pull_via=_pull_via(config.registry_addr))
+    prefetcher = Prefetcher(
+        content,
+        runtime,
+        metrics,
+        labels=dict(config.prefetch.node_labels),
+        platform=host_platform(),
+        sources=sources,
+        timing=Timing(recheck=config.prefetch.recheck),
+    )
+    stack.push_async_callback(prefetcher.close)
+    return prefetcher
+
+
+def _follow_pins(config: RunConfig, prefetcher: Prefetcher, background: _Background) -> None:
+    """Feed the prefetcher from the prefetch file and the workload watches."""
+    settings = config.prefetch
+    if settings.file is not None:
+        watcher = PinFileWatcher(settings.file, settings.file_poll)
+        background.start("prefetch file", _follow_file(watcher, prefetcher, settings.file_poll))
+    for workload in settings.workloads:
+        log.warning("--prefetch-from %s is not wired yet", workload)
+
+
+async def _follow_file(watcher: PinFileWatcher, prefetcher: Prefetcher, interval: float) -> None:
+    prefetcher.set_pins("file", ())
+    while True:
+        pins = await watcher.check()
+        if pins is not None:
+            prefetcher.set_pins("file", pins)
+        prefetcher.report("file", watcher.last_error)
+        await asyncio.sleep(interval)
+
+
 async def run_node(config: RunConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -306,7 +383,8 @@ async def run_node(config: RunConfig) -> None:
     metrics = Metrics()
     background = _Background()
     async with AsyncExitStack() as stack:
-        store, cache = await open_stores(config, metrics)
+        stores = await open_stores(config, metrics)
+        store, cache = stores.served, stores.cache
         stack.push_async_callback(store.close)
         metrics.store_up.labels(store.name).set(1)
         upstream = await _upstream_client(config, metrics, stack)
@@ -321,17 +399,27 @@ async def run_node(config: RunConfig) -> None:
             tag_timeout=config.upstream.tag_timeout,
             peer_transfer=config.routing.peer_transfer,
         )
+        sources = PinnedSources()
         content = ContentService(
-            store, metrics, policy, cache=cache, peers=peers, router=dht, upstream=upstream
+            store,
+            metrics,
+            policy,
+            cache=cache,
+            peers=peers,
+            router=dht,
+            upstream=upstream,
+            aliases=sources,
         )
         stack.push_async_callback(content.close)
         reports = _integrity(config, store, cache, metrics, stack, background)
+        prefetch = await _prefetch(config, stores.runtime, content, sources, metrics, stack)
         api = RegistryApi(
             metrics,
             content,
             access=access,
             reports=reports,
             max_uploads=config.routing.max_uploads,
+            prefetch=PrefetchApi(prefetch, host_platform(), access),
         )
         debug = config.log_level is LogLevel.DEBUG
         connections = ConnectionPolicy(config.http_limits, metrics)
@@ -350,5 +438,7 @@ async def run_node(config: RunConfig) -> None:
             store.name,
             config.metrics_addr,
         )
+        # Started once the registry port answers: the Docker runtime pulls through it.
+        _follow_pins(config, prefetch, background)
         await stop.wait()
         log.info("stopping")

@@ -31,6 +31,23 @@ from mirror.peers.fetcher import REPORT_PATH_PREFIX
 REQUESTS_PER_SEED = 400
 SIGNED_URL_PARAMS = ["mirror-sig", "mirror-expires", "mirror-nonce"]
 SEEDS = [1, 2, 3]
+# Bodies for POST /mirror/v1/prefetch: good and bad references, wrong shapes, not JSON at all.
+PREFETCH_BODIES = [
+    '{"ref": "registry.test/fuzz/app:v1"}',
+    '{"ref": "docker.io/library/x:1", "source": "registry.test/fuzz/app:v1"}',
+    '{"ref": "\u00b2"}',
+    '{"ref": "a" }',
+    '{"ref": 5}',
+    '{"ref": "x:1", "source": []}',
+    '{"ref": "x:1", "extra": 1}',
+    "[]",
+    "null",
+    '{"ref": "' + "a" * 5000 + '"}',
+    '{"ref": "x@sha256:zz"}',
+    "\udcff\udcfe",
+    "{",
+    "",
+]
 REPO = "fuzz/app"
 
 NASTY = [
@@ -133,6 +150,8 @@ def target(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) ->
             f"/v2/{registry.host}/{REPO}/manifests/{image.tag}",
             "/v2/library/app/manifests/latest",
             f"{REPORT_PATH_PREFIX}{image.manifest_digest}",  # a peer's corruption report
+            "/mirror/v1/prefetch",  # pins: GET the status, POST an image to take now
+            f"/mirror/v1/prefetch?ref={registry.host}/{REPO}:{image.tag}",
         ]
         key = ClusterKey.load(key_file)
         yield Target(node.host, node.port, RequestSigner(key), UrlSigner(key), paths)
@@ -197,8 +216,13 @@ def build_request(rng: random.Random, target: Target) -> bytes:
         headers[PEER_HEADER] = f"v1 {stamp} nonce {mac}"
     if rng.random() < 0.1:
         headers["Accept"] = rng.choice(NASTY)
+    body = b""
+    if method == "POST" and rng.random() < 0.7:
+        body = rng.choice(PREFETCH_BODIES).encode("utf-8", "surrogateescape")
+        headers["Content-Type"] = "application/json"
+        headers["Content-Length"] = str(len(body))
     lines = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
 
 
 def status_of(host: str, port: int, request: bytes) -> int:

@@ -3,7 +3,14 @@
 import pytest
 
 from mirror.errors import DigestInvalid, EndpointUnknown, NameInvalid
-from mirror.oci.reference import is_registry, parse_digest, parse_image_name, tag_ref
+from mirror.oci.reference import (
+    is_registry,
+    parse_digest,
+    parse_image_name,
+    registry_as_path_component,
+    registry_from_path_component,
+    tag_ref,
+)
 from mirror.registry.paths import parse_target
 from mirror.request import Kind
 
@@ -131,3 +138,30 @@ def test_registry_ports_and_addresses(host: str, valid: bool) -> None:
     if not valid:
         with pytest.raises(NameInvalid):
             parse_target("a/manifests/x", host)
+
+
+@pytest.mark.parametrize(
+    ("registry", "component"),
+    [
+        ("registry.internal:5000", "registry.internal_5000"),
+        ("127.0.0.1:5000", "127.0.0.1_5000"),
+        ("registry:5000", "registry_5000"),
+        ("localhost:5000", "localhost_5000"),
+        ("ghcr.io", "ghcr.io"),
+        ("localhost", "localhost"),
+        ("registry", None),  # a single word would read as a Docker Hub namespace
+        ("[::1]:5000", None),  # Docker cannot spell it
+        ("Registry.io", None),  # nor capitals
+    ],
+)
+def test_a_registry_is_spelled_as_a_path_component_docker_accepts(
+    registry: str, component: str | None
+) -> None:
+    assert registry_as_path_component(registry) == component
+    if component is not None:
+        assert registry_from_path_component(component) == registry
+
+
+@pytest.mark.parametrize("component", ["library", "myorg", "foo_bar", "host_99999", "a_b_1"])
+def test_a_docker_hub_namespace_is_not_read_as_a_registry(component: str) -> None:
+    assert registry_from_path_component(component) is None

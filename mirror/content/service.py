@@ -23,6 +23,11 @@ for every request the HTTP front serves.
 Tags are resolved upstream first (a HEAD with a short timeout) so `latest` is never stale; when
 upstream does not answer, from this node and then the cluster, so pulls keep working during an
 outage. Manifests fetched by digest are immutable and kept in the node cache.
+
+A tag that cannot be resolved at all may have a source (`TagAliases`, "expected <- source"):
+the runtime is then answered with the source's manifest, and the digests that manifest leads
+to are fetched from the source's repository, so a cluster whose own registry is down still
+pulls the expected name.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mirror.config import PeerTransfer
 from mirror.content.downloads import (
@@ -44,7 +50,7 @@ from mirror.content.downloads import (
     Opener,
     Source,
 )
-from mirror.content.sources import PeerSource, UpstreamSource
+from mirror.content.sources import PeerSource, TagAliases, UpstreamSource
 from mirror.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -54,6 +60,7 @@ from mirror.errors import (
     UpstreamError,
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
+from mirror.oci.mediatypes import referenced_digests
 from mirror.oci.reference import Digest, TagRef, parse_digest
 from mirror.peers.fetcher import PeerBlob
 from mirror.ranges import ByteRange, RangeRequest
@@ -67,6 +74,8 @@ log = logging.getLogger(__name__)
 
 # How long a claim on an upstream fetch lives unless renewed (the fetcher renews it at half).
 _CLAIM_TTL = 30.0
+# Digests reached through an alias, remembered so their fetches go to the source's repository.
+_ALIASED_DIGESTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,8 @@ class ManifestAnswer:
     body: bytes
     media_type: str
     source: str
+    # The source whose manifest answered an expected name that could not be resolved.
+    alias: Target | None = None
 
 
 @dataclass(slots=True)
@@ -130,8 +141,12 @@ class ContentService:
         peers: PeerSource | None = None,
         router: Router | None = None,
         upstream: UpstreamSource | None = None,
+        aliases: TagAliases | None = None,
     ) -> None:
         self._store = store
+        self._aliases = aliases
+        # digest -> the source repository it was reached through (bounded, oldest dropped).
+        self._aliased: OrderedDict[Digest, Target] = OrderedDict()
         self._metrics = metrics
         self._policy = policy
         self._cache = cache
@@ -179,7 +194,48 @@ class ContentService:
     async def manifest(self, target: Target, caller: Caller) -> ManifestAnswer:
         self._check_mirrored(target)
         if target.digest is not None:
-            return await self._manifest_by_digest(target, target.digest, caller)
+            digest = target.digest
+            target = self._through_alias(target, digest)
+            answer = await self._manifest_by_digest(target, digest, caller)
+            if digest in self._aliased:  # an index's children come from the source too
+                self._remember_aliased(answer, target)
+            return answer
+        assert target.tag is not None
+        try:
+            return await self._manifest_by_tag(target, caller)
+        except (ManifestUnknown, NameUnknown) as exc:
+            source = None
+            if caller is Caller.RUNTIME and self._aliases is not None:
+                source = self._aliases.source_for(target.tag)
+            if source is None:
+                raise
+            log.warning("%s cannot be resolved (%s): answering with %s", target.tag, exc, source)
+            answer = await self.manifest(source, caller)
+            self._remember_aliased(answer, source)
+            self._metrics.alias_answers.labels(str(target.tag), _name(source)).inc()
+            return replace(answer, alias=source)
+
+    def _remember_aliased(self, answer: ManifestAnswer, source: Target) -> None:
+        """Digests `answer` leads to are fetched from the `source` repository from now on."""
+        repository = Target(Kind.MANIFEST, source.registry, source.repository, None, None)
+        for text in [answer.digest, *referenced_digests(answer.body)]:
+            try:
+                digest = parse_digest(text)
+            except RegistryError:
+                continue
+            self._aliased[digest] = repository
+            self._aliased.move_to_end(digest)
+        while len(self._aliased) > _ALIASED_DIGESTS:
+            self._aliased.popitem(last=False)
+
+    def _through_alias(self, target: Target, digest: Digest) -> Target:
+        """`target` with the source's repository when `digest` was reached through an alias."""
+        source = self._aliased.get(digest)
+        if source is None or self._aliases is None:
+            return target
+        return replace(target, registry=source.registry, repository=source.repository)
+
+    async def _manifest_by_tag(self, target: Target, caller: Caller) -> ManifestAnswer:
         assert target.tag is not None
         if caller is Caller.RUNTIME and self._upstream is not None:
             try:
@@ -263,20 +319,30 @@ class ContentService:
     # --- blobs -------------------------------------------------------------------------------
 
     async def blob(
-        self, target: Target, caller: Caller, requested: RangeRequest | None, *, head: bool
+        self,
+        target: Target,
+        caller: Caller,
+        requested: RangeRequest | None,
+        *,
+        head: bool,
+        redirect: bool = True,
     ) -> BlobAnswer:
-        """The blob `target` names (or the `requested` slice of it), ready to send."""
+        """The blob `target` names (or the `requested` slice of it), ready to send.
+
+        `redirect=False` wants the bytes here even in redirect mode (the prefetcher keeps them).
+        """
         self._check_mirrored(target)
         assert target.digest is not None, "a blob is always asked for by digest"
         digest = target.digest
+        target = self._through_alias(target, digest)
         try:
-            return await self._find_blob(target, digest, caller, requested, head)
+            return await self._find_blob(target, digest, caller, requested, head, redirect)
         except DownloadAbandoned as exc:
             if caller is not Caller.RUNTIME:
                 raise BlobUnknown(f"blob {digest} is not held here") from exc
             # The request this one joined started no fetch (it only asked, or failed before
             # fetching): look again for itself.
-            return await self._find_blob(target, digest, caller, requested, head)
+            return await self._find_blob(target, digest, caller, requested, head, redirect)
 
     async def _find_blob(
         self,
@@ -285,6 +351,7 @@ class ContentService:
         caller: Caller,
         requested: RangeRequest | None,
         head: bool,
+        redirect: bool,
     ) -> BlobAnswer:
         held = await self._held_here(digest)
         if isinstance(held, Download):
@@ -298,7 +365,8 @@ class ContentService:
             raise BlobUnknown(f"blob {digest} is not held here")
         path = _peer_path(target, digest)
         if (
-            self._policy.peer_transfer is PeerTransfer.REDIRECT
+            redirect
+            and self._policy.peer_transfer is PeerTransfer.REDIRECT
             and caller is Caller.RUNTIME
             and not head
             and self._peers is not None
@@ -553,6 +621,12 @@ def _peer_opener(found: PeerBlob) -> Opener:
         return Source(found.size, chunks, close)
 
     return opener
+
+
+def _name(target: Target) -> str:
+    """A manifest target as an image reference, for logs and metrics."""
+    reference = f":{target.tag.tag}" if target.tag else f"@{target.digest}"
+    return f"{target.registry}/{target.repository}{reference}"
 
 
 def _peer_path(target: Target, digest: Digest | None = None) -> str:

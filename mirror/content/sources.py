@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from mirror.oci.reference import Digest
+from mirror.oci.reference import Digest, TagRef
 from mirror.peers.fetcher import PeerBlob, PeerManifest
 from mirror.ranges import RangeRequest
+from mirror.request import Target
 from mirror.routing.router import Provider
 from mirror.upstream.client import Manifest, ManifestRef
 
@@ -73,3 +74,10 @@ class UpstreamSource(Protocol):
         digest: Digest,
         requested: RangeRequest | None = None,
     ) -> OpenBlob | None: ...
+
+
+class TagAliases(Protocol):
+    """Expected names with a fallback ("expected <- source", `prefetch/`): when `ref` cannot
+    be resolved anywhere, the runtime is answered with what `source_for(ref)` names."""
+
+    def source_for(self, ref: TagRef) -> Target | None: ...

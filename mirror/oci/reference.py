@@ -124,3 +124,35 @@ def parse_image_name(name: str) -> TagRef | None:
         return tag_ref(registry, repository, tag)
     except NameInvalid:
         return None
+
+
+# `host_PORT`: a registry with a port as one path component (`registry.internal_5000`).
+_PORTED_COMPONENT = re.compile(r"(?P<host>[a-z0-9.-]+)_(?P<port>[0-9]{1,5})")
+
+
+def registry_from_path_component(component: str) -> str | None:
+    """The registry a first path component names in the path-prefix form, or None.
+
+    `ghcr.io`, `localhost` and `registry.internal:5000` name themselves (a dot, `localhost`
+    or a port: no Docker Hub namespace looks like that). Docker's reference grammar allows no
+    `:` in a path component, so dockerd (which sends only docker.io to its mirrors and reaches
+    the others as `MIRROR/<registry>/<repository>`) writes a port as `_PORT`:
+    `registry.internal_5000`. An underscore is never part of a host name, nor of a Docker Hub
+    namespace, so the spelling is unambiguous.
+    """
+    ported = _PORTED_COMPONENT.fullmatch(component)
+    if ported is not None:
+        registry = f"{ported['host']}:{ported['port']}"
+        return registry if is_registry(registry) else None
+    looks_like_host = "." in component or ":" in component or component == "localhost"
+    return component if looks_like_host and is_registry(component) else None
+
+
+def registry_as_path_component(registry: str) -> str | None:
+    """`registry` spelled so that Docker accepts it as a path component, or None if it cannot
+    be (capitals, IPv6, a single-word host that would read as a Docker Hub namespace)."""
+    host, colon, port = registry.rpartition(":")
+    component = f"{host}_{port}" if colon and not registry.endswith("]") else registry
+    if component != component.lower() or "[" in component:
+        return None
+    return component if registry_from_path_component(component) == registry else None

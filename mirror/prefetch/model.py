@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mirror.errors import NameInvalid
+from mirror.errors import NameInvalid, RegistryError
 from mirror.oci.reference import (
     DEFAULT_REGISTRY,
     Digest,
@@ -60,6 +60,13 @@ class ImageRef:
 
 def parse_image_ref(text: str) -> ImageRef:
     """An image reference as `docker pull` takes it; `NameInvalid` with the reason if not one."""
+    try:
+        return _parse_image_ref(text)
+    except RegistryError as exc:
+        raise NameInvalid(f"{text!r} is not an image reference: {exc}") from exc
+
+
+def _parse_image_ref(text: str) -> ImageRef:
     remainder, at, digest_text = text.strip().partition("@")
     digest = parse_digest(digest_text) if at else None
     first, slash, rest = remainder.partition("/")

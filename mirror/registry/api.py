@@ -35,6 +35,7 @@ from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_
 from mirror.ranges import parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.paths import parse_target
+from mirror.registry.prefetch_api import PrefetchApi
 from mirror.registry.responses import (
     API_VERSION_HEADER,
     error_response,
@@ -102,8 +103,10 @@ class RegistryApi:
         access: AccessPolicy | None = None,
         reports: CorruptionReports | None = None,
         max_uploads: int = DEFAULT_MAX_UPLOADS,
+        prefetch: PrefetchApi | None = None,
     ) -> None:
         self._metrics = metrics
+        self._prefetch = prefetch
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
         self._reports = reports
@@ -118,6 +121,8 @@ class RegistryApi:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_route("*", REPORT_PATH_PREFIX + "{digest}", self._report)
+        if self._prefetch is not None:
+            self._prefetch.add_routes(app)
         return app
 
     @web.middleware

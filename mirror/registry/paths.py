@@ -8,8 +8,8 @@ from mirror.errors import EndpointUnknown
 from mirror.oci.reference import (
     DEFAULT_REGISTRY,
     is_digest_reference,
-    is_registry,
     parse_digest,
+    registry_from_path_component,
     tag_ref,
     validate_registry,
     validate_repository,
@@ -49,10 +49,11 @@ def _registry_prefix(path: str) -> tuple[str | None, str]:
     dockerd sends only docker.io pulls to its mirrors; naming the registry in the path
     (`docker pull node:5000/ghcr.io/org/app:1.0`) reaches the others. A first component is a
     registry when it is a host name: it has a dot or a port, or is `localhost`, which no
-    Docker Hub namespace can be.
+    Docker Hub namespace can be; `registry.internal_5000` is `registry.internal:5000`, as
+    Docker must spell a port in a path (`registry_from_path_component`).
     """
     first, slash, rest = path.partition("/")
-    looks_like_host = "." in first or ":" in first or first == "localhost"
-    if slash and rest.count("/") >= 2 and looks_like_host and is_registry(first):
-        return first, rest
+    registry = registry_from_path_component(first) if slash and rest.count("/") >= 2 else None
+    if registry is not None:
+        return registry, rest
     return None, path

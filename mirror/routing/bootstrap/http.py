@@ -85,15 +85,18 @@ async def get_json(
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         raise LookupFailed(describe(exc, socket_path=socket_path)) from None
     if status != 200:
-        raise LookupFailed(f"HTTP {status}{_error_detail(body)}", status=status)
+        raise LookupFailed(f"HTTP {status}{error_detail(body)}", status=status)
     try:
         return json.loads(body), response_headers
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise LookupFailed(f"malformed JSON: {exc}") from None
 
 
-def _error_detail(body: bytes) -> str:
-    """``: message`` from a Kubernetes Status object or a plain-text error, on one line."""
+def error_detail(body: bytes) -> str:
+    """``: message`` from a Kubernetes Status object or a plain-text error, on one line.
+
+    Public for the prefetch Kubernetes watch, which reads its streamed answers itself.
+    """
     text = body.decode("utf-8", "replace")
     try:
         decoded = json.loads(text)

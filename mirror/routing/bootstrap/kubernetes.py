@@ -9,7 +9,8 @@ address (``KUBERNETES_SERVICE_HOST``/``_PORT``, handed over by mirror.cli as a
 ``KubernetesEnv``) and the service-account token and CA files. They are checked when the
 spec is parsed, so a pod without a service account stops ``mirror run`` with a one-line
 ConfigError instead of logging a warning at every refresh. Only the token file is read
-again on every lookup, because projected tokens rotate.
+again on every lookup, because projected tokens rotate. The prefetch Kubernetes watch reaches
+the API the same way (``in_cluster_settings``, ``read_token``).
 
 Ports: the API describes the workload's registry (HTTP) side, while the DHT speaks UDP on
 the router port. So the port of every address is the spec's PORT or, without one, the
@@ -27,11 +28,14 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yarl import URL
 
+from mirror.errors import ConfigError
 from mirror.ports import port_number
 from mirror.routing.bootstrap.base import (
     BootstrapSource,
@@ -42,6 +46,7 @@ from mirror.routing.bootstrap.base import (
     parse_port,
     valid_port_number,
 )
+from mirror.routing.bootstrap.env import KubernetesEnv
 from mirror.routing.bootstrap.http import (
     MAX_PAGES,
     REQUEST_TIMEOUT,
@@ -102,7 +107,7 @@ class KubernetesBootstrap(BootstrapSource):
 
     async def addresses(self) -> list[Peer]:
         try:
-            token = _read_token(self.token_path)
+            token = read_token(self.token_path)
         except LookupFailed as exc:
             log.warning("bootstrap %s: %s", self, exc)
             return []
@@ -206,31 +211,57 @@ class KubernetesBootstrap(BootstrapSource):
 
 
 def kubernetes_factory(spec: BootstrapSpec) -> KubernetesBootstrap:
-    """Build a ``kubernetes:NAMESPACE/SERVICE[:PORT|:PORTNAME]`` source from ``spec.env``.
+    """Build a ``kubernetes:NAMESPACE/SERVICE[:PORT|:PORTNAME]`` source from ``spec.env``."""
+    namespace, service, port = _parse_kubernetes_value(spec)
+    settings = in_cluster_settings(spec.env.kubernetes, spec.error)
+    return KubernetesBootstrap(
+        namespace,
+        service,
+        port,
+        api=settings.api,
+        token_path=settings.token_path,
+        ssl_context=settings.ssl_context,
+    )
 
-    The token is read once here only to fail early when the pod has none
+
+@dataclass(frozen=True, slots=True)
+class KubernetesSettings:
+    """How a pod reaches its API server: the URL, the token file and the CA, checked.
+
+    The token is a path, not a value: projected tokens rotate, so every request reads it
+    again (``read_token``).
+    """
+
+    api: URL
+    token_path: Path
+    ssl_context: ssl.SSLContext
+
+
+def in_cluster_settings(
+    env: KubernetesEnv, error: Callable[[str], ConfigError]
+) -> KubernetesSettings:
+    """Check what Kubernetes put into the pod; ``error(problem)`` builds the ConfigError raised.
+
+    ``error`` names the flag that asked for the API (``BootstrapSpec.error`` for
+    ``--bootstrap``). The token is read once here only to fail early when the pod has none
     (``automountServiceAccountToken: false``).
     """
-    env = spec.env.kubernetes
-    namespace, service, port = _parse_kubernetes_value(spec)
     api = URL.build(
         scheme="https",
-        host=_api_host(spec, "KUBERNETES_SERVICE_HOST", env.service_host),
-        port=_api_port(spec, "KUBERNETES_SERVICE_PORT", env.service_port),
+        host=_api_host(error, "KUBERNETES_SERVICE_HOST", env.service_host),
+        port=_api_port(error, "KUBERNETES_SERVICE_PORT", env.service_port),
     )
     token_path = env.service_account_dir / "token"
     try:
-        _read_token(token_path)
+        read_token(token_path)
     except LookupFailed as exc:
-        raise spec.error(f"{exc} (kubernetes: needs the pod's service-account token)") from None
+        raise error(f"{exc} (kubernetes: needs the pod's service-account token)") from None
     ca_path = env.service_account_dir / "ca.crt"
     try:
         ssl_context = ssl.create_default_context(cafile=str(ca_path))
     except OSError as exc:  # ssl.SSLError included
-        raise spec.error(f"cannot load CA certificate {ca_path}: {describe(exc)}") from None
-    return KubernetesBootstrap(
-        namespace, service, port, api=api, token_path=token_path, ssl_context=ssl_context
-    )
+        raise error(f"cannot load CA certificate {ca_path}: {describe(exc)}") from None
+    return KubernetesSettings(api, token_path, ssl_context)
 
 
 def _parse_kubernetes_value(spec: BootstrapSpec) -> tuple[str, str, int | str]:
@@ -258,20 +289,20 @@ def _parse_kubernetes_value(spec: BootstrapSpec) -> tuple[str, str, int | str]:
     return namespace, service, port_text
 
 
-def _api_host(spec: BootstrapSpec, name: str, value: str | None) -> str:
+def _api_host(error: Callable[[str], ConfigError], name: str, value: str | None) -> str:
     if not value:
-        raise spec.error(f"{name} is not set: kubernetes: works inside a pod only")
+        raise error(f"{name} is not set: kubernetes: works inside a pod only")
     if ip_or_none(value) is None and not _HOST_RE.fullmatch(value):
-        raise spec.error(f"{name} {value!r} is not a host name or IP address")
+        raise error(f"{name} {value!r} is not a host name or IP address")
     return value
 
 
-def _api_port(spec: BootstrapSpec, name: str, value: str | None) -> int:
+def _api_port(error: Callable[[str], ConfigError], name: str, value: str | None) -> int:
     if not value:
-        raise spec.error(f"{name} is not set: kubernetes: works inside a pod only")
+        raise error(f"{name} is not set: kubernetes: works inside a pod only")
     port = port_number(value)
     if port is None:
-        raise spec.error(f"{name} {value!r} is not a port number")
+        raise error(f"{name} {value!r} is not a port number")
     return port
 
 
@@ -289,7 +320,8 @@ def _slice_list(body: object) -> tuple[list[object], str]:
     return items, token if isinstance(token, str) else ""
 
 
-def _read_token(path: Path) -> str:
+def read_token(path: Path) -> str:
+    """The service-account token, read now (it rotates); LookupFailed if it is unusable."""
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from yarl import URL
 
+from mirror.errors import ConfigError
 from mirror.routing.bootstrap.base import (
     BootstrapSource,
     BootstrapSpec,
@@ -179,24 +181,28 @@ def nomad_factory(spec: BootstrapSpec) -> NomadBootstrap:
     if not _NOMAD_SERVICE_RE.fullmatch(service):
         raise spec.error(f"{service!r} is not a valid Nomad service name")
     port = parse_port(spec, port_text) if separator else spec.default_port
-    return NomadBootstrap(service, port, nomad_settings(spec, spec.env.nomad))
+    return NomadBootstrap(service, port, nomad_settings(spec.error, spec.env.nomad))
 
 
-def nomad_settings(spec: BootstrapSpec, env: NomadEnv) -> NomadSettings:
-    """Check ``NOMAD_ADDR``, ``NOMAD_TOKEN``, namespace, region and TLS; build the settings."""
+def nomad_settings(error: Callable[[str], ConfigError], env: NomadEnv) -> NomadSettings:
+    """Check ``NOMAD_ADDR``, ``NOMAD_TOKEN``, namespace, region and TLS; build the settings.
+
+    ``error(problem)`` builds the ConfigError raised, naming the flag that asked for Nomad
+    (``BootstrapSpec.error`` for ``--bootstrap``; the prefetch Nomad watch has its own).
+    """
     text = env.addr or NOMAD_DEFAULT_ADDR
     token = env.token or None
     if token is not None and not token.isprintable():
-        raise spec.error("NOMAD_TOKEN holds characters a header cannot carry")
+        raise error("NOMAD_TOKEN holds characters a header cannot carry")
     namespace = env.namespace or None
     region = env.region or None
-    skip_verify = _parse_bool(spec, "NOMAD_SKIP_VERIFY", env.skip_verify)
+    skip_verify = _parse_bool(error, "NOMAD_SKIP_VERIFY", env.skip_verify)
     if text.startswith("unix://"):
         socket_path = text.removeprefix("unix://")
         if not socket_path:
-            raise spec.error(f"NOMAD_ADDR {text!r} names no socket path")
+            raise error(f"NOMAD_ADDR {text!r} names no socket path")
         if token is None:
-            raise spec.error(
+            raise error(
                 f"NOMAD_ADDR {text!r} is the Task API, which always needs NOMAD_TOKEN "
                 "(a workload identity: identity { env = true })"
             )
@@ -205,45 +211,47 @@ def nomad_settings(spec: BootstrapSpec, env: NomadEnv) -> NomadSettings:
     try:
         url = URL(text)
     except ValueError as exc:
-        raise spec.error(f"NOMAD_ADDR {text!r} is not a URL: {exc}") from None
+        raise error(f"NOMAD_ADDR {text!r} is not a URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise spec.error(f"NOMAD_ADDR {text!r}: expected http://HOST:PORT, https://… or unix://…")
-    ssl_context = _ssl_context(spec, env, skip_verify) if url.scheme == "https" else None
+        raise error(f"NOMAD_ADDR {text!r}: expected http://HOST:PORT, https://… or unix://…")
+    ssl_context = _ssl_context(error, env, skip_verify) if url.scheme == "https" else None
     server_name = env.tls_server_name or None
     base = url.with_path("/").with_query(None).with_fragment(None)
     return NomadSettings(base, None, token, namespace, region, ssl_context, server_name)
 
 
-def _ssl_context(spec: BootstrapSpec, env: NomadEnv, skip_verify: bool) -> ssl.SSLContext:
+def _ssl_context(
+    error: Callable[[str], ConfigError], env: NomadEnv, skip_verify: bool
+) -> ssl.SSLContext:
     """The client TLS context from NOMAD_CACERT/CAPATH, NOMAD_CLIENT_CERT/KEY, SKIP_VERIFY."""
     cafile = env.cacert or None
     capath = None if cafile else env.capath or None  # as the CLI: CACERT wins
     cert = env.client_cert or None
     key = env.client_key or None
     if (cert is None) != (key is None):
-        raise spec.error("NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY must be set together")
+        raise error("NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY must be set together")
     try:
         context = ssl.create_default_context(cafile=cafile, capath=capath)
     except OSError as exc:
-        raise spec.error(f"cannot load CA {cafile or capath}: {describe(exc)}") from None
+        raise error(f"cannot load CA {cafile or capath}: {describe(exc)}") from None
     if cert is not None and key is not None:
         try:
             context.load_cert_chain(cert, key)
         except OSError as exc:
-            raise spec.error(f"cannot load client certificate {cert}: {describe(exc)}") from None
+            raise error(f"cannot load client certificate {cert}: {describe(exc)}") from None
     if skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def _parse_bool(spec: BootstrapSpec, name: str, value: str | None) -> bool:
+def _parse_bool(error: Callable[[str], ConfigError], name: str, value: str | None) -> bool:
     """``value`` as Go's strconv.ParseBool reads it; unset or empty is false."""
     if value in _TRUE:
         return True
     if not value or value in _FALSE:
         return False
-    raise spec.error(f"{name} {value!r} is not a boolean (true or false)")
+    raise error(f"{name} {value!r} is not a boolean (true or false)")
 
 
 def _registration_list(body: object) -> list[object]:

@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 NAMESPACE_METADATA_KEY: Final = "containerd-namespace"
+# What a call creates (content, ingests, snapshots) while it carries this joins the lease.
+LEASE_METADATA_KEY: Final = "containerd-lease"
 CONTENT_PLUGIN_TYPE: Final = "io.containerd.content.v1"
 
 # Content.Read answers in ~1 MiB messages; gRPC's default 4 MiB cap leaves little headroom
@@ -195,6 +197,22 @@ class ContainerdClient:
         self._content = content_pb2_grpc.ContentStub(channel)  # type: ignore[no-untyped-call]
         self._introspection = introspection_pb2_grpc.IntrospectionStub(channel)  # type: ignore[no-untyped-call]
         self._events = events_pb2_grpc.EventsStub(channel)  # type: ignore[no-untyped-call]
+
+    def channel(self) -> grpc.aio.Channel:
+        """The channel (opened on first use), for stubs of services this client leaves out.
+
+        prefetch's runtime writes content, snapshots and images through it rather than open a
+        second connection. ``close()`` closes it: take it again after a close.
+        """
+        self._ensure_channel()
+        assert self._channel is not None
+        return self._channel
+
+    def metadata(self, *, lease: str | None = None) -> tuple[tuple[str, str], ...]:
+        """Call metadata naming this namespace and, if given, the lease the call works under."""
+        if lease is None:
+            return self._metadata
+        return (*self._metadata, (LEASE_METADATA_KEY, lease))
 
     @property
     def _images_stub(self) -> images_pb2_grpc.ImagesStub:

@@ -22,9 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*mirror/stores/containerd/api/content.proto\x12\x1e\x63ontainerd.services.content.v1\"\x95\x01\n\x04Info\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12@\n\x06labels\x18\x05 \x03(\x0b\x32\x30.containerd.services.content.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"B\n\x0cInfoResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.containerd.services.content.v1.Info\"%\n\x12ListContentRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"I\n\x13ListContentResponse\x12\x32\n\x04info\x18\x01 \x03(\x0b\x32$.containerd.services.content.v1.Info\"B\n\x12ReadContentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\"3\n\x13ReadContentResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xd2\x02\n\x07\x43ontent\x12\x61\n\x04Info\x12+.containerd.services.content.v1.InfoRequest\x1a,.containerd.services.content.v1.InfoResponse\x12q\n\x04List\x12\x32.containerd.services.content.v1.ListContentRequest\x1a\x33.containerd.services.content.v1.ListContentResponse0\x01\x12q\n\x04Read\x12\x32.containerd.services.content.v1.ReadContentRequest\x1a\x33.containerd.services.content.v1.ReadContentResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*mirror/stores/containerd/api/content.proto\x12\x1e\x63ontainerd.services.content.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\"\x95\x01\n\x04Info\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12@\n\x06labels\x18\x05 \x03(\x0b\x32\x30.containerd.services.content.v1.Info.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"B\n\x0cInfoResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.containerd.services.content.v1.Info\"%\n\x12ListContentRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"I\n\x13ListContentResponse\x12\x32\n\x04info\x18\x01 \x03(\x0b\x32$.containerd.services.content.v1.Info\"B\n\x12ReadContentRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\"3\n\x13ReadContentResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\rUpdateRequest\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.containerd.services.content.v1.Info\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"D\n\x0eUpdateResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.containerd.services.content.v1.Info\"F\n\x06Status\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x10\n\x08\x65xpected\x18\x06 \x01(\t\"\x1c\n\rStatusRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"H\n\x0eStatusResponse\x12\x36\n\x06status\x18\x01 \x01(\x0b\x32&.containerd.services.content.v1.Status\"\x9e\x02\n\x13WriteContentRequest\x12;\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32+.containerd.services.content.v1.WriteAction\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08\x65xpected\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12O\n\x06labels\x18\x07 \x03(\x0b\x32?.containerd.services.content.v1.WriteContentRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x01\n\x14WriteContentResponse\x12;\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32+.containerd.services.content.v1.WriteAction\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"\x1b\n\x0c\x41\x62ortRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t*.\n\x0bWriteAction\x12\x08\n\x04STAT\x10\x00\x12\t\n\x05WRITE\x10\x01\x12\n\n\x06\x43OMMIT\x10\x02\x32\xeb\x05\n\x07\x43ontent\x12\x61\n\x04Info\x12+.containerd.services.content.v1.InfoRequest\x1a,.containerd.services.content.v1.InfoResponse\x12g\n\x06Update\x12-.containerd.services.content.v1.UpdateRequest\x1a..containerd.services.content.v1.UpdateResponse\x12q\n\x04List\x12\x32.containerd.services.content.v1.ListContentRequest\x1a\x33.containerd.services.content.v1.ListContentResponse0\x01\x12q\n\x04Read\x12\x32.containerd.services.content.v1.ReadContentRequest\x1a\x33.containerd.services.content.v1.ReadContentResponse0\x01\x12g\n\x06Status\x12-.containerd.services.content.v1.StatusRequest\x1a..containerd.services.content.v1.StatusResponse\x12v\n\x05Write\x12\x33.containerd.services.content.v1.WriteContentRequest\x1a\x34.containerd.services.content.v1.WriteContentResponse(\x01\x30\x01\x12M\n\x05\x41\x62ort\x12,.containerd.services.content.v1.AbortRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFO_LABELSENTRY']._loaded_options = None
   _globals['_INFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_INFO']._serialized_start=79
-  _globals['_INFO']._serialized_end=228
-  _globals['_INFO_LABELSENTRY']._serialized_start=183
-  _globals['_INFO_LABELSENTRY']._serialized_end=228
-  _globals['_INFOREQUEST']._serialized_start=230
-  _globals['_INFOREQUEST']._serialized_end=259
-  _globals['_INFORESPONSE']._serialized_start=261
-  _globals['_INFORESPONSE']._serialized_end=327
-  _globals['_LISTCONTENTREQUEST']._serialized_start=329
-  _globals['_LISTCONTENTREQUEST']._serialized_end=366
-  _globals['_LISTCONTENTRESPONSE']._serialized_start=368
-  _globals['_LISTCONTENTRESPONSE']._serialized_end=441
-  _globals['_READCONTENTREQUEST']._serialized_start=443
-  _globals['_READCONTENTREQUEST']._serialized_end=509
-  _globals['_READCONTENTRESPONSE']._serialized_start=511
-  _globals['_READCONTENTRESPONSE']._serialized_end=562
-  _globals['_CONTENT']._serialized_start=565
-  _globals['_CONTENT']._serialized_end=903
+  _globals['_WRITECONTENTREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_WRITECONTENTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_WRITEACTION']._serialized_start=1442
+  _globals['_WRITEACTION']._serialized_end=1488
+  _globals['_INFO']._serialized_start=142
+  _globals['_INFO']._serialized_end=291
+  _globals['_INFO_LABELSENTRY']._serialized_start=246
+  _globals['_INFO_LABELSENTRY']._serialized_end=291
+  _globals['_INFOREQUEST']._serialized_start=293
+  _globals['_INFOREQUEST']._serialized_end=322
+  _globals['_INFORESPONSE']._serialized_start=324
+  _globals['_INFORESPONSE']._serialized_end=390
+  _globals['_LISTCONTENTREQUEST']._serialized_start=392
+  _globals['_LISTCONTENTREQUEST']._serialized_end=429
+  _globals['_LISTCONTENTRESPONSE']._serialized_start=431
+  _globals['_LISTCONTENTRESPONSE']._serialized_end=504
+  _globals['_READCONTENTREQUEST']._serialized_start=506
+  _globals['_READCONTENTREQUEST']._serialized_end=572
+  _globals['_READCONTENTRESPONSE']._serialized_start=574
+  _globals['_READCONTENTRESPONSE']._serialized_end=625
+  _globals['_UPDATEREQUEST']._serialized_start=627
+  _globals['_UPDATEREQUEST']._serialized_end=743
+  _globals['_UPDATERESPONSE']._serialized_start=745
+  _globals['_UPDATERESPONSE']._serialized_end=813
+  _globals['_STATUS']._serialized_start=815
+  _globals['_STATUS']._serialized_end=885
+  _globals['_STATUSREQUEST']._serialized_start=887
+  _globals['_STATUSREQUEST']._serialized_end=915
+  _globals['_STATUSRESPONSE']._serialized_start=917
+  _globals['_STATUSRESPONSE']._serialized_end=989
+  _globals['_WRITECONTENTREQUEST']._serialized_start=992
+  _globals['_WRITECONTENTREQUEST']._serialized_end=1278
+  _globals['_WRITECONTENTREQUEST_LABELSENTRY']._serialized_start=246
+  _globals['_WRITECONTENTREQUEST_LABELSENTRY']._serialized_end=291
+  _globals['_WRITECONTENTRESPONSE']._serialized_start=1281
+  _globals['_WRITECONTENTRESPONSE']._serialized_end=1411
+  _globals['_ABORTREQUEST']._serialized_start=1413
+  _globals['_ABORTREQUEST']._serialized_end=1440
+  _globals['_CONTENT']._serialized_start=1491
+  _globals['_CONTENT']._serialized_end=2238
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from mirror.stores.containerd.api import content_pb2 as mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -39,6 +40,11 @@ class ContentStub:
                 request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.InfoRequest.SerializeToString,
                 response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Update = channel.unary_unary(
+                '/containerd.services.content.v1.Content/Update',
+                request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.UpdateRequest.SerializeToString,
+                response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.UpdateResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_stream(
                 '/containerd.services.content.v1.Content/List',
                 request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ListContentRequest.SerializeToString,
@@ -49,12 +55,33 @@ class ContentStub:
                 request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ReadContentRequest.SerializeToString,
                 response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ReadContentResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/containerd.services.content.v1.Content/Status',
+                request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.StatusRequest.SerializeToString,
+                response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.Write = channel.stream_stream(
+                '/containerd.services.content.v1.Content/Write',
+                request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.WriteContentRequest.SerializeToString,
+                response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.WriteContentResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/containerd.services.content.v1.Content/Abort',
+                request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.AbortRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class ContentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Update(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +99,24 @@ class ContentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Write(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +124,11 @@ def add_ContentServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.InfoRequest.FromString,
                     response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.InfoResponse.SerializeToString,
+            ),
+            'Update': grpc.unary_unary_rpc_method_handler(
+                    servicer.Update,
+                    request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.UpdateRequest.FromString,
+                    response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.UpdateResponse.SerializeToString,
             ),
             'List': grpc.unary_stream_rpc_method_handler(
                     servicer.List,
@@ -89,6 +139,21 @@ def add_ContentServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ReadContentRequest.FromString,
                     response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ReadContentResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.StatusRequest.FromString,
+                    response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.StatusResponse.SerializeToString,
+            ),
+            'Write': grpc.stream_stream_rpc_method_handler(
+                    servicer.Write,
+                    request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.WriteContentRequest.FromString,
+                    response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.WriteContentResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.AbortRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -118,6 +183,33 @@ class Content:
             '/containerd.services.content.v1.Content/Info',
             mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.InfoRequest.SerializeToString,
             mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Update(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.content.v1.Content/Update',
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.UpdateRequest.SerializeToString,
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.UpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,6 +264,87 @@ class Content:
             '/containerd.services.content.v1.Content/Read',
             mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ReadContentRequest.SerializeToString,
             mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.ReadContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.content.v1.Content/Status',
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.StatusRequest.SerializeToString,
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Write(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/containerd.services.content.v1.Content/Write',
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.WriteContentRequest.SerializeToString,
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.WriteContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.content.v1.Content/Abort',
+            mirror_dot_stores_dot_containerd_dot_api_dot_content__pb2.AbortRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

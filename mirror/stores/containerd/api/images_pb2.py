@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from mirror.stores.containerd.api import descriptor_pb2 as mirror_dot_stores_dot_containerd_dot_api_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)mirror/stores/containerd/api/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a-mirror/stores/containerd/api/descriptor.proto\"\xb4\x01\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"$\n\x11ListImagesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"J\n\x12ListImagesResponse\x12\x34\n\x06images\x18\x01 \x03(\x0b\x32$.containerd.services.images.v1.Image2\xdd\x01\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12k\n\x04List\x12\x30.containerd.services.images.v1.ListImagesRequest\x1a\x31.containerd.services.images.v1.ListImagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)mirror/stores/containerd/api/images.proto\x12\x1d\x63ontainerd.services.images.v1\x1a google/protobuf/field_mask.proto\x1a-mirror/stores/containerd/api/descriptor.proto\"\xb4\x01\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.containerd.services.images.v1.Image.LabelsEntry\x12,\n\x06target\x18\x03 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x10GetImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"$\n\x11ListImagesRequest\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\"J\n\x12ListImagesResponse\x12\x34\n\x06images\x18\x01 \x03(\x0b\x32$.containerd.services.images.v1.Image\"I\n\x12\x43reateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"J\n\x13\x43reateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\"z\n\x12UpdateImageRequest\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"J\n\x13UpdateImageResponse\x12\x33\n\x05image\x18\x01 \x01(\x0b\x32$.containerd.services.images.v1.Image2\xbf\x03\n\x06Images\x12\x66\n\x03Get\x12..containerd.services.images.v1.GetImageRequest\x1a/.containerd.services.images.v1.GetImageResponse\x12k\n\x04List\x12\x30.containerd.services.images.v1.ListImagesRequest\x1a\x31.containerd.services.images.v1.ListImagesResponse\x12o\n\x06\x43reate\x12\x31.containerd.services.images.v1.CreateImageRequest\x1a\x32.containerd.services.images.v1.CreateImageResponse\x12o\n\x06Update\x12\x31.containerd.services.images.v1.UpdateImageRequest\x1a\x32.containerd.services.images.v1.UpdateImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGE_LABELSENTRY']._loaded_options = None
   _globals['_IMAGE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGE']._serialized_start=124
-  _globals['_IMAGE']._serialized_end=304
-  _globals['_IMAGE_LABELSENTRY']._serialized_start=259
-  _globals['_IMAGE_LABELSENTRY']._serialized_end=304
-  _globals['_GETIMAGEREQUEST']._serialized_start=306
-  _globals['_GETIMAGEREQUEST']._serialized_end=337
-  _globals['_GETIMAGERESPONSE']._serialized_start=339
-  _globals['_GETIMAGERESPONSE']._serialized_end=410
-  _globals['_LISTIMAGESREQUEST']._serialized_start=412
-  _globals['_LISTIMAGESREQUEST']._serialized_end=448
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=450
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=524
-  _globals['_IMAGES']._serialized_start=527
-  _globals['_IMAGES']._serialized_end=748
+  _globals['_IMAGE']._serialized_start=158
+  _globals['_IMAGE']._serialized_end=338
+  _globals['_IMAGE_LABELSENTRY']._serialized_start=293
+  _globals['_IMAGE_LABELSENTRY']._serialized_end=338
+  _globals['_GETIMAGEREQUEST']._serialized_start=340
+  _globals['_GETIMAGEREQUEST']._serialized_end=371
+  _globals['_GETIMAGERESPONSE']._serialized_start=373
+  _globals['_GETIMAGERESPONSE']._serialized_end=444
+  _globals['_LISTIMAGESREQUEST']._serialized_start=446
+  _globals['_LISTIMAGESREQUEST']._serialized_end=482
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=484
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=558
+  _globals['_CREATEIMAGEREQUEST']._serialized_start=560
+  _globals['_CREATEIMAGEREQUEST']._serialized_end=633
+  _globals['_CREATEIMAGERESPONSE']._serialized_start=635
+  _globals['_CREATEIMAGERESPONSE']._serialized_end=709
+  _globals['_UPDATEIMAGEREQUEST']._serialized_start=711
+  _globals['_UPDATEIMAGEREQUEST']._serialized_end=833
+  _globals['_UPDATEIMAGERESPONSE']._serialized_start=835
+  _globals['_UPDATEIMAGERESPONSE']._serialized_end=909
+  _globals['_IMAGES']._serialized_start=912
+  _globals['_IMAGES']._serialized_end=1359
 # @@protoc_insertion_point(module_scope)

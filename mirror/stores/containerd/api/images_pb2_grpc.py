@@ -44,6 +44,16 @@ class ImagesStub:
                 request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.ListImagesRequest.SerializeToString,
                 response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.ListImagesResponse.FromString,
                 _registered_method=True)
+        self.Create = channel.unary_unary(
+                '/containerd.services.images.v1.Images/Create',
+                request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.CreateImageRequest.SerializeToString,
+                response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.CreateImageResponse.FromString,
+                _registered_method=True)
+        self.Update = channel.unary_unary(
+                '/containerd.services.images.v1.Images/Update',
+                request_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.UpdateImageRequest.SerializeToString,
+                response_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.UpdateImageResponse.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -61,6 +71,18 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Create(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Update(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.ListImagesRequest.FromString,
                     response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'Create': grpc.unary_unary_rpc_method_handler(
+                    servicer.Create,
+                    request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.CreateImageRequest.FromString,
+                    response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.CreateImageResponse.SerializeToString,
+            ),
+            'Update': grpc.unary_unary_rpc_method_handler(
+                    servicer.Update,
+                    request_deserializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.UpdateImageRequest.FromString,
+                    response_serializer=mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.UpdateImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class Images:
             '/containerd.services.images.v1.Images/List',
             mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.ListImagesRequest.SerializeToString,
             mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Create(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.images.v1.Images/Create',
+            mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.CreateImageRequest.SerializeToString,
+            mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.CreateImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Update(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.images.v1.Images/Update',
+            mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.UpdateImageRequest.SerializeToString,
+            mirror_dot_stores_dot_containerd_dot_api_dot_images__pb2.UpdateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,390 @@
+"""The prefetch file (`mirror run --prefetch-file FILE`) and the node labels its pins match.
+
+    [[image]]
+    ref = "registry.internal:5000/infra/traefik:v2.10"   # tag or digest
+    source = "docker.io/library/traefik:v2.10"           # optional: expected <- source
+    nodes = { role = "edge" }                            # optional: match on node labels
+
+A file is taken whole or refused whole (`PrefetchFileError`, with the line of the entry at fault
+and the reason): taking the good half of a file would drop pins without anyone noticing. The
+watcher keeps the pins of the last good file while a broken one is in place, so a typo, an edit
+in progress or a ConfigMap mid-update never empties a node's pins; the node keeps serving.
+
+tomllib gives no positions, so the line of the N-th entry is found by scanning the text for
+`[[image]]` headers; when the scan cannot be trusted (an entry written as an inline array, a
+header-looking line inside a multi-line string) errors name the file without a line rather than
+a wrong one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import os
+import re
+import tomllib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.errors import ConfigError, DigestInvalid, NameInvalid, PrefetchFileError
+from mirror.prefetch.model import ImageRef, Pin, parse_image_ref
+
+log = logging.getLogger(__name__)
+
+# A pin list is a few kilobytes; a file past this is a mistake (a wrong path, a log file), and
+# reading it whole on every change would cost memory for nothing.
+MAX_FILE_BYTES = 1 << 20
+
+_ENTRY_KEYS = ("ref", "source", "nodes")
+_POSITION = re.compile(r"\s*\(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+_END_OF_DOCUMENT = " (at end of document)"
+
+
+def _key_pattern(key: str) -> str:
+    """A TOML key as it may be spelled: bare, "basic" or 'literal'."""
+    bare = re.escape(key)
+    return rf"(?:{bare}|\"{bare}\"|'{bare}')"
+
+
+_ENTRY_HEADER = re.compile(rf"[ \t]*\[\[[ \t]*{_key_pattern('image')}[ \t]*\]\][ \t]*(?:#.*)?\r?")
+_TABLE_HEADER = re.compile(r"[ \t]*\[")
+
+
+class _Invalid(Exception):
+    """An entry's problem, before the file and line are known (becomes `PrefetchFileError`)."""
+
+
+def load_pins(path: Path) -> tuple[Pin, ...]:
+    """The pins of the prefetch file at `path`; `PrefetchFileError` if any part is unusable."""
+    return _pins_of(_read(path, name=str(path)), name=str(path))
+
+
+def parse_pins(text: str, *, path: str) -> tuple[Pin, ...]:
+    """The pins of a prefetch file's text; `path` only names the file in errors."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(exc, text, path) from None
+    for key in document:
+        if key != "image":
+            raise PrefetchFileError(
+                path,
+                f"unknown key {key!r} (the file holds [[image]] entries only)",
+                line=_top_level_line(text, key),
+            )
+    entries = document.get("image", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise PrefetchFileError(
+            path,
+            f"image must be [[image]] tables, not {_kind(entries)}",
+            line=_top_level_line(text, "image"),
+        )
+    lines = _entry_lines(text, len(entries))
+    pins: list[Pin] = []
+    first_seen: dict[ImageRef, int] = {}
+    for index, (entry, line) in enumerate(zip(entries, lines, strict=True)):
+        try:
+            pin = _pin(entry)
+        except _Invalid as exc:
+            raise PrefetchFileError(path, str(exc), line=line) from None
+        if pin.ref in first_seen:
+            earlier = first_seen[pin.ref]
+            where = (
+                f"lines {lines[earlier]} and {line}"
+                if line is not None
+                else f"entries {earlier + 1} and {index + 1}"
+            )
+            raise PrefetchFileError(
+                path, f"ref {str(pin.ref)!r} is pinned twice: {where}", line=line
+            )
+        first_seen[pin.ref] = index
+        pins.append(pin)
+    return tuple(pins)
+
+
+def _pin(entry: Mapping[str, object]) -> Pin:
+    unknown = [key for key in entry if key not in _ENTRY_KEYS]
+    if unknown:
+        raise _Invalid(
+            f"unknown key {unknown[0]!r} in [[image]] (expected {', '.join(_ENTRY_KEYS)})"
+        )
+    if "ref" not in entry:
+        raise _Invalid("[[image]] has no ref")
+    ref = _image_ref("ref", entry["ref"])
+    source = _image_ref("source", entry["source"]) if "source" in entry else None
+    nodes = _nodes(entry.get("nodes", {}))
+    return Pin(ref, source, nodes, origin="file")
+
+
+def _image_ref(key: str, value: object) -> ImageRef:
+    if not isinstance(value, str):
+        raise _Invalid(f"{key} must be a string, not {_kind(value)}")
+    if not value.strip():
+        raise _Invalid(f"{key} is empty")
+    try:
+        return parse_image_ref(value)
+    except (NameInvalid, DigestInvalid) as exc:
+        raise _Invalid(f"{key} {exc}") from None
+
+
+def _nodes(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"nodes must be a table of label = value, not {_kind(value)}")
+    nodes: dict[str, str] = {}
+    for key, label in value.items():
+        if not isinstance(label, str):
+            raise _Invalid(f"nodes: label {key!r} must be a string, not {_kind(label)}")
+        problem = _label_problem(key, label)
+        if problem is not None:
+            raise _Invalid(f"nodes: {problem}")
+        nodes[key] = label
+    return nodes
+
+
+def _label_problem(key: str, value: str) -> str | None:
+    """Why `key=value` cannot be a node label, or None: Kubernetes' rules, loosely.
+
+    Loosely, because labels also come from Nomad meta and operators' flags: what matters is that
+    a pin's selector can equal a label as given, and that `KEY=VALUE` parses back to the same
+    pair. An empty value is a label (Kubernetes' `node-role.kubernetes.io/edge: ""`).
+    """
+    if not key:
+        return "a label key is empty"
+    for part, text in (("key", key), ("value", value)):
+        if "=" in text:
+            return f"label {part} {text!r} contains '='"
+        if not all(char.isprintable() and not char.isspace() for char in text):
+            return f"label {part} {text!r} contains whitespace or unprintable characters"
+    return None
+
+
+def _kind(value: object) -> str:
+    """A TOML value's type as the file's author would name it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    kinds: tuple[tuple[type, str], ...] = (
+        (str, "a string"),
+        (float, "a float"),
+        (list, "an array"),
+        (dict, "a table"),
+        (datetime.date, "a date"),
+        (datetime.time, "a time"),
+    )
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
+
+
+def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, path: str) -> PrefetchFileError:
+    """tomllib's message without its position, the position as the error's line.
+
+    Python 3.11's tomllib puts the position only in the message: `... (at line 3, column 7)`.
+    """
+    message = str(exc)
+    match = _POSITION.search(message)
+    if match is not None:
+        reason = f"invalid TOML: {message[: match.start()]} at column {match['column']}"
+        return PrefetchFileError(path, reason, line=int(match["line"]))
+    if message.endswith(_END_OF_DOCUMENT):
+        reason = f"invalid TOML: {message[: -len(_END_OF_DOCUMENT)]} at the end of the file"
+        return PrefetchFileError(path, reason, line=max(1, len(text.rstrip("\n").split("\n"))))
+    return PrefetchFileError(path, f"invalid TOML: {message}")
+
+
+def _entry_lines(text: str, count: int) -> list[int | None]:
+    """The 1-based line of each `[[image]]` header, or None for all when they cannot be told.
+
+    TOML has no other line breaks than LF and CRLF, so `split("\\n")` numbers lines as tomllib
+    does (`splitlines` would also break at form feeds and U+2028, which TOML strings may hold).
+    """
+    found = [
+        number
+        for number, line in enumerate(text.split("\n"), start=1)
+        if _ENTRY_HEADER.fullmatch(line)
+    ]
+    return [*found] if len(found) == count else [None] * count
+
+
+def _top_level_line(text: str, key: str) -> int | None:
+    """Where a top-level key is defined: `key = ...` before any table, or a `[key...]` header."""
+    spelled = _key_pattern(key)
+    assignment = re.compile(rf"[ \t]*{spelled}[ \t]*[=.]")
+    header = re.compile(rf"[ \t]*\[\[?[ \t]*{spelled}[ \t]*[\].]")
+    in_tables = False
+    for number, line in enumerate(text.split("\n"), start=1):
+        if header.match(line) or (not in_tables and assignment.match(line)):
+            return number
+        in_tables = in_tables or _TABLE_HEADER.match(line) is not None
+    return None
+
+
+def _read(path: Path, *, name: str) -> bytes:
+    """The file's bytes, at most `MAX_FILE_BYTES`; `name` is how errors call it."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PrefetchFileError(name, f"cannot read the file: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PrefetchFileError(name, f"the file is larger than {MAX_FILE_BYTES} bytes")
+    return data
+
+
+def _pins_of(data: bytes, *, name: str) -> tuple[Pin, ...]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrefetchFileError(
+            name,
+            f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}",
+            line=data.count(b"\n", 0, exc.start) + 1,
+        ) from None
+    # Editors on Windows may start the file with a byte-order mark, which TOML does not allow.
+    return parse_pins(text.removeprefix("\ufeff"), path=name)
+
+
+def parse_node_label(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` from `--node-label`; `ConfigError` with the reason if it is not a label."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise ConfigError(f"node label {text!r} is not KEY=VALUE")
+    problem = _label_problem(key, value)
+    if problem is not None:
+        raise ConfigError(f"node label {text!r}: {problem}")
+    return key, value
+
+
+def node_labels(items: Iterable[str | tuple[str, str]]) -> dict[str, str]:
+    """The node's labels from repeated `--node-label` values (text or parsed pairs).
+
+    A key given twice is refused even with the same value: one of the two flags is a mistake,
+    and silently keeping either would match pins the operator did not mean.
+    """
+    labels: dict[str, str] = {}
+    for item in items:
+        key, value = parse_node_label(item) if isinstance(item, str) else item
+        if key in labels:
+            raise ConfigError(
+                f"node label {key!r} is given twice: {key}={labels[key]} and {key}={value}"
+            )
+        labels[key] = value
+    return labels
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    """What a stat says about the file: when it is unchanged, the content is taken as unchanged.
+
+    `resolved` is the path after every symlink: a ConfigMap update swaps the `..data` symlink
+    to a new directory, so the file seen through the mounted name is another file, whose inode
+    may even be a recycled one. Comparing the resolved path as well catches that.
+    """
+
+    resolved: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def _stat(path: Path) -> _Signature:
+    resolved = os.path.realpath(path)
+    try:
+        info = os.stat(resolved)
+    except OSError as exc:
+        raise PrefetchFileError(str(path), f"cannot read the file: {exc.strerror or exc}") from None
+    return _Signature(
+        resolved, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+    )
+
+
+class PinFileWatcher:
+    """The pins of a prefetch file, again whenever its content changes.
+
+    Each poll stats the file (through its symlinks); only when that changed is the file read,
+    and only when its hash changed is it parsed, so a touch or a rewrite with the same bytes
+    costs nothing downstream. A file that cannot be used is logged once (ERROR, one line, the
+    reason) and shown in `last_error`; the pins of the last good file stay in force, and
+    nothing is yielded until the file is good again. A good file whose pins equal those last
+    yielded (a comment edited, a broken file put back as it was) yields nothing either.
+    """
+
+    def __init__(self, path: Path, interval: float = 2.0) -> None:
+        self._path = path
+        self._interval = interval
+        self._lock = asyncio.Lock()
+        # What the last poll saw: a stat, or the reason the stat failed.
+        self._signature: _Signature | str | None = None
+        self._digest: bytes | None = None
+        self._pins: tuple[Pin, ...] | None = None
+        self._last_error: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def pins(self) -> tuple[Pin, ...] | None:
+        """The pins in force: from the last good file; None if there has not been one yet."""
+        return self._pins
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the file as it is now cannot be used (`path:line: reason`); None when it can."""
+        return self._last_error
+
+    async def changes(self) -> AsyncIterator[tuple[Pin, ...]]:
+        """The pins once the file is first good, then after each change of them."""
+        while True:
+            pins = await self.check()
+            if pins is not None:
+                yield pins
+            await asyncio.sleep(self._interval)
+
+    async def check(self) -> tuple[Pin, ...] | None:
+        """One poll: the new pins if the file changed and they did, else None."""
+        async with self._lock:
+            try:
+                signature = await asyncio.to_thread(_stat, self._path)
+            except PrefetchFileError as exc:
+                if exc.reason != self._signature:
+                    self._signature, self._digest = exc.reason, None
+                    self._refuse(exc)
+                return None
+            if signature == self._signature:
+                return None
+            self._signature = signature
+            try:
+                data = await asyncio.to_thread(
+                    _read, Path(signature.resolved), name=str(self._path)
+                )
+            except PrefetchFileError as exc:
+                self._digest = None
+                self._refuse(exc)
+                return None
+            digest = hashlib.sha256(data).digest()
+            if digest == self._digest:
+                return None
+            self._digest = digest
+            try:
+                pins = _pins_of(data, name=str(self._path))
+            except PrefetchFileError as exc:
+                self._refuse(exc)
+                return None
+            self._last_error = None
+            if pins == self._pins:
+                return None
+            self._pins = pins
+            log.info("prefetch file %s: %d pins", self._path, len(pins))
+            return pins
+
+    def _refuse(self, error: PrefetchFileError) -> None:
+        self._last_error = str(error)
+        if self._pins is None:
+            log.error("%s; no pins from this file until it is fixed", error)
+        else:
+            log.error("%s; keeping the previous %d pins", error, len(self._pins))

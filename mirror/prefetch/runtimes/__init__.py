@@ -1,0 +1,1 @@
+"""The container runtimes the prefetcher puts images into (each a `model.Runtime`)."""

@@ -1,0 +1,85 @@
+"""`/mirror/v1/prefetch`: what this node keeps in its runtime, and "take this image now".
+
+`GET` answers JSON: this node's runtime, labels and platform, each pin origin (file, watches,
+API) with its problem if any, and per image its wanted digest, state (waiting, fetching, held,
+failed with the error), progress, and the source used. `GET ?ref=IMAGE` answers one image.
+`POST` with `{"ref": IMAGE, "source": IMAGE}` pins an image until the node restarts and tries
+it at once: what `mirror prefetch` sends, then polls.
+
+Only the node's own clients (loopback, `--allow-client`) and signed peers may ask: pinning is
+a way to make the node fetch, which an outsider must not have.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from mirror.errors import Denied, NameUnknown, RequestInvalid
+from mirror.prefetch.model import parse_image_ref
+from mirror.prefetch.prefetcher import Prefetcher
+from mirror.prefetch.resolve import Platform
+from mirror.registry.access import AccessPolicy
+from mirror.registry.responses import API_VERSION_HEADER
+from mirror.request import Caller
+
+PREFETCH_PATH = "/mirror/v1/prefetch"
+# A pin request is two image references: far below this.
+_MAX_BODY = 16 * 1024
+
+
+class PrefetchApi:
+    def __init__(self, prefetcher: Prefetcher, platform: Platform, access: AccessPolicy) -> None:
+        self._prefetcher = prefetcher
+        self._platform = platform
+        self._access = access
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(PREFETCH_PATH, self._status)
+        app.router.add_post(PREFETCH_PATH, self._request)
+
+    def _check_caller(self, request: web.Request) -> None:
+        if self._access.classify(request) not in (Caller.RUNTIME, Caller.PEER):
+            raise Denied("only this node's clients and its peers may use the prefetch API")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        self._check_caller(request)
+        wanted = request.query.get("ref")
+        if wanted is not None:
+            status = self._prefetcher.status(parse_image_ref(wanted))
+            if status is None:
+                raise NameUnknown(f"{wanted} is not pinned on this node")
+            return web.json_response(status.as_json(), headers=API_VERSION_HEADER)
+        body = {
+            "runtime": self._prefetcher.runtime_name,
+            "platform": str(self._platform),
+            "labels": dict(self._prefetcher.labels),
+            "origins": self._prefetcher.origins(),
+            "images": [status.as_json() for status in self._prefetcher.statuses()],
+        }
+        return web.json_response(body, headers=API_VERSION_HEADER)
+
+    async def _request(self, request: web.Request) -> web.Response:
+        self._check_caller(request)
+        if (request.content_length or 0) > _MAX_BODY:
+            raise RequestInvalid(f"a prefetch request is at most {_MAX_BODY} bytes")
+        raw = await request.content.read(_MAX_BODY + 1)
+        if len(raw) > _MAX_BODY:
+            raise RequestInvalid(f"a prefetch request is at most {_MAX_BODY} bytes")
+        try:
+            document = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RequestInvalid(f"the body is not JSON: {exc}") from exc
+        if not isinstance(document, dict) or not isinstance(document.get("ref"), str):
+            raise RequestInvalid('the body must be {"ref": IMAGE, "source": IMAGE (optional)}')
+        unknown = set(document) - {"ref", "source"}
+        if unknown:
+            raise RequestInvalid(f"unknown fields: {', '.join(sorted(unknown))}")
+        source_text = document.get("source")
+        if source_text is not None and not isinstance(source_text, str):
+            raise RequestInvalid("source must be an image reference (a string)")
+        ref = parse_image_ref(document["ref"])
+        source = parse_image_ref(source_text) if source_text else None
+        status = self._prefetcher.request(ref, source)
+        return web.json_response(status.as_json(), status=202, headers=API_VERSION_HEADER)
