@@ -43,6 +43,7 @@ from mirror.config import (
     parse_duration,
     parse_ip,
     parse_mib_per_second,
+    parse_node_name,
     parse_upload_cap,
 )
 from mirror.errors import ConfigError, MirrorError
@@ -472,6 +473,13 @@ def _add_prefetch_flags(flag: _FlagAdder, environ: Mapping[str, str]) -> None:
         default=None,
         help="only this namespace's workloads, for --prefetch-from kubernetes (default: all)",
     )
+    flag(
+        "--node-name",
+        default=None,
+        type=_typed(parse_node_name, "node name"),
+        help="this Kubernetes node's name (the chart sets it from spec.nodeName): with "
+        "--prefetch-from kubernetes its labels are read from the API and join --node-label",
+    )
 
 
 def _add_keygen(subparsers: Any) -> None:
@@ -691,18 +699,33 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def prefetch_config(args: argparse.Namespace) -> PrefetchConfig:
     from mirror.prefetch.pinfile import node_labels
+    from mirror.routing.bootstrap.kubernetes import in_cluster_settings
+    from mirror.routing.bootstrap.nomad import nomad_settings
 
     workloads = tuple(dict.fromkeys(_listed(args, "--prefetch-from")))
-    if WorkloadSource.NOMAD in workloads and not args.nomad_datacenter:
-        raise ConfigError("--prefetch-from nomad needs --nomad-datacenter (or NOMAD_DC)")
+    env: OrchestratorEnv = getattr(args, _ORCHESTRATOR_ENV)
+    nomad = kubernetes = None
+    if WorkloadSource.NOMAD in workloads:
+        if not args.nomad_datacenter:
+            raise ConfigError("--prefetch-from nomad needs --nomad-datacenter (or NOMAD_DC)")
+        nomad = nomad_settings(
+            lambda problem: ConfigError(f"--prefetch-from nomad: {problem}"), env.nomad
+        )
+    if WorkloadSource.KUBERNETES in workloads:
+        kubernetes = in_cluster_settings(
+            env.kubernetes, lambda problem: ConfigError(f"--prefetch-from kubernetes: {problem}")
+        )
     return PrefetchConfig(
         file=args.prefetch_file,
         node_labels=tuple(node_labels(_listed(args, "--node-label")).items()),
         workloads=workloads,
         recheck=args.prefetch_interval,
+        nomad=nomad,
         nomad_datacenter=args.nomad_datacenter,
         nomad_node_pool=args.nomad_node_pool,
+        kubernetes=kubernetes,
         kubernetes_namespace=args.kubernetes_namespace,
+        node_name=args.node_name,
     )
 
 

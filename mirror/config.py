@@ -22,6 +22,8 @@ from mirror.ports import port_number
 if TYPE_CHECKING:
     from mirror.clusterkey import ClusterKey
     from mirror.routing.bootstrap.base import BootstrapSource
+    from mirror.routing.bootstrap.kubernetes import KubernetesSettings
+    from mirror.routing.bootstrap.nomad import NomadSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -158,6 +160,17 @@ def parse_bool(text: str) -> bool:
     raise ConfigError(f"{text!r} is not true or false")
 
 
+_NODE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def parse_node_name(text: str) -> str:
+    """A Kubernetes node name (a DNS subdomain): it goes into an API path."""
+    cleaned = text.strip()
+    if not _NODE_NAME.fullmatch(cleaned):
+        raise ConfigError(f"{text!r} is not a Kubernetes node name")
+    return cleaned
+
+
 def parse_connection_cap(text: str) -> int:
     """A number of connections, `0` meaning no cap."""
     cleaned = text.strip()
@@ -262,11 +275,16 @@ class PrefetchConfig:
     recheck: float = 300.0
     # How often the prefetch file is looked at for changes (seconds).
     file_poll: float = 2.0
-    # Nomad: the node's datacenter and node pool, which a job must be able to place on.
+    # Nomad: how to reach the API, and the node's datacenter and node pool, which a job must
+    # be able to place on (set when workloads include NOMAD).
+    nomad: NomadSettings | None = None
     nomad_datacenter: str | None = None
     nomad_node_pool: str = "default"
-    # Kubernetes: one namespace's workloads, or None for all.
+    # Kubernetes: how to reach the API (set when workloads include KUBERNETES), one
+    # namespace's workloads or None for all, and this node's name, whose labels are read.
+    kubernetes: KubernetesSettings | None = None
     kubernetes_namespace: str | None = None
+    node_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from mirror.config import Address, LogLevel, PeerTransfer, RoutingConfig, RunConfig, StoreKind
+from mirror.config import (
+    Address,
+    LogLevel,
+    PeerTransfer,
+    PrefetchConfig,
+    RoutingConfig,
+    RunConfig,
+    StoreKind,
+)
 from mirror.content.advertiser import Advertiser
 from mirror.content.scrub import BlobChecker, CorruptionReports, Scrubber
 from mirror.content.service import ContentPolicy, ContentService
@@ -25,17 +33,20 @@ from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
 from mirror.peers.auth import RequestSigner, RequestVerifier, UrlSigner, UrlVerifier
 from mirror.peers.fetcher import PeerFetcher
-from mirror.prefetch.model import Runtime
+from mirror.prefetch.model import Pin, Runtime
 from mirror.prefetch.pinfile import PinFileWatcher
 from mirror.prefetch.prefetcher import PinnedSources, Prefetcher, Timing
 from mirror.prefetch.resolve import host_platform
 from mirror.prefetch.runtimes.containerd import ContainerdRuntime
 from mirror.prefetch.runtimes.docker import DockerRuntime
+from mirror.prefetch.watch import KubernetesWorkloads, NomadWorkloads, WorkloadWatch
+from mirror.prefetch.watch.kubernetes import node_labels
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
 from mirror.registry.connections import ConnectionPolicy, GuardedServer
 from mirror.registry.prefetch_api import PrefetchApi
 from mirror.routing.bootstrap import Rebootstrapper
+from mirror.routing.bootstrap.http import LookupFailed
 from mirror.routing.dht import DhtNode
 from mirror.routing.keys import stable_node_id
 from mirror.stores.base import Store
@@ -357,11 +368,20 @@ def _follow_pins(config: RunConfig, prefetcher: Prefetcher, background: _Backgro
     if settings.file is not None:
         watcher = PinFileWatcher(settings.file, settings.file_poll)
         background.start("prefetch file", _follow_file(watcher, prefetcher, settings.file_poll))
-    for workload in settings.workloads:
-        log.warning("--prefetch-from %s is not wired yet", workload)
+    if settings.nomad is not None:
+        assert settings.nomad_datacenter is not None, "checked when the flags were read"
+        nomad = NomadWorkloads(
+            settings.nomad,
+            datacenter=settings.nomad_datacenter,
+            node_pool=settings.nomad_node_pool,
+        )
+        background.start("prefetch nomad", _follow_workloads("nomad", nomad, prefetcher))
+    if settings.kubernetes is not None:
+        background.start("prefetch kubernetes", _follow_kubernetes(settings, prefetcher))
 
 
 async def _follow_file(watcher: PinFileWatcher, prefetcher: Prefetcher, interval: float) -> None:
+    """Poll the file (a ConfigMap's symlink swap has no event to wait for)."""
     prefetcher.set_pins("file", ())
     while True:
         pins = await watcher.check()
@@ -369,6 +389,37 @@ async def _follow_file(watcher: PinFileWatcher, prefetcher: Prefetcher, interval
             prefetcher.set_pins("file", pins)
         prefetcher.report("file", watcher.last_error)
         await asyncio.sleep(interval)
+
+
+async def _follow_workloads(origin: str, watch: WorkloadWatch, prefetcher: Prefetcher) -> None:
+    """Each set of images the watch yields replaces the origin's pins."""
+    images = watch.images()
+    try:
+        async for refs in images:
+            prefetcher.set_pins(origin, [Pin(ref, origin=origin) for ref in sorted(refs, key=str)])
+    finally:
+        aclose = getattr(images, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _follow_kubernetes(settings: PrefetchConfig, prefetcher: Prefetcher) -> None:
+    """The Kubernetes watch, matched on the node's own labels (read once from the API)."""
+    assert settings.kubernetes is not None
+    labels = dict(settings.node_labels)
+    if settings.node_name is not None:
+        try:
+            found = await node_labels(settings.kubernetes, settings.node_name)
+        except LookupFailed as exc:
+            log.warning("cannot read the labels of node %s: %s", settings.node_name, exc)
+            prefetcher.report("kubernetes", f"node labels: {exc}")
+        else:
+            labels = {**found, **labels}
+            prefetcher.add_labels(found)
+    watch = KubernetesWorkloads(
+        settings.kubernetes, labels, namespace=settings.kubernetes_namespace
+    )
+    await _follow_workloads("kubernetes", watch, prefetcher)
 
 
 async def run_node(config: RunConfig) -> None:

@@ -49,7 +49,9 @@ from yarl import URL
 from mirror.errors import ConfigError
 from mirror.prefetch.model import ImageRef, parse_image_ref
 from mirror.prefetch.watch import Backoff, KubernetesWorkloads, NomadWorkloads, WorkloadWatch
+from mirror.prefetch.watch.kubernetes import node_labels
 from mirror.routing.bootstrap.env import KubernetesEnv, NomadEnv
+from mirror.routing.bootstrap.http import LookupFailed
 from mirror.routing.bootstrap.kubernetes import KubernetesSettings, in_cluster_settings
 from mirror.routing.bootstrap.nomad import NomadSettings, nomad_settings
 
@@ -732,13 +734,24 @@ class FakeKubernetes:
         self.failures: dict[str, list[Handler]] = defaultdict(list)
         self.open = asyncio.Condition()
         self.active: set[tuple[str, str]] = set()
+        self.nodes: dict[str, dict[str, str]] = {}  # node name -> labels
 
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/api/v1/nodes/{name}", self.node)
         app.router.add_get("/apis/{group}/{version}/{plural}", self.handle)
         app.router.add_get("/apis/{group}/{version}/namespaces/{namespace}/{plural}", self.handle)
         app.on_shutdown.append(self.shutdown)
         return app
+
+    async def node(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {KUBE_TOKEN}":
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        labels = self.nodes.get(request.match_info["name"])
+        if labels is None:
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        body = {"kind": "Node", "metadata": {"name": request.match_info["name"], "labels": labels}}
+        return web.json_response(body)
 
     async def shutdown(self, app: web.Application) -> None:
         """End every open watch, as an API server going down does."""
@@ -1243,3 +1256,11 @@ async def test_kubernetes_unreachable_api_keeps_the_last_set(
 def test_watch_arguments_are_checked(build: Callable[[], object], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         build()
+
+
+async def test_kubernetes_node_labels_are_read_from_the_api(kube: Kube) -> None:
+    kube.server.nodes["node-a"] = {"role": "edge", "kubernetes.io/os": "linux"}
+    settings = in_cluster_settings(kube.env, ConfigError)
+    assert await node_labels(settings, "node-a") == {"role": "edge", "kubernetes.io/os": "linux"}
+    with pytest.raises(LookupFailed, match="HTTP 404"):
+        await node_labels(settings, "node-b")

@@ -168,6 +168,11 @@ class Prefetcher:
         self._by_origin[origin] = tuple(pins)
         self._reconcile()
 
+    def add_labels(self, labels: Mapping[str, str]) -> None:
+        """Labels learnt after start (a Kubernetes node's, from the API); flags win."""
+        self._labels = {**labels, **self._labels}
+        self._reconcile()
+
     def report(self, origin: str, error: str | None) -> None:
         """What went wrong reading `origin`'s pins (None: nothing), for the status API."""
         self._origin_errors[origin] = error

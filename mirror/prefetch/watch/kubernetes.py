@@ -458,3 +458,25 @@ def _path(obj: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
             return {}
         current = value
     return current
+
+
+async def node_labels(
+    settings: KubernetesSettings, node: str, *, timeout: float = 5.0
+) -> dict[str, str]:
+    """The labels of Kubernetes node `node` (`GET /api/v1/nodes/NAME`), which workloads'
+    `nodeSelector`s and pins' `nodes` tables match; `LookupFailed` when they cannot be read.
+
+    A pod cannot see its node's labels through the downward API, so the node asks the API
+    server once at start (the chart grants `get` on nodes).
+    """
+    url = settings.api.with_path(f"/api/v1/nodes/{node}")
+    token = read_token(settings.token_path)
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    async with open_session(timeout) as session:
+        body, _ = await get_json(
+            session, url, params={}, headers=headers, ssl_context=settings.ssl_context
+        )
+    labels = _path(body, ("metadata",)).get("labels") if isinstance(body, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    return {str(key): str(value) for key, value in labels.items() if isinstance(value, str)}
