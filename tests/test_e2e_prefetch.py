@@ -45,6 +45,7 @@ class PrefetchCluster:
     docker_mirror: MirrorNode
     images: dict[str, TestImage]  # a, b, c
     refs: dict[str, str]  # a, b, c -> upstream reference
+    prefetch_file: Path
 
     @property
     def mirrors(self) -> list[MirrorNode]:
@@ -71,8 +72,8 @@ def prefetching(
     mirror_factory: MirrorFactory,
 ) -> PrefetchCluster:
     images = {name: build_busybox(tmp_path / f"image-{name}", name=name) for name in "abc"}
-    refs = {name: image.push(registry.host, f"lib/{name}") for name, image in images.items()}
     prefetch_file = tmp_path / "prefetch.toml"
+    refs = {name: image.push(registry.host, f"lib/{name}") for name, image in images.items()}
     prefetch_file.write_text(
         f'[[image]]\nref = "{refs["a"]}"\n\n'
         f'[[image]]\nref = "{refs["b"]}"\nnodes = {{ role = "edge" }}\n\n'
@@ -103,7 +104,7 @@ def prefetching(
         *common,
         host=HOSTS[3],
     )
-    return PrefetchCluster(registry, cluster, docker, docker_mirror, images, refs)
+    return PrefetchCluster(registry, cluster, docker, docker_mirror, images, refs, prefetch_file)
 
 
 def test_pinned_images_reach_every_matching_runtime_and_run_with_upstream_down(
@@ -174,3 +175,25 @@ def test_pinned_images_reach_every_matching_runtime_and_run_with_upstream_down(
     )
     node.pull(EXPECTED, hosts_dir=hosts_dir, namespace=NAMESPACE)
     assert node.image_target(EXPECTED, NAMESPACE) == p.images["c"].manifest_digest
+
+
+def test_a_broken_prefetch_file_is_reported_and_the_pins_stay(
+    prefetching: PrefetchCluster,
+) -> None:
+    p = prefetching
+    mirror = p.cluster.mirror(1)
+    wait_until(functools.partial(held, mirror, 2), f"{mirror.address} to hold", 180)
+    good = p.prefetch_file.read_text()
+    p.prefetch_file.write_text(good + '\n[[image]]\nref = "Not An Image"\n')
+
+    def reported() -> bool:
+        return prefetch_status(mirror)["origins"]["file"]["error"] is not None
+
+    wait_until(reported, "the broken file to be reported", 30)
+    error = prefetch_status(mirror)["origins"]["file"]["error"]
+    header = len(good.splitlines()) + 2  # after a blank line
+    assert error.startswith(f"{p.prefetch_file}:{header}: ref 'Not An Image' is not an image")
+    assert held(mirror, 2)  # the previous pins stay, and the node serves
+    url = f"{mirror.url}/v2/lib/a/manifests/v1?ns={p.registry.host.replace(':', '%3A')}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
