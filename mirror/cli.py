@@ -474,6 +474,13 @@ def _add_prefetch_flags(flag: _FlagAdder, environ: Mapping[str, str]) -> None:
         help="only this namespace's workloads, for --prefetch-from kubernetes (default: all)",
     )
     flag(
+        "--webhook-token-file",
+        default=None,
+        type=Path,
+        help="file holding the token registry webhooks must send (Authorization: Bearer, or "
+        "?token= for Docker Hub) to /mirror/v1/events/; without it those endpoints answer 404",
+    )
+    flag(
         "--node-name",
         default=None,
         type=_typed(parse_node_name, "node name"),
@@ -726,7 +733,21 @@ def prefetch_config(args: argparse.Namespace) -> PrefetchConfig:
         kubernetes=kubernetes,
         kubernetes_namespace=args.kubernetes_namespace,
         node_name=args.node_name,
+        webhook_token=_webhook_token(args.webhook_token_file),
     )
+
+
+def _webhook_token(path: Path | None) -> bytes | None:
+    """The token in `path`, surrounding whitespace removed; ConfigError if unusable."""
+    if path is None:
+        return None
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"--webhook-token-file {path}: {exc.strerror or exc}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"--webhook-token-file {path}: the token must be 16 bytes or more")
+    return token
 
 
 def keygen(out: Path | None) -> None:

@@ -280,6 +280,9 @@ class PrefetchConfig:
     nomad: NomadSettings | None = None
     nomad_datacenter: str | None = None
     nomad_node_pool: str = "default"
+    # The shared secret webhook senders prove themselves with (--webhook-token-file); None:
+    # the /mirror/v1/events/ receivers answer 404.
+    webhook_token: bytes | None = None
     # Kubernetes: how to reach the API (set when workloads include KUBERNETES), one
     # namespace's workloads or None for all, and this node's name, whose labels are read.
     kubernetes: KubernetesSettings | None = None

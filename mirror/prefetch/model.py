@@ -107,6 +107,46 @@ class Pin:
 
 
 @dataclass(frozen=True, slots=True)
+class Follow:
+    """`[[follow]]`: every pushed (or polled and changed) tag matching `match` is pinned.
+
+    `match` is a glob over `registry/repository:tag` (`*` and `?` within a component, as
+    `fnmatch` with `/` not crossed); `nodes` as a pin's; `poll`, in seconds, makes the cluster
+    poll upstream for the matching tags instead of waiting for events (None: events only).
+    """
+
+    match: str
+    nodes: Mapping[str, str] = field(default_factory=dict)
+    poll: float | None = None
+
+    def applies_to(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(key) == value for key, value in self.nodes.items())
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchFile:
+    """What a prefetch file says: images to pin, and tags to follow."""
+
+    pins: tuple[Pin, ...] = ()
+    follows: tuple[Follow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PushEvent:
+    """A tag was pushed (a registry's or Docker Hub's webhook, a poll that saw it move, or
+    `mirror distribute`): `ref` has the tag, and the digest when the trigger knows it."""
+
+    ref: ImageRef
+    trigger: str  # "distribution", "dockerhub", "poll", "cli"
+
+
+class PushSink(Protocol):
+    """Where push events go (the distributor); returns at once, the work happens later."""
+
+    def pushed(self, event: PushEvent) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class Descriptor:
     """A piece of content as a manifest lists it."""
 
