@@ -4,6 +4,9 @@
 #
 #   nomad var put nomad/jobs/mirror cluster_key="$(mirror keygen)"   # once
 #   nomad job run -var image=registry.example.com/mirror:0.1.0 nomad/mirror.nomad.hcl
+#
+# Images every client keeps before they are needed: -var prefetch_file=..., prefetch_from_jobs,
+# node_label_meta (nomad/README.md, "Images ahead of need").
 
 variable "image" {
   type        = string
@@ -33,6 +36,24 @@ variable "containerd_content_path" {
   default     = "/var/lib/containerd/io.containerd.content.v1.content"
 }
 
+variable "prefetch_file" {
+  type        = string
+  description = "The prefetch file's contents: TOML [[image]] entries (ref, source, nodes; docs/prefetch.md) of images every client keeps in its runtime before they are needed. Empty: no file."
+  default     = ""
+}
+
+variable "prefetch_from_jobs" {
+  type        = bool
+  description = "Also keep the images of every job that can place on the client (--prefetch-from nomad). The job's workload identity then needs list-jobs and read-job: see nomad/README.md."
+  default     = false
+}
+
+variable "node_label_meta" {
+  type        = list(string)
+  description = "Client meta keys that become the agent's node labels (the key, with the client's meta value), which the nodes table of a prefetch file entry matches."
+  default     = []
+}
+
 locals {
   # Docker keeps its containerd images in namespace moby; the containerd task driver in nomad.
   containerd_namespace = var.runtime == "docker" ? "moby" : "nomad"
@@ -51,6 +72,10 @@ locals {
     ],
     var.runtime == "docker" ? ["/run/docker.sock:/run/docker.sock:ro"] : [],
   )
+
+  # The agent's node labels, "KEY=${meta.KEY} ..." for every key of var.node_label_meta: $${ is a
+  # literal ${, so the client fills in its own meta value when the task starts.
+  node_labels = join(" ", [for key in var.node_label_meta : "${key}=$${meta.${key}}"])
 }
 
 job "mirror" {
@@ -185,6 +210,32 @@ job "mirror" {
         change_mode = "restart"
       }
 
+      # The prefetch file (var.prefetch_file), only when there is one. noop: the agent polls
+      # the file, so content that changes at run time (a nomadVar in it) needs no restart.
+      dynamic "template" {
+        for_each = var.prefetch_file == "" ? [] : [var.prefetch_file]
+
+        content {
+          data        = template.value
+          destination = "local/prefetch.toml"
+          change_mode = "noop"
+        }
+      }
+
+      # MIRROR_PREFETCH_FILE, also only when there is a file: the env block below is one plain
+      # map with no key that comes and goes, so this variable comes from an env template. The
+      # Docker driver mounts the task directory (NOMAD_TASK_DIR) at /local.
+      dynamic "template" {
+        for_each = var.prefetch_file == "" ? [] : ["MIRROR_PREFETCH_FILE=/local/prefetch.toml"]
+
+        content {
+          data        = template.value
+          destination = "local/prefetch.env"
+          env         = true
+          change_mode = "noop"
+        }
+      }
+
       env {
         MIRROR_STORE                   = var.runtime
         MIRROR_DOCKER_HOST             = "unix:///run/docker.sock"
@@ -200,6 +251,12 @@ job "mirror" {
         MIRROR_CLUSTER_KEY_FILE        = "${NOMAD_SECRETS_DIR}/cluster.key"
         MIRROR_BOOTSTRAP               = "nomad:mirror:${NOMAD_PORT_router}"
         MIRROR_LOG_LEVEL               = "info"
+        # Prefetch (docs/prefetch.md): the images of the jobs that can place here, with
+        # var.prefetch_from_jobs (empty: none), for the client's node pool (its datacenter comes
+        # from NOMAD_DC, which Nomad sets), and the labels from client meta (empty: none).
+        MIRROR_PREFETCH_FROM   = var.prefetch_from_jobs ? "nomad" : ""
+        MIRROR_NOMAD_NODE_POOL = "${node.pool}"
+        MIRROR_NODE_LABEL      = local.node_labels
         # The local agent's Task API: no TLS or agent address to know, the token above works.
         NOMAD_ADDR = "unix://${NOMAD_SECRETS_DIR}/api.sock"
       }

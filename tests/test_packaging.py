@@ -4,7 +4,8 @@ No helm, nomad or docker runs here. These tests check what can be checked static
 values exist and are documented, the Nomad jobs parse as HCL and use only job-specification
 names, every ``MIRROR_*`` variable they set is a real flag of ``mirror run``, the argument lists
 and environments they give mirror pass its own parser (``build_parser``, ``run_config``,
-``parse_bootstrap``), the dashboard only queries metrics the program exports, and the
+``parse_bootstrap``), the prefetch file the chart and the Nomad job write is one mirror reads
+with the pins meant, the dashboard only queries metrics the program exports, and the
 Dockerfile installs the pinned dependencies and drops root.
 
 values.yaml and Chart.yaml are read with the small YAML-subset reader below (PyYAML is not a
@@ -24,7 +25,7 @@ import secrets
 import string
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ import pytest
 
 from mirror.cli import build_parser, flag_reference, run_config
 from mirror.clusterkey import ClusterKey
+from mirror.config import RunConfig, WorkloadSource
 from mirror.metrics import Metrics
+from mirror.prefetch.model import Pin, parse_image_ref
+from mirror.prefetch.pinfile import parse_pins
 from mirror.routing.bootstrap import parse_bootstrap
 from mirror.routing.bootstrap.env import KubernetesEnv, OrchestratorEnv
 
@@ -542,12 +546,308 @@ def test_chart_bootstrap_specs_parse(tmp_path: Path) -> None:
     assert str(parse_bootstrap(dns, 5001)) == "dns:mirror.mirror-system.svc.cluster.local:5001"
 
 
+# --- the chart's prefetch values --------------------------------------------------------------
+# What each `prefetch` value renders, read from the templates as they spell it (no helm runs
+# here): the helpers are read line by line in the few forms they use, and anything else fails
+# the test instead of being misread.
+
+
+def _helper_body(name: str) -> str:
+    """A helper's body without the `{{- end }}` that closes its define."""
+    body = _helper(name).strip()
+    assert body.endswith("{{- end }}"), name
+    return body.removesuffix("{{- end }}").strip()
+
+
+def _go_string(value: Any) -> str:
+    """A YAML scalar as sprig's toString gives it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return str(value)
+    raise AssertionError(f"no sample value of type {type(value).__name__} here")
+
+
+def _go_json(text: str) -> str:
+    """A string as sprig's toJson writes it: Go's encoding/json keeps UTF-8 as it is (no
+    surrogate pairs, which TOML refuses) and escapes <, >, & and U+2028/9 as \\u00XX."""
+    encoded = json.dumps(text, ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        encoded = encoded.replace(char, f"\\u{ord(char):04x}")
+    return encoded
+
+
+def _prefetch_toml(images: list[dict[str, Any]]) -> str:
+    """The prefetch file the chart renders from `prefetch.images`, its lines as the helper
+    spells them."""
+    lines = _helper_body("mirror.prefetchToml").splitlines()
+    for spelled in (
+        "{{- range $index, $image := .Values.prefetch.images }}",
+        "[[image]]",
+        'ref = {{ required (printf "prefetch.images[%d] needs a ref" $index) $image.ref'
+        " | toString | toJson }}",
+        "{{- with $image.source }}",
+        "source = {{ toString . | toJson }}",
+        "{{- with $image.nodes }}",
+        "{{- range $label, $value := . }}",
+        '{{- $pairs = append $pairs (printf "%s = %s" (toJson $label) (toString $value'
+        " | toJson)) }}",
+        'nodes = { {{ join ", " $pairs }} }',
+    ):
+        assert spelled in lines, f"mirror.prefetchToml no longer has {spelled!r}"
+    configmap = (TEMPLATES / "prefetch-configmap.yaml").read_text()
+    assert configmap.startswith("{{- if .Values.prefetch.images }}")
+    assert re.search(
+        r"\n  prefetch\.toml: \|\n"
+        r'    \{\{- include "mirror\.prefetchToml" \. \| trim \| nindent 4 \}\}',
+        configmap,
+    )
+    rendered = []
+    for image in images:
+        rendered += ["[[image]]", f"ref = {_go_json(_go_string(image['ref']))}"]
+        if image.get("source"):
+            rendered.append(f"source = {_go_json(_go_string(image['source']))}")
+        if image.get("nodes"):
+            pairs = [
+                f"{_go_json(label)} = {_go_json(_go_string(value))}"
+                for label, value in sorted(image["nodes"].items())
+            ]
+            rendered.append("nodes = { " + ", ".join(pairs) + " }")
+    return "\n".join(rendered) + "\n"
+
+
+def _prefetch_file_path() -> str:
+    assert (
+        _helper_body("mirror.prefetchFile") == '{{ include "mirror.prefetchDir" . }}/prefetch.toml'
+    )
+    return _helper_body("mirror.prefetchDir") + "/prefetch.toml"
+
+
+def _node_labels(labels: dict[str, Any]) -> str:
+    body = _helper_body("mirror.nodeLabels")
+    assert "{{- range $key, $value := .Values.prefetch.nodeLabels }}" in body
+    assert '(printf "%s=%s" $key (toString $value))' in body and '{{- join " " $labels }}' in body
+    return " ".join(f"{key}={_go_string(value)}" for key, value in sorted(labels.items()))
+
+
+def _prefetch_env(prefetch: dict[str, Any]) -> dict[str, str]:
+    """The variables `mirror.prefetchEnv` renders for these `prefetch` values: name -> value,
+    or `fieldRef:PATH` for one taken from the downward API."""
+    env: dict[str, str] = {}
+    scopes: list[tuple[bool, Any]] = []  # (it holds, what `.` is inside it)
+    name = ""
+    for line in _helper_body("mirror.prefetchEnv").splitlines():
+        text = line.strip()
+        block = re.fullmatch(r"\{\{- (?:if|with) \.Values\.prefetch\.(\w+) \}\}", text)
+        if block:
+            scopes.append((bool(prefetch[block[1]]), prefetch[block[1]]))
+        elif text == "{{- end }}":
+            scopes.pop()
+        elif text.startswith("#") or not all(holds for holds, _ in scopes):
+            continue
+        elif match := re.fullmatch(r"- name: (MIRROR_[A-Z_]+)", text):
+            name = match[1]
+        elif match := re.fullmatch(r"fieldPath: (\S+)", text):
+            env[name] = f"fieldRef:{match[1]}"
+        elif match := re.fullmatch(r"value: (.+)", text):
+            value = match[1]
+            if value == "{{ . | quote }}":
+                env[name] = _go_string(scopes[-1][1])
+            elif value == '{{ include "mirror.prefetchFile" . | quote }}':
+                env[name] = _prefetch_file_path()
+            elif value == '{{ include "mirror.nodeLabels" $ | quote }}':
+                env[name] = _node_labels(prefetch["nodeLabels"])
+            elif value.startswith('"') and "{{" not in value:
+                env[name] = json.loads(value)
+            else:
+                raise AssertionError(f"mirror.prefetchEnv: cannot read {text!r}")
+        elif text not in ("valueFrom:", "fieldRef:"):
+            raise AssertionError(f"mirror.prefetchEnv: cannot read {text!r}")
+    assert not scopes, "mirror.prefetchEnv: unbalanced if/with/end"
+    return env
+
+
+# The defaults of values.yaml.
+_PREFETCH_OFF: dict[str, Any] = {
+    "images": [],
+    "fromWorkloads": False,
+    "namespace": "",
+    "nodeLabels": {},
+    "interval": "",
+}
+
+PREFETCH_IMAGES: list[dict[str, Any]] = [
+    {
+        "ref": "registry.internal:5000/infra/traefik:v2.10",
+        "source": "docker.io/library/traefik:v2.10",
+    },
+    {
+        "ref": "registry.internal:5000/infra/registry:2.8",
+        "source": "",
+        "nodes": {"role": "edge", "rack": 1, "gpu": True, "node-role.kubernetes.io/edge": ""},
+    },
+    # Quoting: JSON escapes that TOML reads back, and characters beyond the BMP as they are.
+    {"ref": "busybox@sha256:" + "0" * 64, "nodes": {"site": 'zürich-"<&>"\\🚀'}},
+]
+
+
+def test_chart_prefetch_defaults_render_nothing(values: YamlDocument) -> None:
+    assert values.data["prefetch"] == _PREFETCH_OFF
+    assert _prefetch_env(_PREFETCH_OFF) == {}
+    # Without images: no ConfigMap, no volume, no mount (all behind the same test).
+    configmap = (TEMPLATES / "prefetch-configmap.yaml").read_text()
+    assert configmap.startswith("{{- if .Values.prefetch.images }}\n")
+    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
+    assert daemonset.count("{{- if .Values.prefetch.images }}") == 2
+    assert "subPath:" not in daemonset
+
+
+def test_chart_prefetch_file_gives_the_pins() -> None:
+    text = _prefetch_toml(PREFETCH_IMAGES)
+    document = tomllib.loads(text)
+    assert [entry["ref"] for entry in document["image"]] == [i["ref"] for i in PREFETCH_IMAGES]
+    pins = parse_pins(text, path="x")
+    assert pins == (
+        Pin(
+            parse_image_ref("registry.internal:5000/infra/traefik:v2.10"),
+            parse_image_ref("docker.io/library/traefik:v2.10"),
+        ),
+        Pin(
+            parse_image_ref("registry.internal:5000/infra/registry:2.8"),
+            None,
+            {"role": "edge", "rack": "1", "gpu": "true", "node-role.kubernetes.io/edge": ""},
+        ),
+        Pin(parse_image_ref("busybox@sha256:" + "0" * 64), None, {"site": 'zürich-"<&>"\\🚀'}),
+    )
+    assert pins[1].applies_to(
+        {"role": "edge", "rack": "1", "gpu": "true", "node-role.kubernetes.io/edge": "", "x": "y"}
+    )
+    assert not pins[1].applies_to({"role": "edge"})
+
+
+def test_chart_prefetch_file_is_mounted_as_a_directory() -> None:
+    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
+    assert re.search(
+        r'- name: prefetch\n\s+mountPath: \{\{ include "mirror\.prefetchDir" \. \}\}\n'
+        r"\s+readOnly: true",
+        daemonset,
+    )
+    assert re.search(
+        r"- name: prefetch\n\s+configMap:\n"
+        r'\s+name: \{\{ include "mirror\.prefetchConfigMap" \. \}\}',
+        daemonset,
+    )
+    configmap = (TEMPLATES / "prefetch-configmap.yaml").read_text()
+    assert 'name: {{ include "mirror.prefetchConfigMap" . }}' in configmap
+    assert _prefetch_env({**_PREFETCH_OFF, "images": PREFETCH_IMAGES}) == {
+        "MIRROR_PREFETCH_FILE": "/etc/mirror/prefetch/prefetch.toml"
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"namespace": "apps"}, {}),  # only read with fromWorkloads
+        (
+            {"fromWorkloads": True},
+            {"MIRROR_PREFETCH_FROM": "kubernetes", "MIRROR_NODE_NAME": "fieldRef:spec.nodeName"},
+        ),
+        (
+            {"fromWorkloads": True, "namespace": "apps"},
+            {
+                "MIRROR_PREFETCH_FROM": "kubernetes",
+                "MIRROR_NODE_NAME": "fieldRef:spec.nodeName",
+                "MIRROR_KUBERNETES_NAMESPACE": "apps",
+            },
+        ),
+        (
+            {"nodeLabels": {"site": "paris", "role": "edge", "rack": 3}},
+            {"MIRROR_NODE_LABEL": "rack=3 role=edge site=paris"},
+        ),
+        ({"interval": "2m"}, {"MIRROR_PREFETCH_INTERVAL": "2m"}),
+    ],
+)
+def test_chart_prefetch_values_set_their_variables(
+    values: dict[str, Any], expected: dict[str, str]
+) -> None:
+    assert _prefetch_env({**_PREFETCH_OFF, **values}) == expected
+
+
+def test_chart_prefetch_environment_parses(tmp_path: Path) -> None:
+    """Every prefetch value at once, through mirror's own parser."""
+    env = _prefetch_env(
+        {
+            "images": PREFETCH_IMAGES,
+            "fromWorkloads": True,
+            "namespace": "apps",
+            "nodeLabels": {"site": "paris", "role": "edge"},
+            "interval": "2m",
+        }
+    )
+    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
+    assert '{{- with include "mirror.prefetchEnv" . | trim }}' in daemonset
+    environ = {key: value for key, value in env.items() if not value.startswith("fieldRef:")}
+    environ["MIRROR_NODE_NAME"] = "node-1"
+    args = _parse(["run"], environ)
+    # What Kubernetes gives the pod for the API, its address and service account, where
+    # `mirror run`'s parser keeps it.
+    (tmp_path / "token").write_text("token")
+    (tmp_path / "ca.crt").write_bytes(_self_signed_certificate())
+    pod = KubernetesEnv("10.96.0.1", "443", service_account_dir=tmp_path)
+    args.orchestrator_env = OrchestratorEnv(kubernetes=pod)
+    prefetch = run_config(args).prefetch
+    assert prefetch.file == Path("/etc/mirror/prefetch/prefetch.toml")
+    assert prefetch.workloads == (WorkloadSource.KUBERNETES,)
+    assert prefetch.kubernetes_namespace == "apps"
+    assert prefetch.node_labels == (("role", "edge"), ("site", "paris"))
+    assert prefetch.recheck == 120
+    assert prefetch.node_name == "node-1"
+
+
+def test_chart_prefetch_rbac() -> None:
+    """fromWorkloads: the ServiceAccount token is mounted and may read the workloads and nodes."""
+    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
+    assert (
+        "{{- $kubernetesApi := or $kubernetesBootstrap .Values.prefetch.fromWorkloads }}"
+        in daemonset
+    )
+    assert "automountServiceAccountToken: {{ $kubernetesApi }}" in daemonset
+    rbac = (TEMPLATES / "rbac.yaml").read_text()
+    section = rbac.split("{{- if and .Values.rbac.create .Values.prefetch.fromWorkloads }}\n")[1]
+    role, binding = section.split("{{- end }}")[0].split("---\n")[1:]
+    name = '  name: {{ include "mirror.prefetchClusterRole" . }}\n'
+    assert "\nkind: ClusterRole\nmetadata:\n" + name in role
+    rules = YamlDocument("rules:" + role.split("\nrules:", 1)[1], "rbac.yaml").data["rules"]
+    assert rules == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments", "daemonsets", "statefulsets"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+    ]
+    assert re.search(
+        r"roleRef:\n  apiGroup: rbac\.authorization\.k8s\.io\n  kind: ClusterRole\n"
+        + re.escape(name)
+        + r"subjects:\n  - kind: ServiceAccount\n"
+        r'    name: \{\{ include "mirror\.serviceAccountName" \. \}\}\n'
+        r"    namespace: \{\{ \.Release\.Namespace \}\}\n",
+        binding,
+    )
+    # Cluster-scoped, so unique in the cluster: named after the release namespace too.
+    assert '.Release.Namespace (include "mirror.fullname" .)' in _helper(
+        "mirror.prefetchClusterRole"
+    )
+
+
 # --- the Nomad jobs ---------------------------------------------------------------------------
 
 # Block and attribute names per block type, from Nomad's job specification
 # (https://developer.hashicorp.com/nomad/docs/job-specification/<block>, and
-# .../hcl2/variables, .../hcl2/locals) and the Docker task driver's `config`
-# (https://developer.hashicorp.com/nomad/docs/drivers/docker). None: free-form keys.
+# .../hcl2/variables, .../hcl2/locals, and HCL's dynamic blocks, .../hcl2/expressions) and the
+# Docker task driver's `config` (https://developer.hashicorp.com/nomad/docs/drivers/docker).
+# None: free-form keys. A dynamic block's `content` is checked as the block its label names.
 JOB_SPEC: dict[str, set[str] | None] = {
     "<file>": {"variable", "variables", "locals", "job"},
     "variable": {"type", "default", "description", "validation"},
@@ -570,8 +870,9 @@ JOB_SPEC: dict[str, set[str] | None] = {
         "artifact", "config", "constraint", "affinity", "dispatch_payload", "driver", "env",
         "identity", "kill_timeout", "kill_signal", "leader", "lifecycle", "logs", "meta",
         "resources", "restart", "service", "shutdown_delay", "user", "template", "vault",
-        "volume_mount", "kind",
+        "volume_mount", "kind", "dynamic",
     },
+    "dynamic": {"for_each", "iterator", "labels", "content"},
     "network": {"mode", "port", "dns", "hostname", "mbits"},
     "port": {"static", "to", "host_network"},
     "dns": {"servers", "searches", "options"},
@@ -667,8 +968,14 @@ def _blocks(value: Any) -> list[tuple[tuple[str, ...], dict]] | None:
     return found
 
 
-def _walk(body: dict, kind: str, where: str) -> Iterator[tuple[str, str, str, Any]]:
-    """(block kind, location, name, value) of every attribute and block under `body`."""
+def _walk(
+    body: dict, kind: str, where: str, content: str = ""
+) -> Iterator[tuple[str, str, str, Any]]:
+    """(block kind, location, name, value) of every attribute and block under `body`.
+
+    `content` is the label of the dynamic block `body` is: its `content` blocks are walked as
+    blocks of that kind.
+    """
     for name, value in body.items():
         if name in _META:
             continue
@@ -678,7 +985,10 @@ def _walk(body: dict, kind: str, where: str) -> Iterator[tuple[str, str, str, An
             continue
         yield kind, where, name, blocks
         for labels, inner in blocks:
-            yield from _walk(inner, name, f"{where}/{name}" + "".join(f"[{x}]" for x in labels))
+            inner_kind = content if name == "content" and content else name
+            inner_where = f"{where}/{name}" + "".join(f"[{x}]" for x in labels)
+            dynamic = labels[0] if name == "dynamic" else ""
+            yield from _walk(inner, inner_kind, inner_where, dynamic)
 
 
 @pytest.fixture(scope="module")
@@ -758,15 +1068,34 @@ def test_nomad_job_wiring(jobs: dict[str, dict]) -> None:
 SAMPLE_NOMAD_RUNTIME = {
     "NOMAD_IP_registry": "192.0.2.10",
     "NOMAD_SECRETS_DIR": "/secrets",
+    # The client's node pool and meta, as Nomad interpolates them into the task's env.
+    "node.pool": "edge-pool",
+    "meta.role": "edge",
+    "meta.rack": "r7",
 }
 
 
-def _interpolate(value: Any, job: dict, runtime: str) -> str:
-    """A value of the job as Nomad would hand it to the task, for one `runtime`."""
+def _variables(job: dict, runtime: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's variables: their defaults, `runtime`, and `settings` as `-var` would give them."""
     variables = {
         labels[0]: _unquote(body.get("default")) for labels, body in _find(job, "variable")
     }
-    variables["runtime"] = runtime
+    unknown = set(settings) - set(variables)
+    assert not unknown, f"the job has no variables {unknown}"
+    return {**variables, **settings, "runtime": runtime}
+
+
+def _runtime_interpolation(text: str) -> str:
+    """What the client makes of the ${...} left in a value when the task starts."""
+    return re.sub(r"\$\{([^}]+)\}", lambda match: SAMPLE_NOMAD_RUNTIME[match[1]], text)
+
+
+def _interpolate(
+    value: Any, job: dict, runtime: str, settings: Mapping[str, Any] | None = None
+) -> str:
+    """A value of the job as Nomad would hand it to the task, for one `runtime` and the
+    variables in `settings` (the others at their defaults)."""
+    variables = _variables(job, runtime, settings or {})
     local_exprs = {
         key: value for key, value in job.get("locals", [{}])[0].items() if key not in _META
     }
@@ -774,22 +1103,103 @@ def _interpolate(value: Any, job: dict, runtime: str) -> str:
 
     def expression(text: str) -> str:
         text = text.strip()
-        conditional = re.fullmatch(r'var\.runtime == "docker" \? "([^"]*)" : "([^"]*)"', text)
+        conditional = re.fullmatch(r'var\.(\w+)(?: == "([^"]*)")? \? "([^"]*)" : "([^"]*)"', text)
         if conditional:
-            return conditional.group(1 if runtime == "docker" else 2)
+            name, equals, then, otherwise = conditional.groups()
+            holds = variables[name] == equals if equals is not None else variables[name]
+            return then if holds else otherwise
+        # join(" ", [for KEY in var.LIST : "TEMPLATE"]): TEMPLATE for each item, where $${ is
+        # a literal ${ that the client interpolates when the task starts.
+        loop = re.fullmatch(r'join\(" ", \[for (\w+) in var\.(\w+) : "(.*)"\]\)', text)
+        if loop:
+            iterator, items, template = loop.groups()
+            parts = []
+            for item in variables[items]:
+                hcl = template.replace("$${", "\0").replace(f"${{{iterator}}}", item)
+                assert "${" not in hcl, f"cannot evaluate {template!r} in the Nomad job"
+                parts.append(_runtime_interpolation(hcl.replace("\0", "${")))
+            return " ".join(parts)
         if text.startswith("var."):
             return str(variables[text[4:]])
         if text.startswith("local."):
-            return _interpolate(local_exprs[text[6:]], job, runtime)
+            return _interpolate(local_exprs[text[6:]], job, runtime, settings)
         known = {**ports, **SAMPLE_NOMAD_RUNTIME}
         if text in known:
             return known[text]
         raise AssertionError(f"cannot evaluate ${{{text}}} in the Nomad job")
 
     text = str(value)
-    if text.startswith("${") and text.endswith("}") and text.count("${") == 1:
-        return expression(text[2:-1])
-    return re.sub(r"\$\{([^}]+)\}", lambda match: expression(match.group(1)), _unquote(text))
+    if text.startswith("${") and text.endswith("}"):
+        return expression(text[2:-1])  # one expression (a string would be in quotes)
+    text = re.sub(r"(?<!\$)\$\{([^}]+)\}", lambda match: expression(match[1]), _unquote(text))
+    return _runtime_interpolation(text.replace("$${", "${"))
+
+
+def _dynamic_blocks(
+    body: dict, kind: str, job: dict, settings: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The `kind` blocks that the dynamic blocks in `body` make, `<kind>.value` filled in.
+
+    for_each is read in the one form the jobs use: `var.X == "" ? [] : [ITEM]`.
+    """
+    variables = _variables(job, "docker", settings)
+    made = []
+    for labels, dynamic in _blocks(body.get("dynamic")) or []:
+        if labels != (kind,):
+            continue
+        for_each = re.fullmatch(r'\$\{var\.(\w+) == "" \? \[\] : \[(.+)\]\}', dynamic["for_each"])
+        assert for_each, f"cannot evaluate for_each = {dynamic['for_each']}"
+        item = for_each[2]
+        value = variables[item[4:]] if item.startswith("var.") else json.loads(item)
+        (content,) = dynamic["content"]
+        if variables[for_each[1]] != "":
+            made.append(
+                {
+                    key: value if field == f"${{{kind}.value}}" else _unquote(field)
+                    for key, field in content.items()
+                    if key not in _META
+                }
+            )
+    return made
+
+
+def _mirror_task(job: dict) -> dict:
+    ((_, task),) = [(labels, body) for labels, body in _find(job, "task") if labels == ("mirror",)]
+    return task
+
+
+def _mirror_task_environment(job: dict, settings: Mapping[str, Any]) -> dict[str, str]:
+    """The mirror task's environment from the job: its env block and its env templates."""
+    task = _mirror_task(job)
+    env = {
+        key: _interpolate(value, job, "docker", settings)
+        for key, value in task["env"][0].items()
+        if key not in _META
+    }
+    templates = [*task.get("template", []), *_dynamic_blocks(task, "template", job, settings)]
+    for template in templates:
+        if template.get("env") is True:
+            for line in template["data"].splitlines():
+                name, equals, value = line.partition("=")
+                assert equals and name not in env, f"env template line {line!r}"
+                env[name] = value
+    return env
+
+
+def _nomad_run_config(job: dict, settings: Mapping[str, Any], tmp_path: Path) -> RunConfig:
+    """The mirror task's RunConfig from its MIRROR_* environment, as Nomad starts it."""
+    env = _mirror_task_environment(job, settings)
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(ClusterKey.generate())
+    assert env["MIRROR_CLUSTER_KEY_FILE"] == "/secrets/cluster.key"
+    environ = {name: value for name, value in env.items() if name.startswith("MIRROR_")}
+    environ["MIRROR_CLUSTER_KEY_FILE"] = str(key_file)
+    # What Nomad gives the task besides MIRROR_*: the Task API and its workload identity, and
+    # the client's datacenter (NOMAD_DC, set in every task).
+    environ["NOMAD_ADDR"] = env["NOMAD_ADDR"]
+    environ["NOMAD_TOKEN"] = "workload-identity"
+    environ["NOMAD_DC"] = "dc1"
+    return run_config(_parse(["run"], environ))
 
 
 @pytest.mark.parametrize("runtime", ["docker", "containerd"])
@@ -808,25 +1218,69 @@ def test_nomad_task_arguments_parse(jobs: dict[str, dict], runtime: str) -> None
 
 def test_nomad_run_environment_parses(jobs: dict[str, dict], tmp_path: Path) -> None:
     """The mirror task's MIRROR_* environment makes a valid RunConfig, bootstrap included."""
-    job = jobs["mirror.nomad.hcl"]
-    ((_, task),) = [(labels, body) for labels, body in _find(job, "task") if labels == ("mirror",)]
-    env = {
-        key: _interpolate(value, job, "docker")
-        for key, value in task["env"][0].items()
-        if key not in _META
-    }
-    key_file = tmp_path / "cluster.key"
-    key_file.write_text(ClusterKey.generate())
-    assert env["MIRROR_CLUSTER_KEY_FILE"] == "/secrets/cluster.key"
-    environ = {name: value for name, value in env.items() if name.startswith("MIRROR_")}
-    environ["MIRROR_CLUSTER_KEY_FILE"] = str(key_file)
-    # What Nomad gives the task besides MIRROR_*: the Task API and its workload identity.
-    environ["NOMAD_ADDR"] = env["NOMAD_ADDR"]
-    environ["NOMAD_TOKEN"] = "workload-identity"
-    config = run_config(_parse(["run"], environ))
+    config = _nomad_run_config(jobs["mirror.nomad.hcl"], {}, tmp_path)
     assert str(config.routing.advertise_ip) == "192.0.2.10"
     assert config.routing.router_addr.port == 5001
     assert [str(source) for source in config.routing.bootstrap] == ["nomad:mirror:5001"]
+
+
+NOMAD_PREFETCH = {
+    "prefetch_file": (
+        "[[image]]\n"
+        'ref = "registry.internal:5000/infra/traefik:v2.10"\n'
+        'source = "docker.io/library/traefik:v2.10"\n'
+        "\n"
+        "[[image]]\n"
+        'ref = "registry.internal:5000/infra/registry:2.8"\n'
+        'nodes = { role = "edge", rack = "r7" }\n'
+    ),
+    "prefetch_from_jobs": True,
+    "node_label_meta": ["role", "rack"],
+}
+
+
+def test_nomad_prefetch_is_off_by_default(jobs: dict[str, dict], tmp_path: Path) -> None:
+    job = jobs["mirror.nomad.hcl"]
+    defaults = _variables(job, "docker", {})
+    assert defaults["prefetch_file"] == "" and defaults["prefetch_from_jobs"] is False
+    assert defaults["node_label_meta"] == []
+    # No prefetch file, so no template and no MIRROR_PREFETCH_FILE; the rest empty.
+    assert _dynamic_blocks(_mirror_task(job), "template", job, {}) == []
+    env = _mirror_task_environment(job, {})
+    assert "MIRROR_PREFETCH_FILE" not in env
+    assert env["MIRROR_PREFETCH_FROM"] == "" and env["MIRROR_NODE_LABEL"] == ""
+    prefetch = _nomad_run_config(job, {}, tmp_path).prefetch
+    assert prefetch.file is None and prefetch.workloads == () and prefetch.node_labels == ()
+
+
+def test_nomad_prefetch_variables(jobs: dict[str, dict], tmp_path: Path) -> None:
+    """prefetch_file, prefetch_from_jobs and node_label_meta, as the task gets them."""
+    job = jobs["mirror.nomad.hcl"]
+    assert "$${meta.${key}}" in job["locals"][0]["node_labels"], "meta is the client's"
+    file, env_file = _dynamic_blocks(_mirror_task(job), "template", job, NOMAD_PREFETCH)
+    # The file, as given, where the agent reads it: the Docker driver mounts local/ at /local.
+    assert file == {
+        "data": NOMAD_PREFETCH["prefetch_file"],
+        "destination": "local/prefetch.toml",
+        "change_mode": "noop",
+    }
+    assert env_file["env"] is True and env_file["change_mode"] == "noop"
+    env = _mirror_task_environment(job, NOMAD_PREFETCH)
+    assert env["MIRROR_PREFETCH_FILE"] == "/" + file["destination"]
+    assert env["MIRROR_PREFETCH_FROM"] == "nomad"
+    assert env["MIRROR_NOMAD_NODE_POOL"] == "edge-pool"
+    assert env["MIRROR_NODE_LABEL"] == "role=edge rack=r7"
+    prefetch = _nomad_run_config(job, NOMAD_PREFETCH, tmp_path).prefetch
+    assert prefetch.file == Path("/local/prefetch.toml")
+    assert prefetch.workloads == (WorkloadSource.NOMAD,)
+    assert (prefetch.nomad_datacenter, prefetch.nomad_node_pool) == ("dc1", "edge-pool")
+    assert prefetch.node_labels == (("role", "edge"), ("rack", "r7"))
+    pins = parse_pins(file["data"], path="x")
+    assert [str(pin.ref) for pin in pins] == [
+        "registry.internal:5000/infra/traefik:v2.10",
+        "registry.internal:5000/infra/registry:2.8",
+    ]
+    assert all(pin.applies_to(dict(prefetch.node_labels)) for pin in pins)
 
 
 def test_nomad_env_vars_are_run_flags(jobs: dict[str, dict]) -> None:
@@ -835,7 +1289,10 @@ def test_nomad_env_vars_are_run_flags(jobs: dict[str, dict]) -> None:
         for kind, _, key, _ in _walk(job, "<file>", ""):
             if kind == "env" and key.startswith("MIRROR_"):
                 names.add(key)
-    assert "MIRROR_ADVERTISE_ADDR" in names
+    # ... and those of env templates, with every variable that adds one set.
+    names |= set(_mirror_task_environment(jobs["mirror.nomad.hcl"], NOMAD_PREFETCH))
+    names = {name for name in names if name.startswith("MIRROR_")}
+    assert {"MIRROR_ADVERTISE_ADDR", "MIRROR_PREFETCH_FILE"} <= names
     unknown = names - _run_env_names()
     assert not unknown, f"the Nomad job sets variables that are no `mirror run` flag: {unknown}"
 

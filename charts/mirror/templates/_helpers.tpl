@@ -142,3 +142,107 @@ passed as positional parameters and never parsed by the shell. */}}
 - containerd
 {{ include "mirror.configureArgs" . }}
 {{- end }}
+
+{{/* Where the prefetch ConfigMap is mounted in the mirror container. The directory is mounted,
+not the file (no subPath): a ConfigMap update then reaches the pod as kubelet's symlink swap,
+which the mirror's poll of the file sees. */}}
+{{- define "mirror.prefetchDir" -}}
+/etc/mirror/prefetch
+{{- end }}
+
+{{/* The prefetch file in that directory (MIRROR_PREFETCH_FILE). */}}
+{{- define "mirror.prefetchFile" -}}
+{{ include "mirror.prefetchDir" . }}/prefetch.toml
+{{- end }}
+
+{{/* The ConfigMap holding the prefetch file. */}}
+{{- define "mirror.prefetchConfigMap" -}}
+{{- printf "%s-prefetch" (include "mirror.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The ClusterRole (and its binding) of prefetch.fromWorkloads: cluster-scoped, so named after
+the release namespace too. */}}
+{{- define "mirror.prefetchClusterRole" -}}
+{{- printf "%s-%s-prefetch" .Release.Namespace (include "mirror.fullname" .) }}
+{{- end }}
+
+{{/* prefetch.images as the prefetch file (docs/prefetch.md): one [[image]] table per entry.
+Every string goes through toJson: Go's JSON strings (quotes, backslashes and control characters
+escaped, everything else UTF-8, never a surrogate pair) are valid TOML basic strings. Label
+values are made strings, so a YAML 1 or true matches the node label "1" or "true". An entry
+that is not a map, lacks a ref or has another key fails the render rather than pinning
+something else than meant. */}}
+{{- define "mirror.prefetchToml" -}}
+{{- range $index, $image := .Values.prefetch.images }}
+{{- if not (kindIs "map" $image) }}
+{{- fail (printf "prefetch.images[%d] must be a map with ref, source and nodes" $index) }}
+{{- end }}
+{{- range $key, $_ := $image }}
+{{- if not (has $key (list "ref" "source" "nodes")) }}
+{{- fail (printf "prefetch.images[%d]: unknown key %q (expected ref, source, nodes)" $index $key) }}
+{{- end }}
+{{- end }}
+[[image]]
+ref = {{ required (printf "prefetch.images[%d] needs a ref" $index) $image.ref | toString | toJson }}
+{{- with $image.source }}
+source = {{ toString . | toJson }}
+{{- end }}
+{{- with $image.nodes }}
+{{- if not (kindIs "map" .) }}
+{{- fail (printf "prefetch.images[%d].nodes must be a map of label: value" $index) }}
+{{- end }}
+{{- $pairs := list }}
+{{- range $label, $value := . }}
+{{- if kindIs "invalid" $value }}
+{{- fail (printf "prefetch.images[%d].nodes.%s has no value (\"\" for an empty one)" $index $label) }}
+{{- end }}
+{{- $pairs = append $pairs (printf "%s = %s" (toJson $label) (toString $value | toJson)) }}
+{{- end }}
+nodes = { {{ join ", " $pairs }} }
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* prefetch.nodeLabels as --node-label KEY=VALUE entries, space-separated (MIRROR_NODE_LABEL).
+A key or value with '=' or whitespace cannot be one: the render fails instead of every pod. */}}
+{{- define "mirror.nodeLabels" -}}
+{{- $labels := list }}
+{{- range $key, $value := .Values.prefetch.nodeLabels }}
+{{- if or (regexMatch "[=\\s]" $key) (regexMatch "[=\\s]" (toString $value)) }}
+{{- fail (printf "prefetch.nodeLabels: %s=%v is not a KEY=VALUE label (no '=' or whitespace in either)" $key $value) }}
+{{- end }}
+{{- $labels = append $labels (printf "%s=%s" $key (toString $value)) }}
+{{- end }}
+{{- join " " $labels }}
+{{- end }}
+
+{{/* The prefetch settings of the mirror container (docs/prefetch.md), each only when its value
+is set: nothing at all with the defaults. */}}
+{{- define "mirror.prefetchEnv" -}}
+{{- if .Values.prefetch.images }}
+- name: MIRROR_PREFETCH_FILE
+  value: {{ include "mirror.prefetchFile" . | quote }}
+{{- end }}
+{{- if .Values.prefetch.fromWorkloads }}
+- name: MIRROR_PREFETCH_FROM
+  value: "kubernetes"
+# The node the pod runs on: the mirror reads its labels from the API, for the workloads'
+# nodeSelector.
+- name: MIRROR_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+{{- with .Values.prefetch.namespace }}
+- name: MIRROR_KUBERNETES_NAMESPACE
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.prefetch.nodeLabels }}
+- name: MIRROR_NODE_LABEL
+  value: {{ include "mirror.nodeLabels" $ | quote }}
+{{- end }}
+{{- with .Values.prefetch.interval }}
+- name: MIRROR_PREFETCH_INTERVAL
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
