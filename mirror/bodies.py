@@ -1,15 +1,19 @@
-"""Reading a whole HTTP response body with a cap, for bodies that must fit in memory.
+"""Reading a whole HTTP body with a cap, for bodies that must fit in memory.
 
 Manifests from peers and upstream registries and JSON from orchestrator APIs are read whole; a
 peer or server that sends more than the cap (by mistake or on purpose) must cost a bounded
-amount of memory, whatever its `Content-Length` claims.
+amount of memory, whatever its `Content-Length` claims. So are the JSON bodies the node's own
+API takes (pins, distributions, webhooks), which anyone who reaches the port can send.
 """
 
 from __future__ import annotations
 
-import aiohttp
+import json
 
-from mirror.errors import BodyTooLarge
+import aiohttp
+from aiohttp import web
+
+from mirror.errors import BodyTooLarge, RequestInvalid
 
 _CHUNK = 64 * 1024
 
@@ -28,3 +32,16 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
         if len(body) > limit:
             raise BodyTooLarge(f"body exceeds {limit} bytes")
     return bytes(body)
+
+
+async def read_json_request(request: web.Request, limit: int) -> object:
+    """A request's JSON body, at most `limit` bytes; `RequestInvalid` (a 400) otherwise."""
+    if (request.content_length or 0) > limit:
+        raise RequestInvalid(f"the body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise RequestInvalid(f"the body is larger than {limit} bytes")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestInvalid(f"the body is not JSON: {exc}") from exc

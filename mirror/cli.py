@@ -629,6 +629,25 @@ def _add_prefetch(subparsers: Any, environ: Mapping[str, str]) -> None:
     )
 
 
+def _add_distribute(subparsers: Any, environ: Mapping[str, str]) -> None:
+    distribute = subparsers.add_parser(
+        "distribute",
+        help="spread a pushed tag to every node that follows it, and show each node's progress",
+    )
+    distribute.add_argument("ref", help="the image tag, as pushed (registry/repository:tag)")
+    distribute.add_argument(
+        "--node",
+        default=environ.get("MIRROR_NODE", "http://127.0.0.1:5000"),
+        help="the node that starts it (env MIRROR_NODE; default: http://127.0.0.1:5000)",
+    )
+    distribute.add_argument(
+        "--timeout",
+        default="30m",
+        type=_typed(parse_duration, "duration"),
+        help="give up after this long (default: 30m)",
+    )
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A cluster-local OCI registry mirror.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -638,6 +657,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _add_configure(subparsers, environ)
     _add_cleanup(subparsers, environ)
     _add_prefetch(subparsers, environ)
+    _add_distribute(subparsers, environ)
     return parser
 
 
@@ -768,6 +788,11 @@ def keygen(out: Path | None) -> None:
     print(f"wrote a new cluster key to {out}")
 
 
+def _say(text: str) -> None:
+    """A progress line of `mirror prefetch` or `mirror distribute`, shown at once."""
+    print(text, flush=True)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = build_parser(os.environ if environ is None else environ)
     args = parser.parse_args(argv)
@@ -792,10 +817,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                     args.ref,
                     args.source,
                     timeout=args.timeout,
-                    say=lambda text: print(text, flush=True),
+                    say=_say,
                 )
             )
             print(line)
+        elif args.command == "distribute":
+            from mirror.prefetch.client import distribute, node_url
+
+            print(
+                asyncio.run(
+                    distribute(node_url(args.node), args.ref, timeout=args.timeout, say=_say)
+                )
+            )
         elif args.command in ("configure", "cleanup"):
             for line in args.handler(args):
                 print(line)

@@ -56,6 +56,29 @@ class Metrics:
             "Blob bytes this node fetched to hold pinned images (not those it already held).",
             registry=self.registry,
         )
+        self.distributions = Counter(
+            "mirror_distributions",
+            "Push events this node was first to see: a distribution started, or merged into "
+            "one already under way (the same push again, a flood of events for one tag).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.distribution_nodes = Counter(
+            "mirror_distribution_nodes",
+            "Nodes that ended their part in a distribution, by state (held, failed), as "
+            "reported to this node (the origin) and by this node itself.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.webhook_events = Counter(
+            "mirror_webhook_events",
+            "Push notifications received at /mirror/v1/events/, by source (distribution, "
+            "dockerhub) and outcome (accepted: a tag push handed on; ignored: another action, "
+            "a blob, a push by digest only; invalid: an event or a body that cannot be used; "
+            "unauthorized: a request without the webhook token, counted once).",
+            ["source", "outcome"],
+            registry=self.registry,
+        )
         self.store_up = Gauge(
             "mirror_store_up",
             "1 when the node's store backend is connected.",

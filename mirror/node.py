@@ -9,7 +9,8 @@ import logging
 import shutil
 import signal
 import socket
-from collections.abc import Coroutine
+import urllib.parse
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,8 +34,10 @@ from mirror.errors import ConfigError, StoreUnavailable
 from mirror.metrics import Metrics
 from mirror.peers.auth import RequestSigner, RequestVerifier, UrlSigner, UrlVerifier
 from mirror.peers.fetcher import PeerFetcher
-from mirror.prefetch.model import Pin, Runtime
+from mirror.prefetch.distributor import Distributor, Reporter
+from mirror.prefetch.model import Follow, Pin, Runtime
 from mirror.prefetch.pinfile import PinFileWatcher
+from mirror.prefetch.poll import Poller
 from mirror.prefetch.prefetcher import PinnedSources, Prefetcher, Timing
 from mirror.prefetch.resolve import host_platform
 from mirror.prefetch.runtimes.containerd import ContainerdRuntime
@@ -44,6 +47,8 @@ from mirror.prefetch.watch.kubernetes import node_labels
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
 from mirror.registry.connections import ConnectionPolicy, GuardedServer
+from mirror.registry.distributions_api import DISTRIBUTIONS_PATH, DistributionsApi
+from mirror.registry.events_api import EventsApi
 from mirror.registry.prefetch_api import PrefetchApi
 from mirror.routing.bootstrap import Rebootstrapper
 from mirror.routing.bootstrap.http import LookupFailed
@@ -362,12 +367,32 @@ async def _prefetch(
     return prefetcher
 
 
-def _follow_pins(config: RunConfig, prefetcher: Prefetcher, background: _Background) -> None:
-    """Feed the prefetcher from the prefetch file and the workload watches."""
+def _follow_pins(
+    config: RunConfig,
+    prefetcher: Prefetcher,
+    distributor: Distributor,
+    upstream: UpstreamClient | None,
+    dht: DhtNode | None,
+    background: _Background,
+) -> None:
+    """Feed the prefetcher: the prefetch file (pins, and follows for the distributor and the
+    poller), the workload watches, and the distributions this node missed while down."""
     settings = config.prefetch
+    poller = None
+    if upstream is not None:
+        poller = Poller((), upstream, distributor, may_poll=_poll_claim(dht))
+        background.start("poll", poller.run())
+
+    def on_follows(follows: tuple[Follow, ...]) -> None:
+        distributor.set_follows(follows)
+        if poller is not None:
+            poller.set_follows(follows)
+
     if settings.file is not None:
         watcher = PinFileWatcher(settings.file, settings.file_poll)
-        background.start("prefetch file", _follow_file(watcher, prefetcher, settings.file_poll))
+        background.start(
+            "prefetch file", _follow_file(watcher, prefetcher, settings.file_poll, on_follows)
+        )
     if settings.nomad is not None:
         assert settings.nomad_datacenter is not None, "checked when the flags were read"
         nomad = NomadWorkloads(
@@ -378,15 +403,60 @@ def _follow_pins(config: RunConfig, prefetcher: Prefetcher, background: _Backgro
         background.start("prefetch nomad", _follow_workloads("nomad", nomad, prefetcher))
     if settings.kubernetes is not None:
         background.start("prefetch kubernetes", _follow_kubernetes(settings, prefetcher))
+    if dht is not None:
+        background.start("distribution catch-up", _catch_up(dht, distributor))
 
 
-async def _follow_file(watcher: PinFileWatcher, prefetcher: Prefetcher, interval: float) -> None:
-    """Poll the file (a ConfigMap's symlink swap has no event to wait for)."""
+# A poll claim lives this long unless renewed (the poller renews it at every poll).
+_POLL_CLAIM_TTL = 120.0
+
+
+def _poll_claim(dht: DhtNode | None) -> Callable[[str], Awaitable[bool]]:
+    """One node of the cluster polls each followed pattern: the one holding its DHT claim."""
+
+    async def may_poll(match: str) -> bool:
+        if dht is None:
+            return True
+        return await dht.claim(f"poll:{match}", _POLL_CLAIM_TTL) is None
+
+    return may_poll
+
+
+def _reporter(fetcher: PeerFetcher, own: str) -> Reporter:
+    """A distribution's progress to its origin, as a signed peer request."""
+
+    async def report(origin: str, distribution_id: str, body: dict[str, object]) -> None:
+        path = f"{DISTRIBUTIONS_PATH}/{distribution_id}/report?node={urllib.parse.quote(own)}"
+        status = await fetcher.post_signed(origin, path, body)
+        if status >= 300:
+            log.info("distribution %s: %s refused the report (%d)", distribution_id, origin, status)
+
+    return report
+
+
+async def _catch_up(dht: DhtNode, distributor: Distributor) -> None:
+    """Once the node knows a peer, the distributions announced while it was down."""
+    for _ in range(600):
+        if dht.contact_count() > 0:
+            await distributor.catch_up()
+            return
+        await asyncio.sleep(1.0)
+
+
+async def _follow_file(
+    watcher: PinFileWatcher,
+    prefetcher: Prefetcher,
+    interval: float,
+    on_follows: Callable[[tuple[Follow, ...]], None],
+) -> None:
+    """Poll the file (a ConfigMap's symlink swap has no event to wait for); its pins go to the
+    prefetcher, its follows to `on_follows`, both each time the file says something new."""
     prefetcher.set_pins("file", ())
     while True:
-        pins = await watcher.check()
-        if pins is not None:
-            prefetcher.set_pins("file", pins)
+        found = await watcher.check()
+        if found is not None:
+            prefetcher.set_pins("file", found.pins)
+            on_follows(found.follows)
         prefetcher.report("file", watcher.last_error)
         await asyncio.sleep(interval)
 
@@ -464,13 +534,25 @@ async def run_node(config: RunConfig) -> None:
         stack.push_async_callback(content.close)
         reports = _integrity(config, store, cache, metrics, stack, background)
         prefetch = await _prefetch(config, stores.runtime, content, sources, metrics, stack)
+        distributor = Distributor(
+            prefetch,
+            metrics,
+            own_address=dht.http_address if dht is not None else str(config.registry_addr),
+            broadcaster=dht,
+            reporter=_reporter(peers, dht.http_address) if peers and dht else None,
+        )
+        stack.push_async_callback(distributor.close)
         api = RegistryApi(
             metrics,
             content,
             access=access,
             reports=reports,
             max_uploads=config.routing.max_uploads,
-            prefetch=PrefetchApi(prefetch, host_platform(), access),
+            extensions=[
+                PrefetchApi(prefetch, host_platform(), access),
+                DistributionsApi(distributor, access),
+                EventsApi(distributor, config.prefetch.webhook_token, metrics),
+            ],
         )
         debug = config.log_level is LogLevel.DEBUG
         connections = ConnectionPolicy(config.http_limits, metrics)
@@ -490,6 +572,6 @@ async def run_node(config: RunConfig) -> None:
             config.metrics_addr,
         )
         # Started once the registry port answers: the Docker runtime pulls through it.
-        _follow_pins(config, prefetch, background)
+        _follow_pins(config, prefetch, distributor, upstream, dht, background)
         await stop.wait()
         log.info("stopping")

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
+from harness.memory_runtime import Image, MemoryRuntime, make_image
 from harness.memory_sources import MemoryPeers, MemoryUpstream, digest_of
 
 from mirror.content.service import ContentPolicy, ContentService
-from mirror.errors import RuntimeImportError
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import TagRef, parse_digest
 from mirror.prefetch.client import PrefetchFailed, node_url, prefetch
-from mirror.prefetch.model import BlobReader, ImagePlan, Pin, parse_image_ref
+from mirror.prefetch.model import Pin, parse_image_ref
 from mirror.prefetch.prefetcher import PinnedSources, PinState, Prefetcher, Timing
 from mirror.prefetch.resolve import Platform
 from mirror.registry.access import AccessPolicy
@@ -39,59 +39,6 @@ POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=
 AMD64 = Platform("linux", "amd64")
 EXPECTED = "registry.internal:5000/infra/traefik:v2.10"
 SOURCE = "docker.io/library/traefik:v2.10"
-
-
-@dataclass
-class Image:
-    manifest: bytes
-    blobs: dict[str, bytes]
-
-    @property
-    def digest(self) -> str:
-        return digest_of(self.manifest)
-
-
-def make_image(label: str, *, arch: str = "amd64") -> Image:
-    config = json.dumps({"architecture": arch, "os": "linux", "label": label}).encode()
-    layers = [f"{label} layer {n}".encode() * 1000 for n in range(2)]
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": mt.OCI_MANIFEST,
-            "config": {"mediaType": "c", "digest": digest_of(config), "size": len(config)},
-            "layers": [
-                {"mediaType": "l", "digest": digest_of(layer), "size": len(layer)}
-                for layer in layers
-            ],
-        }
-    ).encode()
-    return Image(manifest, {digest_of(blob): blob for blob in [config, *layers]})
-
-
-@dataclass
-class MemoryRuntime:
-    """A runtime in a dict: name -> (target digest, every blob's bytes as read)."""
-
-    images: dict[str, tuple[str, dict[str, bytes]]] = field(default_factory=dict)
-    takes: list[str] = field(default_factory=list)
-    refuse: bool = False
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    async def holds(self, plan: ImagePlan) -> bool:
-        held = self.images.get(str(plan.name))
-        return held is not None and held[0] == str(plan.target.digest)
-
-    async def take(self, plan: ImagePlan, blobs: BlobReader) -> None:
-        self.takes.append(str(plan.name))
-        if self.refuse:
-            raise RuntimeImportError("the runtime refused the image")
-        content = {}
-        for descriptor in plan.descriptors:
-            content[str(descriptor.digest)] = b"".join([c async for c in blobs.read(descriptor)])
-        self.images[str(plan.name)] = (str(plan.target.digest), content)
 
 
 @dataclass
@@ -362,7 +309,7 @@ async def api(node: Node) -> AsyncIterator[str]:
         node.metrics,
         node.content,
         access=access,
-        prefetch=PrefetchApi(node.prefetcher, AMD64, access),
+        extensions=[PrefetchApi(node.prefetcher, AMD64, access)],
     )
     server = TestServer(registry.app(), host="127.0.0.1")
     await server.start_server()

@@ -1,5 +1,6 @@
-"""The prefetch file: what it pins, how each mistake is refused (line and reason), node labels,
-and the watcher that keeps the last good pins while the file is broken.
+"""The prefetch file: what it pins and follows, how each mistake is refused (line and reason),
+how follow patterns match, node labels, and the watcher that keeps the last good pins and
+follows while the file is broken.
 
 The watcher is driven one poll at a time with `check()`: no test waits on a clock. Each write
 sets an explicit mtime (`tick`), so a change is never hidden by a coarse filesystem clock.
@@ -13,16 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from mirror.errors import ConfigError, PrefetchFileError
+from mirror.errors import ConfigError, NameInvalid, PrefetchFileError
 from mirror.oci.reference import parse_digest
-from mirror.prefetch.model import ImageRef, Pin
+from mirror.prefetch.follow import follow_matches, parse_follow_match
+from mirror.prefetch.model import Follow, ImageRef, Pin, PrefetchFile, parse_image_ref
 from mirror.prefetch.pinfile import (
     MAX_FILE_BYTES,
     PinFileWatcher,
     load_pins,
+    load_prefetch_file,
     node_labels,
     parse_node_label,
     parse_pins,
+    parse_prefetch_file,
 )
 
 HEX = "a" * 64
@@ -353,9 +357,9 @@ BOTH = ALPINE + '[[image]]\nref = "traefik:v2.10"\nnodes = { role = "edge" }\n'
 BROKEN = ALPINE + '[[image]]\nref = "Traefik"\n'
 
 
-def refs(pins: tuple[Pin, ...] | None) -> list[str]:
-    assert pins is not None
-    return [str(pin.ref) for pin in pins]
+def refs(found: PrefetchFile | None) -> list[str]:
+    assert found is not None
+    return [str(pin.ref) for pin in found.pins]
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -368,15 +372,16 @@ async def test_the_pins_at_start_then_nothing_until_a_change(tmp_path: Path) -> 
     assert refs(await watcher.check()) == ["docker.io/library/alpine:3.19"]
     assert await watcher.check() is None
     write(path, BOTH, 2)
-    pins = await watcher.check()
-    assert refs(pins) == ["docker.io/library/alpine:3.19", "docker.io/library/traefik:v2.10"]
-    assert watcher.pins == pins and watcher.last_error is None
+    found = await watcher.check()
+    assert refs(found) == ["docker.io/library/alpine:3.19", "docker.io/library/traefik:v2.10"]
+    assert found is not None and watcher.file == found and watcher.pins == found.pins
+    assert watcher.last_error is None
     assert await watcher.check() is None
 
 
 async def test_an_empty_file_yields_no_pins_rather_than_nothing(tmp_path: Path) -> None:
     watcher = PinFileWatcher(write(tmp_path / "p.toml", "# none yet\n", 1))
-    assert await watcher.check() == ()
+    assert await watcher.check() == PrefetchFile()
 
 
 async def test_a_touch_or_the_same_bytes_rewritten_yield_nothing(tmp_path: Path) -> None:
@@ -408,7 +413,7 @@ async def test_a_broken_file_keeps_the_previous_pins_and_is_logged_once(
     good = await watcher.check()
     write(path, BROKEN, 2)
     assert await watcher.check() is None
-    assert watcher.pins == good
+    assert watcher.file == good
     assert watcher.last_error is not None
     assert watcher.last_error.startswith(f"{path}:3: ref 'Traefik' is not an image reference")
     assert errors_logged(caplog) == [f"{watcher.last_error}; keeping the previous 1 pins"]
@@ -438,7 +443,7 @@ async def test_a_broken_file_put_back_as_it_was_clears_the_error_and_yields_noth
     )
     write(path, ALPINE, 3)
     assert await watcher.check() is None
-    assert watcher.last_error is None and watcher.pins == good
+    assert watcher.last_error is None and watcher.file == good
 
 
 async def test_a_broken_file_at_start_yields_nothing_until_fixed(
@@ -448,7 +453,7 @@ async def test_a_broken_file_at_start_yields_nothing_until_fixed(
     path = write(tmp_path / "p.toml", BROKEN, 1)
     watcher = PinFileWatcher(path)
     assert await watcher.check() is None
-    assert watcher.pins is None and watcher.last_error is not None
+    assert watcher.file is None and watcher.pins is None and watcher.last_error is not None
     assert errors_logged(caplog) == [
         f"{watcher.last_error}; no pins from this file until it is fixed"
     ]
@@ -479,7 +484,7 @@ async def test_a_deleted_file_keeps_the_pins_and_its_return_yields_only_if_chang
     good = await watcher.check()
     path.unlink()
     assert await watcher.check() is None
-    assert watcher.pins == good and watcher.last_error is not None
+    assert watcher.file == good and watcher.last_error is not None
     write(path, ALPINE, 2)
     assert await watcher.check() is None and watcher.last_error is None
     write(path, BOTH, 3)
@@ -528,5 +533,303 @@ async def test_changes_yields_the_pins_at_start(tmp_path: Path) -> None:
     changes = watcher.changes()
     try:
         assert refs(await anext(changes)) == ["docker.io/library/alpine:3.19"]
+    finally:
+        await changes.aclose()
+
+
+# --- [[follow]] ---------------------------------------------------------------------------
+
+
+def file_of(text: str) -> PrefetchFile:
+    return parse_prefetch_file(text, path="prefetch.toml")
+
+
+def refused_file(text: str) -> PrefetchFileError:
+    with pytest.raises(PrefetchFileError) as caught:
+        file_of(text)
+    assert "\n" not in str(caught.value), "a reason is one line"
+    return caught.value
+
+
+def test_the_documented_follow() -> None:
+    found = file_of(
+        """
+[[follow]]
+match = "registry.example.com:5000/team/*:prod-*"   # glob over registry/repository:tag
+nodes = { tier = "web" }                           # optional
+
+[[follow]]
+match = "ghcr.io/org/app:v*"
+poll = "30s"                                       # optional duration: poll upstream
+"""
+    )
+    assert found == PrefetchFile(
+        pins=(),
+        follows=(
+            Follow("registry.example.com:5000/team/*:prod-*", {"tier": "web"}),
+            Follow("ghcr.io/org/app:v*", {}, 30.0),
+        ),
+    )
+
+
+def test_polling_a_repository_glob_is_refused_with_the_reason() -> None:
+    error = refused_file(
+        '[[follow]]\nmatch = "registry.example.com:5000/team/*:prod-*"\npoll = "30s"\n'
+    )
+    assert error.line == 1
+    assert error.reason == (
+        "poll lists one repository's tags, so the registry and repository must be literal "
+        "('team/*' has a wildcard); without poll the follow takes push events only"
+    )
+
+
+def test_images_and_follows_in_one_file(tmp_path: Path) -> None:
+    text = (
+        ALPINE
+        + '\n[[follow]]\nmatch = "ghcr.io/org/app:v*"\n'
+        + '[[follow]]\nmatch = "ghcr.io/org/app:v*"\nnodes = { tier = "api" }\npoll = "5m"\n'
+    )
+    found = load_prefetch_file(write(tmp_path / "p.toml", text, 1))
+    assert refs(found) == ["docker.io/library/alpine:3.19"]
+    assert found.follows == (
+        Follow("ghcr.io/org/app:v*"),
+        Follow("ghcr.io/org/app:v*", {"tier": "api"}, 300.0),
+    )
+    # The pins-only readers still read such a file, and give its pins.
+    assert load_pins(tmp_path / "p.toml") == found.pins == parse_pins(text, path="p")
+
+
+@pytest.mark.parametrize(
+    ("match", "normalised"),
+    [
+        ("docker.io/nginx:1.*", "docker.io/library/nginx:1.*"),
+        ("docker.io/*:latest", "docker.io/library/*:latest"),
+        ("docker.io/bitnami/*:*", "docker.io/bitnami/*:*"),
+        ("  ghcr.io/org/app:v?  ", "ghcr.io/org/app:v?"),
+        ("localhost:5000/app:*", "localhost:5000/app:*"),
+        ("*/team/app:prod-*", "*/team/app:prod-*"),
+        ("*.example.com:*/team/app:*", "*.example.com:*/team/app:*"),
+        ("[::1]:5000/app:*", "[::1]:5000/app:*"),
+    ],
+)
+def test_follow_matches_are_normalised(match: str, normalised: str) -> None:
+    (follow,) = file_of(f'[[follow]]\nmatch = "{match}"\n').follows
+    assert follow.match == normalised
+    assert str(parse_follow_match(match)) == normalised
+
+
+@pytest.mark.parametrize(
+    ("poll", "seconds"), [("5s", 5.0), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0)]
+)
+def test_poll_durations(poll: str, seconds: float) -> None:
+    (follow,) = file_of(f'[[follow]]\nmatch = "reg.io/app:*"\npoll = "{poll}"\n').follows
+    assert follow.poll == seconds
+
+
+GOOD_THEN = ALPINE + '\n[[follow]]\nmatch = "reg.io/app:*"\n\n[[follow]]  # third\n'
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ('matc = "reg.io/app:*"', "unknown key 'matc' in [[follow]] (expected match, nodes, poll)"),
+        ('nodes = { tier = "web" }', "[[follow]] has no match"),
+        ("match = 3", "match must be a string, not an integer"),
+        ('match = ""', "match is empty"),
+        ('match = "team/app:*"', "'team' is not a registry host: the pattern starts with the"),
+        ('match = "reg io/app:*"', "'reg io' is not a registry host"),
+        ('match = "reg.io/app"', "has no :tag (write :* for every tag)"),
+        ('match = "reg.io"', "it has no repository"),
+        ('match = "reg.io/"', "it has no repository"),
+        (f'match = "reg.io/app:v1@{DIGEST}"', "a follow takes tags, not digests"),
+        ('match = "reg.io/App:*"', "invalid repository 'App'"),
+        ('match = "reg.io//app:*"', "invalid repository '/app'"),
+        ('match = "reg.io/team/:*"', "invalid repository 'team/'"),
+        ('match = "reg.io/app:bad tag*"', "invalid tag 'bad tag*'"),
+        ('match = "reg.io/app:"', "the tag is empty"),
+        ('match = "re_g*/app:*"', "invalid registry 're_g*'"),
+        ('match = "reg.io/app:*"\npoll = 30', 'poll must be a duration such as "30s" or "5m", not'),
+        ('match = "reg.io/app:*"\npoll = "soon"', "poll: 'soon' is not a duration"),
+        ('match = "reg.io/app:*"\npoll = "0s"', "must be positive"),
+        ('match = "reg.io/app:*"\npoll = "4s"', "poll '4s' is below the minimum of 5s"),
+        ('match = "reg.io/app:*"\npoll = "500ms"', "below the minimum of 5s"),
+        ('match = "*/app:*"\npoll = "30s"', "registry and repository must be literal ('*' has a"),
+        ('match = "reg.io/team/*:*"\npoll = "30s"', "('team/*' has a wildcard)"),
+        ('match = "reg.io/app?:*"\npoll = "30s"', "('app?' has a wildcard)"),
+        ('match = "reg.io/app:*"\nnodes = "web"', "nodes must be a table of label = value"),
+        ('match = "reg.io/app:*"\nnodes = { "a=b" = "c" }', "nodes: label key 'a=b' contains '='"),
+    ],
+)
+def test_a_bad_follow_is_refused_at_its_header_line(entry: str, reason: str) -> None:
+    error = refused_file(f"{GOOD_THEN}{entry}\n")
+    assert error.line == 7, "the third entry's header"
+    assert reason in error.reason
+    assert str(error) == f"prefetch.toml:7: {error.reason}"
+
+
+def test_a_wildcard_without_poll_is_fine() -> None:
+    (follow,) = file_of('[[follow]]\nmatch = "*/team/*:*"\n').follows
+    assert follow.poll is None
+
+
+def test_the_same_follow_twice_names_both_lines() -> None:
+    error = refused_file(
+        '[[follow]]\nmatch = "docker.io/nginx:*"\nnodes = { a = "1", b = "2" }\n\n'
+        '[[follow]]\nmatch = "docker.io/library/nginx:*"\nnodes = { b = "2", a = "1" }\n'
+    )
+    assert error.line == 5
+    assert error.reason == "match 'docker.io/library/nginx:*' is followed twice: lines 1 and 5"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ('\nfollow = "x"\n', 2, "follow must be [[follow]] tables, not a string"),
+        ("[follow]\nmatch = 'reg.io/a:*'\n", 1, "follow must be [[follow]] tables, not a table"),
+        ("[[follows]]\n", 1, "unknown key 'follows' (the file holds [[image]] and [[follow]]"),
+    ],
+)
+def test_misshapen_follow_tables(text: str, line: int, reason: str) -> None:
+    error = refused_file(text)
+    assert error.line == line and reason in error.reason
+
+
+def test_inline_follows_are_refused_without_a_wrong_line() -> None:
+    error = refused_file('follow = [{ match = "reg.io/a:*" }, { match = "" }]\n')
+    assert error.line is None and error.reason == "match is empty"
+
+
+# --- matching -----------------------------------------------------------------------------
+
+
+def ref(text: str) -> ImageRef:
+    return parse_image_ref(text)
+
+
+@pytest.mark.parametrize(
+    ("match", "text", "expected"),
+    [
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "registry.example.com:5000/team/app:prod-1",
+            True,
+        ),
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "registry.example.com:5000/team/app:prod-",
+            True,
+        ),
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "REGISTRY.example.com:5000/team/app:prod-1",
+            True,
+        ),
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "registry.example.com:5000/team/app:staging",
+            False,
+        ),
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "registry.example.com:5000/team/app/debug:prod-1",
+            False,
+        ),
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "registry.example.com:5001/team/app:prod-1",
+            False,
+        ),
+        (
+            "registry.example.com:5000/team/*:prod-*",
+            "registry.example.com:5000/other/app:prod-1",
+            False,
+        ),
+        (
+            "registry.example.com:5000/team/*/*:*",
+            "registry.example.com:5000/team/app/debug:x",
+            True,
+        ),
+        ("reg.io/app*:v?", "reg.io/app:v1", True),
+        ("reg.io/app*:v?", "reg.io/app-web:v2", True),
+        ("reg.io/app*:v?", "reg.io/app:v10", False),
+        ("reg.io/app*:v?", "reg.io/app:v", False),
+        ("reg.io/a.b:v1.0", "reg.io/a.b:v1.0", True),
+        ("reg.io/a.b:v1.0", "reg.io/a-b:v1x0", False),
+        ("*/team/app:*", "127.0.0.1:5000/team/app:v1", True),
+        ("*/team/app:*", "ghcr.io/team/app:latest", True),
+        ("*/team/app:*", "ghcr.io/team/app2:latest", False),
+        ("*.example.com/app:*", "reg.example.com/app:1", True),
+        ("*.example.com/app:*", "example.com/app:1", False),
+        ("[::1]:5000/app:v?", "[::1]:5000/app:v1", True),
+        ("docker.io/nginx:1.*", "nginx:1.27", True),
+        ("docker.io/nginx:1.*", "docker.io/library/nginx:1.27", True),
+        ("docker.io/nginx:1.*", "nginx:2", False),
+        ("docker.io/*:latest", "alpine", True),
+        ("docker.io/*:latest", "bitnami/redis:latest", False),
+        ("reg.io/app:*", f"reg.io/app:v1@{DIGEST}", True),
+        ("reg.io/app:*", f"reg.io/app@{DIGEST}", False),
+    ],
+)
+def test_follow_matches(match: str, text: str, expected: bool) -> None:
+    (follow,) = file_of(f'[[follow]]\nmatch = "{match}"\n').follows
+    assert follow_matches(follow, ref(text)) is expected
+
+
+def test_a_follow_that_is_no_pattern_raises_rather_than_matching_nothing() -> None:
+    with pytest.raises(NameInvalid, match="is not a registry/repository:tag pattern"):
+        follow_matches(Follow("nginx:*"), ref("nginx:1"))
+
+
+def test_a_pattern_is_pollable_when_registry_and_repository_are_literal() -> None:
+    assert parse_follow_match("reg.io:5000/team/app:prod-*").pollable
+    assert not parse_follow_match("*/team/app:*").pollable
+    assert not parse_follow_match("reg.io/team/*:v1").pollable
+    pattern = parse_follow_match("reg.io/team/app:prod-*")
+    assert pattern.matches_tag("prod-1") and not pattern.matches_tag("dev-1")
+
+
+# --- the watcher and follows --------------------------------------------------------------
+
+FOLLOW_WEB = '\n[[follow]]\nmatch = "reg.io/app:prod-*"\nnodes = { tier = "web" }\n'
+
+
+async def test_a_change_of_follows_alone_is_a_change(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.toml", ALPINE, 1)
+    watcher = PinFileWatcher(path)
+    first = await watcher.check()
+    assert first is not None and first.follows == ()
+    write(path, ALPINE + FOLLOW_WEB, 2)
+    second = await watcher.check()
+    assert second is not None and second.pins == first.pins
+    assert second.follows == (Follow("reg.io/app:prod-*", {"tier": "web"}),)
+    write(path, "# same\n" + ALPINE + FOLLOW_WEB, 3)
+    assert await watcher.check() is None
+
+
+async def test_a_broken_file_keeps_the_previous_follows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger=LOGGER)
+    path = write(tmp_path / "p.toml", ALPINE + FOLLOW_WEB, 1)
+    watcher = PinFileWatcher(path)
+    good = await watcher.check()
+    write(path, ALPINE + FOLLOW_WEB.replace("reg.io/", ""), 2)
+    assert await watcher.check() is None
+    assert watcher.file == good
+    assert watcher.last_error == (
+        f"{path}:4: match 'app:prod-*' is not a registry/repository:tag pattern: it has no "
+        "repository"
+    )
+    assert errors_logged(caplog) == [
+        f"{watcher.last_error}; keeping the previous 1 pins and 1 follows"
+    ]
+
+
+async def test_changes_yields_the_follows_too(tmp_path: Path) -> None:
+    watcher = PinFileWatcher(write(tmp_path / "p.toml", FOLLOW_WEB, 1), interval=0)
+    changes = watcher.changes()
+    try:
+        found = await anext(changes)
+        assert found.pins == () and len(found.follows) == 1
     finally:
         await changes.aclose()

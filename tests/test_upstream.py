@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from harness.images import TestImage, TestImages
+from harness.images import TestImage, TestImages, run_skopeo
 from harness.registry import Registry
 from harness.token_server import TokenServer
 
@@ -29,7 +29,7 @@ from mirror.oci.mediatypes import DOCKER_MANIFEST, MAX_MANIFEST_SIZE, OCI_MANIFE
 from mirror.oci.reference import parse_digest
 from mirror.ranges import RangeRequest
 from mirror.upstream.auth import Authenticator, BearerChallenge, parse_www_authenticate
-from mirror.upstream.client import UpstreamBlob, UpstreamClient
+from mirror.upstream.client import MAX_TAG_PAGES, UpstreamBlob, UpstreamClient
 from mirror.upstream.credentials import Credentials, basic_authorization
 from mirror.upstream.registries import UpstreamMap, parse_upstream
 
@@ -626,6 +626,166 @@ async def test_basic_auth_registry(tmp_path: Path, make_client: ClientFactory) -
         wrong, _ = await make_client({host: f"http://{host}"}, Credentials({host: ("bob", "x")}))
         with pytest.raises(UpstreamAuthError, match="refused"):
             await wrong.get_manifest(host, "a/b", "v1")
+    finally:
+        await runner.cleanup()
+
+
+# -- tag lists -----------------------------------------------------------------------------
+
+
+async def test_list_tags_of_a_real_registry(
+    registry: Registry, test_images: TestImages, make_client: ClientFactory
+) -> None:
+    image = test_images.docker_v2
+    for tag in ("v1", "v2", "prod-1"):
+        await asyncio.to_thread(
+            run_skopeo,
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            image.source,
+            f"docker://{registry.host}/team/app:{tag}",
+        )
+    client, metrics = await make_client({registry.host: registry.url})
+    tags = await client.list_tags(registry.host, "team/app")
+    assert tags is not None and sorted(tags) == ["prod-1", "v1", "v2"]
+    assert await client.list_tags(registry.host, "no/such-repo") is None
+    assert fetches(metrics, "tag", "ok") == 1
+    assert fetches(metrics, "tag", "missing") == 1
+    registry.stop()
+    with pytest.raises(UpstreamError):
+        await client.list_tags(registry.host, "team/app")
+    assert fetches(metrics, "tag", "error") == 1
+
+
+async def test_list_tags_with_token_auth(
+    auth_registry: Registry,
+    token_server: TokenServer,
+    test_images: TestImages,
+    make_client: ClientFactory,
+) -> None:
+    client, _ = await make_client({auth_registry.host: auth_registry.url})
+    repo = repo_of(test_images.index)
+    assert await client.list_tags(auth_registry.host, repo) == [test_images.index.tag]
+    assert [r.scopes for r in token_server.requests] == [(f"repository:{repo}:pull",)]
+    # The token is cached: a manifest of the same repository needs no other.
+    assert await client.head_manifest(auth_registry.host, repo, "v1", timeout=5)
+    assert len(token_server.requests) == 1
+
+
+SEEN = web.AppKey("seen", list[str])
+
+
+def tag_pages(pages: dict[str, tuple[int, object, str | None]]) -> web.Application:
+    """A registry whose tags/list answers `pages[last]` (`last` absent: ""): status, JSON body,
+    and the Link header's URL, if any. Every request is recorded in `app[SEEN]`."""
+    seen: list[str] = []
+
+    async def tags(request: web.Request) -> web.Response:
+        seen.append(request.path_qs)
+        status, body, link = pages[request.query.get("last", "")]
+        headers = {"Link": f'<{link}>; rel="next"'} if link is not None else {}
+        if isinstance(body, bytes):
+            return web.Response(status=status, body=body, headers=headers)
+        return web.json_response(body, status=status, headers=headers)
+
+    app = web.Application()
+    app[SEEN] = seen
+    app.router.add_get("/v2/{repo:.+}/tags/list", tags)
+    return app
+
+
+async def test_list_tags_follows_link_pages(make_client: ClientFactory) -> None:
+    pages: dict[str, tuple[int, object, str | None]] = {
+        "": (200, {"name": "a/b", "tags": ["v1", "v2"]}, "/v2/a/b/tags/list?n=2&last=v2"),
+        "v3": (200, {"name": "a/b", "tags": None}, None),
+    }
+    app = tag_pages(pages)
+    runner, host = await serve(app)
+    # An absolute Link at the same origin; a tag seen twice; a string no request could name.
+    pages["v2"] = (
+        200,
+        {"name": "a/b", "tags": ["v2", "v3", "bad tag"]},
+        f"http://{host}/v2/a/b/tags/list?n=2&last=v3",
+    )
+    try:
+        client, metrics = await make_client({host: f"http://{host}"})
+        assert await client.list_tags(host, "a/b", page_size=2) == ["v1", "v2", "v3"]
+        assert app[SEEN] == [
+            "/v2/a/b/tags/list?n=2",
+            "/v2/a/b/tags/list?n=2&last=v2",
+            "/v2/a/b/tags/list?n=2&last=v3",
+        ]
+        assert fetches(metrics, "tag", "ok") == 1
+        with pytest.raises(ValueError, match="page_size"):
+            await client.list_tags(host, "a/b", page_size=0)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("pages", "error"),
+    [
+        # A Link back to a page already read.
+        (
+            {
+                "": (200, {"tags": ["a"]}, "/v2/a/b/tags/list?last=a"),
+                "a": (200, {"tags": []}, "/v2/a/b/tags/list?last=a"),
+            },
+            "already read",
+        ),
+        # A Link to another origin would get our credentials.
+        (
+            {"": (200, {"tags": ["a"]}, "http://elsewhere.example/v2/a/b/tags/list?last=a")},
+            "another origin",
+        ),
+        # The repository vanished between pages: a half list would read as tags removed.
+        (
+            {
+                "": (200, {"tags": ["a"]}, "/v2/a/b/tags/list?last=a"),
+                "a": (404, {"errors": []}, None),
+            },
+            "answered 404",
+        ),
+        ({"": (200, {"tags": "a"}, None)}, "not a list of strings"),
+        ({"": (200, {"tags": [1]}, None)}, "not a list of strings"),
+        ({"": (200, ["a"], None)}, "not a tag list"),
+        ({"": (200, b"<html>", None)}, "not JSON"),
+        ({"": (500, {"errors": [{"code": "UNKNOWN"}]}, None)}, "500 UNKNOWN"),
+    ],
+)
+async def test_list_tags_refuses_what_it_cannot_trust(
+    make_client: ClientFactory, pages: dict[str, tuple[int, object, str | None]], error: str
+) -> None:
+    runner, host = await serve(tag_pages(pages))
+    try:
+        client, metrics = await make_client({host: f"http://{host}"})
+        with pytest.raises(UpstreamError, match=error):
+            await client.list_tags(host, "a/b")
+        assert fetches(metrics, "tag", "error") == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_list_tags_stops_at_the_page_cap(make_client: ClientFactory) -> None:
+    """A registry whose every page links to one more: the client gives up, it does not loop."""
+    requests = 0
+
+    async def endless(request: web.Request) -> web.Response:
+        nonlocal requests
+        requests += 1
+        last = int(request.query.get("last", "0"))
+        link = f'</v2/a/b/tags/list?last={last + 1}>; rel="next"'
+        return web.json_response({"tags": [f"t{last}"]}, headers={"Link": link})
+
+    app = web.Application()
+    app.router.add_get("/v2/{repo:.+}/tags/list", endless)
+    runner, host = await serve(app)
+    try:
+        client, _ = await make_client({host: f"http://{host}"})
+        with pytest.raises(UpstreamError, match=f"more than {MAX_TAG_PAGES} pages"):
+            await client.list_tags(host, "a/b")
+        assert requests == MAX_TAG_PAGES
     finally:
         await runner.cleanup()
 

@@ -778,6 +778,23 @@ class PeerFetcher:
             return  # not a digest: nothing the holder could re-hash
         self._report(provider, digest)
 
+    async def post_signed(self, address: str, path_qs: str, body: object) -> int:
+        """POST `body` as JSON to another node's `path_qs`, signed as a peer request; its
+        status. For messages between nodes (a distribution's progress to its origin);
+        transport failures raise `PeerUnavailable`."""
+        assert self._session is not None, "PeerFetcher.start() was not called"
+        headers = {PEER_HEADER: self._signer.sign("POST", path_qs)}
+        url = URL(f"http://{address}{path_qs}", encoded=True)
+        try:
+            async with asyncio.timeout(_REPORT_TIMEOUT):
+                async with self._session.post(
+                    url, json=body, headers=headers, allow_redirects=False
+                ) as response:
+                    await response.read()
+                    return response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PeerUnavailable(f"{address} did not take {path_qs}: {exc}") from exc
+
     def _report(self, provider: Provider, digest: Digest) -> None:
         """Tell `provider` its copy of `digest` did not hash; in the background, so the client's
         error is not delayed by it."""

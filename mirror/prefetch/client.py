@@ -121,3 +121,74 @@ async def prefetch(
         raise PrefetchFailed(
             f"cannot reach the node at {node}: {exc or type(exc).__name__}"
         ) from exc
+
+
+DISTRIBUTIONS_PATH = "/mirror/v1/distributions"
+_BAR = 20
+
+
+def _bar(done: object, total: object) -> str:
+    if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
+        return "[" + " " * _BAR + "]"
+    filled = min(_BAR, done * _BAR // total)
+    return "[" + "#" * filled + "-" * (_BAR - filled) + f"] {100 * done // total:3d}%"
+
+
+def node_lines(distribution: dict[str, Any]) -> list[str]:
+    """One line per node: its state, a progress bar, and where its bytes came from."""
+    lines = []
+    for node, progress in sorted((distribution.get("by_node") or {}).items()):
+        size = progress.get("bytes") or {}
+        lines.append(
+            f"  {node:<24} {progress.get('state', '?'):<8} "
+            f"{_bar(size.get('done'), size.get('total'))} "
+            f"upstream {_mib(size.get('upstream'))}, peers {_mib(size.get('peers'))}"
+            + (f": {progress['error']}" if progress.get("error") else "")
+        )
+    return lines
+
+
+def distribution_summary(distribution: dict[str, Any], seconds: float) -> str:
+    nodes, size = distribution.get("nodes") or {}, distribution.get("bytes") or {}
+    return (
+        f"distributed {distribution.get('ref')} to {nodes.get('total', 0)} nodes in "
+        f"{seconds:.1f} s: {nodes.get('done', 0)} hold it, {nodes.get('failed', 0)} failed; "
+        f"{_mib(size.get('upstream'))} from upstream, {_mib(size.get('peers'))} between peers"
+    )
+
+
+async def distribute(
+    node: URL, ref_text: str, *, timeout: float, say: Callable[[str], None]
+) -> str:
+    """Start a distribution of `ref` at `node` and follow it until every node that takes
+    part holds it; the summary line, or `PrefetchFailed` (also when a node failed)."""
+    ref = parse_image_ref(ref_text)
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            endpoint = node.with_path(DISTRIBUTIONS_PATH)
+            async with session.post(endpoint, json={"ref": str(ref)}) as response:
+                distribution = await _answer(response)
+            one = node.with_path(f"{DISTRIBUTIONS_PATH}/{distribution['id']}")
+            said: list[str] = []
+            while True:
+                lines = node_lines(distribution)
+                if lines != said:
+                    say(f"{distribution.get('ref')}: {distribution.get('nodes')}")
+                    for line in lines:
+                        say(line)
+                    said = lines
+                if distribution.get("complete"):
+                    summary = distribution_summary(distribution, time.monotonic() - started)
+                    if (distribution.get("nodes") or {}).get("failed"):
+                        raise PrefetchFailed(summary)
+                    return summary
+                if time.monotonic() - started > timeout:
+                    raise PrefetchFailed(f"{ref} is not on every node after {timeout:.0f} s")
+                await asyncio.sleep(_POLL_SECONDS)
+                async with session.get(one) as response:
+                    distribution = await _answer(response)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise PrefetchFailed(
+            f"cannot reach the node at {node}: {exc or type(exc).__name__}"
+        ) from exc

@@ -5,15 +5,30 @@
     source = "docker.io/library/traefik:v2.10"           # optional: expected <- source
     nodes = { role = "edge" }                            # optional: match on node labels
 
+    [[follow]]
+    match = "registry.internal:5000/team/*:prod-*"       # glob over registry/repository:tag
+    nodes = { tier = "web" }                             # optional: match on node labels
+
+    [[follow]]
+    match = "ghcr.io/org/app:v*"                         # a registry that sends no webhooks
+    poll = "30s"                                         # optional: poll upstream this often
+
+A `[[follow]]` takes every tag matching `match` when it is pushed (a registry's webhook) or, with
+`poll`, when a poll of the repository's tags upstream sees it move. The pattern's grammar is
+`follow.py`'s: the registry always comes first (no Docker Hub shorthand but `docker.io/nginx`
+for `docker.io/library/nginx`). Polling lists one repository's tags, so with `poll` the registry
+and repository must be literal; `poll` is at least `MIN_POLL` seconds, as each poll is a tag
+list and a HEAD per matching tag against someone else's registry.
+
 A file is taken whole or refused whole (`PrefetchFileError`, with the line of the entry at fault
 and the reason): taking the good half of a file would drop pins without anyone noticing. The
 watcher keeps the pins of the last good file while a broken one is in place, so a typo, an edit
 in progress or a ConfigMap mid-update never empties a node's pins; the node keeps serving.
 
 tomllib gives no positions, so the line of the N-th entry is found by scanning the text for
-`[[image]]` headers; when the scan cannot be trusted (an entry written as an inline array, a
-header-looking line inside a multi-line string) errors name the file without a line rather than
-a wrong one.
+`[[image]]` (or `[[follow]]`) headers; when the scan cannot be trusted (an entry written as an
+inline array, a header-looking line inside a multi-line string) errors name the file without a
+line rather than a wrong one.
 """
 
 from __future__ import annotations
@@ -29,8 +44,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirror.config import parse_duration
 from mirror.errors import ConfigError, DigestInvalid, NameInvalid, PrefetchFileError
-from mirror.prefetch.model import ImageRef, Pin, parse_image_ref
+from mirror.prefetch.follow import has_wildcards, parse_follow_match
+from mirror.prefetch.model import Follow, ImageRef, Pin, PrefetchFile, parse_image_ref
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +55,12 @@ log = logging.getLogger(__name__)
 # reading it whole on every change would cost memory for nothing.
 MAX_FILE_BYTES = 1 << 20
 
-_ENTRY_KEYS = ("ref", "source", "nodes")
+_IMAGE_KEYS = ("ref", "source", "nodes")
+_FOLLOW_KEYS = ("match", "nodes", "poll")
+_TABLES = ("image", "follow")
+# The shortest `poll`: each poll lists a repository's tags and HEADs every matching tag at a
+# registry mirror does not own; more often than this is a load nobody should need.
+MIN_POLL = 5.0
 _POSITION = re.compile(r"\s*\(at line (?P<line>\d+), column (?P<column>\d+)\)$")
 _END_OF_DOCUMENT = " (at end of document)"
 
@@ -49,7 +71,11 @@ def _key_pattern(key: str) -> str:
     return rf"(?:{bare}|\"{bare}\"|'{bare}')"
 
 
-_ENTRY_HEADER = re.compile(rf"[ \t]*\[\[[ \t]*{_key_pattern('image')}[ \t]*\]\][ \t]*(?:#.*)?\r?")
+def _entry_header(table: str) -> re.Pattern[str]:
+    return re.compile(rf"[ \t]*\[\[[ \t]*{_key_pattern(table)}[ \t]*\]\][ \t]*(?:#.*)?\r?")
+
+
+_ENTRY_HEADERS = {table: _entry_header(table) for table in _TABLES}
 _TABLE_HEADER = re.compile(r"[ \t]*\[")
 
 
@@ -57,46 +83,71 @@ class _Invalid(Exception):
     """An entry's problem, before the file and line are known (becomes `PrefetchFileError`)."""
 
 
+def load_prefetch_file(path: Path) -> PrefetchFile:
+    """What the prefetch file at `path` says; `PrefetchFileError` if any part is unusable."""
+    return _file_of(_read(path, name=str(path)), name=str(path))
+
+
 def load_pins(path: Path) -> tuple[Pin, ...]:
-    """The pins of the prefetch file at `path`; `PrefetchFileError` if any part is unusable."""
-    return _pins_of(_read(path, name=str(path)), name=str(path))
+    """The pins of the prefetch file at `path` (its follows are checked, then left out)."""
+    return load_prefetch_file(path).pins
 
 
 def parse_pins(text: str, *, path: str) -> tuple[Pin, ...]:
     """The pins of a prefetch file's text; `path` only names the file in errors."""
+    return parse_prefetch_file(text, path=path).pins
+
+
+def parse_prefetch_file(text: str, *, path: str) -> PrefetchFile:
+    """A prefetch file's text, pins and follows; `path` only names the file in errors."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(exc, text, path) from None
     for key in document:
-        if key != "image":
+        if key not in _TABLES:
             raise PrefetchFileError(
                 path,
-                f"unknown key {key!r} (the file holds [[image]] entries only)",
+                f"unknown key {key!r} (the file holds [[image]] and [[follow]] entries only)",
                 line=_top_level_line(text, key),
             )
-    entries = document.get("image", [])
+    return PrefetchFile(pins=_pins(document, text, path), follows=_follows(document, text, path))
+
+
+def _entries(
+    document: Mapping[str, object], table: str, text: str, path: str
+) -> list[tuple[Mapping[str, object], int | None]]:
+    """The `[[table]]` entries of the document, each with its header's line if known."""
+    entries = document.get(table, [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise PrefetchFileError(
             path,
-            f"image must be [[image]] tables, not {_kind(entries)}",
-            line=_top_level_line(text, "image"),
+            f"{table} must be [[{table}]] tables, not {_kind(entries)}",
+            line=_top_level_line(text, table),
         )
-    lines = _entry_lines(text, len(entries))
+    return list(zip(entries, _entry_lines(text, table, len(entries)), strict=True))
+
+
+def _twice(lines: list[int | None], earlier: int, index: int) -> str:
+    """Where an entry and the earlier one it repeats are: by line, else by position."""
+    line = lines[index]
+    if line is not None and lines[earlier] is not None:
+        return f"lines {lines[earlier]} and {line}"
+    return f"entries {earlier + 1} and {index + 1}"
+
+
+def _pins(document: Mapping[str, object], text: str, path: str) -> tuple[Pin, ...]:
+    entries = _entries(document, "image", text, path)
+    lines = [line for _, line in entries]
     pins: list[Pin] = []
     first_seen: dict[ImageRef, int] = {}
-    for index, (entry, line) in enumerate(zip(entries, lines, strict=True)):
+    for index, (entry, line) in enumerate(entries):
         try:
             pin = _pin(entry)
         except _Invalid as exc:
             raise PrefetchFileError(path, str(exc), line=line) from None
         if pin.ref in first_seen:
-            earlier = first_seen[pin.ref]
-            where = (
-                f"lines {lines[earlier]} and {line}"
-                if line is not None
-                else f"entries {earlier + 1} and {index + 1}"
-            )
+            where = _twice(lines, first_seen[pin.ref], index)
             raise PrefetchFileError(
                 path, f"ref {str(pin.ref)!r} is pinned twice: {where}", line=line
             )
@@ -105,11 +156,34 @@ def parse_pins(text: str, *, path: str) -> tuple[Pin, ...]:
     return tuple(pins)
 
 
+def _follows(document: Mapping[str, object], text: str, path: str) -> tuple[Follow, ...]:
+    """The `[[follow]]` entries; the same match for the same nodes twice is a mistake (the same
+    match for other nodes is not: one pattern, a tier each)."""
+    entries = _entries(document, "follow", text, path)
+    lines = [line for _, line in entries]
+    follows: list[Follow] = []
+    first_seen: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+    for index, (entry, line) in enumerate(entries):
+        try:
+            follow = _follow(entry)
+        except _Invalid as exc:
+            raise PrefetchFileError(path, str(exc), line=line) from None
+        key = (follow.match, tuple(sorted(follow.nodes.items())))
+        if key in first_seen:
+            where = _twice(lines, first_seen[key], index)
+            raise PrefetchFileError(
+                path, f"match {follow.match!r} is followed twice: {where}", line=line
+            )
+        first_seen[key] = index
+        follows.append(follow)
+    return tuple(follows)
+
+
 def _pin(entry: Mapping[str, object]) -> Pin:
-    unknown = [key for key in entry if key not in _ENTRY_KEYS]
+    unknown = [key for key in entry if key not in _IMAGE_KEYS]
     if unknown:
         raise _Invalid(
-            f"unknown key {unknown[0]!r} in [[image]] (expected {', '.join(_ENTRY_KEYS)})"
+            f"unknown key {unknown[0]!r} in [[image]] (expected {', '.join(_IMAGE_KEYS)})"
         )
     if "ref" not in entry:
         raise _Invalid("[[image]] has no ref")
@@ -117,6 +191,49 @@ def _pin(entry: Mapping[str, object]) -> Pin:
     source = _image_ref("source", entry["source"]) if "source" in entry else None
     nodes = _nodes(entry.get("nodes", {}))
     return Pin(ref, source, nodes, origin="file")
+
+
+def _follow(entry: Mapping[str, object]) -> Follow:
+    unknown = [key for key in entry if key not in _FOLLOW_KEYS]
+    if unknown:
+        raise _Invalid(
+            f"unknown key {unknown[0]!r} in [[follow]] (expected {', '.join(_FOLLOW_KEYS)})"
+        )
+    if "match" not in entry:
+        raise _Invalid("[[follow]] has no match")
+    value = entry["match"]
+    if not isinstance(value, str):
+        raise _Invalid(f"match must be a string, not {_kind(value)}")
+    if not value.strip():
+        raise _Invalid("match is empty")
+    try:
+        pattern = parse_follow_match(value)
+    except NameInvalid as exc:
+        raise _Invalid(f"match {exc}") from None
+    nodes = _nodes(entry.get("nodes", {}))
+    poll = _poll(entry["poll"]) if "poll" in entry else None
+    if poll is not None and not pattern.pollable:
+        glob = pattern.registry if has_wildcards(pattern.registry) else pattern.repository
+        raise _Invalid(
+            f"poll lists one repository's tags, so the registry and repository must be literal "
+            f"({glob!r} has a wildcard); without poll the follow takes push events only"
+        )
+    return Follow(str(pattern), nodes, poll)
+
+
+def _poll(value: object) -> float:
+    if not isinstance(value, str):
+        raise _Invalid(f'poll must be a duration such as "30s" or "5m", not {_kind(value)}')
+    try:
+        seconds = parse_duration(value)
+    except ConfigError as exc:
+        raise _Invalid(f"poll: {exc}") from None
+    if seconds < MIN_POLL:
+        raise _Invalid(
+            f"poll {value!r} is below the minimum of {MIN_POLL:g}s: each poll asks the "
+            "registry for the tag list and every matching tag"
+        )
+    return seconds
 
 
 def _image_ref(key: str, value: object) -> ImageRef:
@@ -194,8 +311,8 @@ def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, path: str) -> Prefetc
     return PrefetchFileError(path, f"invalid TOML: {message}")
 
 
-def _entry_lines(text: str, count: int) -> list[int | None]:
-    """The 1-based line of each `[[image]]` header, or None for all when they cannot be told.
+def _entry_lines(text: str, table: str, count: int) -> list[int | None]:
+    """The 1-based line of each `[[table]]` header, or None for all when they cannot be told.
 
     TOML has no other line breaks than LF and CRLF, so `split("\\n")` numbers lines as tomllib
     does (`splitlines` would also break at form feeds and U+2028, which TOML strings may hold).
@@ -203,7 +320,7 @@ def _entry_lines(text: str, count: int) -> list[int | None]:
     found = [
         number
         for number, line in enumerate(text.split("\n"), start=1)
-        if _ENTRY_HEADER.fullmatch(line)
+        if _ENTRY_HEADERS[table].fullmatch(line)
     ]
     return [*found] if len(found) == count else [None] * count
 
@@ -233,7 +350,7 @@ def _read(path: Path, *, name: str) -> bytes:
     return data
 
 
-def _pins_of(data: bytes, *, name: str) -> tuple[Pin, ...]:
+def _file_of(data: bytes, *, name: str) -> PrefetchFile:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -243,7 +360,7 @@ def _pins_of(data: bytes, *, name: str) -> tuple[Pin, ...]:
             line=data.count(b"\n", 0, exc.start) + 1,
         ) from None
     # Editors on Windows may start the file with a byte-order mark, which TOML does not allow.
-    return parse_pins(text.removeprefix("\ufeff"), path=name)
+    return parse_prefetch_file(text.removeprefix("\ufeff"), path=name)
 
 
 def parse_node_label(text: str) -> tuple[str, str]:
@@ -303,14 +420,15 @@ def _stat(path: Path) -> _Signature:
 
 
 class PinFileWatcher:
-    """The pins of a prefetch file, again whenever its content changes.
+    """The pins and follows of a prefetch file, again whenever its content changes.
 
     Each poll stats the file (through its symlinks); only when that changed is the file read,
     and only when its hash changed is it parsed, so a touch or a rewrite with the same bytes
     costs nothing downstream. A file that cannot be used is logged once (ERROR, one line, the
-    reason) and shown in `last_error`; the pins of the last good file stay in force, and
-    nothing is yielded until the file is good again. A good file whose pins equal those last
-    yielded (a comment edited, a broken file put back as it was) yields nothing either.
+    reason) and shown in `last_error`; the pins and follows of the last good file stay in
+    force, and nothing is yielded until the file is good again. A good file that says what the
+    one last yielded said (a comment edited, a broken file put back as it was) yields nothing
+    either.
     """
 
     def __init__(self, path: Path, interval: float = 2.0) -> None:
@@ -320,7 +438,7 @@ class PinFileWatcher:
         # What the last poll saw: a stat, or the reason the stat failed.
         self._signature: _Signature | str | None = None
         self._digest: bytes | None = None
-        self._pins: tuple[Pin, ...] | None = None
+        self._file: PrefetchFile | None = None
         self._last_error: str | None = None
 
     @property
@@ -328,25 +446,30 @@ class PinFileWatcher:
         return self._path
 
     @property
+    def file(self) -> PrefetchFile | None:
+        """What is in force: the last good file; None if there has not been one yet."""
+        return self._file
+
+    @property
     def pins(self) -> tuple[Pin, ...] | None:
         """The pins in force: from the last good file; None if there has not been one yet."""
-        return self._pins
+        return None if self._file is None else self._file.pins
 
     @property
     def last_error(self) -> str | None:
         """Why the file as it is now cannot be used (`path:line: reason`); None when it can."""
         return self._last_error
 
-    async def changes(self) -> AsyncIterator[tuple[Pin, ...]]:
-        """The pins once the file is first good, then after each change of them."""
+    async def changes(self) -> AsyncIterator[PrefetchFile]:
+        """The file's pins and follows once it is first good, then after each change of them."""
         while True:
-            pins = await self.check()
-            if pins is not None:
-                yield pins
+            found = await self.check()
+            if found is not None:
+                yield found
             await asyncio.sleep(self._interval)
 
-    async def check(self) -> tuple[Pin, ...] | None:
-        """One poll: the new pins if the file changed and they did, else None."""
+    async def check(self) -> PrefetchFile | None:
+        """One poll: what the file says if it changed and what it says did, else None."""
         async with self._lock:
             try:
                 signature = await asyncio.to_thread(_stat, self._path)
@@ -371,20 +494,32 @@ class PinFileWatcher:
                 return None
             self._digest = digest
             try:
-                pins = _pins_of(data, name=str(self._path))
+                found = _file_of(data, name=str(self._path))
             except PrefetchFileError as exc:
                 self._refuse(exc)
                 return None
             self._last_error = None
-            if pins == self._pins:
+            if found == self._file:
                 return None
-            self._pins = pins
-            log.info("prefetch file %s: %d pins", self._path, len(pins))
-            return pins
+            self._file = found
+            log.info(
+                "prefetch file %s: %d pins, %d follows",
+                self._path,
+                len(found.pins),
+                len(found.follows),
+            )
+            return found
 
     def _refuse(self, error: PrefetchFileError) -> None:
         self._last_error = str(error)
-        if self._pins is None:
+        if self._file is None:
             log.error("%s; no pins from this file until it is fixed", error)
+        elif self._file.follows:
+            log.error(
+                "%s; keeping the previous %d pins and %d follows",
+                error,
+                len(self._file.pins),
+                len(self._file.follows),
+            )
         else:
-            log.error("%s; keeping the previous %d pins", error, len(self._pins))
+            log.error("%s; keeping the previous %d pins", error, len(self._file.pins))

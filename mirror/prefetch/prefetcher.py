@@ -25,7 +25,7 @@ from enum import StrEnum
 
 from mirror.content.service import ContentService
 from mirror.errors import MirrorError
-from mirror.metrics import Metrics
+from mirror.metrics import SOURCE_PEER, SOURCE_UPSTREAM, Metrics
 from mirror.oci.reference import TagRef
 from mirror.prefetch.model import ImagePlan, ImageRef, Pin, Runtime
 from mirror.prefetch.resolve import ContentBlobs, Platform, ResolvedImage, resolve
@@ -71,6 +71,9 @@ class PinStatus:
     attempts: int = 0  # ended, successful or not
     bytes_done: int = 0
     bytes_total: int = 0
+    # Of `bytes_done`, what the latest attempt fetched from upstream and from peers.
+    bytes_upstream: int = 0
+    bytes_peers: int = 0
     layers_done: int = 0
     layers_total: int = 0
     checked_at: float | None = None
@@ -89,7 +92,12 @@ class PinStatus:
             "error": self.error,
             "failures": self.failures,
             "attempts": self.attempts,
-            "bytes": {"done": self.bytes_done, "total": self.bytes_total},
+            "bytes": {
+                "done": self.bytes_done,
+                "total": self.bytes_total,
+                "upstream": self.bytes_upstream,
+                "peers": self.bytes_peers,
+            },
             "layers": {"done": self.layers_done, "total": self.layers_total},
             "checked_at": self.checked_at,
             "next_check": self.next_check,
@@ -188,11 +196,12 @@ class Prefetcher:
             for name in sorted(names)
         }
 
-    def request(self, ref: ImageRef, source: ImageRef | None) -> PinStatus:
-        """Take an image now (the API): pinned until the node restarts, woken if pinned."""
-        current = self._by_origin.get("api", ())
+    def request(self, ref: ImageRef, source: ImageRef | None, origin: str = "api") -> PinStatus:
+        """Take an image now (the API, a followed push): pinned by `origin` until the node
+        restarts, and tried at once (woken if it was pinned already)."""
+        current = self._by_origin.get(origin, ())
         if not any(pin.ref == ref for pin in current):
-            self._by_origin["api"] = (*current, Pin(ref, source, origin="api"))
+            self._by_origin[origin] = (*current, Pin(ref, source, origin=origin))
             self._reconcile()
         status = self._status[str(ref)]
         if status.state is not PinState.FETCHING:
@@ -317,6 +326,7 @@ class Prefetcher:
             return
         self._set_state(status, PinState.FETCHING)
         status.bytes_done = status.layers_done = 0
+        status.bytes_upstream = status.bytes_peers = 0
         if resolved.through_source:
             log.warning(
                 "prefetch: %s cannot be resolved; taking it from its source %s",
@@ -332,8 +342,12 @@ class Prefetcher:
     async def _hold_blobs(self, status: PinStatus, resolved: ResolvedImage) -> None:
         """Every blob of the plan held on this node, fetched through the cluster if not."""
 
-        def count(nbytes: int) -> None:
+        def count(source: str, nbytes: int) -> None:
             status.bytes_done += nbytes
+            if source == SOURCE_UPSTREAM:
+                status.bytes_upstream += nbytes
+            elif source == SOURCE_PEER:
+                status.bytes_peers += nbytes
             self._metrics.prefetch_bytes.inc(nbytes)
 
         plan = resolved.plan

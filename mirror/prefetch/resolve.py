@@ -159,7 +159,8 @@ def _image_parts(body: bytes, digest: Digest) -> tuple[Descriptor, tuple[Descrip
 
 
 class ContentBlobs:
-    """The plan's blobs through the content service (a `BlobReader`), counted as they pass.
+    """The plan's blobs through the content service (a `BlobReader`), counted as they pass
+    (`on_bytes(source, n)`: local, peer or upstream, as the service answered).
 
     Manifests come from memory (`bodies`): they were fetched to make the plan, and a registry
     need not serve a manifest from its blob endpoint.
@@ -170,7 +171,7 @@ class ContentBlobs:
         content: ContentService,
         fetched: ImageRef,
         bodies: dict[Digest, bytes],
-        on_bytes: Callable[[int], None] | None = None,
+        on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         self._content = content
         self._fetched = fetched
@@ -194,7 +195,7 @@ class ContentBlobs:
                 chunks = answer.chunks
             async for chunk in chunks:
                 if self._on_bytes is not None:
-                    self._on_bytes(len(chunk))
+                    self._on_bytes(answer.source, len(chunk))
                 yield chunk
         finally:
             await answer.close()

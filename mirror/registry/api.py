@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -35,7 +37,6 @@ from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_
 from mirror.ranges import parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.paths import parse_target
-from mirror.registry.prefetch_api import PrefetchApi
 from mirror.registry.responses import (
     API_VERSION_HEADER,
     error_response,
@@ -58,6 +59,13 @@ _FROM_OTHER_NODES = frozenset({Caller.PEER, Caller.REDIRECTED})
 _RETRY_AFTER_SECONDS = 1
 # A page size past this many digits is not a number any client means.
 _MAX_PAGE_DIGITS = 9
+
+
+class RouteProvider(Protocol):
+    """The node's own API beside the pull API (`/mirror/v1/...`: pins, distributions,
+    webhooks), each in a module of its own that adds its routes to the app."""
+
+    def add_routes(self, app: web.Application) -> None: ...
 
 
 class UploadSlots:
@@ -103,10 +111,10 @@ class RegistryApi:
         access: AccessPolicy | None = None,
         reports: CorruptionReports | None = None,
         max_uploads: int = DEFAULT_MAX_UPLOADS,
-        prefetch: PrefetchApi | None = None,
+        extensions: Sequence[RouteProvider] = (),
     ) -> None:
         self._metrics = metrics
-        self._prefetch = prefetch
+        self._extensions = tuple(extensions)
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
         self._reports = reports
@@ -121,8 +129,8 @@ class RegistryApi:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_route("*", REPORT_PATH_PREFIX + "{digest}", self._report)
-        if self._prefetch is not None:
-            self._prefetch.add_routes(app)
+        for extension in self._extensions:
+            extension.add_routes(app)
         return app
 
     @web.middleware

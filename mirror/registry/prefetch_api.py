@@ -12,10 +12,9 @@ a way to make the node fetch, which an outsider must not have.
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
+from mirror.bodies import read_json_request
 from mirror.errors import Denied, NameUnknown, RequestInvalid
 from mirror.prefetch.model import parse_image_ref
 from mirror.prefetch.prefetcher import Prefetcher
@@ -62,15 +61,7 @@ class PrefetchApi:
 
     async def _request(self, request: web.Request) -> web.Response:
         self._check_caller(request)
-        if (request.content_length or 0) > _MAX_BODY:
-            raise RequestInvalid(f"a prefetch request is at most {_MAX_BODY} bytes")
-        raw = await request.content.read(_MAX_BODY + 1)
-        if len(raw) > _MAX_BODY:
-            raise RequestInvalid(f"a prefetch request is at most {_MAX_BODY} bytes")
-        try:
-            document = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise RequestInvalid(f"the body is not JSON: {exc}") from exc
+        document = await read_json_request(request, _MAX_BODY)
         if not isinstance(document, dict) or not isinstance(document.get("ref"), str):
             raise RequestInvalid('the body must be {"ref": IMAGE, "source": IMAGE (optional)}')
         unknown = set(document) - {"ref", "source"}

@@ -17,7 +17,7 @@ from kademlia.node import Node
 from mirror.routing import wire
 from mirror.routing.router import Provider
 from mirror.routing.rpc import Address, RpcEndpoint
-from mirror.routing.wire import Found
+from mirror.routing.wire import Found, RecentPage
 
 
 class DhtClient:
@@ -98,4 +98,25 @@ class DhtClient:
         own = self._own
         return self._endpoint.request(
             (node.ip, node.port), "release", [own, key, own], wire.boolean, contact=node
+        )
+
+    def broadcast(
+        self, node: Node, message_id: bytes, origin: bytes, topic: str, hops: int, body: bytes
+    ) -> asyncio.Future[bool | None]:
+        """Pass on a broadcast message; the reply says whether it was new to `node`.
+
+        Fire and forget, and the contact is neither credited nor blamed: silence may be a node
+        that predates broadcast (it drops the request as malformed), not a dead one.
+        """
+        return self._endpoint.request(
+            (node.ip, node.port),
+            "broadcast",
+            [self._own, message_id, origin, topic, hops, body],
+            wire.boolean,
+        )
+
+    def recent(self, node: Node, topic: str, before: int) -> asyncio.Future[RecentPage | None]:
+        """One page of the messages of `topic` that `node` keeps, newest first (0: the newest)."""
+        return self._endpoint.request(
+            (node.ip, node.port), "recent", [self._own, topic, before], wire.recent_page
         )

@@ -1,11 +1,12 @@
-"""`DhtNode`: this node's membership in the cluster DHT of provider records; a `Router`.
+"""`DhtNode`: this node's membership in the cluster DHT of provider records; a `Router` and a
+`Broadcaster`.
 
 A facade that wires the routing modules together, one job each: rpc.py (the UDP endpoint:
 sealing, validation, pending calls), handlers.py (what this node answers), client.py (what it
 asks), table.py (who it knows), lookup.py (iterative lookups), crawl.py (bootstrap and the
-maintenance walks), providers.py (the records and claims it keeps for others) and claims.py
-(claiming a fetch). What remains here is the public surface: lifecycle, and announcing and
-finding providers.
+maintenance walks), providers.py (the records and claims it keeps for others), claims.py
+(claiming a fetch) and broadcast.py (flooding small messages to every node). What remains here
+is the public surface: lifecycle, announcing and finding providers, and broadcast.
 
 Every network operation is bounded in time: lookups for a pull have a hard deadline of
 `resolve_timeout` (a miss must cost a pull milliseconds, not seconds), maintenance lookups
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from mirror.clusterkey import ClusterKey
@@ -31,6 +32,7 @@ from mirror.errors import ConfigError
 from mirror.metrics import Metrics
 from mirror.routing import wire
 from mirror.routing.auth import DatagramSealer
+from mirror.routing.broadcast import Flooder
 from mirror.routing.claims import Claimer
 from mirror.routing.client import DhtClient
 from mirror.routing.crawl import Crawler
@@ -38,6 +40,7 @@ from mirror.routing.errors import DhtError, DhtNotRunning, Malformed
 from mirror.routing.handlers import RequestHandlers
 from mirror.routing.keys import ID_BYTES, dht_key, distance
 from mirror.routing.lookup import IterativeLookup
+from mirror.routing.messages import check_message, check_topic
 from mirror.routing.providers import ClaimStore, ProviderStore
 from mirror.routing.router import Provider
 from mirror.routing.rpc import Address, RpcEndpoint
@@ -67,6 +70,7 @@ class DhtNode:
         record_ttl: float = 600.0,
         max_providers_per_reply: int = 8,
         max_contacts_per_reply: int = 12,
+        broadcast_fanout: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(node_id, bytes) or len(node_id) != ID_BYTES:
@@ -85,6 +89,7 @@ class DhtNode:
             record_ttl=record_ttl,
             max_providers_per_reply=max_providers_per_reply,
             max_contacts_per_reply=max_contacts_per_reply,
+            broadcast_fanout=broadcast_fanout,
         )
         self._metrics = metrics
         self._store = ProviderStore(on_change=self._records_changed)
@@ -95,12 +100,20 @@ class DhtNode:
         self._table = ContactTable(
             node_id, ksize=ksize, records=self._store, client=self._client, metrics=metrics
         )
+        self._flooder = Flooder(
+            node_id,
+            client=self._client,
+            table=self._table,
+            fanout=broadcast_fanout,
+            rpc_timeout=rpc_timeout,
+        )
         handlers = RequestHandlers(
             node_id,
             settings=settings,
             table=self._table,
             providers=self._store,
             claims=self._claims,
+            broadcasts=self._flooder,
         )
         self._rpc.attach(handlers, self._table)
         self._crawler = Crawler(
@@ -258,6 +271,31 @@ class DhtNode:
     async def release(self, key: str) -> None:
         """Best effort: drop this node's claim of `key`; at most one RPC timeout."""
         await self._claimer.release(key)
+
+    # ----------------------------------------------------------------- Broadcaster
+
+    async def broadcast(self, topic: str, message: bytes) -> None:
+        """Send `message` to every live node but this one: to each contact now, relayed from
+        there (broadcast.py). Returns once the first hop is sent; never waits on a reply.
+
+        `ValueError` for a message over `messages.MAX_MESSAGE_BYTES` (1 KiB) or a bad topic.
+        """
+        check_message(topic, message)
+        self._running()
+        self._flooder.originate(topic, message)
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Call `handler(message)` once for each message of `topic` broadcast by another node."""
+        self._flooder.subscribe(topic, handler)
+
+    async def recent(self, topic: str) -> list[bytes]:
+        """Messages of `topic` from other nodes kept here or by a few contacts, oldest first.
+
+        Bounded by a few RPC timeouts; what it returns will not reach the subscribers again.
+        """
+        check_topic(topic)
+        self._running()
+        return await self._flooder.recent(topic)
 
     # ----------------------------------------------------------------- internals
 

@@ -8,7 +8,8 @@ served in the order they arrive, which is what serialises competing claims.
 The rules that make records trustworthy live here: a node can only announce, withdraw, claim or
 release for itself (its id in the arguments must be the sender's), kademlia's plain values are
 refused (`store` answers False), and every honest request welcomes its sender into the routing
-table. From kademlia it uses only `Node`, to name the sender to the routing table.
+table. Broadcast messages are relayed and kept by broadcast.py's `Flooder`. From kademlia it
+uses only `Node`, to name the sender to the routing table.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 from kademlia.node import Node
 
 from mirror.routing import wire
+from mirror.routing.broadcast import Flooder
 from mirror.routing.providers import ClaimStore, ProviderStore
 from mirror.routing.router import Provider
 from mirror.routing.rpc import Address
@@ -39,12 +41,14 @@ class RequestHandlers:
         table: ContactTable,
         providers: ProviderStore,
         claims: ClaimStore,
+        broadcasts: Flooder,
     ) -> None:
         self._own = own_id
         self._settings = settings
         self._table = table
         self._providers = providers
         self._claims = claims
+        self._broadcasts = broadcasts
 
     def _welcome(self, sender: Address, nodeid: bytes) -> Node:
         source = Node(nodeid, sender[0], sender[1])
@@ -146,6 +150,27 @@ class RequestHandlers:
             return False
         self._welcome(sender, nodeid)
         return self._claims.release(key, provider_id)
+
+    def broadcast(
+        self,
+        sender: Address,
+        nodeid: bytes,
+        message_id: bytes,
+        origin: bytes,
+        topic: str,
+        hops: int,
+        body: bytes,
+    ) -> bool:
+        """A broadcast message passed on by a peer; True if it was new here (see broadcast.py)."""
+        if nodeid == self._own:
+            return False
+        source = self._welcome(sender, nodeid)
+        return self._broadcasts.received(source, message_id, origin, topic, hops, body)
+
+    def recent(self, sender: Address, nodeid: bytes, topic: str, before: int) -> wire.Packed:
+        """A page of the recent messages of `topic` this node keeps, in one datagram."""
+        self._welcome(sender, nodeid)
+        return self._broadcasts.page(topic, before)
 
     def _ttl(self, asked: float) -> float:
         """No record outlives this node's own TTL, whatever its sender asked for."""

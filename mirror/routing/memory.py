@@ -1,19 +1,32 @@
-"""An in-memory `Router`: a whole cluster's provider records and claims in one process.
+"""An in-memory `Router` and `Broadcaster`: a whole cluster's records, claims and broadcast
+messages in one process.
 
 For unit tests of whatever depends on routing (the content service, the advertiser, the peer
-fetcher): no sockets, no timers, answers at once and deterministically. Several routers
-sharing one `MemoryCluster` see each other's records, as nodes of one DHT do. A router can be
-taken down (`down = True`) to stand for a node the cluster cannot reach: its records are still
-listed (as a dead node's are until they expire) but it answers nothing itself.
+fetcher, the distributor): no sockets, no timers, answers at once and deterministically. Several
+routers sharing one `MemoryCluster` see each other's records, as nodes of one DHT do. A router
+can be taken down (`down = True`) to stand for a node the cluster cannot reach: its records are
+still listed (as a dead node's are until they expire) but it answers nothing itself, sends no
+broadcast and receives none.
+
+A broadcast reaches every other router of the cluster that is up, once, each in a callback of
+its own (`loop.call_soon`, so after `broadcast` returns, as over the network); the cluster keeps
+the recent messages (messages.py: the same limits and retention as the DHT's nodes) for
+`recent`, which is how a router added later, or brought back up, catches up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mirror.routing.messages import MESSAGE_ID_BYTES, RecentLog, check_message, check_topic
 from mirror.routing.router import Provider
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -29,6 +42,12 @@ class MemoryCluster:
     clock: Callable[[], float] = time.monotonic
     providers: dict[str, dict[bytes, Provider]] = field(default_factory=dict)
     claims: dict[str, _Claim] = field(default_factory=dict)
+    # Every router made on this cluster, by node id: whom a broadcast goes to.
+    members: dict[bytes, MemoryRouter] = field(default_factory=dict)
+    messages: RecentLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.messages = RecentLog(clock=self.clock)
 
     def router(self, node_id: bytes, address: str) -> MemoryRouter:
         """A new node of this cluster."""
@@ -49,8 +68,10 @@ class MemoryRouter:
         self.cluster = cluster
         self.me = me
         self.down = False
-        # Every call in order, as (operation, key): what a test asserts the caller did.
+        # Every call in order, as (operation, key or topic): what a test asserts the caller did.
         self.calls: list[tuple[str, str]] = []
+        self._subscribers: dict[str, list[Callable[[bytes], None]]] = {}
+        cluster.members[me.node_id] = self
 
     async def find_providers(self, key: str, want: int = 2) -> list[Provider]:
         self.calls.append(("find_providers", key))
@@ -97,3 +118,38 @@ class MemoryRouter:
         return {
             key for key, providers in self.cluster.providers.items() if self.me.node_id in providers
         }
+
+    # ----------------------------------------------------------------- Broadcaster
+
+    async def broadcast(self, topic: str, message: bytes) -> None:
+        check_message(topic, message)
+        self.calls.append(("broadcast", topic))
+        if self.down:
+            return  # nobody hears a node the cluster cannot reach
+        message_id = os.urandom(MESSAGE_ID_BYTES)
+        self.cluster.messages.keep(topic, message_id, self.me.node_id, message, age=0.0)
+        loop = asyncio.get_running_loop()
+        for member in self.cluster.members.values():
+            if member is not self and not member.down:
+                loop.call_soon(member._receive, topic, message)
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        check_topic(topic)
+        self._subscribers.setdefault(topic, []).append(handler)
+
+    async def recent(self, topic: str) -> list[bytes]:
+        check_topic(topic)
+        self.calls.append(("recent", topic))
+        if self.down:
+            return []
+        kept = self.cluster.messages.newest_first(topic)
+        return [entry.body for entry in reversed(kept) if entry.origin != self.me.node_id]
+
+    def _receive(self, topic: str, message: bytes) -> None:
+        if self.down:
+            return  # went down after the broadcast
+        for handler in list(self._subscribers.get(topic, ())):
+            try:
+                handler(message)
+            except Exception:
+                log.exception("a subscriber of broadcast topic %r failed", topic)

@@ -1,8 +1,9 @@
 """The routing seam: the few things the rest of the node asks of the cluster.
 
 Everything above routing (the content service, the peer fetcher, the advertiser, and whatever
-distributes content later) depends on this protocol only, never on the DHT. Two
-implementations: `DhtNode` (the Kademlia DHT of provider records, `routing/dht.py`) and
+distributes content later) depends on these protocols only, never on the DHT: `Router` for
+records and claims, `Broadcaster` for small messages to the whole cluster. Two
+implementations of both: `DhtNode` (the Kademlia DHT of provider records, `routing/dht.py`) and
 `MemoryRouter` (`routing/memory.py`), which keeps a whole cluster's records in one process for
 fast, socket-free tests.
 
@@ -11,6 +12,7 @@ Keys are texts: a digest (``sha256:...``) or a tag reference (``registry/repo:ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,4 +59,28 @@ class Router(Protocol):
 
     def ready(self) -> bool:
         """Whether the router can take requests now (for readiness probes)."""
+        ...
+
+
+class Broadcaster(Protocol):
+    """Small messages to every live node of the cluster ("image X:tag was pushed").
+
+    Messages are at most 1 KiB and topics at most 64 bytes (`routing/messages.py`): one
+    datagram each over the DHT. Delivery is best effort (no acknowledgement reaches the
+    sender); a node down at the time catches up with `recent` when it comes back.
+    """
+
+    async def broadcast(self, topic: str, message: bytes) -> None:
+        """Send `message` to every live node of the cluster (not this one), best effort;
+        returns once the first hop is sent. `ValueError` if too large or a bad topic."""
+        ...
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """`handler(message)` for each message of `topic` from another node, once per message
+        (never for this node's own)."""
+        ...
+
+    async def recent(self, topic: str) -> list[bytes]:
+        """Messages of `topic` the cluster saw lately (asked from a few contacts), oldest
+        first: what a node that just (re)started missed."""
         ...

@@ -59,6 +59,10 @@ REQUESTS: Final[dict[str, tuple[Validator, ...]]] = {
     "hand_off": (wire.node_id, wire.hand_off_records),
     "claim": (wire.node_id, wire.node_id, wire.node_id, wire.http_address, wire.ttl),
     "release": (wire.node_id, wire.node_id, wire.node_id),
+    # Broadcast (broadcast.py): [sender, message id, origin, topic, hops, message] and
+    # [sender, topic, before]. A node without them drops them as malformed and does not reply.
+    "broadcast": (wire.node_id, wire.message_id, wire.node_id, wire.topic, wire.hops, wire.message),
+    "recent": (wire.node_id, wire.topic, wire.count),
 }
 
 

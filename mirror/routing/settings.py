@@ -19,7 +19,8 @@ class DhtSettings:
     in parallel per lookup, `rpc_timeout` bounds one RPC, `resolve_timeout` one provider lookup
     for a pull, `record_ttl` how long a record (or a claim) lives unless announced again. The two
     reply caps keep every reply inside one datagram (the byte budget in wire.py trims further if
-    addresses are long).
+    addresses are long). `broadcast_fanout` is how many contacts a node passes a broadcast
+    message on to (None: all of them; the origin always sends to all, see broadcast.py).
     """
 
     ksize: int = 20
@@ -29,6 +30,7 @@ class DhtSettings:
     record_ttl: float = 600.0
     max_providers_per_reply: int = 8
     max_contacts_per_reply: int = 12
+    broadcast_fanout: int | None = None
 
     def __post_init__(self) -> None:
         # A bad value here would not fail at once but make every lookup empty or endless:
@@ -45,3 +47,5 @@ class DhtSettings:
                 raise ConfigError(f"DHT {name} must be positive")
         if self.max_providers_per_reply < 1 or self.max_contacts_per_reply < 1:
             raise ConfigError("DHT reply caps must be at least 1")
+        if self.broadcast_fanout is not None and self.broadcast_fanout < 1:
+            raise ConfigError("DHT broadcast fanout must be at least 1")

@@ -86,6 +86,10 @@ class ContactTable:
         """Up to `limit` (default k) known contacts closest to `target`: a lookup's seeds."""
         return list(self.routing.find_neighbors(Node(target), k=limit or self._ksize))
 
+    def contacts(self) -> list[Node]:
+        """Every contact in the table (not the replacement lists): whom a broadcast goes to."""
+        return [node for bucket in self.routing.buckets for node in bucket.nodes.values()]
+
     def neighbours(self, key: bytes, limit: int, source: Node) -> list[Node]:
         """The contacts closest to `key` to tell `source` of (never `source` itself)."""
         return [

@@ -22,6 +22,7 @@ from mirror.ports import port_number
 from mirror.routing.auth import SEAL_OVERHEAD
 from mirror.routing.errors import DatagramTooLarge, Malformed
 from mirror.routing.keys import ID_BYTES
+from mirror.routing.messages import MAX_MESSAGE_BYTES, MESSAGE_ID_BYTES, check_topic
 from mirror.routing.router import Provider
 
 REQUEST = b"\x00"
@@ -49,6 +50,24 @@ class HandOffRecord:
     key: bytes
     provider: Provider
     ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecentEntry:
+    """One broadcast message a `recent` reply carries, `age` seconds after its broadcast."""
+
+    message_id: bytes
+    origin: bytes
+    age: float
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecentPage:
+    """A `recent` reply: newest first, and the cursor to ask for older ones (None: no more)."""
+
+    entries: list[RecentEntry]
+    next: int | None
 
 
 def decode(body: bytes) -> object:
@@ -175,6 +194,57 @@ def claim_reply(holder: Provider) -> list[object]:
     return [holder.node_id, holder.address]
 
 
+def message_id(value: object) -> bytes:
+    """A broadcast message's id: exactly `MESSAGE_ID_BYTES` random bytes."""
+    if not isinstance(value, bytes) or len(value) != MESSAGE_ID_BYTES:
+        raise Malformed(f"expected a {MESSAGE_ID_BYTES}-byte message id")
+    return value
+
+
+def topic(value: object) -> str:
+    if not isinstance(value, str):
+        raise Malformed("expected a topic")
+    try:
+        check_topic(value)
+    except ValueError as exc:
+        raise Malformed(str(exc)) from exc
+    return value
+
+
+def hops(value: object) -> int:
+    """How many hops a broadcast message made to get here (the origin's send is the first)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 256:
+        raise Malformed("expected a hop count")
+    return value
+
+
+def message(value: object) -> bytes:
+    if not isinstance(value, bytes) or len(value) > MAX_MESSAGE_BYTES:
+        raise Malformed(f"expected a message of at most {MAX_MESSAGE_BYTES} bytes")
+    return value
+
+
+def age(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise Malformed("expected an age in seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise Malformed("expected a non-negative age")
+    return seconds
+
+
+def recent_page(value: object) -> RecentPage:
+    """A `recent` reply: ``[[[message id, origin, age, body], ...], next cursor or nil]``."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise Malformed("expected [entries, next]")
+    entries = [
+        RecentEntry(message_id(i), node_id(o), age(a), message(b))
+        for i, o, a, b in _items(value[0], 4)
+    ]
+    cursor = None if value[1] is None else count(value[1])
+    return RecentPage(entries, cursor)
+
+
 # ---------------------------------------------------------------- encoding within the budget
 
 # An array header takes 1 byte up to 15 items, 3 bytes up to 65535: budget the larger.
@@ -225,6 +295,32 @@ def fit_packed(entries: Iterable[bytes], budget: int) -> tuple[bytes, int]:
         used += len(entry)
     array = array_header(len(kept)) + b"".join(kept)
     return array, len(array)
+
+
+def recent_entry(entry: RecentEntry) -> bytes:
+    return bytes(umsgpack.packb([entry.message_id, entry.origin, entry.age, entry.body]))
+
+
+def recent_reply(entries: Iterable[tuple[int, bytes]], budget: int = MAX_BODY_BYTES) -> Packed:
+    """A `recent` reply from ``(seq, recent_entry(...))`` pairs, newest first.
+
+    Carries the leading entries that fit in `budget` and, when some did not, the seq of the last
+    one carried: the asker's next ``before``. One entry always fits (messages.py sizes them), so
+    paging always advances.
+    """
+    kept: list[bytes] = []
+    used = 1 + _ARRAY_HEADER + 9  # [entries, next]: outer header, entries header, a uint64
+    last_seq: int | None = None
+    cursor: int | None = None
+    for seq, entry in entries:
+        if used + len(entry) > budget:
+            cursor = last_seq
+            break
+        kept.append(entry)
+        used += len(entry)
+        last_seq = seq
+    body = array_header(2) + array_header(len(kept)) + b"".join(kept) + umsgpack.packb(cursor)
+    return Packed(body)
 
 
 def hand_off_entry(record: HandOffRecord) -> list[object]:

@@ -1,4 +1,5 @@
-"""The HTTP client for registries outside the cluster: manifests, tag freshness and blobs.
+"""The HTTP client for registries outside the cluster: manifests, tag freshness, tag lists and
+blobs.
 
 - One `aiohttp` session with no total timeout (a multi-GiB blob may take minutes) but bounded
   connect and per-read waits, and no transparent decompression: blobs are passed on byte for
@@ -31,6 +32,7 @@ from mirror.bodies import read_capped
 from mirror.errors import (
     BodyTooLarge,
     DigestInvalid,
+    NameInvalid,
     RangeNotSatisfiable,
     UpstreamAuthError,
     UpstreamError,
@@ -58,6 +60,11 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Enough of an error body to name the OCI error code in the exception message.
 _ERROR_BODY_LIMIT = 4096
 _MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES))
+# A tag list is followed through at most this many pages and tags: a `Link` chain that never
+# ends, or a repository of generated tags, must cost a bounded amount of time and memory.
+MAX_TAG_PAGES = 100
+MAX_TAGS = 100_000
+_MAX_TAG_PAGE_BYTES = 8 * 1024 * 1024
 _USER_AGENT = "mirror/0.1 (+cluster-local OCI registry mirror)"
 
 
@@ -305,6 +312,68 @@ class UpstreamClient:
                 return Manifest(body, media_type, claimed)
         return Manifest(body, media_type, "sha256:" + _hash("sha256", body))
 
+    # -- tag lists -------------------------------------------------------------------------
+
+    async def list_tags(
+        self, registry: str, repository: str, *, page_size: int | None = None
+    ) -> list[str] | None:
+        """Every tag of the repository, in the registry's order; None when it has no such
+        repository (404).
+
+        Pages are followed through `Link: <...>; rel="next"` (the distribution spec's
+        pagination; `page_size` asks for pages of that many, None lets the registry choose).
+        A list is whole or an `UpstreamError`: past `MAX_TAG_PAGES` pages or `MAX_TAGS` tags,
+        a `Link` off the registry's origin (it would get our credentials) or back to a page
+        already read, a 404 after the first page. A truncated list would read as tags removed.
+        Strings that are not tags by the grammar are left out: no request could name them.
+        """
+        _validate(registry, repository, None)
+        if page_size is not None and page_size < 1:
+            raise ValueError(f"page_size must be positive, not {page_size}")
+        try:
+            found = await self._list_tags(registry, repository, page_size)
+        except UpstreamError:
+            self._metrics.upstream_fetches.labels("tag", "error").inc()
+            raise
+        self._metrics.upstream_fetches.labels("tag", "missing" if found is None else "ok").inc()
+        return found
+
+    async def _list_tags(
+        self, registry: str, repository: str, page_size: int | None
+    ) -> list[str] | None:
+        where = f"{registry}/{repository} tags/list"
+        url = URL(f"{self._registries.base_url(registry)}/v2/{repository}/tags/list", encoded=True)
+        if page_size is not None:
+            url = url.with_query(n=str(page_size))
+        origin, read = url.origin(), {url}
+        tags: dict[str, None] = {}  # ordered, without repeats across pages
+        for _ in range(MAX_TAG_PAGES):
+            response = await self._open_url(
+                "GET", registry, repository, "tags/list", url, {"Accept": "application/json"}
+            )
+            try:
+                if response.status == 404 and not tags and len(read) == 1:
+                    return None
+                if response.status != 200:
+                    raise await _status_error(response, registry, repository, "tags/list")
+                body = await _read_capped_json(response, _MAX_TAG_PAGE_BYTES, where)
+                link = response.links.get("next")
+            finally:
+                response.release()
+            tags.update(dict.fromkeys(_page_tags(body, where)))
+            if len(tags) > MAX_TAGS:
+                raise UpstreamError(f"{where}: more than {MAX_TAGS} tags")
+            following = link.get("url") if link is not None else None
+            if not isinstance(following, URL):
+                return list(tags)
+            if following.origin() != origin:
+                raise UpstreamError(f"{where}: next page at another origin {_redact(following)}")
+            if following in read:
+                raise UpstreamError(f"{where}: the next page is one already read")
+            url = following
+            read.add(url)
+        raise UpstreamError(f"{where}: more than {MAX_TAG_PAGES} pages")
+
     # -- blobs -----------------------------------------------------------------------------
 
     async def get_blob(
@@ -388,10 +457,22 @@ class UpstreamClient:
         The response's headers must arrive within `response_timeout`, everything before them
         included; its body is read afterwards under the per-read timeout only.
         """
-        if self._auth is None:
-            raise RuntimeError("UpstreamClient.start() was not called")
         base = self._registries.base_url(registry)
         url = URL(f"{base}/v2/{repository}/{path}", encoded=True)
+        return await self._open_url(method, registry, repository, path, url, headers)
+
+    async def _open_url(
+        self,
+        method: str,
+        registry: str,
+        repository: str,
+        path: str,
+        url: URL,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        """`_open` at a URL already made (a `Link` to the next page); `path` names it in errors."""
+        if self._auth is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
         try:
             async with asyncio.timeout(self._response_timeout):
                 return await self._open_within(method, registry, repository, path, url, headers)
@@ -495,6 +576,35 @@ async def _read_manifest(response: aiohttp.ClientResponse, where: str) -> bytes:
         raise UpstreamError(f"{where}: manifest {exc}") from None
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UpstreamError(f"{_redact(response.url)}: body broke off: {_describe(exc)}") from None
+
+
+async def _read_capped_json(response: aiohttp.ClientResponse, limit: int, where: str) -> object:
+    try:
+        return json.loads(await read_capped(response, limit))
+    except BodyTooLarge as exc:
+        raise UpstreamError(f"{where}: {exc}") from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamError(f"{_redact(response.url)}: body broke off: {_describe(exc)}") from None
+    except (ValueError, RecursionError):
+        raise UpstreamError(f"{where}: the registry sent something that is not JSON") from None
+
+
+def _page_tags(body: object, where: str) -> list[str]:
+    """The tags of one tags/list page (`"tags": null` is a repository without tags)."""
+    if not isinstance(body, dict):
+        raise UpstreamError(f"{where}: the answer is not a tag list")
+    tags = body.get("tags")
+    if tags is None:
+        return []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise UpstreamError(f"{where}: tags is not a list of strings")
+    valid: list[str] = []
+    for tag in tags:
+        try:
+            valid.append(validate_tag(tag))
+        except NameInvalid:
+            continue
+    return valid
 
 
 async def _status_error(

@@ -1,0 +1,214 @@
+"""Distribution on push, without sockets: an event reaches one node, every follower takes it.
+
+Three (then four) nodes, each with the real content service over a real node cache, the
+prefetcher with an in-memory runtime, and the distributor; the cluster is the in-memory router
+(`routing/memory.py`, which broadcasts like the DHT), reports go straight to the origin's
+distributor. The real path (webhooks from a real registry, DHT, runtimes) is
+test_e2e_distribute.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness.memory_runtime import MemoryRuntime, make_image
+from harness.memory_sources import MemoryPeers, MemoryUpstream
+
+from mirror.content.service import ContentPolicy, ContentService
+from mirror.metrics import Metrics
+from mirror.prefetch.distributor import Distribution, Distributor, parse_report
+from mirror.prefetch.model import Follow, PushEvent, parse_image_ref
+from mirror.prefetch.prefetcher import PinnedSources, Prefetcher, Timing
+from mirror.prefetch.resolve import Platform
+from mirror.routing.memory import MemoryCluster
+from mirror.stores.cache import CacheStore
+
+POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
+FOLLOW = Follow("registry.test/team/*:prod-*")
+REF = "registry.test/team/web:prod-1"
+
+
+@dataclass
+class Node:
+    address: str
+    distributor: Distributor
+    prefetcher: Prefetcher
+    runtime: MemoryRuntime
+    metrics: Metrics
+    closers: list[Callable[[], Awaitable[None]]]
+
+
+@dataclass
+class World:
+    cluster: MemoryCluster
+    upstream: MemoryUpstream
+    nodes: list[Node]
+    add: Callable[[list[Follow]], Awaitable[Node]]
+
+    def publish(self, ref: str, label: str) -> str:
+        image = make_image(label)
+        parsed = parse_image_ref(ref)
+        assert parsed.tag is not None
+        self.upstream.push(parsed.registry, parsed.repository, parsed.tag, image.manifest)
+        self.upstream.blobs.update(image.blobs)
+        return image.digest
+
+    def node(self, address: str) -> Node:
+        return next(node for node in self.nodes if node.address == address)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    cluster = MemoryCluster()
+    upstream = MemoryUpstream()
+    nodes: list[Node] = []
+
+    async def add(follows: list[Follow]) -> Node:
+        index = len(nodes)
+        address = f"10.0.0.{index + 1}:5000"
+        cache = CacheStore(tmp_path / f"cache{index}")
+        await cache.start()
+        router = cluster.router(bytes([index + 1]) * 20, address)
+        metrics = Metrics()
+        sources = PinnedSources()
+        content = ContentService(
+            cache,
+            metrics,
+            POLICY,
+            cache=cache,
+            peers=MemoryPeers(router),
+            router=router,
+            upstream=upstream,
+            aliases=sources,
+        )
+        runtime = MemoryRuntime()
+        prefetcher = Prefetcher(
+            content,
+            runtime,
+            metrics,
+            labels={},
+            platform=Platform("linux", "amd64"),
+            sources=sources,
+            timing=Timing(recheck=3600, retry_first=3600, retry_max=3600),
+        )
+
+        async def reporter(origin: str, distribution_id: str, body: dict[str, object]) -> None:
+            progress = parse_report(json.loads(json.dumps(body)))  # as it travels
+            assert progress is not None
+            world.node(origin).distributor.record(distribution_id, address, progress)
+
+        distributor = Distributor(
+            prefetcher,
+            metrics,
+            own_address=address,
+            broadcaster=router,
+            reporter=reporter,
+        )
+        distributor.set_follows(follows)
+        node = Node(
+            address,
+            distributor,
+            prefetcher,
+            runtime,
+            metrics,
+            [distributor.close, prefetcher.close, content.close, cache.close],
+        )
+        nodes.append(node)
+        return node
+
+    world = World(cluster, upstream, nodes, add)
+    for follows in ([FOLLOW], [FOLLOW], []):
+        await add(follows)
+    yield world
+    for node in nodes:
+        for close in node.closers:
+            await close()
+
+
+async def finished(node: Node, distribution: Distribution, nodes: int) -> Distribution:
+    """The origin's view once `nodes` nodes reported an end."""
+    return await asyncio.wait_for(node.distributor.ended(distribution.id, nodes), 10)
+
+
+async def test_a_push_reaches_every_follower_and_the_origin_counts_them(world: World) -> None:
+    digest = world.publish(REF, "one")
+    origin = world.nodes[0]
+    distribution = origin.distributor.start(PushEvent(parse_image_ref(REF), "distribution"))
+    await finished(origin, distribution, 2)
+    assert distribution.counts() == {"total": 2, "done": 2, "failed": 0, "fetching": 0}
+    for node in world.nodes[:2]:
+        assert node.runtime.images[REF][0] == digest
+    assert world.nodes[2].runtime.images == {}  # follows nothing
+    assert set(distribution.nodes) == {"10.0.0.1:5000", "10.0.0.2:5000"}
+    assert all(p.digest == digest for p in distribution.nodes.values())
+
+
+async def test_the_same_push_twice_or_a_flood_is_one_distribution(world: World) -> None:
+    digest = world.publish(REF, "one")
+    event = PushEvent(parse_image_ref(f"{REF}@{digest}"), "distribution")
+    origin = world.nodes[0]
+    first = origin.distributor.start(event)
+    for _ in range(100):
+        assert origin.distributor.start(event) is first
+    assert len(origin.distributor.distributions()) == 1
+    sample = origin.metrics.registry.get_sample_value
+    assert sample("mirror_distributions_total", {"outcome": "started"}) == 1
+    assert sample("mirror_distributions_total", {"outcome": "merged"}) == 100
+    await finished(origin, first, 2)
+    assert world.nodes[1].runtime.takes == [REF]
+
+
+async def test_a_new_push_of_the_tag_moves_every_follower(world: World) -> None:
+    origin, follower = world.nodes[0], world.nodes[1]
+    first_digest = world.publish(REF, "one")
+    first = origin.distributor.start(PushEvent(parse_image_ref(f"{REF}@{first_digest}"), "x"))
+    await finished(origin, first, 2)
+    second_digest = world.publish(REF, "two")
+    second = origin.distributor.start(PushEvent(parse_image_ref(f"{REF}@{second_digest}"), "x"))
+    assert second is not first
+    await finished(origin, second, 2)
+    assert follower.runtime.images[REF][0] == second_digest
+
+
+async def test_labels_of_a_follow_choose_the_nodes(world: World) -> None:
+    world.publish(REF, "one")
+    web_only = Follow("registry.test/team/*:prod-*", nodes={"tier": "web"})
+    for node in world.nodes:
+        node.distributor.set_follows([web_only])
+    origin = world.nodes[0]
+    distribution = origin.distributor.start(PushEvent(parse_image_ref(REF), "cli"))
+    for node in world.nodes:
+        assert not node.distributor.follows(distribution.ref)
+    assert distribution.counts()["total"] == 0  # no node carries tier=web
+    assert all(node.runtime.takes == [] for node in world.nodes)
+
+
+async def test_a_node_that_was_down_catches_up(world: World) -> None:
+    digest = world.publish(REF, "one")
+    origin = world.nodes[0]
+    distribution = origin.distributor.start(PushEvent(parse_image_ref(REF), "distribution"))
+    await finished(origin, distribution, 2)
+    late = await world.add([FOLLOW])
+    await late.distributor.catch_up()
+    await finished(origin, distribution, 3)
+    assert late.runtime.images[REF][0] == digest
+    assert distribution.counts()["done"] == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"state": "held", "bytes_upstream": -1},
+        {"state": "sleeping"},
+        {"state": "held", "digest": 5},
+        {"state": "held", "bytes_done": True},
+        [],
+    ],
+)
+def test_a_report_that_is_not_one_is_refused(body: object) -> None:
+    assert parse_report(body) is None
