@@ -29,6 +29,7 @@ from mirror.registry.api import RegistryApi
 from mirror.registry.events_api import (
     DISTRIBUTION_PATH,
     DOCKERHUB_PATH,
+    HARBOR_PATH,
     MAX_BODY,
     OUTCOMES,
     SOURCES,
@@ -480,3 +481,67 @@ async def test_the_counter_has_a_fixed_set_of_series(serve: Serve) -> None:
     }
     assert series == {(s, o) for s in SOURCES for o in OUTCOMES}
     assert [receiver.count("distribution", o) for o in OUTCOMES] == [1, 1, 1, 1]
+
+
+# --- Harbor ----------------------------------------------------------------------------------
+
+
+def harbor(kind: str = "PUSH_ARTIFACT", *resources: dict[str, Any]) -> dict[str, Any]:
+    """A Harbor project webhook, "Default" payload format (goharbor.io, configure webhooks)."""
+    return {
+        "type": kind,
+        "occur_at": 1796150000,
+        "operator": "admin",
+        "event_data": {
+            "resources": list(resources)
+            or [
+                {
+                    "digest": MANIFEST_DIGEST,
+                    "tag": "v1",
+                    "resource_url": "harbor.example.com/team/app:v1",
+                }
+            ],
+            "repository": {
+                "date_created": 1796150000,
+                "name": "app",
+                "namespace": "team",
+                "repo_full_name": "team/app",
+                "repo_type": "private",
+            },
+        },
+    }
+
+
+async def test_a_harbor_push(serve: Serve) -> None:
+    receiver = await serve()
+    response = await receiver.post(HARBOR_PATH, harbor(), headers=BEARER)
+    assert response.status == 202
+    assert await response.json() == {"accepted": 1, "ignored": 0, "invalid": 0}
+    assert receiver.sink.events == [
+        PushEvent(
+            ImageRef("harbor.example.com", "team/app", "v1", parse_digest(MANIFEST_DIGEST)),
+            "harbor",
+        )
+    ]
+
+
+async def test_harbor_events_other_than_a_tagged_push_are_ignored(serve: Serve) -> None:
+    receiver = await serve()
+    response = await receiver.post(HARBOR_PATH, harbor("PULL_ARTIFACT"), headers=BEARER)
+    assert await response.json() == {"accepted": 0, "ignored": 1, "invalid": 0}
+    untagged = {"digest": MANIFEST_DIGEST, "tag": "", "resource_url": "h.example.com/team/app"}
+    bad = {"digest": "sha256:zz", "tag": "v1", "resource_url": "h.example.com/team/app:v1"}
+    response = await receiver.post(
+        HARBOR_PATH, harbor("PUSH_ARTIFACT", untagged, bad), headers=BEARER
+    )
+    assert await response.json() == {"accepted": 0, "ignored": 1, "invalid": 1}
+    assert receiver.sink.events == []
+
+
+async def test_harbor_needs_the_token_and_its_shape(serve: Serve) -> None:
+    receiver = await serve()
+    response = await receiver.post(HARBOR_PATH, harbor())
+    assert response.status == 401
+    response = await receiver.post(HARBOR_PATH, {"type": "PUSH_ARTIFACT"}, headers=BEARER)
+    assert response.status == 400
+    assert receiver.sink.events == []

@@ -8,6 +8,10 @@ Two senders, one route each, both `POST` only:
   event per blob and per manifest, pushes and pulls alike; only a manifest pushed under a tag
   is a push event here. The registry is `request.host` of the event, the name the pusher used,
   which is what runtimes will pull by.
+- `/mirror/v1/events/harbor`: Harbor's project webhook (an HTTP policy, "Default" payload
+  format), `{"type": "PUSH_ARTIFACT", "event_data": {"resources": [{"digest", "tag",
+  "resource_url"}], "repository": {"repo_full_name"}}}`, with the token in the policy's auth
+  header (`Bearer TOKEN`). The registry is the host of `resource_url`, Harbor's external name.
 - `/mirror/v1/events/dockerhub?token=TOKEN`: Docker Hub's repository webhook, one push per
   request. Docker Hub sends no custom headers, hence the token in the query. Its
   `callback_url` is not called: the callback only marks the delivery in Docker Hub's UI, and a
@@ -51,14 +55,15 @@ log = logging.getLogger(__name__)
 EVENTS_PATH = "/mirror/v1/events"
 DISTRIBUTION_PATH = f"{EVENTS_PATH}/distribution"
 DOCKERHUB_PATH = f"{EVENTS_PATH}/dockerhub"
+HARBOR_PATH = f"{EVENTS_PATH}/harbor"
 # distribution batches at most a few events per envelope and Docker Hub sends one push: a
 # body past this is not a notification, and must not cost the node more memory than this.
 MAX_BODY = 1 << 20
 _CHUNK = 64 * 1024
 
-Source = Literal["distribution", "dockerhub"]
+Source = Literal["distribution", "dockerhub", "harbor"]
 Outcome = Literal["accepted", "ignored", "invalid", "unauthorized"]
-SOURCES: tuple[Source, ...] = ("distribution", "dockerhub")
+SOURCES: tuple[Source, ...] = ("distribution", "dockerhub", "harbor")
 OUTCOMES: tuple[Outcome, ...] = ("accepted", "ignored", "invalid", "unauthorized")
 
 
@@ -78,6 +83,7 @@ class EventsApi:
         # Any method: a GET is answered with OCI error JSON (405) rather than aiohttp's page.
         app.router.add_route("*", DISTRIBUTION_PATH, self._distribution)
         app.router.add_route("*", DOCKERHUB_PATH, self._dockerhub)
+        app.router.add_route("*", HARBOR_PATH, self._harbor)
 
     async def _distribution(self, request: web.Request) -> web.Response:
         self._admit(request, "distribution", _bearer(request.headers.get("Authorization")))
@@ -126,6 +132,35 @@ class EventsApi:
             self._hand_on(ref, "dockerhub")
             tally["accepted"] += 1
         return self._answer("dockerhub", tally)
+
+    async def _harbor(self, request: web.Request) -> web.Response:
+        self._admit(request, "harbor", _bearer(request.headers.get("Authorization")))
+        document = await self._document(request, "harbor")
+        data = document.get("event_data")
+        resources = data.get("resources") if isinstance(data, dict) else None
+        if not isinstance(document.get("type"), str) or not isinstance(resources, list):
+            self._count("harbor", "invalid")
+            raise RequestInvalid(
+                "the body must be a Harbor webhook with type and event_data.resources"
+            )
+        tally: Counter[Outcome] = Counter()
+        if document["type"] != "PUSH_ARTIFACT":
+            tally["ignored"] += 1
+            return self._answer("harbor", tally)
+        assert isinstance(data, dict)
+        repository = data.get("repository")
+        name = repository.get("repo_full_name") if isinstance(repository, dict) else None
+        for index, resource in enumerate(resources):
+            found = _harbor_push(resource, name)
+            if isinstance(found, ImageRef):
+                self._hand_on(found, "harbor")
+                tally["accepted"] += 1
+            elif found is None:
+                tally["ignored"] += 1
+            else:
+                log.warning("Harbor resource %d skipped: %s", index, found)
+                tally["invalid"] += 1
+        return self._answer("harbor", tally)
 
     def _admit(self, request: web.Request, source: Source, presented: str | None) -> None:
         """Off (404), not a POST (405), or without the token (401): nothing more is read."""
@@ -205,6 +240,28 @@ def _distribution_push(event: object) -> ImageRef | str | None:
             validate_repository(repository),
             validate_tag(tag),
             parse_digest(digest) if digest is not None else None,
+        )
+    except (NameInvalid, DigestInvalid) as exc:
+        return str(exc)
+
+
+def _harbor_push(resource: object, repository: object) -> ImageRef | str | None:
+    """A pushed tag of a Harbor `PUSH_ARTIFACT` resource; None for an untagged push, or why
+    it cannot be used."""
+    if not isinstance(resource, dict):
+        return "not an object"
+    tag, digest, url = resource.get("tag"), resource.get("digest"), resource.get("resource_url")
+    if not tag:
+        return None
+    if not (isinstance(tag, str) and isinstance(url, str) and isinstance(repository, str)):
+        return "tag, resource_url and repository.repo_full_name must be strings"
+    try:
+        registry = validate_registry(url.split("/", 1)[0])
+        return ImageRef(
+            registry,
+            validate_repository(repository),
+            validate_tag(tag),
+            parse_digest(digest) if isinstance(digest, str) and digest else None,
         )
     except (NameInvalid, DigestInvalid) as exc:
         return str(exc)
