@@ -16,15 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
 from harness.memory_runtime import MemoryRuntime, make_image
 from harness.memory_sources import MemoryPeers, MemoryUpstream
+from harness.memory_store import MemoryStore
 
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.metrics import Metrics
+from mirror.prefetch import distributor as distributor_module
+from mirror.prefetch.client import distribute, node_url
 from mirror.prefetch.distributor import Distribution, Distributor, parse_report
 from mirror.prefetch.model import Follow, PushEvent, parse_image_ref
 from mirror.prefetch.prefetcher import PinnedSources, Prefetcher, Timing
 from mirror.prefetch.resolve import Platform
+from mirror.registry.access import AccessPolicy
+from mirror.registry.api import RegistryApi
+from mirror.registry.distributions_api import DistributionsApi
 from mirror.routing.memory import MemoryCluster
 from mirror.stores.cache import CacheStore
 
@@ -212,3 +220,68 @@ async def test_a_node_that_was_down_catches_up(world: World) -> None:
 )
 def test_a_report_that_is_not_one_is_refused(body: object) -> None:
     assert parse_report(body) is None
+
+
+# --- the API and `mirror distribute` ----------------------------------------------------------
+
+
+async def test_mirror_distribute_follows_every_node_to_the_end(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(distributor_module, "SETTLE_SECONDS", 0.5)  # nodes join by then
+    digest = world.publish(REF, "one")
+    origin = world.nodes[0]
+    access = AccessPolicy(allowed_clients=(), verifier=None)
+    api = RegistryApi(
+        origin.metrics,
+        ContentService(MemoryStore(), origin.metrics, POLICY),
+        access=access,
+        extensions=[DistributionsApi(origin.distributor, access)],
+    )
+    server = TestServer(api.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        said: list[str] = []
+        summary = await distribute(
+            node_url(str(server.make_url(""))), REF, timeout=30, say=said.append
+        )
+    finally:
+        await server.close()
+    assert summary.startswith(f"distributed {REF} to 2 nodes in ")
+    assert "2 hold it, 0 failed" in summary
+    assert any("10.0.0.2:5000" in line and "held" in line for line in said)
+    for node in world.nodes[:2]:
+        assert node.runtime.images[REF][0] == digest
+
+
+async def test_the_distributions_api_refuses_what_it_cannot_use(world: World) -> None:
+    origin = world.nodes[0]
+    access = AccessPolicy(allowed_clients=(), verifier=None)
+    api = RegistryApi(
+        origin.metrics,
+        ContentService(MemoryStore(), origin.metrics, POLICY),
+        access=access,
+        extensions=[DistributionsApi(origin.distributor, access)],
+    )
+    server = TestServer(api.app(), host="127.0.0.1")
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        async with ClientSession() as http:
+            for body, code in (
+                ({"ref": "registry.test/a/b@sha256:" + "0" * 64}, "NAME_INVALID"),
+                ({"ref": 5}, "UNSUPPORTED"),
+                ({"ref": "x:1", "more": 1}, "UNSUPPORTED"),
+            ):
+                async with http.post(f"{base}/mirror/v1/distributions", json=body) as response:
+                    assert response.status == 400
+                    assert (await response.json())["errors"][0]["code"] == code
+            async with http.get(f"{base}/mirror/v1/distributions/nope") as response:
+                assert response.status == 404
+            # A report is a peer's, signed: the node's own client is refused.
+            url = f"{base}/mirror/v1/distributions/x/report?node=10.0.0.9:5000"
+            async with http.post(url, json={"state": "held"}) as response:
+                assert response.status == 403
+    finally:
+        await server.close()
+    assert origin.distributor.distributions() == []
