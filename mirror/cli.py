@@ -605,6 +605,25 @@ def _add_cleanup(subparsers: Any, environ: Mapping[str, str]) -> None:
     docker.set_defaults(handler=lambda args: docker_daemon.cleanup(args.daemon_json))
 
 
+# Where the client commands (prefetch, distribute) find the node they ask.
+_DEFAULT_NODE = "http://127.0.0.1:5000"
+
+
+def _add_client_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """`--node` and `--timeout`, shared by the commands that ask a running node."""
+    parser.add_argument(
+        "--node",
+        default=environ.get("MIRROR_NODE", _DEFAULT_NODE),
+        help=f"the node's registry address (env MIRROR_NODE; default: {_DEFAULT_NODE})",
+    )
+    parser.add_argument(
+        "--timeout",
+        default="30m",
+        type=_typed(parse_duration, "duration"),
+        help="give up after this long (default: 30m)",
+    )
+
+
 def _add_prefetch(subparsers: Any, environ: Mapping[str, str]) -> None:
     prefetch = subparsers.add_parser(
         "prefetch",
@@ -616,17 +635,7 @@ def _add_prefetch(subparsers: Any, environ: Mapping[str, str]) -> None:
         default=None,
         help="where to take it from when REF cannot be resolved; tagged locally as REF",
     )
-    prefetch.add_argument(
-        "--node",
-        default=environ.get("MIRROR_NODE", "http://127.0.0.1:5000"),
-        help="the node's registry address (env MIRROR_NODE; default: http://127.0.0.1:5000)",
-    )
-    prefetch.add_argument(
-        "--timeout",
-        default="30m",
-        type=_typed(parse_duration, "duration"),
-        help="give up after this long (default: 30m)",
-    )
+    _add_client_flags(prefetch, environ)
 
 
 def _add_distribute(subparsers: Any, environ: Mapping[str, str]) -> None:
@@ -635,17 +644,7 @@ def _add_distribute(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="spread a pushed tag to every node that follows it, and show each node's progress",
     )
     distribute.add_argument("ref", help="the image tag, as pushed (registry/repository:tag)")
-    distribute.add_argument(
-        "--node",
-        default=environ.get("MIRROR_NODE", "http://127.0.0.1:5000"),
-        help="the node that starts it (env MIRROR_NODE; default: http://127.0.0.1:5000)",
-    )
-    distribute.add_argument(
-        "--timeout",
-        default="30m",
-        type=_typed(parse_duration, "duration"),
-        help="give up after this long (default: 30m)",
-    )
+    _add_client_flags(distribute, environ)
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:

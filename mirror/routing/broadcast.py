@@ -9,12 +9,13 @@ some live node's table; a lost copy is made up for by the others (a node receive
 each node that knows it, about as many as it has contacts).
 
 Why every contact and not a bounded random fanout (`DhtSettings.broadcast_fanout`), measured
-with bench/broadcast.py (docs/benchmarks.md): at 64 nodes a fanout of 8 missed a live node in 4
-of 100 broadcasts, 16 missed none of 100 but only by probability, while every contact reached
-every live node in all of them by construction, with 6 of 64 nodes dead too. It costs about as
-many copies per node as it has contacts (32 at 64 nodes, 36 at 128), two datagrams each with
-the reply: some 25 KB per node per message, nothing at the rate images are pushed. Clusters of
-several hundred nodes may set a fanout of 16 to halve that.
+with bench/broadcast.py (docs/benchmarks.md): at 64 nodes a fanout of 8 missed a live node in 9
+of 340 broadcasts (44 of 300 at 128 nodes), and a node missed while up never catches up; 16
+missed none of 300, but by probability; every contact reached every live node in all of them,
+with 6 of 64 nodes dead too, by construction. It costs about as many copies per node as it has
+contacts (32 at 64 nodes, 36 at 128), two datagrams each with the reply: ~16 KB sent per node
+for a 300-byte message, nothing at the rate images are pushed. Clusters of several hundred
+nodes may set a fanout of 16 to halve that.
 
 Every send is fire and forget: a request whose future nobody awaits, resolved by its reply (True
 when the message was new there) or by the RPC timeout. A dead contact costs one pending timer
@@ -58,10 +59,10 @@ from mirror.routing.wire import RecentEntry
 log = logging.getLogger(__name__)
 
 # A copy that made this many hops is delivered but not passed on: a bound in case ids are
-# forgotten mid-flood (`SeenIds` is bounded), never reached otherwise. The first copy to reach a
-# node had made 1-2 hops at 64 nodes, at most 7 at 128 nodes sharing one core (where the copy
-# handled first is the one that queued least, not the one with the shortest path); a node whose
-# first copy arrives at the limit relays nothing, so the limit is kept well above that.
+# forgotten mid-flood (`SeenIds` is bounded), never reached otherwise. The first copy a node
+# handled had made 1-2 hops (median), at most 5 at 64 nodes and 7 at 128 sharing one core (the
+# copy handled first is the one that queued least, not the one with the shortest path); a node
+# whose first copy arrives at the limit relays nothing, so the limit is kept well above that.
 HOP_LIMIT = 16
 # `recent()` asks this many random contacts, pages through what each keeps, and merges.
 RECENT_CONTACTS = 3
