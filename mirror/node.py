@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
+from mirror import __version__
 from mirror.config import (
     Address,
     LogLevel,
@@ -54,6 +55,10 @@ from mirror.routing.bootstrap import Rebootstrapper
 from mirror.routing.bootstrap.http import LookupFailed
 from mirror.routing.dht import DhtNode
 from mirror.routing.keys import stable_node_id
+from mirror.status.api import StatusApi
+from mirror.status.collector import NodeInfo, StatusCollector
+from mirror.status.measure import Measurer
+from mirror.status.pulls import PullLog
 from mirror.stores.base import Store
 from mirror.stores.cache import CacheStore
 from mirror.stores.containerd.store import ContainerdStore
@@ -327,6 +332,23 @@ async def _upstream_client(
     return client
 
 
+def _node_info(
+    config: RunConfig, store: str, dht: DhtNode | None, runtime: str | None
+) -> NodeInfo:
+    """What the status report says this node is."""
+    return NodeInfo(
+        node_id=dht.node_id if dht is not None else None,
+        address=dht.http_address if dht is not None else str(config.registry_addr),
+        registry_addr=str(config.registry_addr),
+        metrics_addr=str(config.metrics_addr),
+        router_addr=str(config.routing.router_addr) if dht is not None else None,
+        store=store,
+        version=__version__,
+        platform=host_platform(),
+        runtime=runtime,
+    )
+
+
 def _pull_via(address: Address) -> str:
     """Where dockerd reaches this node's registry port: loopback when it listens on all
     interfaces (dockerd takes 127.0.0.0/8 registries over plain HTTP)."""
@@ -383,12 +405,19 @@ def _follow_pins(
         poller = Poller((), upstream, distributor, may_poll=_poll_claim(dht))
         background.start("poll", poller.run())
 
+    # Catching up waits for the file's first reading: a distribution is taken or not by the
+    # follows it names.
+    follows_known = asyncio.Event()
+
     def on_follows(follows: tuple[Follow, ...]) -> None:
         distributor.set_follows(follows)
         if poller is not None:
             poller.set_follows(follows)
+        follows_known.set()
 
-    if settings.file is not None:
+    if settings.file is None:
+        follows_known.set()
+    else:
         watcher = PinFileWatcher(settings.file, settings.file_poll)
         background.start(
             "prefetch file", _follow_file(watcher, prefetcher, settings.file_poll, on_follows)
@@ -404,7 +433,7 @@ def _follow_pins(
     if settings.kubernetes is not None:
         background.start("prefetch kubernetes", _follow_kubernetes(settings, prefetcher))
     if dht is not None:
-        background.start("distribution catch-up", _catch_up(dht, distributor))
+        background.start("distribution catch-up", _catch_up(dht, distributor, follows_known))
 
 
 # A poll claim lives this long unless renewed (the poller renews it at every poll).
@@ -434,8 +463,10 @@ def _reporter(fetcher: PeerFetcher, own: str) -> Reporter:
     return report
 
 
-async def _catch_up(dht: DhtNode, distributor: Distributor) -> None:
-    """Once the node knows a peer, the distributions announced while it was down."""
+async def _catch_up(dht: DhtNode, distributor: Distributor, follows_known: asyncio.Event) -> None:
+    """Once the node knows what it follows and a peer, the distributions announced while it
+    was down."""
+    await follows_known.wait()
     for _ in range(600):
         if dht.contact_count() > 0:
             await distributor.catch_up()
@@ -452,11 +483,15 @@ async def _follow_file(
     """Poll the file (a ConfigMap's symlink swap has no event to wait for); its pins go to the
     prefetcher, its follows to `on_follows`, both each time the file says something new."""
     prefetcher.set_pins("file", ())
+    first = True
     while True:
         found = await watcher.check()
         if found is not None:
             prefetcher.set_pins("file", found.pins)
             on_follows(found.follows)
+        elif first:
+            on_follows(())  # a file broken from the start follows nothing, for now
+        first = False
         prefetcher.report("file", watcher.last_error)
         await asyncio.sleep(interval)
 
@@ -542,6 +577,20 @@ async def run_node(config: RunConfig) -> None:
             reporter=_reporter(peers, dht.http_address) if peers and dht else None,
         )
         stack.push_async_callback(distributor.close)
+        pulls = PullLog(peers=peers)
+        status = StatusCollector(
+            _node_info(config, store.name, dht, prefetch.runtime_name),
+            store=store,
+            metrics=metrics,
+            pulls=pulls,
+            cache=cache,
+            contacts=dht,
+            peers=peers,
+            upstream=upstream,
+            pins=prefetch,
+            distributions=distributor,
+        )
+        measurer = Measurer(content, host_platform())
         api = RegistryApi(
             metrics,
             content,
@@ -552,7 +601,9 @@ async def run_node(config: RunConfig) -> None:
                 PrefetchApi(prefetch, host_platform(), access),
                 DistributionsApi(distributor, access),
                 EventsApi(distributor, config.prefetch.webhook_token, metrics),
+                StatusApi(status, access, measurer),
             ],
+            pulls=pulls,
         )
         debug = config.log_level is LogLevel.DEBUG
         connections = ConnectionPolicy(config.http_limits, metrics)
@@ -561,8 +612,10 @@ async def run_node(config: RunConfig) -> None:
             api.app(), config.registry_addr, access_log=debug, connections=connections
         )
         stack.push_async_callback(registry_server.close)
+        metrics_app = metrics.app()
+        StatusApi(status, access, measurer, page=True).add_routes(metrics_app)
         metrics_server = await _serve(
-            metrics.app(), config.metrics_addr, access_log=False, connections=connections
+            metrics_app, config.metrics_addr, access_log=False, connections=connections
         )
         stack.push_async_callback(metrics_server.close)
         log.info(

@@ -20,29 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.cluster import HOSTS, Cluster, MirrorFactory, make_cluster, wait_until
+from harness.cluster import Cluster, MirrorFactory, start_mixed_cluster, wait_until
 from harness.containerd import ContainerdNode
 from harness.dockerd import DockerNode
-from harness.images import TestImage, build_busybox, run_skopeo
+from harness.images import TestImage, build_busybox
 from harness.mirror_node import MirrorNode
-from harness.net import free_port, free_udp_port
-from harness.registry import Registry
+from harness.net import free_port
+from harness.registry import Registry, notifications
 
 TOKEN = "distribution-e2e-token-0123456789"
-
-
-def notifications(url: str) -> str:
-    return f"""\
-notifications:
-  endpoints:
-    - name: mirror
-      url: {url}
-      headers:
-        Authorization: [Bearer {TOKEN}]
-      timeout: 1s
-      threshold: 3
-      backoff: 1s
-"""
 
 
 @dataclass
@@ -63,18 +49,6 @@ class Swarm:
         return build_busybox(
             self.workdir / f"{name}-{len(list(self.workdir.iterdir()))}", name=name
         )
-
-
-def push(image: TestImage, host: str, repository: str, tag: str) -> None:
-    """Push `image` under `tag` (the layout names it `image.tag`), digests untouched."""
-    run_skopeo(
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        image.source,
-        f"docker://{host}/{repository}:{tag}",
-    )
 
 
 def get_json(url: str) -> Any:
@@ -128,25 +102,15 @@ def swarm(
             f"--upstream={registry_host}=http://{registry_host}",
             f"--upstream={polled.host}={polled.url}",
         )
-        cluster = make_cluster(tmp_path, [containerd_factory() for _ in range(3)])
-        docker_router = f"{HOSTS[3]}:{free_udp_port(HOSTS[3])}"
-        cluster.routers.append(docker_router)
-        for index in range(3):
-            cluster.start_mirror(mirror_factory, index, *common)
-        docker = dockerd_factory()
-        docker_mirror = mirror_factory(
-            "--store=docker",
-            f"--docker-host={docker.host}",
-            f"--cluster-key-file={cluster.key_file}",
-            f"--router-addr={docker_router}",
-            f"--bootstrap=static:{','.join(cluster.routers)}",
-            "--resolve-timeout=200ms",
-            *common,
-            host=HOSTS[3],
+        mixed = start_mixed_cluster(
+            tmp_path, containerd_factory, dockerd_factory, mirror_factory, common
         )
+        cluster, docker, docker_mirror = mixed.cluster, mixed.docker, mixed.docker_mirror
         cluster.wait_connected()
         receiver = f"{cluster.mirror(0).url}/mirror/v1/events/distribution"
-        registry = Registry(tmp_path / "registry", port=port, extra_config=notifications(receiver))
+        registry = Registry(
+            tmp_path / "registry", port=port, extra_config=notifications(receiver, TOKEN)
+        )
         registry.start()
         workdir = tmp_path / "images"
         workdir.mkdir()
@@ -161,7 +125,7 @@ def test_a_push_reaches_every_node_once_and_a_new_push_moves_them(swarm: Swarm) 
     s = swarm
     ref = f"{s.registry.host}/team/web:prod-1"
     first = s.image("web")
-    push(first, s.registry.host, "team/web", "prod-1")
+    first.push_as(s.registry.host, "team/web", "prod-1")
     wait_all_hold(s.mirrors, ref, first.manifest_digest)
     for digest in [first.config_digest, *first.layer_digests]:
         assert s.registry.blob_fetch_count(digest) == 1, digest
@@ -188,7 +152,7 @@ def test_a_push_reaches_every_node_once_and_a_new_push_moves_them(swarm: Swarm) 
 
     # A new push of the tag moves every node.
     second = s.image("web")
-    push(second, s.registry.host, "team/web", "prod-1")
+    second.push_as(s.registry.host, "team/web", "prod-1")
     wait_all_hold(s.mirrors, ref, second.manifest_digest)
     assert s.cluster.nodes[1].image_target(ref, "k8s.io") == second.manifest_digest
 
@@ -267,7 +231,7 @@ def test_a_node_down_during_the_push_catches_up_when_it_returns(
     s.cluster.mirror(2).stop()
     ref = f"{s.registry.host}/team/late:prod-1"
     image = s.image("late")
-    push(image, s.registry.host, "team/late", "prod-1")
+    image.push_as(s.registry.host, "team/late", "prod-1")
     wait_all_hold(
         [s.cluster.mirror(0), s.cluster.mirror(1), s.docker_mirror], ref, image.manifest_digest
     )

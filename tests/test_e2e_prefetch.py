@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.cluster import HOSTS, Cluster, MirrorFactory, make_cluster, wait_until
+from harness.cluster import Cluster, MirrorFactory, start_mixed_cluster, wait_until
 from harness.containerd import ContainerdNode, write_hosts_toml
 from harness.dockerd import DockerNode
 from harness.images import TestImage, build_busybox
 from harness.mirror_node import MirrorNode
-from harness.net import free_port, free_udp_port
+from harness.net import free_port
 from harness.registry import Registry
 
 EXPECTED = "registry.internal:5000/infra/bb:v1"
@@ -86,24 +86,16 @@ def prefetching(
         f"--upstream=registry.internal:5000=http://127.0.0.1:{dead}",
         "--upstream-timeout=2s",
     )
-    cluster = make_cluster(tmp_path, [containerd_factory() for _ in range(3)])
-    docker_router = f"{HOSTS[3]}:{free_udp_port(HOSTS[3])}"
-    cluster.routers.append(docker_router)
-    for index in range(3):
-        labels = ("--node-label=role=edge",) if index == 0 else ()
-        cluster.start_mirror(mirror_factory, index, *common, *labels)
-    docker = dockerd_factory()
-    docker_mirror = mirror_factory(
-        "--store=docker",
-        f"--docker-host={docker.host}",
-        f"--cluster-key-file={cluster.key_file}",
-        f"--router-addr={docker_router}",
-        f"--bootstrap=static:{','.join(cluster.routers)}",
-        "--resolve-timeout=200ms",
-        "--node-label=role=edge",
-        *common,
-        host=HOSTS[3],
+    edge = ("--node-label=role=edge",)
+    mixed = start_mixed_cluster(
+        tmp_path,
+        containerd_factory,
+        dockerd_factory,
+        mirror_factory,
+        common,
+        extra={0: edge, 3: edge},
     )
+    cluster, docker, docker_mirror = mixed.cluster, mixed.docker, mixed.docker_mirror
     return PrefetchCluster(registry, cluster, docker, docker_mirror, images, refs, prefetch_file)
 
 

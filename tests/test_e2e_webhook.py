@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from aiohttp.test_utils import TestServer
 from harness.images import TestImages
+from harness.memory_runtime import RecordingSink
 from harness.memory_store import MemoryStore
-from harness.registry import Registry
+from harness.registry import Registry, notifications
 
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.metrics import Metrics
@@ -26,30 +26,6 @@ from mirror.registry.events_api import DISTRIBUTION_PATH, EventsApi
 
 POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
 TOKEN = "e2e-webhook-token"
-
-
-@dataclass
-class RecordingSink:
-    events: list[PushEvent] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pushed(self, event: PushEvent) -> None:
-        self.events.append(event)
-        self.arrived.set()
-
-
-def notifications(url: str) -> str:
-    return f"""\
-notifications:
-  endpoints:
-    - name: mirror
-      url: {url}
-      headers:
-        Authorization: [Bearer {TOKEN}]
-      timeout: 1s
-      threshold: 3
-      backoff: 1s
-"""
 
 
 def sample(metrics: Metrics, outcome: str) -> float:
@@ -69,7 +45,7 @@ async def test_a_push_to_a_real_registry_is_one_push_event(
     try:
         url = f"http://127.0.0.1:{server.port}{DISTRIBUTION_PATH}"
         # Started and pushed to in threads: the loop must stay free to take the notifications.
-        registry = await asyncio.to_thread(registry_factory, extra_config=notifications(url))
+        registry = await asyncio.to_thread(registry_factory, extra_config=notifications(url, TOKEN))
         image = test_images.index
         await asyncio.to_thread(image.push, registry.host, "team/app")
         # The registry delivers to an endpoint in order: the tag's event comes after the

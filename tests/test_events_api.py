@@ -12,12 +12,13 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestServer
+from harness.memory_runtime import RecordingSink
 from harness.memory_store import MemoryStore
 
 from mirror.content.service import ContentPolicy, ContentService
@@ -45,14 +46,6 @@ REPOSITORY = "team/app"
 MANIFEST_DIGEST = "sha256:" + "d" * 64
 LAYERS = ["sha256:" + char * 64 for char in "123"]
 CONFIG = "sha256:" + "c" * 64
-
-
-@dataclass
-class RecordingSink:
-    events: list[PushEvent] = field(default_factory=list)
-
-    def pushed(self, event: PushEvent) -> None:
-        self.events.append(event)
 
 
 class BrokenSink:

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from harness.images import TestImage, TestImages, run_skopeo
+from harness.images import TestImage, TestImages
+from harness.memory_runtime import RecordingSink
 from harness.registry import Registry
 
 from mirror.errors import UpstreamError
@@ -30,16 +31,6 @@ REPOSITORY = "team/app"
 
 
 @dataclass
-class RecordingSink:
-    events: list[PushEvent] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pushed(self, event: PushEvent) -> None:
-        self.events.append(event)
-        self.arrived.set()
-
-
-@dataclass
 class Claim:
     """`may_poll`, answering `allowed` and recording what it was asked."""
 
@@ -49,17 +40,6 @@ class Claim:
     async def __call__(self, match: str) -> bool:
         self.asked.append(match)
         return self.allowed
-
-
-def push(image: TestImage, registry: Registry, tag: str) -> None:
-    run_skopeo(
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        image.source,
-        f"docker://{registry.host}/{REPOSITORY}:{tag}",
-    )
 
 
 def pushed(registry: Registry, tag: str, image: TestImage) -> PushEvent:
@@ -100,8 +80,8 @@ async def test_the_first_poll_offers_the_tag_then_only_moves(
     make_poller: Callable[..., tuple[Poller, RecordingSink, Claim]],
 ) -> None:
     first, second = test_images.docker_v2, test_images.index
-    await asyncio.to_thread(push, first, registry, "prod-1")
-    await asyncio.to_thread(push, first, registry, "dev-1")  # not followed
+    await asyncio.to_thread(first.push_as, registry.host, REPOSITORY, "prod-1")
+    await asyncio.to_thread(first.push_as, registry.host, REPOSITORY, "dev-1")  # not followed
     poller, sink, claim = make_poller()
 
     assert await poller.poll_once() == [pushed(registry, "prod-1", first)]
@@ -112,12 +92,12 @@ async def test_the_first_poll_offers_the_tag_then_only_moves(
     assert await poller.poll_once() == []
 
     # Re-pushed with other content: the new digest, once.
-    await asyncio.to_thread(push, second, registry, "prod-1")
+    await asyncio.to_thread(second.push_as, registry.host, REPOSITORY, "prod-1")
     assert await poller.poll_once() == [pushed(registry, "prod-1", second)]
     assert await poller.poll_once() == []
 
     # A new matching tag: that one only.
-    await asyncio.to_thread(push, first, registry, "prod-2")
+    await asyncio.to_thread(first.push_as, registry.host, REPOSITORY, "prod-2")
     assert await poller.poll_once() == [pushed(registry, "prod-2", first)]
     assert len(sink.events) == 3
 
@@ -127,7 +107,7 @@ async def test_a_node_that_may_not_poll_asks_nothing_upstream(
     test_images: TestImages,
     make_poller: Callable[..., tuple[Poller, RecordingSink, Claim]],
 ) -> None:
-    await asyncio.to_thread(push, test_images.docker_v2, registry, "prod-1")
+    await asyncio.to_thread(test_images.docker_v2.push_as, registry.host, REPOSITORY, "prod-1")
     poller, sink, claim = make_poller()
     assert await poller.poll_once() != []
     registry.clear_access_log()
@@ -150,7 +130,7 @@ async def test_an_unreachable_upstream_is_logged_once_and_polling_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    await asyncio.to_thread(push, test_images.docker_v2, registry, "prod-1")
+    await asyncio.to_thread(test_images.docker_v2.push_as, registry.host, REPOSITORY, "prod-1")
     poller, _, _ = make_poller()
     registry.stop()
     assert await poller.poll_once() == []
@@ -185,7 +165,7 @@ async def test_a_re_read_file_keeps_what_was_seen(
 ) -> None:
     image = test_images.docker_v2
     for tag in ("prod-1", "dev-1"):
-        await asyncio.to_thread(push, image, registry, tag)
+        await asyncio.to_thread(image.push_as, registry.host, REPOSITORY, tag)
     prod = Follow(f"{registry.host}/{REPOSITORY}:prod-*", poll=30.0)
     dev = Follow(f"{registry.host}/{REPOSITORY}:dev-*", poll=60.0)
     sink = RecordingSink()
@@ -227,7 +207,7 @@ async def test_follows_without_poll_or_with_a_glob_are_not_polled(
 async def test_the_run_loop_polls_and_survives_errors(
     registry: Registry, test_images: TestImages, upstream: UpstreamClient
 ) -> None:
-    await asyncio.to_thread(push, test_images.docker_v2, registry, "prod-1")
+    await asyncio.to_thread(test_images.docker_v2.push_as, registry.host, REPOSITORY, "prod-1")
     sink = RecordingSink()
     calls = 0
 

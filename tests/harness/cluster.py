@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .containerd import ContainerdNode
+from .dockerd import DockerNode
 from .mirror_node import MirrorNode
 from .net import free_udp_port
 
@@ -56,6 +57,51 @@ class Cluster:
                 lambda m=mirror: m.metric("mirror_dht_contacts") >= len(running) - 1,
                 f"{mirror.address} to know its peers",
             )
+
+
+@dataclass
+class MixedCluster:
+    """Three containerd nodes and one Docker node (classic store), each with its mirror."""
+
+    cluster: Cluster
+    docker: DockerNode
+    docker_mirror: MirrorNode
+
+    @property
+    def mirrors(self) -> list[MirrorNode]:
+        return [*self.cluster.running(), self.docker_mirror]
+
+
+def start_mixed_cluster(
+    base: Path,
+    containerd_factory: Callable[[], ContainerdNode],
+    dockerd_factory: Callable[..., DockerNode],
+    mirror_factory: MirrorFactory,
+    common: tuple[str, ...],
+    *,
+    extra: dict[int, tuple[str, ...]] | None = None,
+) -> MixedCluster:
+    """Nodes 0-2 on containerd, node 3 on Docker; every mirror gets `common`, node I also
+    `extra[I]` (e.g. its labels). The Docker node's mirror uses `--store=docker`."""
+    extra = extra or {}
+    cluster = make_cluster(base, [containerd_factory() for _ in range(3)])
+    docker_router = f"{HOSTS[3]}:{free_udp_port(HOSTS[3])}"
+    cluster.routers.append(docker_router)
+    for index in range(3):
+        cluster.start_mirror(mirror_factory, index, *common, *extra.get(index, ()))
+    docker = dockerd_factory()
+    docker_mirror = mirror_factory(
+        "--store=docker",
+        f"--docker-host={docker.host}",
+        f"--cluster-key-file={cluster.key_file}",
+        f"--router-addr={docker_router}",
+        f"--bootstrap=static:{','.join(cluster.routers)}",
+        "--resolve-timeout=200ms",
+        *common,
+        *extra.get(3, ()),
+        host=HOSTS[3],
+    )
+    return MixedCluster(cluster, docker, docker_mirror)
 
 
 def make_cluster(base: Path, nodes: list[ContainerdNode]) -> Cluster:

@@ -135,7 +135,11 @@ class TestImage:
 
         Returns the reference ``HOST/REPO:TAG``.
         """
-        ref = f"{registry_host}/{repo}:{self.tag}"
+        return self.push_as(registry_host, repo, self.tag)
+
+    def push_as(self, registry_host: str, repo: str, tag: str) -> str:
+        """`push` under another tag (the layout names the image `self.tag`)."""
+        ref = f"{registry_host}/{repo}:{tag}"
         run_skopeo(
             "copy",
             "--all",

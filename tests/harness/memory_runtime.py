@@ -1,4 +1,5 @@
-"""In-memory doubles for the prefetch parts: a runtime in a dict, and small synthetic images.
+"""In-memory doubles for the prefetch parts: a runtime in a dict, small synthetic images, and a
+sink that records push events.
 
 The real runtimes have their own tests (test_prefetch_containerd.py, test_prefetch_docker.py);
 these let the prefetcher and the distributor be tested in milliseconds.
@@ -6,12 +7,13 @@ these let the prefetcher and the distributor be tested in milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
 from mirror.errors import RuntimeImportError
 from mirror.oci import mediatypes as mt
-from mirror.prefetch.model import BlobReader, ImagePlan
+from mirror.prefetch.model import BlobReader, ImagePlan, PushEvent
 
 from .memory_sources import digest_of
 
@@ -67,3 +69,15 @@ class MemoryRuntime:
         for descriptor in plan.descriptors:
             content[str(descriptor.digest)] = b"".join([c async for c in blobs.read(descriptor)])
         self.images[str(plan.name)] = (str(plan.target.digest), content)
+
+
+@dataclass
+class RecordingSink:
+    """A `PushSink` that keeps what it is given; `arrived` is set at the first event."""
+
+    events: list[PushEvent] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pushed(self, event: PushEvent) -> None:
+        self.events.append(event)
+        self.arrived.set()

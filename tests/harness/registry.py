@@ -205,3 +205,19 @@ http:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def notifications(url: str, token: str) -> str:
+    """`extra_config` making the registry notify `url` of every push and pull, with the bearer
+    token in the endpoint's headers (distribution's `notifications.endpoints`)."""
+    return f"""\
+notifications:
+  endpoints:
+    - name: mirror
+      url: {url}
+      headers:
+        Authorization: [Bearer {token}]
+      timeout: 1s
+      threshold: 3
+      backoff: 1s
+"""
