@@ -29,7 +29,9 @@ RUN python -m venv --without-pip /opt/mirror \
  && pip --python /opt/mirror/bin/python install --no-deps --only-binary=:all: -r requirements.lock \
  # The lock also pins the test and code-generation tools; they are not needed to run.
  && pip --python /opt/mirror/bin/python uninstall -y \
-        pytest pytest-asyncio pluggy iniconfig packaging Pygments ruff grpcio-tools
+        pytest pytest-asyncio pluggy iniconfig packaging Pygments ruff grpcio-tools \
+        kubernetes-validate jsonschema jsonschema-specifications referencing rpds-py \
+        importlib_resources PyYAML
 
 # The project itself, as a wheel, without dependencies: they are all installed above.
 COPY pyproject.toml README.md ./

@@ -499,8 +499,8 @@ def _add_keygen(subparsers: Any) -> None:
 
 
 def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
-    """`mirror configure containerd|docker`: point the node's runtime at its mirror."""
-    from mirror.runtime import containerd_hosts, docker_daemon
+    """`mirror configure containerd|docker|containers`: point the node's runtime at its mirror."""
+    from mirror.runtime import containerd_hosts, docker_certs, docker_daemon
     from mirror.runtime.endpoints import DEFAULT_MIRROR, parse_mirror_url
 
     configure = subparsers.add_parser(
@@ -512,6 +512,13 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
         "default": DEFAULT_MIRROR,
         "repeatable": True,
         "type": _typed(parse_mirror_url, "mirror URL"),
+    }
+    prepend_flag: dict[str, Any] = {
+        "default": "false",
+        "nargs": "?",
+        "const": "true",
+        "type": _typed(parse_bool, "boolean"),
+        "help": "keep an existing hosts.toml's hosts (after the mirror's) and its server",
     }
     containerd = runtimes.add_parser(
         "containerd", help="write a hosts.toml per registry (containerd, ctr --hosts-dir)"
@@ -541,14 +548,7 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="let the mirror resolve tags; false gives it the pull capability only",
         **_SHARED["--resolve-tags"],
     )
-    flag(
-        "--prepend-existing",
-        default="false",
-        nargs="?",
-        const="true",
-        type=_typed(parse_bool, "boolean"),
-        help="keep an existing hosts.toml's hosts (after the mirror's) and its server",
-    )
+    flag("--prepend-existing", **prepend_flag)
 
     def configure_containerd(args: argparse.Namespace) -> list[str]:
         return containerd_hosts.configure(
@@ -563,7 +563,12 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
         )
 
     containerd.set_defaults(handler=configure_containerd)
-    docker = runtimes.add_parser("docker", help="add the mirror to registry-mirrors of daemon.json")
+    _add_configure_containers(runtimes, environ, mirror_help, mirror_flag)
+    docker = runtimes.add_parser(
+        "docker",
+        help="add the mirror to registry-mirrors of daemon.json, and write a hosts.toml per "
+        "registry under certs.d when dockerd reads them (Docker 28+, containerd image store)",
+    )
     flag = _FlagAdder(docker, environ)
     flag(
         "--daemon-json",
@@ -572,16 +577,74 @@ def _add_configure(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="dockerd's configuration file",
     )
     flag("--mirror", help=mirror_help, **mirror_flag)
-    docker.set_defaults(
-        handler=lambda args: docker_daemon.configure(
-            args.daemon_json, tuple(_listed(args, "--mirror"))
-        )
+    flag(
+        "--certs-d",
+        default=docker_certs.CertsMode.AUTO.value,
+        type=_typed(docker_certs.parse_certs_mode, "certs.d mode"),
+        help="write a hosts.toml per registry under --certs-dir: auto (when the Engine API "
+        "says dockerd reads them: Docker 28+ on the containerd image store; left as they are "
+        "when it does not answer), yes, or no (and restore those written before)",
     )
+    flag(
+        "--certs-dir",
+        default=str(docker_certs.DEFAULT_CERTS_DIR),
+        type=Path,
+        help="dockerd's certs.d directory (rootless dockerd: ~/.config/docker/certs.d)",
+    )
+    flag(
+        "--docker-host",
+        default=environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST,
+        help="Docker's API socket that --certs-d auto asks: the flag, else MIRROR_DOCKER_HOST, "
+        "else DOCKER_HOST, else the default",
+    )
+    flag(
+        "--mirrored-registries",
+        help="registries given a hosts.toml (default: all: _default, every registry directory "
+        "already there, and each of insecure-registries)",
+        **_SHARED["--mirrored-registries"],
+    )
+    flag(
+        "--upstream",
+        help="REGISTRY=URL: the server of its hosts.toml, as given to `mirror run` (default "
+        "https://REGISTRY; docker.io is https://registry-1.docker.io)",
+        **_SHARED["--upstream"],
+    )
+    flag(
+        "--resolve-tags",
+        help="let the mirror resolve tags (hosts.toml); false gives it the pull capability only",
+        **_SHARED["--resolve-tags"],
+    )
+    flag("--prepend-existing", **prepend_flag)
+
+    def ask_dockerd(docker_host: str) -> docker_certs.EngineAnswer:
+        from mirror.errors import StoreUnavailable
+        from mirror.stores.docker import inspect_docker
+
+        try:
+            engine = asyncio.run(inspect_docker(docker_host))
+        except StoreUnavailable as exc:
+            return docker_certs.NoAnswer(str(exc))
+        return docker_certs.DaemonStore(engine.version, engine.containerd_image_store)
+
+    def configure_docker(args: argparse.Namespace) -> list[str]:
+        config = docker_certs.DockerConfig(
+            daemon_json=args.daemon_json,
+            mirrors=tuple(_listed(args, "--mirror")),
+            certs_dir=args.certs_dir,
+            certs=args.certs_d,
+            registries=tuple(_listed(args, "--mirrored-registries")) or None,
+            upstream=tuple(_listed(args, "--upstream")),
+            resolve_tags=args.resolve_tags,
+            prepend_existing=args.prepend_existing,
+        )
+        return docker_certs.configure(config, lambda: ask_dockerd(args.docker_host))
+
+    docker.set_defaults(handler=configure_docker)
 
 
 def _add_cleanup(subparsers: Any, environ: Mapping[str, str]) -> None:
-    """`mirror cleanup containerd|docker`: put back what `configure` replaced, byte for byte."""
-    from mirror.runtime import containerd_hosts, docker_daemon
+    """`mirror cleanup containerd|docker|containers`: put back what `configure` replaced."""
+    from mirror.runtime import containerd_hosts, docker_certs, docker_daemon
 
     cleanup = subparsers.add_parser(
         "cleanup", help="restore the runtime configuration `mirror configure` replaced"
@@ -595,14 +658,97 @@ def _add_cleanup(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="containerd's registry config_path",
     )
     containerd.set_defaults(handler=lambda args: containerd_hosts.cleanup(args.config_path))
-    docker = runtimes.add_parser("docker", help="restore daemon.json")
-    _FlagAdder(docker, environ)(
+    _add_cleanup_containers(runtimes, environ)
+    docker = runtimes.add_parser("docker", help="restore daemon.json and the certs.d hosts.toml")
+    flag = _FlagAdder(docker, environ)
+    flag(
         "--daemon-json",
         default=str(docker_daemon.DEFAULT_DAEMON_JSON),
         type=Path,
         help="dockerd's configuration file",
     )
-    docker.set_defaults(handler=lambda args: docker_daemon.cleanup(args.daemon_json))
+    flag(
+        "--certs-dir",
+        default=str(docker_certs.DEFAULT_CERTS_DIR),
+        type=Path,
+        help="dockerd's certs.d directory",
+    )
+    docker.set_defaults(handler=lambda args: docker_certs.cleanup(args.daemon_json, args.certs_dir))
+
+
+def _add_configure_containers(
+    runtimes: Any, environ: Mapping[str, str], mirror_help: str, mirror_flag: dict[str, Any]
+) -> None:
+    """`mirror configure containers`: a registries.conf.d drop-in for containers/image."""
+    from mirror.runtime import containers_registries
+
+    containers = runtimes.add_parser(
+        "containers",
+        help="write a registries.conf.d drop-in (CRI-O, Podman, Buildah, skopeo)",
+    )
+    flag = _FlagAdder(containers, environ)
+    flag(
+        "--registries-dir",
+        default=str(containers_registries.DEFAULT_REGISTRIES_DIR),
+        type=Path,
+        help="containers/image's drop-in directory; the mirror's file there is "
+        f"{containers_registries.DROP_IN}",
+    )
+    flag(
+        "--registries-conf",
+        default=None,
+        type=Path,
+        help="containers/image's main file, read for the entries the drop-in replaces "
+        "(default: registries.conf beside --registries-dir)",
+    )
+    flag("--mirror", help=mirror_help, **mirror_flag)
+    flag(
+        "--mirrored-registries",
+        help="registries sent to the mirror (default: "
+        f"{', '.join(containers_registries.COMMON_REGISTRIES)}, those of --upstream, and every "
+        "registry registries.conf and the drop-ins before ours configure)",
+        **_SHARED["--mirrored-registries"],
+    )
+    flag(
+        "--upstream",
+        help="REGISTRY=URL: the location the runtime falls back to, as given to `mirror run` "
+        "(default: the registry itself)",
+        **_SHARED["--upstream"],
+    )
+    flag(
+        "--resolve-tags",
+        help="let the mirror resolve tags; false sends it pulls by digest only "
+        '(pull-from-mirror = "digest-only")',
+        **_SHARED["--resolve-tags"],
+    )
+
+    def configure_containers(args: argparse.Namespace) -> list[str]:
+        return containers_registries.configure(
+            containers_registries.ContainersRegistriesConfig(
+                registries_dir=args.registries_dir,
+                mirrors=tuple(_listed(args, "--mirror")),
+                registries=tuple(_listed(args, "--mirrored-registries")) or None,
+                upstream=tuple(_listed(args, "--upstream")),
+                resolve_tags=args.resolve_tags,
+                main_file=args.registries_conf,
+            )
+        )
+
+    containers.set_defaults(handler=configure_containers)
+
+
+def _add_cleanup_containers(runtimes: Any, environ: Mapping[str, str]) -> None:
+    """`mirror cleanup containers`: put back the drop-in's original, or remove the drop-in."""
+    from mirror.runtime import containers_registries
+
+    containers = runtimes.add_parser("containers", help="restore the registries.conf.d drop-in")
+    _FlagAdder(containers, environ)(
+        "--registries-dir",
+        default=str(containers_registries.DEFAULT_REGISTRIES_DIR),
+        type=Path,
+        help="containers/image's drop-in directory",
+    )
+    containers.set_defaults(handler=lambda args: containers_registries.cleanup(args.registries_dir))
 
 
 # Where the client commands (prefetch, distribute) find the node they ask.
@@ -647,6 +793,20 @@ def _add_distribute(subparsers: Any, environ: Mapping[str, str]) -> None:
     _add_client_flags(distribute, environ)
 
 
+def _add_status(subparsers: Any, environ: Mapping[str, str]) -> None:
+    status = subparsers.add_parser(
+        "status",
+        help="show a node: its peers, what it holds, recent pulls, upstream health, pins and "
+        "distributions (the page on --metrics-addr shows the same)",
+    )
+    status.add_argument(
+        "--node",
+        default=environ.get("MIRROR_NODE", _DEFAULT_NODE),
+        help=f"the node's registry or metrics address (env MIRROR_NODE; default: {_DEFAULT_NODE})",
+    )
+    status.add_argument("--json", action="store_true", help="print the node's JSON report as it is")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="A cluster-local OCI registry mirror.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -657,6 +817,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _add_cleanup(subparsers, environ)
     _add_prefetch(subparsers, environ)
     _add_distribute(subparsers, environ)
+    _add_status(subparsers, environ)
     return parser
 
 
@@ -828,6 +989,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                     distribute(node_url(args.node), args.ref, timeout=args.timeout, say=_say)
                 )
             )
+        elif args.command == "status":
+            from mirror.prefetch.client import node_url
+            from mirror.status.client import show_status
+
+            plain = (os.environ if environ is None else environ).get("NO_COLOR")
+            colour = sys.stdout.isatty() and not plain
+            print(asyncio.run(show_status(node_url(args.node), as_json=args.json, colour=colour)))
         elif args.command in ("configure", "cleanup"):
             for line in args.handler(args):
                 print(line)

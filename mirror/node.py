@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -175,6 +176,20 @@ class _MalformedRequests(logging.Filter):
 _HTTP_LOG = logging.getLogger("mirror.http")
 _HTTP_LOG.addFilter(_MalformedRequests())
 
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"]*")
+
+
+class _RedactTokens(logging.Filter):
+    """The debug access log must not keep a webhook's token (Docker Hub's is in the query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1REDACTED", record.msg)
+        return True
+
+
+logging.getLogger("mirror.access").addFilter(_RedactTokens())
+
 
 async def _serve(
     app: web.Application,
@@ -332,9 +347,7 @@ async def _upstream_client(
     return client
 
 
-def _node_info(
-    config: RunConfig, store: str, dht: DhtNode | None, runtime: str | None
-) -> NodeInfo:
+def _node_info(config: RunConfig, store: str, dht: DhtNode | None, runtime: str | None) -> NodeInfo:
     """What the status report says this node is."""
     return NodeInfo(
         node_id=dht.node_id if dht is not None else None,

@@ -159,7 +159,12 @@ job "mirror" {
           local.runtime_config_arg,
           "--mirror=http://127.0.0.1:${NOMAD_PORT_registry}",
         ]
-        volumes = ["${local.runtime_config_dir}:${local.runtime_config_dir}"]
+        # Docker's socket too: `configure docker` asks the daemon whether it reads
+        # certs.d/<registry>/hosts.toml (Docker 28+ on the containerd image store).
+        volumes = concat(
+          ["${local.runtime_config_dir}:${local.runtime_config_dir}"],
+          var.runtime == "docker" ? ["/run/docker.sock:/run/docker.sock:ro"] : [],
+        )
       }
 
       resources {

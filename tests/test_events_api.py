@@ -538,3 +538,14 @@ async def test_harbor_needs_the_token_and_its_shape(serve: Serve) -> None:
     response = await receiver.post(HARBOR_PATH, {"type": "PUSH_ARTIFACT"}, headers=BEARER)
     assert response.status == 400
     assert receiver.sink.events == []
+
+
+def test_the_query_token_never_reaches_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Docker Hub can only send the token in the query, which the debug access log prints."""
+    import mirror.node  # noqa: F401 - installs the access log's filter
+
+    caplog.set_level(logging.INFO, logger="mirror.access")
+    line = f'127.0.0.1 "POST {DOCKERHUB_PATH}?token={TOKEN}&x=1 HTTP/1.1" 202 42'
+    logging.getLogger("mirror.access").info(line)
+    assert TOKEN not in caplog.text
+    assert "token=REDACTED&x=1" in caplog.text

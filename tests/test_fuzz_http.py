@@ -31,7 +31,24 @@ from mirror.peers.fetcher import REPORT_PATH_PREFIX
 REQUESTS_PER_SEED = 400
 SIGNED_URL_PARAMS = ["mirror-sig", "mirror-expires", "mirror-nonce"]
 SEEDS = [1, 2, 3]
-# Bodies for POST /mirror/v1/prefetch: good and bad references, wrong shapes, not JSON at all.
+WEBHOOK_TOKEN = "fuzz-webhook-token-0123456789"
+# Webhook bodies: a registry envelope, Harbor's and Docker Hub's shapes, good and twisted.
+EVENT_BODIES = [
+    '{"events": [{"action": "push", "target": {"mediaType": '
+    '"application/vnd.oci.image.manifest.v1+json", "repository": "fuzz/app", "tag": "v1", '
+    '"digest": "sha256:' + "a" * 64 + '"}, "request": {"host": "registry.test"}}]}',
+    '{"events": [{"action": "push", "target": {"repository": "\u00b2", "tag": 5}}]}',
+    '{"events": "no"}',
+    '{"type": "PUSH_ARTIFACT", "event_data": {"resources": [{"tag": "v1", "digest": "x", '
+    '"resource_url": "h.example.com/a/b:v1"}], "repository": {"repo_full_name": "a/b"}}}',
+    '{"type": "PUSH_ARTIFACT", "event_data": {"resources": [[]], "repository": 1}}',
+    '{"push_data": {"tag": "latest"}, "repository": {"repo_name": "library/x"}}',
+    '{"push_data": {"tag": "../.."}, "repository": {"repo_name": "A B"}}',
+    '{"state": "held", "bytes_done": -1}',
+    '{"ref": "registry.test/fuzz/app:v1"}',
+]
+# Bodies for POST /mirror/v1/prefetch and /mirror/v1/measure: good and bad references, wrong
+# shapes, not JSON at all.
 PREFETCH_BODIES = [
     '{"ref": "registry.test/fuzz/app:v1"}',
     '{"ref": "docker.io/library/x:1", "source": "registry.test/fuzz/app:v1"}',
@@ -113,6 +130,7 @@ class Target:
     signer: RequestSigner
     url_signer: UrlSigner  # signs URLs as a peer redirecting its runtime here would
     paths: list[str]
+    metrics_port: int = 0  # the status page, the report and measure are reachable there too
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +145,8 @@ def target(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) ->
         key_file = base / "cluster.key"
         keygen(key_file)
         closed = free_port("127.0.0.1")  # nothing listens: an upstream that refuses at once
+        token_file = base / "webhook.token"
+        token_file.write_text(WEBHOOK_TOKEN)
         node = start_mirror(
             base / "node",
             "--store=cache",
@@ -139,6 +159,7 @@ def target(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) ->
             f"--upstream=registry.test={registry.url}",
             f"--upstream=docker.io=http://127.0.0.1:{closed}",
             "--upstream-tag-timeout=500ms",
+            f"--webhook-token-file={token_file}",
         )
         ns = urllib.parse.quote(registry.host, safe="")
         paths = [
@@ -152,9 +173,20 @@ def target(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) ->
             f"{REPORT_PATH_PREFIX}{image.manifest_digest}",  # a peer's corruption report
             "/mirror/v1/prefetch",  # pins: GET the status, POST an image to take now
             f"/mirror/v1/prefetch?ref={registry.host}/{REPO}:{image.tag}",
+            "/mirror/v1/status",  # the node's status report (clients and peers)
+            "/mirror/v1/measure",  # POST an image to pull into nothing, timed
+            "/mirror/v1/distributions",  # GET the list, POST a tag to distribute
+            "/mirror/v1/distributions/0123456789abcdef",
+            "/mirror/v1/distributions/0123456789abcdef/report?node=127.0.0.1:5000",
+            "/mirror/v1/events/distribution",  # webhooks, with and without the token
+            "/mirror/v1/events/harbor",
+            f"/mirror/v1/events/dockerhub?token={WEBHOOK_TOKEN}",
+            "/mirror/v1/events/dockerhub?token=wrong",
         ]
         key = ClusterKey.load(key_file)
-        yield Target(node.host, node.port, RequestSigner(key), UrlSigner(key), paths)
+        yield Target(
+            node.host, node.port, RequestSigner(key), UrlSigner(key), paths, node.metrics_port
+        )
     finally:
         if node is not None:
             node.stop()
@@ -216,9 +248,13 @@ def build_request(rng: random.Random, target: Target) -> bytes:
         headers[PEER_HEADER] = f"v1 {stamp} nonce {mac}"
     if rng.random() < 0.1:
         headers["Accept"] = rng.choice(NASTY)
+    if rng.random() < 0.4:
+        headers["Authorization"] = rng.choice(
+            [f"Bearer {WEBHOOK_TOKEN}", "Bearer wrong", "Basic eDp5", "Bearer", NASTY[0]]
+        )
     body = b""
     if method == "POST" and rng.random() < 0.7:
-        body = rng.choice(PREFETCH_BODIES).encode("utf-8", "surrogateescape")
+        body = rng.choice(PREFETCH_BODIES + EVENT_BODIES).encode("utf-8", "surrogateescape")
         headers["Content-Type"] = "application/json"
         headers["Content-Length"] = str(len(body))
     lines = [f"{method} {path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
@@ -267,3 +303,25 @@ def test_clients_that_leave_mid_body_cost_no_error(target: Target) -> None:
                 connection.sendall(request)
                 assert connection.recv(12).startswith(b"HTTP/1.1 200")
             # Closed with most of the body unread: the node sees a reset or a broken pipe.
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_metrics_address_takes_garbage_too(target: Target, seed: int) -> None:
+    """The status page, the report and measure are served on the metrics address as well."""
+    rng = random.Random(seed)
+    metrics = Target(
+        target.host,
+        target.metrics_port,
+        target.signer,
+        target.url_signer,
+        ["/", "/metrics", "/mirror/v1/status", "/mirror/v1/measure"],
+    )
+    seen: dict[int, int] = {}
+    for _ in range(REQUESTS_PER_SEED // 4):
+        request = build_request(rng, metrics)
+        status = status_of(metrics.host, metrics.port, request)
+        assert status < 500, request[:500]
+        seen[status] = seen.get(status, 0) + 1
+    assert seen.get(200, 0) > 0 and seen.get(404, 0) + seen.get(400, 0) > 0, seen
+    healthy = b"GET /mirror/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert status_of(metrics.host, metrics.port, healthy) == 200

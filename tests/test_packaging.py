@@ -1,16 +1,17 @@
 """Deployment files: the Helm chart, the Nomad jobs and the Dockerfile agree with the program.
 
-No helm, nomad or docker runs here. These tests check what can be checked statically: the chart's
-values exist and are documented, the Nomad jobs parse as HCL and use only job-specification
-names, every ``MIRROR_*`` variable they set is a real flag of ``mirror run``, the argument lists
-and environments they give mirror pass its own parser (``build_parser``, ``run_config``,
-``parse_bootstrap``), the prefetch file the chart and the Nomad job write is one mirror reads
-with the pins meant, the dashboard only queries metrics the program exports, and the
-Dockerfile installs the pinned dependencies and drops root.
+The chart is rendered by the real helm (``harness.helm``: installed by bin/setup-env, never
+skipped) and its output read here: every ``MIRROR_*`` variable the chart and the Nomad jobs set
+is a real flag of ``mirror run``; the argument lists and environments they give mirror pass its
+own parser (``build_parser``, ``run_config``, ``parse_bootstrap``); the cluster key and the
+prefetch file the chart writes are ones mirror reads, with the pins meant. Statically: the
+chart's values exist, are documented and used, the Nomad jobs parse as HCL and use only
+job-specification names, the dashboard only queries metrics the program exports, and the
+Dockerfile installs the pinned dependencies and drops root. tests/test_helm.py lints the chart
+and validates what it renders against the Kubernetes schemas.
 
-values.yaml and Chart.yaml are read with the small YAML-subset reader below (PyYAML is not a
-dependency); it refuses anything outside the subset instead of misreading it. The Nomad jobs are
-read with python-hcl2, which must be installed (a test dependency, like pytest).
+values.yaml and Chart.yaml are read with PyYAML; the Nomad jobs with python-hcl2 (both test
+dependencies, like pytest).
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import datetime
 import json
 import os
 import re
-import secrets
-import string
 import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from harness import helm
+from harness.helm import PREFETCH_IMAGES, VALUE_SETS, Rendered, chart_values
 
 from mirror.cli import build_parser, flag_reference, run_config
 from mirror.clusterkey import ClusterKey
@@ -47,199 +50,73 @@ NOMAD_JOBS = sorted((ROOT / "nomad").glob("*.nomad.hcl"))
 DOCKERFILE = ROOT / "Dockerfile"
 
 
-# --- a YAML subset ---------------------------------------------------------------------------
+# --- values.yaml and Chart.yaml ---------------------------------------------------------------
 
-_UNSUPPORTED = re.compile(r"^(?:[&*!|>%@`]|---|\.\.\.)")
-
-
-class YamlSubsetError(ValueError):
-    pass
-
-
-def _strip_comment(text: str) -> str:
-    quote = None
-    for index, char in enumerate(text):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "\"'":
-            quote = char
-        elif char == "#" and (index == 0 or text[index - 1] in " \t"):
-            return text[:index].rstrip()
-    return text.rstrip()
+# Plain scalars YAML 1.1 (PyYAML, helm's converter in places) reads as booleans and YAML 1.2
+# as strings: values.yaml must quote them.
+_AMBIGUOUS = {"y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO"}
+_AMBIGUOUS |= {"on", "On", "ON", "off", "Off", "OFF"}
 
 
-def _split_flow(text: str) -> list[str]:
-    if any(bracket in text for bracket in "[]{}"):
-        raise YamlSubsetError(f"nested flow collection: {text!r}")
-    return [item.strip() for item in text.split(",") if item.strip()]
+@dataclass(frozen=True)
+class YamlFile:
+    """A YAML file's data, the line of every mapping key (by path) and of every full-line
+    comment, so a test can ask whether a key is documented."""
+
+    data: Any
+    key_lines: dict[tuple[Any, ...], int]
+    comment_lines: frozenset[int]
 
 
-def _scalar(text: str, where: str) -> Any:
-    if _UNSUPPORTED.match(text):
-        raise YamlSubsetError(f"{where}: unsupported YAML {text!r}")
-    if text.startswith('"'):
-        if not text.endswith('"') or len(text) < 2:
-            raise YamlSubsetError(f"{where}: unterminated string {text!r}")
-        return json.loads(text)
-    if text.startswith("'"):
-        if not text.endswith("'") or len(text) < 2:
-            raise YamlSubsetError(f"{where}: unterminated string {text!r}")
-        return text[1:-1].replace("''", "'")
-    if text.startswith("["):
-        if not text.endswith("]"):
-            raise YamlSubsetError(f"{where}: unterminated list {text!r}")
-        return [_scalar(item, where) for item in _split_flow(text[1:-1])]
-    if text.startswith("{"):
-        if not text.endswith("}"):
-            raise YamlSubsetError(f"{where}: unterminated mapping {text!r}")
-        pairs = (item.split(": ", 1) for item in _split_flow(text[1:-1]))
-        return {key.strip(): _scalar(value.strip(), where) for key, value in pairs}
-    if text in ("null", "~", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return int(text)
-    if re.fullmatch(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", text):
-        return float(text)
-    if text in ("yes", "no", "on", "off", "Yes", "No", "On", "Off"):
-        raise YamlSubsetError(f"{where}: ambiguous scalar {text!r}: quote it")
-    return text
+def read_yaml(text: str, where: str) -> YamlFile:
+    """Read with PyYAML; a duplicate key or an ambiguous plain scalar (yes, on...) fails."""
+    key_lines: dict[tuple[Any, ...], int] = {}
 
+    def walk(node: yaml.Node, at: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                line = key.start_mark.line + 1
+                assert (*at, key.value) not in key_lines, f"{where}:{line}: duplicate key"
+                key_lines[(*at, key.value)] = line
+                walk(value, (*at, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, (*at, index))
+        elif isinstance(node, yaml.ScalarNode) and node.style is None:
+            assert node.value not in _AMBIGUOUS, (
+                f"{where}:{node.start_mark.line + 1}: quote the ambiguous {node.value!r}"
+            )
 
-class YamlDocument:
-    """Block mappings and sequences, flow [] and {} of scalars, quoted and plain scalars.
-
-    ``key_lines`` maps every mapping key's path to its line number and ``comment_lines`` holds
-    the numbers of full-line comments, so a test can ask whether a key is documented.
-    """
-
-    def __init__(self, text: str, name: str) -> None:
-        self.name = name
-        self.key_lines: dict[tuple[Any, ...], int] = {}
-        self.comment_lines: set[int] = set()
-        self._lines: list[tuple[int, str, int]] = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-                raise YamlSubsetError(f"{name}:{number}: tab in indentation")
-            stripped = raw.strip()
-            if not stripped:
-                continue
-            if stripped.startswith("#"):
-                self.comment_lines.add(number)
-                continue
-            content = _strip_comment(stripped)
-            self._lines.append((len(raw) - len(raw.lstrip(" ")), content, number))
-        self._pos = 0
-        self.data = self._block(self._lines[0][0], ()) if self._lines else None
-        if self._pos != len(self._lines):
-            _, content, number = self._lines[self._pos]
-            raise YamlSubsetError(f"{name}:{number}: unexpected {content!r}")
-
-    def _where(self, number: int) -> str:
-        return f"{self.name}:{number}"
-
-    def _block(self, indent: int, path: tuple[Any, ...]) -> Any:
-        _, content, _ = self._lines[self._pos]
-        if content == "-" or content.startswith("- "):
-            return self._sequence(indent, path)
-        return self._mapping(indent, path)
-
-    def _mapping(self, indent: int, path: tuple[Any, ...]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        while self._pos < len(self._lines):
-            line_indent, content, number = self._lines[self._pos]
-            if line_indent < indent:
-                break
-            if line_indent > indent or content.startswith("- ") or content == "-":
-                raise YamlSubsetError(f"{self._where(number)}: bad indentation")
-            match = re.fullmatch(r'("(?:[^"\\]|\\.)*"|[^\s"\'#][^:]*?)\s*:(?:\s+(.*))?', content)
-            if match is None:
-                raise YamlSubsetError(f"{self._where(number)}: not a 'key: value' line")
-            key = match.group(1)
-            key = json.loads(key) if key.startswith('"') else key
-            if key in result:
-                raise YamlSubsetError(f"{self._where(number)}: duplicate key {key!r}")
-            self.key_lines[(*path, key)] = number
-            self._pos += 1
-            rest = match.group(2)
-            if rest:
-                result[key] = _scalar(rest, self._where(number))
-                continue
-            following = self._lines[self._pos] if self._pos < len(self._lines) else None
-            if following and following[0] > indent:
-                result[key] = self._block(following[0], (*path, key))
-            elif following and following[0] == indent and following[1].startswith("- "):
-                result[key] = self._sequence(indent, (*path, key))
-            else:
-                result[key] = None
-        return result
-
-    def _sequence(self, indent: int, path: tuple[Any, ...]) -> list[Any]:
-        result: list[Any] = []
-        while self._pos < len(self._lines):
-            line_indent, content, number = self._lines[self._pos]
-            if line_indent != indent or not (content == "-" or content.startswith("- ")):
-                if line_indent > indent:
-                    raise YamlSubsetError(f"{self._where(number)}: bad indentation")
-                break
-            item = content[1:].strip()
-            item_path = (*path, len(result))
-            if not item:
-                self._pos += 1
-                result.append(self._block(self._lines[self._pos][0], item_path))
-            elif re.match(r'("[^"]*"|[^\s"\'\[{][^:]*?)\s*:(\s|$)', item):
-                # "- key: value" starts a mapping indented past the dash.
-                self._lines[self._pos] = (indent + 2, item, number)
-                result.append(self._mapping(indent + 2, item_path))
-            else:
-                self._pos += 1
-                result.append(_scalar(item, self._where(number)))
-        return result
-
-
-def load_yaml(path: Path) -> YamlDocument:
-    return YamlDocument(path.read_text(), str(path.relative_to(ROOT)))
-
-
-def test_yaml_subset_reader() -> None:
-    doc = YamlDocument(
-        "# comment\n"
-        "a: 1\n"
-        "b:\n"
-        '  c: "x # y"  # trailing\n'
-        "  d: [p, 'q''s']\n"
-        "  e: {}\n"
-        "list:\n"
-        "  - operator: Exists\n"
-        "    effect: NoSchedule\n"
-        "  - plain\n"
-        "same:\n"
-        "- 2.5\n"
-        "empty:\n",
-        "inline",
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    comments = frozenset(
+        number
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip().startswith("#")
     )
-    assert doc.data == {
-        "a": 1,
-        "b": {"c": "x # y", "d": ["p", "q's"], "e": {}},
-        "list": [{"operator": "Exists", "effect": "NoSchedule"}, "plain"],
-        "same": [2.5],
-        "empty": None,
-    }
-    assert doc.key_lines[("b", "c")] == 4 and doc.comment_lines == {1}
-    for bad in ("a: &anchor 1\n", "a: |\n  text\n", "a: yes\n", "a:\n  - [x, [y]]\n"):
-        with pytest.raises(YamlSubsetError):
-            YamlDocument(bad, "bad")
+    return YamlFile(yaml.safe_load(text), key_lines, comments)
 
 
-# --- the Helm chart ---------------------------------------------------------------------------
+def load_yaml(path: Path) -> YamlFile:
+    return read_yaml(path.read_text(), str(path.relative_to(ROOT)))
+
+
+def test_yaml_reader_refuses_what_it_could_misread() -> None:
+    for bad in ("a: 1\na: 2\n", "a:\n  b: yes\n", "a: [on]\n"):
+        with pytest.raises(AssertionError):
+            read_yaml(bad, "bad")
+    doc = read_yaml('# comment\na:\n  b: "yes"\n  c: [1, x]\n', "good")
+    assert doc.data == {"a": {"b": "yes", "c": [1, "x"]}}
+    assert doc.key_lines == {("a",): 2, ("a", "b"): 3, ("a", "c"): 4}
+    assert doc.comment_lines == {1}
+
+
+# --- the Helm chart: values, README, templates ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def values() -> YamlDocument:
+def values() -> YamlFile:
     return load_yaml(CHART / "values.yaml")
 
 
@@ -288,7 +165,7 @@ def test_chart_yaml() -> None:
     assert chart["appVersion"] == project["version"], "appVersion is the image tag by default"
 
 
-def test_every_value_used_in_templates_exists(values: YamlDocument) -> None:
+def test_every_value_used_in_templates_exists(values: YamlFile) -> None:
     missing = []
     for path in sorted(_values_references()):
         node: Any = values.data
@@ -300,7 +177,7 @@ def test_every_value_used_in_templates_exists(values: YamlDocument) -> None:
     assert not missing, f"templates use values that values.yaml does not define: {missing}"
 
 
-def test_every_value_is_documented_and_used(values: YamlDocument) -> None:
+def test_every_value_is_documented_and_used(values: YamlFile) -> None:
     documented = _documented_values()
     references = _values_references()
     assert documented, "README.md has no values table"
@@ -323,7 +200,7 @@ def test_every_value_is_documented_and_used(values: YamlDocument) -> None:
         assert line - 1 in values.comment_lines, f"values.yaml:{line}: no comment above the key"
 
 
-def test_chart_defaults(values: YamlDocument) -> None:
+def test_chart_defaults(values: YamlFile) -> None:
     data = values.data
     assert data["network"]["hostNetwork"] is True
     assert data["tolerations"] == [{"operator": "Exists"}], "every taint is tolerated"
@@ -331,46 +208,135 @@ def test_chart_defaults(values: YamlDocument) -> None:
     assert data["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert data["readinessProbe"]["httpGet"]["port"] == "registry"
     assert data["serviceMonitor"]["enabled"] is False and data["dashboard"]["enabled"] is False
+    assert data["prometheusRule"]["enabled"] is False
+    assert data["networkPolicy"]["enabled"] is False
+    assert data["configure"]["runtime"] == "containerd"
     assert data["cluster"]["bootstrap"]["mode"] == "kubernetes"
     assert "maxSurge" not in data["updateStrategy"].get("rollingUpdate", {})
 
 
+# --- the Helm chart as helm renders it --------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _helm_installed() -> None:
+    try:
+        helm.helm_binary()
+    except helm.ToolMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
+
+
+def _render(*layers: Mapping[str, Any]) -> Rendered:
+    return helm.render(chart_values(*layers))
+
+
+def _pod(rendered: Rendered) -> dict[str, Any]:
+    spec: dict[str, Any] = rendered.one("DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def _container(rendered: Rendered, name: str) -> dict[str, Any]:
+    pod = _pod(rendered)
+    (found,) = [c for c in pod["containers"] + pod.get("initContainers", []) if c["name"] == name]
+    return found
+
+
+def _env(container: Mapping[str, Any]) -> dict[str, str]:
+    """A container's environment: name -> value, or `fieldRef:PATH` for the downward API."""
+    env = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            env[entry["name"]] = "fieldRef:" + entry["valueFrom"]["fieldRef"]["fieldPath"]
+    return env
+
+
+def _kubernetes_expand(text: str, env: Mapping[str, str]) -> str:
+    """$(VAR) in args and env values, as the kubelet expands them from the container's env."""
+    return re.sub(r"\$\((\w+)\)", lambda match: env[match[1]], text)
+
+
+# What the downward API gives the pod on a sample node.
+SAMPLE_NODE = {"status.hostIP": "192.0.2.10", "spec.nodeName": "node-1"}
+
+
+def _node_env(container: Mapping[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it on the sample node."""
+    env: dict[str, str] = {}
+    for name, value in _env(container).items():
+        if value.startswith("fieldRef:"):
+            env[name] = SAMPLE_NODE[value.removeprefix("fieldRef:")]
+        else:
+            env[name] = _kubernetes_expand(value, env)
+    return env
+
+
 def test_daemonset_wiring() -> None:
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    helpers = (TEMPLATES / "_helpers.tpl").read_text()
+    rendered = _render()
+    mirror = _container(rendered, "mirror")
+    env = _env(mirror)
     # The advertised address is the node's, from the downward API.
-    assert re.search(
-        r"name: MIRROR_ADVERTISE_ADDR\n\s+valueFrom:\n\s+fieldRef:\n\s+fieldPath: status.hostIP",
-        daemonset,
-    )
-    assert "hostNetwork: {{ $hostNetwork }}" in daemonset
-    assert re.search(r"- configure\n\s+- containerd\n", daemonset)
-    assert re.search(r"preStop:\n\s+exec:\n\s+command:\n\s+- mirror\n\s+- cleanup\n", daemonset)
-    assert 'include "mirror.configureHook"' in daemonset
+    assert env["MIRROR_ADVERTISE_ADDR"] == "fieldRef:status.hostIP"
+    assert _pod(rendered)["hostNetwork"] is True
+    assert _pod(rendered)["automountServiceAccountToken"] is True  # kubernetes bootstrap
+    assert _container(rendered, "configure-containerd")["args"][:2] == ["configure", "containerd"]
+    assert mirror["lifecycle"]["preStop"]["exec"]["command"][:2] == ["mirror", "cleanup"]
+    assert mirror["lifecycle"]["postStart"]["exec"]["command"][:2] == ["/bin/sh", "-c"]
     # containerd is mounted read-only; the hosts.toml directory is the one written.
-    assert re.search(r"name: containerd-run\n\s+mountPath: .*\n\s+readOnly: true", daemonset)
-    assert re.search(r"name: containerd-content\n\s+mountPath: .*\n\s+readOnly: true", daemonset)
-    assert '"--config-path=%s" .Values.containerd.certsDir' in helpers
-    assert 'printf "kubernetes:%s/%s:%d"' in helpers and 'printf "dns:%s.%s.svc.%s:%d"' in helpers
-    rbac = (TEMPLATES / "rbac.yaml").read_text()
-    assert 'apiGroups: ["discovery.k8s.io"]' in rbac
-    assert 'resources: ["endpointslices"]' in rbac
-    assert 'verbs: ["get", "list", "watch"]' in rbac
-    service = (TEMPLATES / "service.yaml").read_text()
-    assert "clusterIP: None" in service and "protocol: UDP" in service
+    mounts = {mount["name"]: mount for mount in mirror["volumeMounts"]}
+    assert mounts["containerd-run"] == {
+        "name": "containerd-run",
+        "mountPath": "/run/containerd",
+        "readOnly": True,
+    }
+    assert mounts["containerd-content"]["readOnly"] is True
+    assert "readOnly" not in mounts["containerd-certs"]
+    assert mounts["containerd-content"]["mountPath"] == env["MIRROR_CONTAINERD_CONTENT_PATH"]
+    role = rendered.one("Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    service = rendered.one("Service")["spec"]
+    assert service["clusterIP"] == "None"
+    assert {(port["name"], port["protocol"]) for port in service["ports"]} == {
+        ("registry", "TCP"),
+        ("router", "UDP"),
+        ("metrics", "TCP"),
+    }
 
 
 def test_cluster_key_secret_is_generated_once_in_a_form_the_program_reads() -> None:
     secret = (TEMPLATES / "secret.yaml").read_text()
+    # Kept on upgrades: the Secret already in the cluster is looked up first (helm template
+    # cannot look up, so it renders a fresh key, as below).
     assert 'lookup "v1" "Secret" .Release.Namespace $name' in secret
-    assert "randAlphaNum 32 | b64enc | b64enc" in secret  # key text, then Secret data encoding
-    # randAlphaNum 32 | b64enc, as sprig computes it: the key text the mounted file holds.
-    alphabet = string.ascii_letters + string.digits
-    for _ in range(50):
-        raw = "".join(secrets.choice(alphabet) for _ in range(32))
-        text = base64.b64encode(raw.encode()).decode()
+    keys = set()
+    for _ in range(3):
+        rendered = _render()
+        data = rendered.one("Secret")["data"]
+        text = base64.b64decode(data["cluster.key"]).decode()  # the mounted file's text
         ClusterKey.from_text(text)  # raises ConfigError if not accepted
         assert len(base64.urlsafe_b64decode(text)) == 32
+        keys.add(text)
+    assert len(keys) == 3, "a fresh random key each time there is none"
+    # An explicit key is the one every node reads.
+    rendered = _render({"cluster": {"key": helm.CLUSTER_KEY}})
+    data = rendered.one("Secret")["data"]
+    assert base64.b64decode(data["cluster.key"]).decode() == helm.CLUSTER_KEY
+    # An existing Secret: none created, that one mounted with its key.
+    rendered = _render(VALUE_SETS["existing-secrets"])
+    assert not rendered.has("Secret")
+    (volume,) = [v for v in _pod(rendered)["volumes"] if v["name"] == "cluster-key"]
+    assert volume["secret"]["secretName"] == "mirror-cluster-key"
+    assert volume["secret"]["items"] == [{"key": "key", "path": "key"}]
+    assert _env(_container(rendered, "mirror"))["MIRROR_CLUSTER_KEY_FILE"] == (
+        "/etc/mirror/cluster/key"
+    )
 
 
 def _metric_names() -> set[str]:
@@ -407,6 +373,10 @@ def test_dashboard_queries_real_metrics() -> None:
         "mirror_refused_requests_total",
     ):
         assert needed in used, f"the dashboard does not show {needed}"
+    # What the chart ships is this file.
+    rendered = _render(VALUE_SETS["monitoring"])
+    (configmap,) = rendered.all("ConfigMap")
+    assert json.loads(configmap["data"]["mirror.json"]) == dashboard
 
 
 # --- mirror's own flags -----------------------------------------------------------------------
@@ -419,22 +389,14 @@ def _run_env_names() -> set[str]:
 
 def test_chart_env_vars_are_run_flags() -> None:
     names = set()
-    for text in _template_texts().values():
-        names |= set(re.findall(r"\bname: (MIRROR_[A-Z0-9_]+)", text))
+    for layer in VALUE_SETS.values():
+        rendered = _render(layer)
+        for container in _pod(rendered)["containers"] + _pod(rendered).get("initContainers", []):
+            names |= {name for name in _env(container) if name.startswith("MIRROR_")}
     assert {"MIRROR_ADVERTISE_ADDR", "MIRROR_BOOTSTRAP", "MIRROR_CLUSTER_KEY_FILE"} <= names
+    assert {"MIRROR_PREFETCH_FILE", "MIRROR_NODE_NAME", "MIRROR_REGISTRY_AUTH_FILE"} <= names
     unknown = names - _run_env_names()
     assert not unknown, f"the chart sets variables that are no `mirror run` flag: {unknown}"
-
-
-# Values the argument checks put where the chart and the jobs put a value of their own.
-SAMPLE_ARGUMENTS = {
-    "--config-path": "/etc/containerd/certs.d",
-    "--daemon-json": "/etc/docker/daemon.json",
-    "--mirror": "http://127.0.0.1:5000",
-    "--mirrored-registries": "docker.io",
-    "--upstream": "docker.io=https://registry-1.docker.io",
-    "--resolve-tags": "true",
-}
 
 
 def _parse(argv: list[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
@@ -444,68 +406,90 @@ def _parse(argv: list[str], environ: dict[str, str] | None = None) -> argparse.N
         pytest.fail(f"mirror rejects {argv}: see its error above", pytrace=False)
 
 
-def _helper(name: str) -> str:
-    helpers = (TEMPLATES / "_helpers.tpl").read_text()
-    body = helpers.split('{{- define "' + name + '" -}}', 1)[1]
-    return body.split("{{- define ", 1)[0].split("{{/*", 1)[0]
+def _hook_argv(command: list[str], env: Mapping[str, str]) -> list[str]:
+    """The argv the postStart hook's `sh -c 'exec mirror "$@" --mirror="$VAR"' NAME ARGS...`
+    runs: the arguments as given (never parsed by the shell), then the mirror URL."""
+    shell, flag, script, _name, *args = command
+    assert (shell, flag) == ("/bin/sh", "-c")
+    match = re.fullmatch(r'exec mirror "\$@" --mirror="\$(\w+)"', script)
+    assert match, f"postStart script {script!r}"
+    return [*args, f"--mirror={env[match[1]]}"]
 
 
-def _helper_flags(name: str) -> list[str]:
-    return re.findall(r'printf "(--[a-z-]+)=%[st]"', _helper(name))
+@pytest.mark.parametrize(
+    ("runtime", "layer", "mirror_url"),
+    [
+        ("containerd", {}, "http://127.0.0.1:5000"),
+        ("containerd", VALUE_SETS["host-ports"], "http://192.0.2.10:5000"),
+        ("containerd", {"configure": {"extraArgs": ["--prepend-existing"]}}, None),
+        ("containers", VALUE_SETS["cri-o"], "http://127.0.0.1:5000"),
+    ],
+)
+def test_chart_runtime_arguments_parse(
+    runtime: str, layer: dict[str, Any], mirror_url: str | None
+) -> None:
+    """The init container, postStart and preStop argument lists, as the kubelet runs them,
+    through mirror's own parser."""
+    values = {"mirror": {"mirroredRegistries": ["docker.io"], "upstreams": ["docker.io=https://m"]}}
+    rendered = _render(values, layer)
+    init = _container(rendered, f"configure-{runtime}")
+    env = _node_env(init)
+    configure = [_kubernetes_expand(arg, env) for arg in init["args"]]
+    mirror = _container(rendered, "mirror")
+    hook = _hook_argv(mirror["lifecycle"]["postStart"]["exec"]["command"], _node_env(mirror))
+    # The hook configures exactly as the init container does.
+    assert hook == configure
+    assert configure[:2] == ["configure", runtime]
+    if mirror_url:
+        assert configure[-1] == f"--mirror={mirror_url}"
+    args = _parse(configure)
+    assert (args.command, args.runtime) == ("configure", runtime)
+    cleanup = mirror["lifecycle"]["preStop"]["exec"]["command"]
+    assert cleanup[:3] == ["mirror", "cleanup", runtime]
+    cleaned = _parse(cleanup[1:])
+    if runtime == "containerd":
+        assert args.config_path == cleaned.config_path == Path("/etc/containerd/certs.d")
+        assert args.resolve_tags is True
+    else:
+        directory = Path("/etc/containers/registries.conf.d")
+        assert args.registries_dir == cleaned.registries_dir == directory
+    assert "--mirrored-registries=docker.io" in configure
+    assert "--upstream=docker.io=https://m" in configure
 
 
-def test_chart_runtime_arguments_parse() -> None:
-    """The init container, postStart and preStop argument lists, through mirror's own parser."""
-    configure = [
-        f"{flag}={SAMPLE_ARGUMENTS[flag]}" for flag in _helper_flags("mirror.configureArgs")
-    ]
-    cleanup = [f"{flag}={SAMPLE_ARGUMENTS[flag]}" for flag in _helper_flags("mirror.cleanupArgs")]
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    # The init container and the postStart hook add the mirror URL; preStop needs none.
-    assert '"--mirror=$(CONTAINERD_MIRROR_URL)"' in daemonset
-    assert '--mirror="$CONTAINERD_MIRROR_URL"' in _helper("mirror.configureHook")
-    assert "--mirror" not in _helper("mirror.cleanupArgs")
-    assert re.search(r"- mirror\n\s+- cleanup\n\s+- containerd\n", daemonset)
-    mirror = f"--mirror={SAMPLE_ARGUMENTS['--mirror']}"
-    args = _parse(["configure", "containerd", *configure, mirror, "--prepend-existing"])
-    assert args.config_path == Path("/etc/containerd/certs.d")
-    args = _parse(["cleanup", "containerd", *cleanup])
-    assert args.config_path == Path("/etc/containerd/certs.d")
+def _mirror_run_config(rendered: Rendered, tmp_path: Path) -> RunConfig:
+    """The mirror container's RunConfig from its MIRROR_* environment on the sample node,
+    with what Kubernetes gives the pod for the API."""
+    environ = {
+        name: value
+        for name, value in _node_env(_container(rendered, "mirror")).items()
+        if name.startswith("MIRROR_")
+    }
+    (tmp_path / "cluster.key").write_text(ClusterKey.generate())
+    if "MIRROR_CLUSTER_KEY_FILE" in environ:
+        environ["MIRROR_CLUSTER_KEY_FILE"] = str(tmp_path / "cluster.key")
+    args = _parse(["run"], environ)
+    (tmp_path / "token").write_text("token")
+    (tmp_path / "ca.crt").write_bytes(_self_signed_certificate())
+    pod = KubernetesEnv("10.96.0.1", "443", service_account_dir=tmp_path)
+    args.orchestrator_env = OrchestratorEnv(kubernetes=pod)
+    return run_config(args)
 
 
-def _lookup(values: YamlDocument, dotted: str) -> Any:
-    node = values.data
-    for key in dotted.split("."):
-        node = node[key]
-    return node
-
-
-def _chart_run_environment(values: YamlDocument) -> dict[str, str]:
-    """MIRROR_* the DaemonSet always sets, with the default values filled in."""
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    environ = {}
-    for name, value in re.findall(r"- name: (MIRROR_[A-Z_]+)\n\s+value: (.+)", daemonset):
-        plain = re.fullmatch(r"\{\{ \.Values\.([\w.]+) \| quote \}\}", value)
-        formatted = re.fullmatch(
-            r'\{\{ printf "([^"]*)" \(int \.Values\.([\w.]+)\) \| quote \}\}', value
-        )
-        if plain:
-            node = _lookup(values, plain.group(1))
-            environ[name] = str(node).lower() if isinstance(node, bool) else str(node)
-        elif formatted:
-            environ[name] = formatted.group(1).replace("%d", str(_lookup(values, formatted[2])))
-        elif "{{" not in value:
-            environ[name] = value
-    return environ
-
-
-def test_chart_run_environment_parses(values: YamlDocument) -> None:
-    environ = _chart_run_environment(values)
+def test_chart_run_environment_parses(values: YamlFile, tmp_path: Path) -> None:
+    rendered = _render()
+    environ = _env(_container(rendered, "mirror"))
     assert environ["MIRROR_STORE"] == "containerd" and environ["MIRROR_CACHE_SIZE"] == "20%"
-    config = run_config(_parse(["run"], environ))
+    config = _mirror_run_config(rendered, tmp_path)
     assert config.registry_addr.port == values.data["ports"]["registry"]
     assert config.routing.router_addr.port == values.data["ports"]["router"]
     assert config.metrics_addr.port == values.data["ports"]["metrics"]
+    assert str(config.routing.advertise_ip) == "192.0.2.10"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_value_set_gives_a_run_config(name: str, tmp_path: Path) -> None:
+    _mirror_run_config(_render(VALUE_SETS[name]), tmp_path)
 
 
 def _self_signed_certificate() -> bytes:
@@ -533,138 +517,33 @@ def _self_signed_certificate() -> bytes:
 
 
 def test_chart_bootstrap_specs_parse(tmp_path: Path) -> None:
-    """The --bootstrap entries the chart builds are ones mirror accepts, with the router port."""
-    formats = dict(re.findall(r'printf "((kubernetes|dns):[^"]+)"', _helper("mirror.bootstrap")))
-    formats = {kind: text for text, kind in formats.items()}
-    kubernetes = formats["kubernetes"] % ("mirror-system", "mirror", 5001)
-    dns = formats["dns"] % ("mirror", "mirror-system", "cluster.local", 5001)
-    (tmp_path / "token").write_text("token")
-    (tmp_path / "ca.crt").write_bytes(_self_signed_certificate())
-    pod = KubernetesEnv("10.96.0.1", "443", service_account_dir=tmp_path)
-    source = parse_bootstrap(kubernetes, 5001, env=OrchestratorEnv(kubernetes=pod))
-    assert str(source) == "kubernetes:mirror-system/mirror:5001"
-    assert str(parse_bootstrap(dns, 5001)) == "dns:mirror.mirror-system.svc.cluster.local:5001"
+    """The --bootstrap entries the chart gives are ones mirror accepts, with the router port."""
+    rendered = _render()
+    assert _env(_container(rendered, "mirror"))["MIRROR_BOOTSTRAP"] == (
+        "kubernetes:mirror-system/mirror:5001"
+    )
+    config = _mirror_run_config(rendered, tmp_path)
+    assert [str(source) for source in config.routing.bootstrap] == [
+        "kubernetes:mirror-system/mirror:5001"
+    ]
+    rendered = _render(VALUE_SETS["dns-bootstrap"])
+    config = _mirror_run_config(rendered, tmp_path)
+    assert [str(source) for source in config.routing.bootstrap] == [
+        "dns:mirror.mirror-system.svc.cluster.local:5001",
+        "static:10.0.0.5:5001",
+    ]
+    assert _pod(rendered)["automountServiceAccountToken"] is False  # no API access needed
+    assert str(parse_bootstrap("dns:mirror.mirror-system.svc.cluster.local:5001", 5001)) == (
+        "dns:mirror.mirror-system.svc.cluster.local:5001"
+    )
+    # No cluster: no key, no bootstrap.
+    environ = _env(_container(_render(VALUE_SETS["standalone"]), "mirror"))
+    assert "MIRROR_BOOTSTRAP" not in environ and "MIRROR_CLUSTER_KEY_FILE" not in environ
 
 
 # --- the chart's prefetch values --------------------------------------------------------------
-# What each `prefetch` value renders, read from the templates as they spell it (no helm runs
-# here): the helpers are read line by line in the few forms they use, and anything else fails
-# the test instead of being misread.
-
-
-def _helper_body(name: str) -> str:
-    """A helper's body without the `{{- end }}` that closes its define."""
-    body = _helper(name).strip()
-    assert body.endswith("{{- end }}"), name
-    return body.removesuffix("{{- end }}").strip()
-
-
-def _go_string(value: Any) -> str:
-    """A YAML scalar as sprig's toString gives it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int):
-        return str(value)
-    raise AssertionError(f"no sample value of type {type(value).__name__} here")
-
-
-def _go_json(text: str) -> str:
-    """A string as sprig's toJson writes it: Go's encoding/json keeps UTF-8 as it is (no
-    surrogate pairs, which TOML refuses) and escapes <, >, & and U+2028/9 as \\u00XX."""
-    encoded = json.dumps(text, ensure_ascii=False)
-    for char in "<>&\u2028\u2029":
-        encoded = encoded.replace(char, f"\\u{ord(char):04x}")
-    return encoded
-
-
-def _prefetch_toml(images: list[dict[str, Any]]) -> str:
-    """The prefetch file the chart renders from `prefetch.images`, its lines as the helper
-    spells them."""
-    lines = _helper_body("mirror.prefetchToml").splitlines()
-    for spelled in (
-        "{{- range $index, $image := .Values.prefetch.images }}",
-        "[[image]]",
-        'ref = {{ required (printf "prefetch.images[%d] needs a ref" $index) $image.ref'
-        " | toString | toJson }}",
-        "{{- with $image.source }}",
-        "source = {{ toString . | toJson }}",
-        "{{- with $image.nodes }}",
-        "{{- range $label, $value := . }}",
-        '{{- $pairs = append $pairs (printf "%s = %s" (toJson $label) (toString $value'
-        " | toJson)) }}",
-        'nodes = { {{ join ", " $pairs }} }',
-    ):
-        assert spelled in lines, f"mirror.prefetchToml no longer has {spelled!r}"
-    configmap = (TEMPLATES / "prefetch-configmap.yaml").read_text()
-    assert configmap.startswith("{{- if .Values.prefetch.images }}")
-    assert re.search(
-        r"\n  prefetch\.toml: \|\n"
-        r'    \{\{- include "mirror\.prefetchToml" \. \| trim \| nindent 4 \}\}',
-        configmap,
-    )
-    rendered = []
-    for image in images:
-        rendered += ["[[image]]", f"ref = {_go_json(_go_string(image['ref']))}"]
-        if image.get("source"):
-            rendered.append(f"source = {_go_json(_go_string(image['source']))}")
-        if image.get("nodes"):
-            pairs = [
-                f"{_go_json(label)} = {_go_json(_go_string(value))}"
-                for label, value in sorted(image["nodes"].items())
-            ]
-            rendered.append("nodes = { " + ", ".join(pairs) + " }")
-    return "\n".join(rendered) + "\n"
-
-
-def _prefetch_file_path() -> str:
-    assert (
-        _helper_body("mirror.prefetchFile") == '{{ include "mirror.prefetchDir" . }}/prefetch.toml'
-    )
-    return _helper_body("mirror.prefetchDir") + "/prefetch.toml"
-
-
-def _node_labels(labels: dict[str, Any]) -> str:
-    body = _helper_body("mirror.nodeLabels")
-    assert "{{- range $key, $value := .Values.prefetch.nodeLabels }}" in body
-    assert '(printf "%s=%s" $key (toString $value))' in body and '{{- join " " $labels }}' in body
-    return " ".join(f"{key}={_go_string(value)}" for key, value in sorted(labels.items()))
-
-
-def _prefetch_env(prefetch: dict[str, Any]) -> dict[str, str]:
-    """The variables `mirror.prefetchEnv` renders for these `prefetch` values: name -> value,
-    or `fieldRef:PATH` for one taken from the downward API."""
-    env: dict[str, str] = {}
-    scopes: list[tuple[bool, Any]] = []  # (it holds, what `.` is inside it)
-    name = ""
-    for line in _helper_body("mirror.prefetchEnv").splitlines():
-        text = line.strip()
-        block = re.fullmatch(r"\{\{- (?:if|with) \.Values\.prefetch\.(\w+) \}\}", text)
-        if block:
-            scopes.append((bool(prefetch[block[1]]), prefetch[block[1]]))
-        elif text == "{{- end }}":
-            scopes.pop()
-        elif text.startswith("#") or not all(holds for holds, _ in scopes):
-            continue
-        elif match := re.fullmatch(r"- name: (MIRROR_[A-Z_]+)", text):
-            name = match[1]
-        elif match := re.fullmatch(r"fieldPath: (\S+)", text):
-            env[name] = f"fieldRef:{match[1]}"
-        elif match := re.fullmatch(r"value: (.+)", text):
-            value = match[1]
-            if value == "{{ . | quote }}":
-                env[name] = _go_string(scopes[-1][1])
-            elif value == '{{ include "mirror.prefetchFile" . | quote }}':
-                env[name] = _prefetch_file_path()
-            elif value == '{{ include "mirror.nodeLabels" $ | quote }}':
-                env[name] = _node_labels(prefetch["nodeLabels"])
-            elif value.startswith('"') and "{{" not in value:
-                env[name] = json.loads(value)
-            else:
-                raise AssertionError(f"mirror.prefetchEnv: cannot read {text!r}")
-        elif text not in ("valueFrom:", "fieldRef:"):
-            raise AssertionError(f"mirror.prefetchEnv: cannot read {text!r}")
-    assert not scopes, "mirror.prefetchEnv: unbalanced if/with/end"
-    return env
+# What each `prefetch` value renders, read from helm's output: the prefetch file in its
+# ConfigMap through mirror's own pin parser, the variables through `mirror run`'s parser.
 
 
 # The defaults of values.yaml.
@@ -676,34 +555,36 @@ _PREFETCH_OFF: dict[str, Any] = {
     "interval": "",
 }
 
-PREFETCH_IMAGES: list[dict[str, Any]] = [
-    {
-        "ref": "registry.internal:5000/infra/traefik:v2.10",
-        "source": "docker.io/library/traefik:v2.10",
-    },
-    {
-        "ref": "registry.internal:5000/infra/registry:2.8",
-        "source": "",
-        "nodes": {"role": "edge", "rack": 1, "gpu": True, "node-role.kubernetes.io/edge": ""},
-    },
-    # Quoting: JSON escapes that TOML reads back, and characters beyond the BMP as they are.
-    {"ref": "busybox@sha256:" + "0" * 64, "nodes": {"site": 'zürich-"<&>"\\🚀'}},
-]
+
+def _prefetch_env(prefetch: dict[str, Any]) -> dict[str, str]:
+    """The variables these `prefetch` values add to the mirror container: name -> value, or
+    `fieldRef:PATH` for one taken from the downward API."""
+    base = _env(_container(_render(), "mirror"))
+    env = _env(_container(_render({"prefetch": prefetch}), "mirror"))
+    assert base.items() <= env.items()
+    return {name: value for name, value in env.items() if name not in base}
 
 
-def test_chart_prefetch_defaults_render_nothing(values: YamlDocument) -> None:
+def _prefetch_file(rendered: Rendered) -> str:
+    (configmap,) = [
+        doc for doc in rendered.all("ConfigMap") if doc["metadata"]["name"] == "mirror-prefetch"
+    ]
+    text: str = configmap["data"]["prefetch.toml"]
+    return text
+
+
+def test_chart_prefetch_defaults_render_nothing(values: YamlFile) -> None:
     assert values.data["prefetch"] == _PREFETCH_OFF
     assert _prefetch_env(_PREFETCH_OFF) == {}
-    # Without images: no ConfigMap, no volume, no mount (all behind the same test).
-    configmap = (TEMPLATES / "prefetch-configmap.yaml").read_text()
-    assert configmap.startswith("{{- if .Values.prefetch.images }}\n")
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    assert daemonset.count("{{- if .Values.prefetch.images }}") == 2
-    assert "subPath:" not in daemonset
+    # Without images: no ConfigMap, no volume, no mount.
+    rendered = _render()
+    assert not rendered.has("ConfigMap") and not rendered.has("ClusterRole")
+    assert "prefetch" not in {volume["name"] for volume in _pod(rendered)["volumes"]}
+    assert "subPath" not in rendered.text
 
 
 def test_chart_prefetch_file_gives_the_pins() -> None:
-    text = _prefetch_toml(PREFETCH_IMAGES)
+    text = _prefetch_file(_render({"prefetch": {"images": PREFETCH_IMAGES}}))
     document = tomllib.loads(text)
     assert [entry["ref"] for entry in document["image"]] == [i["ref"] for i in PREFETCH_IMAGES]
     pins = parse_pins(text, path="x")
@@ -725,27 +606,41 @@ def test_chart_prefetch_file_gives_the_pins() -> None:
     assert not pins[1].applies_to({"role": "edge"})
 
 
+@pytest.mark.parametrize(
+    ("prefetch", "error"),
+    [
+        ({"images": [{"source": "docker.io/library/busybox:1"}]}, "prefetch.images[0] needs a ref"),
+        ({"images": [{"ref": "busybox:1", "tag": "x"}]}, 'unknown key "tag"'),
+        ({"images": ["busybox:1"]}, "prefetch.images[0] must be a map"),
+        ({"images": [{"ref": "busybox:1", "nodes": {"role": None}}]}, "nodes.role has no value"),
+        ({"images": [{"ref": "busybox:1", "nodes": ["role"]}]}, "nodes must be a map"),
+        ({"nodeLabels": {"role": "a b"}}, "is not a KEY=VALUE label"),
+    ],
+)
+def test_chart_refuses_prefetch_values_it_would_misrender(
+    prefetch: dict[str, Any], error: str
+) -> None:
+    assert error in helm.render_error(chart_values({"prefetch": prefetch}))
+
+
 def test_chart_prefetch_file_is_mounted_as_a_directory() -> None:
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    assert re.search(
-        r'- name: prefetch\n\s+mountPath: \{\{ include "mirror\.prefetchDir" \. \}\}\n'
-        r"\s+readOnly: true",
-        daemonset,
-    )
-    assert re.search(
-        r"- name: prefetch\n\s+configMap:\n"
-        r'\s+name: \{\{ include "mirror\.prefetchConfigMap" \. \}\}',
-        daemonset,
-    )
-    configmap = (TEMPLATES / "prefetch-configmap.yaml").read_text()
-    assert 'name: {{ include "mirror.prefetchConfigMap" . }}' in configmap
+    rendered = _render({"prefetch": {"images": PREFETCH_IMAGES}})
+    mounts = {mount["name"]: mount for mount in _container(rendered, "mirror")["volumeMounts"]}
+    # The directory, not the file (no subPath): ConfigMap updates reach the pod.
+    assert mounts["prefetch"] == {
+        "name": "prefetch",
+        "mountPath": "/etc/mirror/prefetch",
+        "readOnly": True,
+    }
+    (volume,) = [v for v in _pod(rendered)["volumes"] if v["name"] == "prefetch"]
+    assert volume["configMap"] == {"name": "mirror-prefetch"}
     assert _prefetch_env({**_PREFETCH_OFF, "images": PREFETCH_IMAGES}) == {
         "MIRROR_PREFETCH_FILE": "/etc/mirror/prefetch/prefetch.toml"
     }
 
 
 @pytest.mark.parametrize(
-    ("values", "expected"),
+    ("prefetch", "expected"),
     [
         ({"namespace": "apps"}, {}),  # only read with fromWorkloads
         (
@@ -768,57 +663,33 @@ def test_chart_prefetch_file_is_mounted_as_a_directory() -> None:
     ],
 )
 def test_chart_prefetch_values_set_their_variables(
-    values: dict[str, Any], expected: dict[str, str]
+    prefetch: dict[str, Any], expected: dict[str, str]
 ) -> None:
-    assert _prefetch_env({**_PREFETCH_OFF, **values}) == expected
+    assert _prefetch_env({**_PREFETCH_OFF, **prefetch}) == expected
 
 
 def test_chart_prefetch_environment_parses(tmp_path: Path) -> None:
     """Every prefetch value at once, through mirror's own parser."""
-    env = _prefetch_env(
-        {
-            "images": PREFETCH_IMAGES,
-            "fromWorkloads": True,
-            "namespace": "apps",
-            "nodeLabels": {"site": "paris", "role": "edge"},
-            "interval": "2m",
-        }
-    )
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    assert '{{- with include "mirror.prefetchEnv" . | trim }}' in daemonset
-    environ = {key: value for key, value in env.items() if not value.startswith("fieldRef:")}
-    environ["MIRROR_NODE_NAME"] = "node-1"
-    args = _parse(["run"], environ)
-    # What Kubernetes gives the pod for the API, its address and service account, where
-    # `mirror run`'s parser keeps it.
-    (tmp_path / "token").write_text("token")
-    (tmp_path / "ca.crt").write_bytes(_self_signed_certificate())
-    pod = KubernetesEnv("10.96.0.1", "443", service_account_dir=tmp_path)
-    args.orchestrator_env = OrchestratorEnv(kubernetes=pod)
-    prefetch = run_config(args).prefetch
+    rendered = _render(VALUE_SETS["prefetch"])
+    prefetch = _mirror_run_config(rendered, tmp_path).prefetch
     assert prefetch.file == Path("/etc/mirror/prefetch/prefetch.toml")
     assert prefetch.workloads == (WorkloadSource.KUBERNETES,)
     assert prefetch.kubernetes_namespace == "apps"
     assert prefetch.node_labels == (("role", "edge"), ("site", "paris"))
     assert prefetch.recheck == 120
-    assert prefetch.node_name == "node-1"
+    assert prefetch.node_name == SAMPLE_NODE["spec.nodeName"]
 
 
 def test_chart_prefetch_rbac() -> None:
     """fromWorkloads: the ServiceAccount token is mounted and may read the workloads and nodes."""
-    daemonset = (TEMPLATES / "daemonset.yaml").read_text()
-    assert (
-        "{{- $kubernetesApi := or $kubernetesBootstrap .Values.prefetch.fromWorkloads }}"
-        in daemonset
-    )
-    assert "automountServiceAccountToken: {{ $kubernetesApi }}" in daemonset
-    rbac = (TEMPLATES / "rbac.yaml").read_text()
-    section = rbac.split("{{- if and .Values.rbac.create .Values.prefetch.fromWorkloads }}\n")[1]
-    role, binding = section.split("{{- end }}")[0].split("---\n")[1:]
-    name = '  name: {{ include "mirror.prefetchClusterRole" . }}\n'
-    assert "\nkind: ClusterRole\nmetadata:\n" + name in role
-    rules = YamlDocument("rules:" + role.split("\nrules:", 1)[1], "rbac.yaml").data["rules"]
-    assert rules == [
+    standalone = {"cluster": {"enabled": False}}
+    assert _pod(_render(standalone))["automountServiceAccountToken"] is False
+    rendered = _render(standalone, {"prefetch": {"fromWorkloads": True}})
+    assert _pod(rendered)["automountServiceAccountToken"] is True
+    role = rendered.one("ClusterRole")
+    # Cluster-scoped, so unique in the cluster: named after the release namespace too.
+    assert role["metadata"]["name"] == "mirror-system-mirror-prefetch"
+    assert role["rules"] == [
         {
             "apiGroups": ["apps"],
             "resources": ["deployments", "daemonsets", "statefulsets"],
@@ -827,18 +698,20 @@ def test_chart_prefetch_rbac() -> None:
         {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
     ]
-    assert re.search(
-        r"roleRef:\n  apiGroup: rbac\.authorization\.k8s\.io\n  kind: ClusterRole\n"
-        + re.escape(name)
-        + r"subjects:\n  - kind: ServiceAccount\n"
-        r'    name: \{\{ include "mirror\.serviceAccountName" \. \}\}\n'
-        r"    namespace: \{\{ \.Release\.Namespace \}\}\n",
-        binding,
-    )
-    # Cluster-scoped, so unique in the cluster: named after the release namespace too.
-    assert '.Release.Namespace (include "mirror.fullname" .)' in _helper(
-        "mirror.prefetchClusterRole"
-    )
+    binding = rendered.one("ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "mirror-system-mirror-prefetch",
+    }
+    account = rendered.one("ServiceAccount")["metadata"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+    assert _pod(rendered)["serviceAccountName"] == account["name"]
+    assert not _render(
+        standalone, {"prefetch": {"fromWorkloads": True}, "rbac": {"create": False}}
+    ).has("ClusterRole")
 
 
 # --- the Nomad jobs ---------------------------------------------------------------------------

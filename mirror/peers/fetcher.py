@@ -26,6 +26,7 @@ import math
 import random
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ _PROBE_TIMEOUT = 1.0
 # served by its node, which verifies what the peers send and reports a bad copy to its holder.
 _REDIRECT_RETRY_SECONDS = 300.0
 _REDIRECTS_REMEMBERED = 4096
+# Which peer served each key lately (`served_by`, for the status page): this many keys.
+_SERVERS_REMEMBERED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,21 @@ class PeerBlob:
     offset: int
     length: int
     chunks: AsyncIterator[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLoad:
+    """What this node knows of one peer it asked, read-only (the status page shows it)."""
+
+    node_id: bytes
+    address: str
+    # Its uploads now as far as this node can tell (`_Load.uploads`), from its last report.
+    uploads: int
+    # Seconds since its last X-Mirror-Uploads report; None: it never sent one.
+    reported_ago: float | None
+    throughput: float | None  # bytes/s its bodies arrived at (EWMA)
+    in_flight: int  # this node's requests to it, sent and not yet done
+    seen_ago: float | None  # seconds since its last answer to this node
 
 
 class _PeerSlowOrFailed(Exception):
@@ -145,6 +163,7 @@ class _Load:
     pending: int = 0
     bodies: weakref.WeakSet[aiohttp.ClientResponse] = field(default_factory=weakref.WeakSet)
     seen_at: float = -math.inf
+    address: str = ""  # where it was last asked (its HTTP host:port)
 
     def own(self) -> int:
         for body in [body for body in self.bodies if body.closed]:
@@ -186,7 +205,28 @@ class ProviderLoads:
             if len(self._loads) >= _FORGET_PAST:
                 self._forget(self._clock())
             load = self._loads[provider.node_id] = _Load()
+        load.address = provider.address
         return load
+
+    def snapshot(self) -> list[PeerLoad]:
+        """What is known of every provider asked lately (read-only copies)."""
+        now = self._clock()
+
+        def ago(at: float) -> float | None:
+            return None if at == -math.inf else now - at
+
+        return [
+            PeerLoad(
+                node_id,
+                load.address,
+                load.uploads(now),
+                ago(load.reported_at),
+                load.throughput,
+                load.own(),
+                ago(load.seen_at),
+            )
+            for node_id, load in self._loads.items()
+        ]
 
     def order(self, providers: list[Provider]) -> list[Provider]:
         """Busy ones last; otherwise the best expected rate first, equals at random."""
@@ -291,6 +331,8 @@ class PeerFetcher:
         self._reports: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._loads = ProviderLoads(clock)
+        # Key (digest or tag text) -> the address of the peer whose answer was taken last.
+        self._servers: OrderedDict[str, str] = OrderedDict()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
@@ -306,6 +348,21 @@ class PeerFetcher:
         """Until the reports started so far have been answered or given up (tests, shutdown)."""
         while self._reports:
             await asyncio.gather(*self._reports, return_exceptions=True)
+
+    def peer_loads(self) -> list[PeerLoad]:
+        """The peers this node asked lately and their load as it knows it: introspection."""
+        return self._loads.snapshot()
+
+    def served_by(self, key: str) -> str | None:
+        """The address of the peer whose answer for `key` (a digest or a tag) was taken last."""
+        return self._servers.get(key)
+
+    def _served(self, provider: Provider, *keys: str) -> None:
+        for key in keys:
+            self._servers[key] = provider.address
+            self._servers.move_to_end(key)
+        while len(self._servers) > _SERVERS_REMEMBERED:
+            self._servers.popitem(last=False)
 
     async def providers(
         self, key_text: str, exclude: AbstractSet[bytes] = frozenset()
@@ -344,6 +401,7 @@ class PeerFetcher:
                 if claimed and claimed != actual:
                     self._report_claimed(provider, claimed)
                 continue
+            self._served(provider, key_text, actual)
             return PeerManifest(body, media_type, actual)
         return None
 
@@ -493,6 +551,7 @@ class PeerFetcher:
             response.release()
             return PeerBlob(size, offset, length, None)
         log.info("streaming %s from %s", digest, provider.address)
+        self._served(provider, str(digest))
         chunks = self._stream(digest, path, provider, response, candidates, size, offset, length)
         return PeerBlob(size, offset, length, chunks)
 

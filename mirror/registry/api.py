@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
@@ -52,6 +53,9 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 _KIND_KEY = web.RequestKey("kind", str)
 _SOURCE_KEY = web.RequestKey("source", str)
 _CALLER_KEY = web.RequestKey("caller", Caller)
+_TARGET_KEY = web.RequestKey("target", Target)
+# Requests told to a `PullObserver`: what a pull is made of.
+_PULL_KINDS = frozenset({Kind.MANIFEST.value, Kind.BLOB.value})
 # Callers another node sent here: served from this node only, counted as uploads.
 _FROM_OTHER_NODES = frozenset({Caller.PEER, Caller.REDIRECTED})
 # A refused peer prefers other holders this long (Retry-After): about the time a blob upload
@@ -66,6 +70,29 @@ class RouteProvider(Protocol):
     webhooks), each in a module of its own that adds its routes to the app."""
 
     def add_routes(self, app: web.Application) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedPull:
+    """One manifest or blob request as the front answered it (the status page's recent pulls)."""
+
+    at: float  # wall-clock time it was answered
+    method: str
+    kind: str  # manifest or blob
+    ref: str | None  # registry/repository:tag or registry/repository@digest; None: unparsable
+    digest: str | None  # Docker-Content-Digest of the answer
+    source: str  # local, peer, upstream, or none (not answered with content)
+    status: int
+    body_bytes: int
+    seconds: float
+    caller: str | None  # runtime, peer, redirected; None: refused before it was known
+    client: str | None  # the caller's address
+
+
+class PullObserver(Protocol):
+    """Told of every manifest and blob request once it is answered (`RegistryApi(pulls=)`)."""
+
+    def observe(self, pull: ObservedPull) -> None: ...
 
 
 class UploadSlots:
@@ -112,8 +139,10 @@ class RegistryApi:
         reports: CorruptionReports | None = None,
         max_uploads: int = DEFAULT_MAX_UPLOADS,
         extensions: Sequence[RouteProvider] = (),
+        pulls: PullObserver | None = None,
     ) -> None:
         self._metrics = metrics
+        self._pulls = pulls
         self._extensions = tuple(extensions)
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
@@ -156,14 +185,17 @@ class RegistryApi:
         kind = request.get(_KIND_KEY)
         if kind is not None:
             sent = 0 if request.method == "HEAD" else response.content_length or 0
+            seconds = time.perf_counter() - started
             self._metrics.observe(
                 method=request.method,
                 kind=kind,
                 status=response.status,
                 source=request.get(_SOURCE_KEY, SOURCE_NONE),
-                seconds=time.perf_counter() - started,
+                seconds=seconds,
                 body_bytes=sent if response.status < 300 else 0,
             )
+            if self._pulls is not None and kind in _PULL_KINDS:
+                self._pulls.observe(_pull(request, response, kind, sent, seconds))
         return response
 
     async def _base(self, request: web.Request) -> web.Response:
@@ -212,6 +244,7 @@ class RegistryApi:
         request[_CALLER_KEY] = caller
         target = parse_target(request.match_info["path"], request.query.get("ns"))
         request[_KIND_KEY] = target.kind.value
+        request[_TARGET_KEY] = target
         if request.method not in _READ_METHODS:
             raise Unsupported(f"{request.method} is not supported: this mirror only serves pulls")
         if target.kind is not Kind.BLOB and caller is Caller.REDIRECTED:
@@ -308,6 +341,30 @@ class RegistryApi:
         self._metrics.peer_redirects.labels("sent").inc()
         headers = {**API_VERSION_HEADER, "Location": url, "Docker-Content-Digest": digest}
         return web.Response(status=307, headers=headers)
+
+
+def _pull(
+    request: web.Request, response: web.StreamResponse, kind: str, sent: int, seconds: float
+) -> ObservedPull:
+    target = request.get(_TARGET_KEY)
+    ref = None
+    if target is not None:
+        reference = f":{target.tag.tag}" if target.tag else f"@{target.digest}"
+        ref = f"{target.registry}/{target.repository}{reference}"
+    caller = request.get(_CALLER_KEY)
+    return ObservedPull(
+        at=time.time(),
+        method=request.method,
+        kind=kind,
+        ref=ref,
+        digest=response.headers.get("Docker-Content-Digest"),
+        source=request.get(_SOURCE_KEY, SOURCE_NONE),
+        status=response.status,
+        body_bytes=sent if response.status < 300 else 0,
+        seconds=seconds,
+        caller=caller.value if caller is not None else None,
+        client=request.remote,
+    )
 
 
 def _tag_page(request: web.Request) -> TagPage:

@@ -45,7 +45,7 @@ from mirror.routing.providers import ClaimStore, ProviderStore
 from mirror.routing.router import Provider
 from mirror.routing.rpc import Address, RpcEndpoint
 from mirror.routing.settings import DhtSettings
-from mirror.routing.table import ContactTable
+from mirror.routing.table import Contact, ContactTable
 
 # Provider, dht_key and stable_node_id are re-exported: callers name them from here.
 
@@ -167,6 +167,10 @@ class DhtNode:
 
     def contact_count(self) -> int:
         return self._table.contact_count()
+
+    def contacts(self) -> list[Contact]:
+        """This node's contacts, last seen and round trip: introspection (the status page)."""
+        return self._table.peers()
 
     def local_providers(self, key: str) -> list[Provider]:
         """Live records this node itself stores for `key` (its own included): introspection."""

@@ -23,6 +23,7 @@ import heapq
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 from kademlia.node import Node
 from kademlia.routing import RoutingTable
@@ -43,6 +44,19 @@ EVICT_AFTER_FAILURES = 3
 # A bucket nobody looked into for this long is "lonely" (kademlia's section 2.3).
 _LONELY_AFTER = 3600.0
 _ID_SPACE = 1 << (8 * ID_BYTES)
+# Last-seen times are pruned to the table's members when they are kept for more nodes than this.
+_SEEN_KEPT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """One contact as the status page shows it: read-only, a copy of what the table knows."""
+
+    node_id: bytes
+    host: str
+    port: int  # its DHT (UDP) port
+    last_seen: float | None  # wall-clock time of its last request or answer to this node
+    round_trip: float | None  # seconds its answers take (EWMA), None until one was timed
 
 
 class _HeadPinger:
@@ -78,6 +92,8 @@ class ContactTable:
         self._failures: dict[bytes, int] = {}
         # Stored key -> XOR distance of its k-th closest contact (see `_records_for`).
         self._kth_distance: dict[bytes, int] = {}
+        # Node id -> wall-clock time it last sent a request or an answer (`peers`).
+        self._seen: dict[bytes, float] = {}
 
     def contact_count(self) -> int:
         return sum(len(bucket) for bucket in self.routing.buckets)
@@ -89,6 +105,19 @@ class ContactTable:
     def contacts(self) -> list[Node]:
         """Every contact in the table (not the replacement lists): whom a broadcast goes to."""
         return [node for bucket in self.routing.buckets for node in bucket.nodes.values()]
+
+    def peers(self) -> list[Contact]:
+        """Every contact with when it was last heard from and its round trip (read-only)."""
+        return [
+            Contact(
+                node.id,
+                node.ip,
+                node.port,
+                self._seen.get(node.id),
+                self._client.round_trips.get(node.id),
+            )
+            for node in self.contacts()
+        ]
 
     def neighbours(self, key: bytes, limit: int, source: Node) -> list[Node]:
         """The contacts closest to `key` to tell `source` of (never `source` itself)."""
@@ -133,6 +162,7 @@ class ContactTable:
         if node.id == self._own or node.ip is None:
             return  # static bootstrap lists usually name this node itself
         self._failures.pop(node.id, None)
+        self._note_seen(node.id)
         bucket = self.routing.buckets[self.routing.get_bucket_for(node)]
         if node.id in bucket.replacement_nodes:
             # kademlia treats these as new every time: each message from one would re-send
@@ -144,6 +174,12 @@ class ContactTable:
                 self._hand_off(node, records)
         self.routing.add_contact(node)  # also moves a known contact to the recent end
         self._contacts_changed()
+
+    def _note_seen(self, node_id: bytes) -> None:
+        self._seen[node_id] = time.time()
+        if len(self._seen) > _SEEN_KEPT:
+            members = {node.id for node in self.contacts()}
+            self._seen = {key: at for key, at in self._seen.items() if key in members}
 
     def _records_for(self, node: Node) -> list[HandOffRecord]:
         """Records whose key `node` is closer to than the furthest of our k closest contacts.

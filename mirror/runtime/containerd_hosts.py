@@ -50,9 +50,23 @@ class ContainerdHostsConfig:
     resolve_tags: bool = True
     # Keep an existing file's [host] entries (after ours) and its server settings.
     prepend_existing: bool = False
+    # Registries whose server is tried over HTTPS without verification, then plain HTTP (what
+    # dockerd's insecure-registries means): each gets a file of its own saying so.
+    insecure: tuple[str, ...] = ()
+    # The comment at the top of every file: which command wrote it and which undoes it.
+    header: str = HEADER
 
 
 def configure(config: ContainerdHostsConfig) -> list[str]:
+    """Write every registry's `hosts.toml` for containerd; returns what was done, one line each."""
+    return [
+        *write_hosts(config),
+        "containerd reads hosts.toml at every pull: no restart needed (its CRI plugin needs "
+        f'config_path = "{config.config_path.absolute()}" in its registry section)',
+    ]
+
+
+def write_hosts(config: ContainerdHostsConfig) -> list[str]:
     """Write every registry's `hosts.toml`; returns what was done, one line each.
 
     Every original is read and checked before the first write, so a malformed file stops the
@@ -73,10 +87,6 @@ def configure(config: ContainerdHostsConfig) -> list[str]:
         note = f" (original kept as {kept.name})" if kept.exists() else ""
         messages.append(f"wrote {path}{note}")
     _keep_records(leftover, list(plan))
-    messages.append(
-        "containerd reads hosts.toml at every pull: no restart needed (its CRI plugin needs "
-        f'config_path = "{config.config_path}" in its registry section)'
-    )
     return messages
 
 
@@ -108,10 +118,13 @@ def render(
     server: str | None,
     resolve_tags: bool,
     existing: Mapping[str, Any] | None = None,
+    skip_verify: bool = False,
+    header: str = HEADER,
 ) -> bytes:
     """One `hosts.toml`: our mirrors, then `existing`'s hosts and server settings if given.
 
-    `server` is only used when `existing` names none: prepending keeps the operator's upstream.
+    `server` (and `skip_verify`, for an insecure registry) is only used when `existing` names
+    none: prepending keeps the operator's upstream.
     """
     capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
     hosts: dict[str, Any] = {}
@@ -122,9 +135,11 @@ def render(
     for url, settings in (existing or {}).get("host", {}).items():
         if not any(same_endpoint(url, known) for known in hosts):
             hosts[url] = settings
+    if skip_verify and "skip_verify" not in root and "server" not in root:
+        root = {"skip_verify": True, **root}
     if server is not None and "server" not in root:
         root = {"server": server, **root}
-    return tomlwrite.dumps({**root, "host": hosts}, header=HEADER).encode()
+    return tomlwrite.dumps({**root, "host": hosts}, header=header).encode()
 
 
 def parse_hosts_toml(path: Path, content: bytes) -> dict[str, Any]:
@@ -142,18 +157,28 @@ def parse_hosts_toml(path: Path, content: bytes) -> dict[str, Any]:
 def _plan(config: ContainerdHostsConfig) -> dict[Path, bytes]:
     """Target file -> the bytes it must hold, derived from each file's original."""
     upstreams = UpstreamMap(dict(config.upstream))
+    overridden = {registry.lower() for registry, _ in config.upstream}
+    insecure = {registry.lower() for registry in config.insecure}
     plan: dict[Path, bytes] = {}
     for directory, registry in _targets(config):
         path = config.config_path / directory / HOSTS_FILE
         original = files.original(path)
         server = upstreams.base_url(registry) if registry is not None else None
+        if registry in insecure and registry not in overridden:
+            # http:// with TLS settings: containerd tries HTTPS first, then falls back to HTTP.
+            server = f"http://{registry}"
         if original.content is not None:
             existing = parse_hosts_toml(path, original.content)
             kept = existing if config.prepend_existing else None
         else:
             kept = _certificate_settings(path.parent) or None
         plan[path] = render(
-            mirrors=config.mirrors, server=server, resolve_tags=config.resolve_tags, existing=kept
+            mirrors=config.mirrors,
+            server=server,
+            resolve_tags=config.resolve_tags,
+            existing=kept,
+            skip_verify=registry in insecure,
+            header=config.header,
         )
     return plan
 
@@ -163,7 +188,8 @@ def _targets(config: ContainerdHostsConfig) -> list[tuple[str, str | None]]:
 
     With every registry mirrored, `_default` catches the registries with no directory of their
     own, but containerd never reaches it for one that has a directory: those are written too,
-    as are the registries named in --upstream (their `server` must be the override).
+    as are the registries named in --upstream (their `server` must be the override) and the
+    insecure ones (their `server` must say so).
     """
     found: dict[str, str | None] = {}
     if config.registries is not None:
@@ -171,7 +197,8 @@ def _targets(config: ContainerdHostsConfig) -> list[tuple[str, str | None]]:
             found.setdefault(_directory_for(config.config_path, registry.lower()), registry.lower())
         return list(found.items())
     found[DEFAULT_NAMESPACE] = None
-    for registry, _ in config.upstream:
+    named = [*(registry for registry, _ in config.upstream), *config.insecure]
+    for registry in (name.lower() for name in named):
         found.setdefault(_directory_for(config.config_path, registry), registry)
     for directory, registry in _existing_registries(config.config_path):
         found.setdefault(directory, registry)

@@ -15,14 +15,19 @@ blobs.
   (S3, a CDN) a blob is redirected to.
 - "Not there" (`404`) is `None`; "could not answer" (unreachable, timeout, `5xx`, refused auth,
   wrong bytes) is `UpstreamError`, so callers never cache an outage as a miss.
+- Each registry's health is kept (`health()`, for the status page): when it last answered, and
+  when it last could not, with the error (no answer, a `5xx`, refused authentication, a body
+  that broke off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -52,7 +57,7 @@ from mirror.upstream.auth import Authenticator
 from mirror.upstream.credentials import Credentials
 from mirror.upstream.registries import UpstreamMap
 
-__all__ = ["Manifest", "ManifestRef", "UpstreamBlob", "UpstreamClient"]
+__all__ = ["Manifest", "ManifestRef", "RegistryHealth", "UpstreamBlob", "UpstreamClient"]
 
 _CHUNK = 1024 * 1024
 _MAX_REDIRECTS = 5
@@ -66,6 +71,17 @@ MAX_TAG_PAGES = 100
 MAX_TAGS = 100_000
 _MAX_TAG_PAGE_BYTES = 8 * 1024 * 1024
 _USER_AGENT = "mirror/0.1 (+cluster-local OCI registry mirror)"
+# Health is kept for this many registries, those not heard of for longest dropped first.
+_HEALTH_KEPT = 256
+
+
+@dataclass(slots=True)
+class RegistryHealth:
+    """How one upstream registry has been answering (wall-clock times; None: not yet)."""
+
+    last_success: float | None = None
+    last_error: float | None = None
+    error: str | None = None  # the last error's message
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,7 @@ class UpstreamBlob:
         size: int,
         offset: int,
         length: int,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.status = status
         self.size = size
@@ -107,6 +124,7 @@ class UpstreamBlob:
         self.length = length
         self._response = response
         self._metrics = metrics
+        self._on_error = on_error
         self._started = False
         self._result: str | None = None
 
@@ -129,16 +147,22 @@ class UpstreamBlob:
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._record("error")
-            raise UpstreamError(
+            message = (
                 f"blob stream from {self._response.url.origin()} broke after {received} "
                 f"of {self.length} bytes: {_describe(exc)}"
-            ) from None
+            )
+            if self._on_error is not None:
+                self._on_error(message)
+            raise UpstreamError(message) from None
         if received != self.length:
             self._record("error")
-            raise UpstreamError(
+            message = (
                 f"blob stream from {self._response.url.origin()} ended after {received} "
                 f"of {self.length} bytes"
             )
+            if self._on_error is not None:
+                self._on_error(message)
+            raise UpstreamError(message)
         self._record("ok")
 
     async def close(self) -> None:
@@ -186,6 +210,32 @@ class UpstreamClient:
         self._response_timeout = response_timeout
         self._session: aiohttp.ClientSession | None = None
         self._auth: Authenticator | None = None
+        self._health: dict[str, RegistryHealth] = {}
+
+    def health(self) -> dict[str, RegistryHealth]:
+        """Each registry asked so far: when it last answered, and last failed (copies)."""
+        return {
+            registry: RegistryHealth(entry.last_success, entry.last_error, entry.error)
+            for registry, entry in sorted(self._health.items())
+        }
+
+    def _health_of(self, registry: str) -> RegistryHealth:
+        entry = self._health.pop(registry, None) or RegistryHealth()
+        self._health[registry] = entry  # the most recently heard of last
+        while len(self._health) > _HEALTH_KEPT:
+            del self._health[next(iter(self._health))]
+        return entry
+
+    def _answered(self, registry: str, status: int) -> None:
+        # A 404 is an answer; refused access, a rate limit or a server error are not.
+        if status >= 500 or status in (401, 403, 429):
+            self._failed(registry, f"answered {status}")
+        else:
+            self._health_of(registry).last_success = time.time()
+
+    def _failed(self, registry: str, error: str) -> None:
+        entry = self._health_of(registry)
+        entry.last_error, entry.error = time.time(), error
 
     async def start(self) -> None:
         # trust_env stays off: it would also pick up ~/.netrc and send those credentials around.
@@ -428,9 +478,16 @@ class UpstreamClient:
         length = response.content_length
         if length is None:
             raise UpstreamError(f"{where}: blob response without Content-Length")
+        on_error = functools.partial(self._failed, registry)
         if status == 200:
             return UpstreamBlob(
-                response, self._metrics, status=200, size=length, offset=0, length=length
+                response,
+                self._metrics,
+                status=200,
+                size=length,
+                offset=0,
+                length=length,
+                on_error=on_error,
             )
         parsed = parse_content_range(response.headers.get("Content-Range"))
         if parsed is None:
@@ -439,7 +496,13 @@ class UpstreamClient:
         if byte_range.length != length:
             raise UpstreamError(f"{where}: inconsistent Content-Range and Content-Length")
         return UpstreamBlob(
-            response, self._metrics, status=206, size=size, offset=byte_range.offset, length=length
+            response,
+            self._metrics,
+            status=206,
+            size=size,
+            offset=byte_range.offset,
+            length=length,
+            on_error=on_error,
         )
 
     # -- requests --------------------------------------------------------------------------
@@ -475,11 +538,18 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not called")
         try:
             async with asyncio.timeout(self._response_timeout):
-                return await self._open_within(method, registry, repository, path, url, headers)
+                response = await self._open_within(method, registry, repository, path, url, headers)
         except TimeoutError:
-            raise UpstreamError(
+            error = UpstreamError(
                 f"{method} {_redact(url)}: no response within {self._response_timeout:g}s"
-            ) from None
+            )
+            self._failed(registry, str(error))
+            raise error from None
+        except UpstreamError as exc:
+            self._failed(registry, str(exc))
+            raise
+        self._answered(registry, response.status)
+        return response
 
     async def _open_within(
         self,

@@ -13,6 +13,7 @@ Those warnings, and only for those kinds, are accepted; every other document mus
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -149,7 +150,9 @@ class ChartError(AssertionError):
     """helm refused the chart, or a rendered manifest failed validation."""
 
 
+@functools.cache
 def helm_binary() -> Path:
+    """The helm the tests run, checked once: installed, and the version setup-env pins."""
     if not HELM.is_file():
         raise ToolMissing(f"helm is not installed at {HELM}: {_SETUP}")
     version = _run([str(HELM), "version", "--template", "{{.Version}}"]).stdout.strip()

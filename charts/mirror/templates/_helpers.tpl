@@ -82,8 +82,62 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- join " " $entries }}
 {{- end }}
 
-{{/* The URL containerd is given for the mirror; may hold $(HOST_IP), which Kubernetes expands
-in env values and args (CONTAINERD_MIRROR_URL in the containers). */}}
+{{/* The runtime the init container and the hooks configure (configure.runtime): containerd
+(hosts.toml files) or containers (a registries.conf.d drop-in for CRI-O, Podman, Buildah,
+skopeo). Anything else fails the render. */}}
+{{- define "mirror.runtime" -}}
+{{- $runtime := .Values.configure.runtime }}
+{{- if not (has $runtime (list "containerd" "containers")) }}
+{{- fail (printf "configure.runtime must be containerd or containers, not %q" $runtime) }}
+{{- end }}
+{{- $runtime }}
+{{- end }}
+
+{{/* The node directory that runtime reads its mirror configuration from: mounted read-write at
+the same path into the init container and, with cleanup.onStop, the mirror container. */}}
+{{- define "mirror.runtimeConfigDir" -}}
+{{- if eq (include "mirror.runtime" .) "containers" }}
+{{- .Values.containers.registriesDir }}
+{{- else }}
+{{- .Values.containerd.certsDir }}
+{{- end }}
+{{- end }}
+
+{{/* The name of that volume. */}}
+{{- define "mirror.runtimeConfigVolume" -}}
+{{- if eq (include "mirror.runtime" .) "containers" }}containers-registries{{ else }}containerd-certs{{ end }}
+{{- end }}
+
+{{/* The mounts of the containers that run `mirror configure|cleanup`. containers: the drop-in
+directory read-write, and its parent (/etc/containers) read-only under it, for registries.conf:
+configure carries over what that file says about each registry it names (blocked, insecure,
+other mirrors), and would otherwise not see it. */}}
+{{- define "mirror.runtimeConfigMounts" -}}
+{{- if eq (include "mirror.runtime" .) "containers" -}}
+- name: containers-config
+  mountPath: {{ dir .Values.containers.registriesDir }}
+  readOnly: true
+{{ end -}}
+- name: {{ include "mirror.runtimeConfigVolume" . }}
+  mountPath: {{ include "mirror.runtimeConfigDir" . }}
+{{- end }}
+
+{{/* The volumes of those mounts: host directories, made when missing. */}}
+{{- define "mirror.runtimeConfigVolumes" -}}
+{{- if eq (include "mirror.runtime" .) "containers" -}}
+- name: containers-config
+  hostPath:
+    path: {{ dir .Values.containers.registriesDir }}
+    type: DirectoryOrCreate
+{{ end -}}
+- name: {{ include "mirror.runtimeConfigVolume" . }}
+  hostPath:
+    path: {{ include "mirror.runtimeConfigDir" . }}
+    type: DirectoryOrCreate
+{{- end }}
+
+{{/* The URL the runtime is given for the mirror; may hold $(HOST_IP), which Kubernetes expands
+in env values and args (RUNTIME_MIRROR_URL in the containers). */}}
 {{- define "mirror.mirrorUrl" -}}
 {{- if .Values.configure.mirrorUrl }}
 {{- .Values.configure.mirrorUrl }}
@@ -100,15 +154,20 @@ in env values and args (CONTAINERD_MIRROR_URL in the containers). */}}
   valueFrom:
     fieldRef:
       fieldPath: status.hostIP
-- name: CONTAINERD_MIRROR_URL
+- name: RUNTIME_MIRROR_URL
   value: {{ include "mirror.mirrorUrl" . | quote }}
 {{- end }}
 
-{{/* Arguments of `mirror configure containerd` after the subcommand, without --mirror.
---resolve-tags is always given: the mirror container's MIRROR_RESOLVE_TAGS (a `mirror run` flag
-with another meaning) would otherwise become its default in the postStart hook. */}}
+{{/* Arguments of `mirror configure RUNTIME` after the subcommand, without --mirror: the
+runtime's directory, then the same for both runtimes. --resolve-tags is always given: the mirror
+container's MIRROR_RESOLVE_TAGS (a `mirror run` flag with another meaning) would otherwise become
+its default in the postStart hook. */}}
 {{- define "mirror.configureArgs" -}}
+{{- if eq (include "mirror.runtime" .) "containers" -}}
+- {{ printf "--registries-dir=%s" .Values.containers.registriesDir | quote }}
+{{- else -}}
 - {{ printf "--config-path=%s" .Values.containerd.certsDir | quote }}
+{{- end }}
 - {{ printf "--resolve-tags=%t" .Values.configure.resolveTags | quote }}
 {{- range .Values.mirror.mirroredRegistries }}
 - {{ printf "--mirrored-registries=%s" . | quote }}
@@ -121,25 +180,30 @@ with another meaning) would otherwise become its default in the postStart hook. 
 {{- end }}
 {{- end }}
 
-{{/* Arguments of `mirror cleanup containerd` after the subcommand: it restores the originals
-that configure recorded under --config-path, so it needs nothing else. */}}
+{{/* Arguments of `mirror cleanup RUNTIME` after the subcommand: it removes what configure wrote
+(containerd: restores the originals it recorded under --config-path), so it needs only the
+directory. */}}
 {{- define "mirror.cleanupArgs" -}}
+{{- if eq (include "mirror.runtime" .) "containers" -}}
+- {{ printf "--registries-dir=%s" .Values.containers.registriesDir | quote }}
+{{- else -}}
 - {{ printf "--config-path=%s" .Values.containerd.certsDir | quote }}
+{{- end }}
 {{- range .Values.cleanup.extraArgs }}
 - {{ . | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The postStart hook: `mirror configure containerd ARGS --mirror=$CONTAINERD_MIRROR_URL`.
-Hooks get no $(VAR) expansion from Kubernetes, so a shell adds the URL; the other arguments are
-passed as positional parameters and never parsed by the shell. */}}
+{{/* The postStart hook: `mirror configure RUNTIME ARGS --mirror=$RUNTIME_MIRROR_URL`. Hooks get
+no $(VAR) expansion from Kubernetes, so a shell adds the URL; the other arguments are passed as
+positional parameters and never parsed by the shell. */}}
 {{- define "mirror.configureHook" -}}
 - /bin/sh
 - -c
-- 'exec mirror "$@" --mirror="$CONTAINERD_MIRROR_URL"'
+- 'exec mirror "$@" --mirror="$RUNTIME_MIRROR_URL"'
 - mirror-configure
 - configure
-- containerd
+- {{ include "mirror.runtime" . }}
 {{ include "mirror.configureArgs" . }}
 {{- end }}
 
