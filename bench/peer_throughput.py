@@ -140,6 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "redirect (B answers 307 to a signed URL at A; curl follows it with -L) "
         "(default: share)",
     )
+    parser.add_argument(
+        "--b-arg",
+        action="append",
+        default=[],
+        help="one more flag for node B, e.g. --b-arg=--peer-ranges=4 (repeatable)",
+    )
     add_target_arguments(parser, ratio="peer/local", target=0.8)
     add_tool_arguments(parser, python_runs="the mirror nodes")
     args = parse_run_arguments(parser, argv)
@@ -302,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
 
         node_a = start_node(args.python, work, "A", HOST_A, key_file, routers)
         processes.callback(node_a.child.stop)
-        transfer = (f"--peer-transfer={args.peer_transfer}",)
+        transfer = (f"--peer-transfer={args.peer_transfer}", *args.b_arg)
         node_b = start_node(args.python, work, "B", HOST_B, key_file, routers, transfer)
         processes.callback(node_b.child.stop)
         nodes = (node_a, node_b)

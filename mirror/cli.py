@@ -25,6 +25,7 @@ from mirror import __version__
 from mirror.config import (
     DEFAULT_DOCKER_HOST,
     DEFAULT_MAX_UPLOADS,
+    DEFAULT_PEER_RANGES,
     ContainerdConfig,
     HttpLimits,
     LogLevel,
@@ -44,6 +45,8 @@ from mirror.config import (
     parse_ip,
     parse_mib_per_second,
     parse_node_name,
+    parse_peer_range_size,
+    parse_peer_ranges,
     parse_upload_cap,
 )
 from mirror.errors import ConfigError, MirrorError
@@ -354,6 +357,22 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="blob bodies this node sends to peers at once; past it a peer's request gets a "
         "429 at once and goes to another holder (the node's own runtime is never refused, and "
         "a peer whose every holder is busy is served anyway); 0: no bound",
+    )
+    flag(
+        "--peer-ranges",
+        default=str(DEFAULT_PEER_RANGES),
+        type=_typed(parse_peer_ranges, "count"),
+        help="pieces of a whole blob fetched from peers at once: a blob longer than one piece "
+        "comes in ranges from several providers in parallel (each piece from the least loaded "
+        "when it starts, a node still fetching the blob included), handed on in order and "
+        "verified over the whole blob; 1: one stream, from one provider at a time",
+    )
+    flag(
+        "--peer-range-size",
+        default="8MiB",
+        type=_typed(parse_peer_range_size, "size"),
+        help="bytes of each piece with --peer-ranges above 1 (64KiB to 1GiB); at most "
+        "--peer-ranges pieces are held in memory per blob",
     )
     flag(
         "--peer-transfer",
@@ -843,6 +862,8 @@ def routing_config(args: argparse.Namespace) -> RoutingConfig:
         allow_clients=tuple(_listed(args, "--allow-client")),
         peer_transfer=args.peer_transfer,
         max_uploads=args.max_uploads,
+        peer_ranges=args.peer_ranges,
+        peer_range_size=args.peer_range_size,
     )
 
 

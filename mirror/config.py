@@ -196,6 +196,33 @@ def parse_upload_cap(text: str) -> int:
     return int(cleaned)
 
 
+# --peer-ranges and --peer-range-size (peers/ranged.py): pieces of a whole blob fetched from
+# peers at once (1: one stream), and the size of each piece. One stream by default: in a rollout
+# whose nodes all start at once, pieces asked of nodes still downloading wait on each other
+# (docs/benchmarks.md, "Parallel ranges"); pieces suit a late fetch from complete holders.
+DEFAULT_PEER_RANGES = 1
+DEFAULT_PEER_RANGE_SIZE = 8 * 1024 * 1024
+_MAX_PEER_RANGES = 64
+_MIN_PEER_RANGE_SIZE = 64 * 1024
+_MAX_PEER_RANGE_SIZE = 1024**3
+
+
+def parse_peer_ranges(text: str) -> int:
+    """Pieces of one blob fetched from peers at once, 1 to 64 (1: one stream)."""
+    cleaned = text.strip()
+    if not (cleaned.isascii() and cleaned.isdigit()) or not 1 <= int(cleaned) <= _MAX_PEER_RANGES:
+        raise ConfigError(f"{text!r} is not a number of pieces from 1 to {_MAX_PEER_RANGES}")
+    return int(cleaned)
+
+
+def parse_peer_range_size(text: str) -> int:
+    """The bytes of one piece: `8MiB`, `512KiB`, plain bytes; 64 KiB to 1 GiB."""
+    parsed = parse_cache_size(text) if not text.strip().endswith("%") else CacheSize()
+    if parsed.bytes is None or not _MIN_PEER_RANGE_SIZE <= parsed.bytes <= _MAX_PEER_RANGE_SIZE:
+        raise ConfigError(f"{text!r} is not a piece size from 64KiB to 1GiB such as 8MiB")
+    return parsed.bytes
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerdConfig:
     socket: Path
@@ -227,6 +254,10 @@ class RoutingConfig:
     # Blob bodies sent to peers at once; past it a peer's request is refused with a 429 and
     # goes to another holder (a last-resort request is served anyway). 0: no bound.
     max_uploads: int = DEFAULT_MAX_UPLOADS
+    # A whole blob from peers in this many pieces at once, each of `peer_range_size` bytes,
+    # from several providers (peers/ranged.py); 1: one stream from one provider at a time.
+    peer_ranges: int = DEFAULT_PEER_RANGES
+    peer_range_size: int = DEFAULT_PEER_RANGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)

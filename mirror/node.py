@@ -293,7 +293,14 @@ async def _join_cluster(
     # Only a node in redirect mode signs URLs; every node serves those its peers signed for it.
     redirecting = routing.peer_transfer is PeerTransfer.REDIRECT
     url_signer = UrlSigner(key) if redirecting else None
-    fetcher = PeerFetcher(dht, RequestSigner(key), metrics, url_signer=url_signer)
+    fetcher = PeerFetcher(
+        dht,
+        RequestSigner(key),
+        metrics,
+        url_signer=url_signer,
+        ranges=routing.peer_ranges,
+        range_size=routing.peer_range_size,
+    )
     await fetcher.start()
     stack.push_async_callback(fetcher.close)
     log.info(

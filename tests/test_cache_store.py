@@ -4,6 +4,7 @@ What every store does (stat, open, ranges, tags, misses) is checked for the cach
 conformance suite, tests/test_store_conformance.py; this file keeps what only the cache does.
 """
 
+import asyncio
 import hashlib
 import logging
 from pathlib import Path
@@ -94,6 +95,41 @@ async def test_a_blob_removed_behind_the_caches_back_is_forgotten(cache: CacheSt
     assert not cache.holds(digest_of(data))
     assert cache.total_bytes == 0
     assert await cache.loose_digests() == []
+
+
+@pytest.mark.parametrize("look", ["open", "stat"])
+async def test_a_blob_published_while_it_was_looked_for_is_not_forgotten(
+    cache: CacheStore, monkeypatch: pytest.MonkeyPatch, look: str
+) -> None:
+    """A look that misses because the writer had not renamed the file yet, and comes back after
+    the writer put the blob in the books, must not drop it (seen in the suite: the claimant
+    answered a peer 404 for a blob it had just fetched, and the peer went upstream again)."""
+    data = b"published during the look"
+    digest = digest_of(data)
+    path = cache.blob_path(digest)
+    real_to_thread = asyncio.to_thread
+    looks = 0
+
+    async def racing_to_thread(function: object, *args: object, **kwargs: object) -> object:
+        nonlocal looks
+        looks += 1
+        if looks == 1:  # the first look misses; the writer publishes before it returns
+            async with cache.writer(digest, len(data)) as writer:
+                await writer.write(data)
+                await writer.commit()
+            raise FileNotFoundError(str(path))
+        return await real_to_thread(function, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "to_thread", racing_to_thread)
+    if look == "open":
+        blob = await cache.open(digest)
+        assert blob is not None
+        await blob.close()
+    else:
+        assert await cache.stat(digest) == len(data)
+    monkeypatch.setattr(asyncio, "to_thread", real_to_thread)
+    assert cache.holds(digest)
+    assert await cache.loose_digests() == [str(digest)]
 
 
 async def test_leftover_temp_files_are_cleared_at_start(tmp_path: Path) -> None:

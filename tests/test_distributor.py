@@ -285,3 +285,21 @@ async def test_the_distributions_api_refuses_what_it_cannot_use(world: World) ->
     finally:
         await server.close()
     assert origin.distributor.distributions() == []
+
+
+async def test_a_tag_that_has_not_moved_yet_is_asked_again(world: World) -> None:
+    """A registry may notify before the tag points to the push: a node that resolved the
+    previous digest asks again instead of reporting the old image as done."""
+    world.publish(REF, "one")
+    pushed = make_image("two")
+    origin, follower = world.nodes[0], world.nodes[1]
+    event = PushEvent(parse_image_ref(f"{REF}@{pushed.digest}"), "distribution")
+    distribution = origin.distributor.start(event)
+    while follower.prefetcher.status(parse_image_ref(REF)) is None:
+        await asyncio.sleep(0)  # the in-memory broadcast is delivered with call_soon
+    first = await follower.prefetcher.settled(parse_image_ref(REF))  # resolved the old one
+    assert first.digest != pushed.digest
+    world.publish(REF, "two")  # the tag moves now
+    ended = await finished(origin, distribution, 2)
+    assert {p.digest for p in ended.nodes.values()} == {pushed.digest}
+    assert ended.counts()["done"] == 2

@@ -361,6 +361,67 @@ def test_a_peer_dying_mid_download_is_resumed_from_the_holder(swarm: Swarm) -> N
     wait_until(lambda: c.metric("mirror_cache_bytes") == BLOB_SIZE, "C to keep the blob")
 
 
+def served_blob_bytes(node: MirrorNode) -> float:
+    """Blob body bytes the node sent, every source together."""
+    lines = node.metrics_text().splitlines()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in lines
+        if line.startswith("mirror_served_bytes_total{") and 'kind="blob"' in line
+    )
+
+
+def test_a_large_layer_comes_in_ranges_from_two_holders(
+    swarm_net: SwarmNet, tmp_path: Path
+) -> None:
+    """--peer-ranges 4: C fetches a 64 MiB layer held by A (the slow link) and B in pieces."""
+    key_file = tmp_path / "cluster.key"
+    keygen(key_file)
+    data = os.urandom(64 * MIB)
+    seeded = seed_cache(tmp_path / "a" / "cache", data)
+    seed_cache(tmp_path / "b" / "cache", data)
+    routers = {node: f"{swarm_net.ip(node)}:{free_udp_port()}" for node in NODES}
+    started: list[MirrorNode] = []
+    try:
+        for node in NODES:
+            started.append(
+                start_in(
+                    swarm_net,
+                    node,
+                    tmp_path / node,
+                    "--store=cache",
+                    f"--cluster-key-file={key_file}",
+                    f"--router-addr={routers[node]}",
+                    f"--bootstrap=static:{','.join(routers.values())}",
+                    "--resolve-timeout=200ms",
+                    "--upstream-fallback=false",
+                    f"--allow-client={swarm_net.host_ip}/32",
+                    *(["--peer-ranges=4"] if node == "c" else []),
+                )
+            )
+        a, b, c = started
+        for mirror in started:
+            wait_until(
+                lambda m=mirror: m.metric("mirror_dht_contacts") >= 2, f"{mirror.address} to meet"
+            )
+        for holder in (a, b):
+            wait_until(
+                lambda m=holder: m.metric("mirror_advertised_keys", kind="digest") >= 3,
+                f"{holder.address} to announce the image",
+            )
+        pull = Pull(f"{c.url}/v2/{REPOSITORY}/blobs/{seeded.digest}")
+        pull.start()
+        assert pull.result() == (len(data), seeded.digest) and pull.error is None
+        # Both holders sent pieces (206 answers to Range requests; no whole-blob 200).
+        assert gets_of_blob(a, "206") >= 1 and gets_of_blob(b, "206") >= 1
+        assert gets_of_blob(a, "200") == 0 and gets_of_blob(b, "200") == 0
+        sent = [served_blob_bytes(a), served_blob_bytes(b)]
+        assert all(count > 0 for count in sent) and sum(sent) >= len(data), sent
+        wait_until(lambda: c.metric("mirror_cache_bytes") == len(data), "C to keep the layer")
+    finally:
+        stop_all(started)
+
+
 # --- the runtimes ---------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ import random
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -46,6 +46,7 @@ from mirror.metrics import Metrics
 from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner
+from mirror.peers.ranged import BufferGauge, Opened, RangedStream
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
 
@@ -102,6 +103,9 @@ _REDIRECT_RETRY_SECONDS = 300.0
 _REDIRECTS_REMEMBERED = 4096
 # Which peer served each key lately (`served_by`, for the status page): this many keys.
 _SERVERS_REMEMBERED = 1024
+# A blob fetched in pieces asks the DHT again for its providers this often: nodes that started
+# fetching it meanwhile (and announced themselves at once) take pieces too.
+_PIECE_LOOKUP_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +316,16 @@ class PeerFetcher:
         read_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         url_signer: UrlSigner | None = None,
+        ranges: int = 1,
+        range_size: int = 8 * 1024 * 1024,
     ) -> None:
         self._router = router
+        # --peer-ranges and --peer-range-size: a whole blob in `ranges` pieces at once, each
+        # of `range_size` bytes (peers/ranged.py); 1: one stream.
+        self._ranges = ranges
+        self._range_size = range_size
+        # Bytes of pieces held by blobs fetched in pieces (all of them), now and at most.
+        self.piece_buffer = BufferGauge()
         self._signer = signer
         self._url_signer = url_signer
         self._redirected: dict[str, float] = {}  # digest -> until when a request is a retry
@@ -417,12 +429,13 @@ class PeerFetcher:
         """
         tried: set[bytes] = set()
         busy: list[Provider] = []
+        ranged = requested is None and not head and self._ranges > 1
         while candidates := await self.providers(str(digest), exclude=tried):
             tried.update(p.node_id for p in candidates)
-            found = await self._open_blob(candidates, digest, path, requested, head, busy)
+            found = await self._open_blob(candidates, digest, path, requested, head, busy, ranged)
             if found is not None:
                 return found
-        return await self._open_last_resort(busy, digest, path, requested, head)
+        return await self._open_last_resort(busy, digest, path, requested, head, ranged)
 
     async def redirect_url(self, digest: Digest, path: str) -> str | None:
         """A signed URL (`http://HOLDER/v2/...`) at a provider holding `digest` whole.
@@ -508,6 +521,7 @@ class PeerFetcher:
         path: str,
         requested: RangeRequest | None,
         head: bool,
+        ranged: bool = False,
     ) -> PeerBlob | None:
         """Every provider that answered was busy: ask the least loaded to serve it anyway.
 
@@ -519,7 +533,7 @@ class PeerFetcher:
         self._metrics.peer_last_resort_fetches.inc()
         ordered = self._loads.least_loaded(busy)
         log.info("every provider of %s is busy; asking %s anyway", digest, ordered[0].address)
-        return await self._open_blob(ordered, digest, path, requested, head, None)
+        return await self._open_blob(ordered, digest, path, requested, head, None, ranged)
 
     async def _open_blob(
         self,
@@ -529,20 +543,32 @@ class PeerFetcher:
         requested: RangeRequest | None,
         head: bool,
         busy: list[Provider] | None,
+        ranged: bool = False,
     ) -> PeerBlob | None:
         """The first good answer of `candidates`; those that answer busy go into `busy`
-        (None: this is the last resort, asked past their bound)."""
+        (None: this is the last resort, asked past their bound).
+
+        `ranged` (a whole blob, --peer-ranges > 1): the first piece is asked for; when the
+        blob is longer, the rest comes in pieces from several providers (`_ranged`)."""
         method = "HEAD" if head else "GET"
         range_header = requested.header() if requested is not None else None
-        winner = await self._first_answer(
-            candidates,
-            path,
-            range_header,
-            method,
-            upload=not head,
-            busy=busy,
-            last_resort=busy is None,
-        )
+        if ranged:
+            range_header = ByteRange(0, self._range_size).header()
+        try:
+            winner = await self._first_answer(
+                candidates,
+                path,
+                range_header,
+                method,
+                upload=not head,
+                busy=busy,
+                last_resort=busy is None,
+            )
+        except RangeNotSatisfiable:
+            if not ranged:
+                raise
+            # An empty blob has no first piece: asked for whole instead.
+            return await self._open_blob(candidates, digest, path, None, head, busy)
         if winner is None:
             return None
         provider, response = winner
@@ -552,8 +578,56 @@ class PeerFetcher:
             return PeerBlob(size, offset, length, None)
         log.info("streaming %s from %s", digest, provider.address)
         self._served(provider, str(digest))
+        if ranged and response.status == 206:
+            if offset != 0:
+                response.close()
+                self._failed(provider, "ignored-range", None)
+                return None
+            if length < size:
+                chunks = self._ranged(digest, path, (provider, response), candidates, size)
+                return PeerBlob(size, 0, size, chunks)
+        # One stream: not ranged, or the holder ignored the range, or one piece is the blob.
         chunks = self._stream(digest, path, provider, response, candidates, size, offset, length)
         return PeerBlob(size, offset, length, chunks)
+
+    async def _ranged(
+        self,
+        digest: Digest,
+        path: str,
+        first: Opened,
+        candidates: list[Provider],
+        size: int,
+    ) -> AsyncIterator[bytes]:
+        """The whole blob in pieces from several providers (peers/ranged.py), verified here.
+
+        As for one provider, the digest is computed over the bytes in order and the last chunk
+        is held back until it matches. A mismatch cannot be pinned on one piece (no piece has a
+        digest of its own), so every provider that sent a piece is distrusted for this digest
+        and reported, as after a resume: a report costs a good holder one re-hash.
+        """
+        pieces = _Pieces(self, digest, path, candidates)
+        stream = RangedStream(
+            pieces, size, self._range_size, self._ranges, first, self.piece_buffer, self._clock
+        )
+        hasher = _PipelinedHasher(digest.algorithm)
+        chunks = stream.chunks()
+        held: bytes | None = None
+        try:
+            async for chunk in chunks:
+                await hasher.update(chunk)
+                if held is not None:
+                    yield held
+                held = chunk
+            if await hasher.hexdigest() != digest.hex:
+                for bad in stream.senders:
+                    self._distrust(bad, str(digest), f"{digest} streamed with a wrong digest")
+                    self._report(bad, digest)
+                raise DigestMismatch(f"peers sent bytes that do not hash to {digest}")
+            if held is not None:
+                yield held
+        finally:
+            await chunks.aclose()
+            await pieces.close()
 
     async def _first_answer(
         self,
@@ -880,6 +954,74 @@ class PeerFetcher:
         result = "accepted" if 200 <= status < 300 else "refused"
         self._metrics.corruption_reports_sent.labels(result).inc()
         log.info("reported %s to %s: %s (%d)", digest, provider.address, result, status)
+
+
+class _Pieces:
+    """Opens the pieces of one blob for `RangedStream`: each at the provider least loaded when
+    it starts (this node's own pieces in flight count, so they spread), failing over, steering
+    past busy ones and taking a last resort as a resume does (`PeerFetcher._resume`)."""
+
+    def __init__(
+        self, fetcher: PeerFetcher, digest: Digest, path: str, providers: list[Provider]
+    ) -> None:
+        self._fetcher = fetcher
+        self._digest = digest
+        self._path = path
+        self._providers = list(providers)
+        self._looked_up = fetcher._clock()
+        self._lookup: asyncio.Task[None] | None = None
+
+    async def open_piece(
+        self, position: int, end: int, failed: Sequence[Provider]
+    ) -> Opened | None:
+        fetcher = self._fetcher
+        now = fetcher._clock()
+        if self._lookup is None and now - self._looked_up >= _PIECE_LOOKUP_SECONDS:
+            self._looked_up = now
+            self._lookup = asyncio.create_task(self._look_up())
+        key = str(self._digest)
+        skip = {p.node_id for p in failed}
+        usable = [
+            p for p in self._providers if p.node_id not in skip and fetcher._trusted(p, key, now)
+        ]
+        spares = fetcher._loads.order(usable)
+        # Counted as this node's request to the first choice at once, not only when its request
+        # task runs: the pieces starting together then spread instead of all choosing it.
+        chosen = fetcher._loads.of(spares[0]) if spares else None
+        if chosen is not None:
+            chosen.pending += 1
+        try:
+            return await fetcher._resume(
+                self._digest, self._path, spares, list(failed), position, end
+            )
+        finally:
+            if chosen is not None:
+                chosen.pending -= 1
+
+    def piece_done(self, provider: Provider, received: int, seconds: float) -> None:
+        self._fetcher._loads.measured(provider, received, seconds)
+
+    def piece_broke(
+        self, provider: Provider, received: int, seconds: float, error: BaseException
+    ) -> None:
+        self._fetcher._loads.measured(provider, received, seconds)
+        self._fetcher._failed(provider, "broken", error)
+
+    async def _look_up(self) -> None:
+        try:
+            found = await self._fetcher.providers(str(self._digest))
+        except (MirrorError, OSError) as exc:
+            log.info("looking up providers of %s again failed: %s", self._digest, exc)
+            found = []
+        known = {p.node_id for p in self._providers}
+        self._providers.extend(p for p in found if p.node_id not in known)
+        self._lookup = None
+
+    async def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup.cancel()
+            await asyncio.gather(self._lookup, return_exceptions=True)
+            self._lookup = None
 
 
 class _PipelinedHasher:

@@ -52,6 +52,8 @@ _REPORT_TIMEOUT = 5.0
 _PROGRESS_EVERY = 1.0
 # Attempts of the prefetcher before a node reports its part failed.
 _ATTEMPTS = 3
+# Before asking again for a tag that still pointed to the previous push (times the attempt).
+_STALE_PAUSE = 1.0
 # How long after its start the origin waits for nodes to say they take part, before it calls a
 # distribution whose known nodes all ended complete (the broadcast reaches 64 nodes in well
 # under a second; see docs/benchmarks.md).
@@ -263,18 +265,32 @@ class Distributor:
     async def _follow_through(self, distribution: Distribution, attempts: int) -> None:
         """Report to the origin at once, every `_PROGRESS_EVERY` seconds while fetching (the
         progress bars of `mirror distribute`), and at the end: held, or failed after
-        `_ATTEMPTS` tries (a registry may notify before its tag answers; the prefetcher
-        retries with backoff, and an error meanwhile is shown with the state `fetching`)."""
+        `_ATTEMPTS` tries. A registry may notify before its tag answers, or while the tag
+        still points to the previous push: an attempt that failed is retried by the
+        prefetcher's backoff, one that found another digest than the pushed one is tried again
+        here after a short pause; meanwhile the state stays `fetching`."""
         last = attempts
         while True:
             status = await self._attempt(distribution, last)
             if status is None:
                 return
-            if status.state is PinState.HELD or status.attempts - attempts >= _ATTEMPTS:
+            stale = _stale(status, distribution)
+            if status.state is PinState.HELD and not stale:
+                break
+            if status.attempts - attempts >= _ATTEMPTS:
                 break
             last = status.attempts
-        state = "held" if status.state is PinState.HELD else "failed"
-        await self._report(distribution, _progress(status, state))
+            if stale:
+                await asyncio.sleep(_STALE_PAUSE * (status.attempts - attempts))
+                self._prefetcher.request(distribution.ref, None, origin="follow")
+        held = status.state is PinState.HELD and not stale
+        progress = _progress(status, "held" if held else "failed")
+        if stale:
+            progress.error = (
+                f"{distribution.ref} still points to {status.digest}, not the pushed "
+                f"{distribution.digest}"
+            )
+        await self._report(distribution, progress)
 
     async def _attempt(self, distribution: Distribution, after: int) -> PinStatus | None:
         """The pin's status once the attempt after `after` ended, reporting progress meanwhile;
@@ -359,6 +375,16 @@ class Distributor:
 
 def _tag_only(ref: ImageRef) -> ImageRef:
     return ImageRef(ref.registry, ref.repository, ref.tag or None, None if ref.tag else ref.digest)
+
+
+def _stale(status: PinStatus, distribution: Distribution) -> bool:
+    """Held, but not what was pushed: the tag had not moved yet when it was resolved."""
+    return (
+        status.state is PinState.HELD
+        and distribution.digest is not None
+        and status.digest is not None
+        and status.digest != distribution.digest
+    )
 
 
 def _progress(status: PinStatus, state: str) -> NodeProgress:

@@ -126,18 +126,41 @@ class CacheStore(Store):
         return usable_digest(self.name, ref, text.strip())
 
     async def stat(self, digest: Digest) -> int | None:
+        path = self.blob_path(digest)
         try:
-            return (await asyncio.to_thread(self.blob_path(digest).stat)).st_size
+            return (await asyncio.to_thread(path.stat)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        if str(digest) not in self._lru:
+            return None
+        # Published while the first look was under way (see `_open_file`): look again.
+        try:
+            return (await asyncio.to_thread(path.stat)).st_size
         except (FileNotFoundError, NotADirectoryError):
             self._forget(str(digest))
             return None
+
+    async def _open_file(self, digest: Digest) -> BinaryIO:
+        """The blob's file, opened; FileNotFoundError if it is not there.
+
+        A look that starts before a writer publishes the blob fails, and may only come back
+        after the writer has put it in the books: the blob is then looked at again rather than
+        dropped from them (which would lose a blob just fetched, and send a peer upstream).
+        """
+        path = self.blob_path(digest)
+        try:
+            return await asyncio.to_thread(open, path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            if str(digest) not in self._lru:
+                raise
+        return await asyncio.to_thread(open, path, "rb")
 
     async def open(self, digest: Digest) -> BlobSource | None:
         key = str(digest)
         # Pinned before the file is opened, so an eviction cannot slip in between.
         self._readers[key] += 1
         try:
-            fileobj = await asyncio.to_thread(open, self.blob_path(digest), "rb")
+            fileobj = await self._open_file(digest)
         except (FileNotFoundError, NotADirectoryError):
             self._unpin(key)
             self._forget(key)
