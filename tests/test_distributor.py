@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
-from harness.memory_runtime import MemoryRuntime, make_image
-from harness.memory_sources import MemoryPeers, MemoryUpstream
+from harness.memory_runtime import MemoryRuntime, make_image, publish, start_prefetch_parts
+from harness.memory_sources import MemoryUpstream
 from harness.memory_store import MemoryStore
 
 from mirror.content.service import ContentPolicy, ContentService
@@ -28,13 +28,11 @@ from mirror.prefetch import distributor as distributor_module
 from mirror.prefetch.client import distribute, node_url
 from mirror.prefetch.distributor import Distribution, Distributor, parse_report
 from mirror.prefetch.model import Follow, PushEvent, parse_image_ref
-from mirror.prefetch.prefetcher import PinnedSources, Prefetcher, Timing
-from mirror.prefetch.resolve import Platform
+from mirror.prefetch.prefetcher import Prefetcher
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
 from mirror.registry.distributions_api import DistributionsApi
 from mirror.routing.memory import MemoryCluster
-from mirror.stores.cache import CacheStore
 
 POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
 FOLLOW = Follow("registry.test/team/*:prod-*")
@@ -60,10 +58,7 @@ class World:
 
     def publish(self, ref: str, label: str) -> str:
         image = make_image(label)
-        parsed = parse_image_ref(ref)
-        assert parsed.tag is not None
-        self.upstream.push(parsed.registry, parsed.repository, parsed.tag, image.manifest)
-        self.upstream.blobs.update(image.blobs)
+        publish(self.upstream, ref, image)
         return image.digest
 
     def node(self, address: str) -> Node:
@@ -79,31 +74,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     async def add(follows: list[Follow]) -> Node:
         index = len(nodes)
         address = f"10.0.0.{index + 1}:5000"
-        cache = CacheStore(tmp_path / f"cache{index}")
-        await cache.start()
         router = cluster.router(bytes([index + 1]) * 20, address)
-        metrics = Metrics()
-        sources = PinnedSources()
-        content = ContentService(
-            cache,
-            metrics,
-            POLICY,
-            cache=cache,
-            peers=MemoryPeers(router),
-            router=router,
-            upstream=upstream,
-            aliases=sources,
-        )
-        runtime = MemoryRuntime()
-        prefetcher = Prefetcher(
-            content,
-            runtime,
-            metrics,
-            labels={},
-            platform=Platform("linux", "amd64"),
-            sources=sources,
-            timing=Timing(recheck=3600, retry_first=3600, retry_max=3600),
-        )
+        parts = await start_prefetch_parts(tmp_path / f"cache{index}", router, upstream, {})
+        prefetcher, runtime, metrics = parts.prefetcher, parts.runtime, parts.metrics
 
         async def reporter(origin: str, distribution_id: str, body: dict[str, object]) -> None:
             progress = parse_report(json.loads(json.dumps(body)))  # as it travels
@@ -124,7 +97,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             prefetcher,
             runtime,
             metrics,
-            [distributor.close, prefetcher.close, content.close, cache.close],
+            [distributor.close, parts.close],
         )
         nodes.append(node)
         return node
@@ -225,11 +198,9 @@ def test_a_report_that_is_not_one_is_refused(body: object) -> None:
 # --- the API and `mirror distribute` ----------------------------------------------------------
 
 
-async def test_mirror_distribute_follows_every_node_to_the_end(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(distributor_module, "SETTLE_SECONDS", 0.5)  # nodes join by then
-    digest = world.publish(REF, "one")
+@pytest.fixture
+async def origin_api(world: World) -> AsyncIterator[str]:
+    """The first node's distributions API on loopback, as the base URL."""
     origin = world.nodes[0]
     access = AccessPolicy(allowed_clients=(), verifier=None)
     api = RegistryApi(
@@ -240,13 +211,17 @@ async def test_mirror_distribute_follows_every_node_to_the_end(
     )
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
-    try:
-        said: list[str] = []
-        summary = await distribute(
-            node_url(str(server.make_url(""))), REF, timeout=30, say=said.append
-        )
-    finally:
-        await server.close()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def test_mirror_distribute_follows_every_node_to_the_end(
+    world: World, origin_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(distributor_module, "SETTLE_SECONDS", 0.5)  # nodes join by then
+    digest = world.publish(REF, "one")
+    said: list[str] = []
+    summary = await distribute(node_url(origin_api), REF, timeout=30, say=said.append)
     assert summary.startswith(f"distributed {REF} to 2 nodes in ")
     assert "2 hold it, 0 failed" in summary
     assert any("10.0.0.2:5000" in line and "held" in line for line in said)
@@ -254,37 +229,26 @@ async def test_mirror_distribute_follows_every_node_to_the_end(
         assert node.runtime.images[REF][0] == digest
 
 
-async def test_the_distributions_api_refuses_what_it_cannot_use(world: World) -> None:
-    origin = world.nodes[0]
-    access = AccessPolicy(allowed_clients=(), verifier=None)
-    api = RegistryApi(
-        origin.metrics,
-        ContentService(MemoryStore(), origin.metrics, POLICY),
-        access=access,
-        extensions=[DistributionsApi(origin.distributor, access)],
-    )
-    server = TestServer(api.app(), host="127.0.0.1")
-    await server.start_server()
-    base = str(server.make_url("")).rstrip("/")
-    try:
-        async with ClientSession() as http:
-            for body, code in (
-                ({"ref": "registry.test/a/b@sha256:" + "0" * 64}, "NAME_INVALID"),
-                ({"ref": 5}, "UNSUPPORTED"),
-                ({"ref": "x:1", "more": 1}, "UNSUPPORTED"),
-            ):
-                async with http.post(f"{base}/mirror/v1/distributions", json=body) as response:
-                    assert response.status == 400
-                    assert (await response.json())["errors"][0]["code"] == code
-            async with http.get(f"{base}/mirror/v1/distributions/nope") as response:
-                assert response.status == 404
-            # A report is a peer's, signed: the node's own client is refused.
-            url = f"{base}/mirror/v1/distributions/x/report?node=10.0.0.9:5000"
-            async with http.post(url, json={"state": "held"}) as response:
-                assert response.status == 403
-    finally:
-        await server.close()
-    assert origin.distributor.distributions() == []
+async def test_the_distributions_api_refuses_what_it_cannot_use(
+    world: World, origin_api: str
+) -> None:
+    base = origin_api
+    async with ClientSession() as http:
+        for body, code in (
+            ({"ref": "registry.test/a/b@sha256:" + "0" * 64}, "NAME_INVALID"),
+            ({"ref": 5}, "UNSUPPORTED"),
+            ({"ref": "x:1", "more": 1}, "UNSUPPORTED"),
+        ):
+            async with http.post(f"{base}/mirror/v1/distributions", json=body) as response:
+                assert response.status == 400
+                assert (await response.json())["errors"][0]["code"] == code
+        async with http.get(f"{base}/mirror/v1/distributions/nope") as response:
+            assert response.status == 404
+        # A report is a peer's, signed: the node's own client is refused.
+        url = f"{base}/mirror/v1/distributions/x/report?node=10.0.0.9:5000"
+        async with http.post(url, json={"state": "held"}) as response:
+            assert response.status == 403
+    assert world.nodes[0].distributor.distributions() == []
 
 
 async def test_a_tag_that_has_not_moved_yet_is_asked_again(world: World) -> None:

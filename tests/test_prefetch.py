@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
-from harness.memory_runtime import Image, MemoryRuntime, make_image
-from harness.memory_sources import MemoryPeers, MemoryUpstream, digest_of
+from harness.memory_runtime import Image, MemoryRuntime, make_image, publish, start_prefetch_parts
+from harness.memory_sources import MemoryUpstream, digest_of
 
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.metrics import Metrics
@@ -26,14 +26,13 @@ from mirror.oci import mediatypes as mt
 from mirror.oci.reference import TagRef, parse_digest
 from mirror.prefetch.client import PrefetchFailed, node_url, prefetch
 from mirror.prefetch.model import Pin, parse_image_ref
-from mirror.prefetch.prefetcher import PinnedSources, PinState, Prefetcher, Timing
+from mirror.prefetch.prefetcher import PinnedSources, PinState, Prefetcher
 from mirror.prefetch.resolve import Platform
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
 from mirror.registry.prefetch_api import PrefetchApi
 from mirror.request import Caller, Kind, Target
 from mirror.routing.memory import MemoryCluster
-from mirror.stores.cache import CacheStore
 
 POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
 AMD64 = Platform("linux", "amd64")
@@ -51,44 +50,18 @@ class Node:
     sources: PinnedSources
 
     def publish(self, ref: str, image: Image) -> None:
-        parsed = parse_image_ref(ref)
-        assert parsed.tag is not None
-        self.upstream.push(parsed.registry, parsed.repository, parsed.tag, image.manifest)
-        self.upstream.blobs.update(image.blobs)
+        publish(self.upstream, ref, image)
 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    cache = CacheStore(tmp_path / "cache")
-    await cache.start()
     router = MemoryCluster().router(b"n" * 20, "10.0.0.1:5000")
     upstream = MemoryUpstream()
-    metrics = Metrics()
-    sources = PinnedSources()
-    content = ContentService(
-        cache,
-        metrics,
-        POLICY,
-        cache=cache,
-        peers=MemoryPeers(router),
-        router=router,
-        upstream=upstream,
-        aliases=sources,
+    parts = await start_prefetch_parts(tmp_path / "cache", router, upstream, {"role": "edge"})
+    yield Node(
+        parts.prefetcher, parts.content, parts.runtime, upstream, parts.metrics, parts.sources
     )
-    runtime = MemoryRuntime()
-    prefetcher = Prefetcher(
-        content,
-        runtime,
-        metrics,
-        labels={"role": "edge"},
-        platform=AMD64,
-        sources=sources,
-        timing=Timing(recheck=3600, retry_first=3600, retry_max=3600),
-    )
-    yield Node(prefetcher, content, runtime, upstream, metrics, sources)
-    await prefetcher.close()
-    await content.close()
-    await cache.close()
+    await parts.close()
 
 
 def pin(ref: str, source: str | None = None, **labels: str) -> Pin:

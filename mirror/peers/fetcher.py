@@ -27,7 +27,7 @@ import random
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -619,10 +619,7 @@ class PeerFetcher:
                     yield held
                 held = chunk
             if await hasher.hexdigest() != digest.hex:
-                for bad in stream.senders:
-                    self._distrust(bad, str(digest), f"{digest} streamed with a wrong digest")
-                    self._report(bad, digest)
-                raise DigestMismatch(f"peers sent bytes that do not hash to {digest}")
+                raise self._blame(stream.senders, digest)
             if held is not None:
                 yield held
         finally:
@@ -791,12 +788,7 @@ class PeerFetcher:
                     used.append(provider)
                     log.info("resuming %s at byte %d from %s", digest, position, provider.address)
             if hasher is not None and await hasher.hexdigest() != digest.hex:
-                # After a resume the culprit is unknown: tell each. A report costs a good
-                # holder one re-hash, never its copy.
-                for bad in used:
-                    self._distrust(bad, str(digest), f"{digest} streamed with a wrong digest")
-                    self._report(bad, digest)
-                raise DigestMismatch(f"peers sent bytes that do not hash to {digest}")
+                raise self._blame(used, digest)
             if held is not None:
                 yield held
         finally:
@@ -927,6 +919,15 @@ class PeerFetcher:
                     return response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnavailable(f"{address} did not take {path_qs}: {exc}") from exc
+
+    def _blame(self, senders: Iterable[Provider], digest: Digest) -> DigestMismatch:
+        """Bytes from several peers (after a resume, or in pieces) did not hash to `digest`:
+        the culprit is unknown, so each is distrusted for it and told. A report costs a good
+        holder one re-hash, never its copy."""
+        for bad in senders:
+            self._distrust(bad, str(digest), f"{digest} streamed with a wrong digest")
+            self._report(bad, digest)
+        return DigestMismatch(f"peers sent bytes that do not hash to {digest}")
 
     def _report(self, provider: Provider, digest: Digest) -> None:
         """Tell `provider` its copy of `digest` did not hash; in the background, so the client's

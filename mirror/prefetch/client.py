@@ -58,16 +58,30 @@ def summary(status: dict[str, Any], runtime: str | None, seconds: float) -> str:
     return f"held: {status['ref']} ({status['digest']}) in {where}{via}, {size}, {seconds:.1f} s"
 
 
-async def _answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    body = await read_capped(response, _MAX_ANSWER)
+class NodeRefused(MirrorError):
+    """A node's API answered with an error (its OCI error message), or with no JSON."""
+
+
+def decode_answer(body: bytes, status: int) -> object:
+    """The JSON a node's API answered; `NodeRefused` saying why otherwise (the message reads
+    after "the node ...", for the commands that ask nodes: prefetch, distribute, status)."""
     try:
         document = json.loads(body)
     except ValueError as exc:
-        raise PrefetchFailed(f"the node answered {response.status} with no JSON") from exc
-    if response.status >= 400:
+        raise NodeRefused(f"answered {status} with no JSON") from exc
+    if status >= 400:
         errors = document.get("errors") if isinstance(document, dict) else None
         message = errors[0].get("message") if errors and isinstance(errors[0], dict) else None
-        raise PrefetchFailed(f"the node refused ({response.status}): {message or body[:200]!r}")
+        raise NodeRefused(f"refused ({status}): {message or body[:200]!r}")
+    return document
+
+
+async def _answer(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    body = await read_capped(response, _MAX_ANSWER)
+    try:
+        document = decode_answer(body, response.status)
+    except NodeRefused as exc:
+        raise PrefetchFailed(f"the node {exc}") from exc
     if not isinstance(document, dict):
         raise PrefetchFailed("the node answered something other than a JSON object")
     return document
@@ -127,11 +141,13 @@ DISTRIBUTIONS_PATH = "/mirror/v1/distributions"
 _BAR = 20
 
 
-def _bar(done: object, total: object) -> str:
+def progress_bar(done: object, total: object) -> str:
+    """`[#####---------------]  25%`, or an empty bar of the same width when the total is
+    not known yet."""
     if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
-        return "[" + " " * _BAR + "]"
+        return "[" + " " * _BAR + "]    "
     filled = min(_BAR, done * _BAR // total)
-    return "[" + "#" * filled + "-" * (_BAR - filled) + f"] {100 * done // total:3d}%"
+    return "[" + "#" * filled + "-" * (_BAR - filled) + f"] {min(100, 100 * done // total):3d}%"
 
 
 def node_lines(distribution: dict[str, Any]) -> list[str]:
@@ -141,7 +157,7 @@ def node_lines(distribution: dict[str, Any]) -> list[str]:
         size = progress.get("bytes") or {}
         lines.append(
             f"  {node:<24} {progress.get('state', '?'):<8} "
-            f"{_bar(size.get('done'), size.get('total'))} "
+            f"{progress_bar(size.get('done'), size.get('total'))} "
             f"upstream {_mib(size.get('upstream'))}, peers {_mib(size.get('peers'))}"
             + (f": {progress['error']}" if progress.get("error") else "")
         )

@@ -99,7 +99,6 @@ class Distribution:
     origin: str
     started: float
     nodes: dict[str, NodeProgress] = field(default_factory=dict)
-    ended: float | None = None
 
     def counts(self) -> dict[str, int]:
         states = [progress.state for progress in self.nodes.values()]
@@ -115,7 +114,14 @@ class Distribution:
         counts = self.counts()
         return now - self.started >= SETTLE_SECONDS and counts["fetching"] == 0
 
+    def ended_at(self, now: float) -> float | None:
+        """When the last node's part ended, once the distribution is complete."""
+        if not self.complete(now):
+            return None
+        return max((progress.updated for progress in self.nodes.values()), default=self.started)
+
     def as_json(self) -> dict[str, object]:
+        now = time.time()
         totals = {
             "upstream": sum(p.bytes_upstream for p in self.nodes.values()),
             "peers": sum(p.bytes_peers for p in self.nodes.values()),
@@ -127,8 +133,8 @@ class Distribution:
             "trigger": self.trigger,
             "origin": self.origin,
             "started": self.started,
-            "ended": self.ended,
-            "complete": self.complete(time.time()),
+            "ended": self.ended_at(now),
+            "complete": self.complete(now),
             "nodes": self.counts(),
             "bytes": totals,
             "by_node": {node: progress.as_json() for node, progress in sorted(self.nodes.items())},
@@ -333,17 +339,11 @@ class Distributor:
         self._recorded = asyncio.Event()
         if progress.state != "fetching":
             self._metrics.distribution_nodes.labels(progress.state).inc()
-        if distribution.ended is None and distribution.complete(time.time()):
-            distribution.ended = time.time()
         return True
 
     # --- status out --------------------------------------------------------------------------
 
     def distributions(self) -> list[Distribution]:
-        now = time.time()
-        for distribution in self._distributions.values():
-            if distribution.ended is None and distribution.complete(now):
-                distribution.ended = max([p.updated for p in distribution.nodes.values()] or [now])
         return list(reversed(self._distributions.values()))
 
     async def ended(self, distribution_id: str, nodes: int) -> Distribution:
@@ -355,7 +355,6 @@ class Distributor:
             await self._recorded.wait()
 
     def get(self, distribution_id: str) -> Distribution | None:
-        self.distributions()  # settles `ended`
         return self._distributions.get(distribution_id)
 
     # --- housekeeping ------------------------------------------------------------------------

@@ -89,6 +89,11 @@ def _parse_image_ref(text: str) -> ImageRef:
     return ImageRef(registry, repository, tag or None, digest)
 
 
+def labels_match(required: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a node with `labels` carries every one of `required` (a `nodes` table)."""
+    return all(labels.get(key) == value for key, value in required.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Pin:
     """One image a node should hold: `ref`, or `source` tagged as `ref` when `ref` is down.
@@ -103,7 +108,7 @@ class Pin:
     origin: str = "file"
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(key) == value for key, value in self.nodes.items())
+        return labels_match(self.nodes, labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +125,7 @@ class Follow:
     poll: float | None = None
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(key) == value for key, value in self.nodes.items())
+        return labels_match(self.nodes, labels)
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,14 +179,18 @@ def _follows(document: Mapping[str, object], text: str, path: str) -> tuple[Foll
     return tuple(follows)
 
 
-def _pin(entry: Mapping[str, object]) -> Pin:
-    unknown = [key for key in entry if key not in _IMAGE_KEYS]
+def _check_keys(
+    entry: Mapping[str, object], table: str, known: tuple[str, ...], *, required: str
+) -> None:
+    unknown = [key for key in entry if key not in known]
     if unknown:
-        raise _Invalid(
-            f"unknown key {unknown[0]!r} in [[image]] (expected {', '.join(_IMAGE_KEYS)})"
-        )
-    if "ref" not in entry:
-        raise _Invalid("[[image]] has no ref")
+        raise _Invalid(f"unknown key {unknown[0]!r} in [[{table}]] (expected {', '.join(known)})")
+    if required not in entry:
+        raise _Invalid(f"[[{table}]] has no {required}")
+
+
+def _pin(entry: Mapping[str, object]) -> Pin:
+    _check_keys(entry, "image", _IMAGE_KEYS, required="ref")
     ref = _image_ref("ref", entry["ref"])
     source = _image_ref("source", entry["source"]) if "source" in entry else None
     nodes = _nodes(entry.get("nodes", {}))
@@ -194,13 +198,7 @@ def _pin(entry: Mapping[str, object]) -> Pin:
 
 
 def _follow(entry: Mapping[str, object]) -> Follow:
-    unknown = [key for key in entry if key not in _FOLLOW_KEYS]
-    if unknown:
-        raise _Invalid(
-            f"unknown key {unknown[0]!r} in [[follow]] (expected {', '.join(_FOLLOW_KEYS)})"
-        )
-    if "match" not in entry:
-        raise _Invalid("[[follow]] has no match")
+    _check_keys(entry, "follow", _FOLLOW_KEYS, required="match")
     value = entry["match"]
     if not isinstance(value, str):
         raise _Invalid(f"match must be a string, not {_kind(value)}")

@@ -19,8 +19,9 @@ from mirror.bodies import read_json_request
 from mirror.errors import Denied, NameInvalid, NameUnknown, RequestInvalid, Unsupported
 from mirror.oci.reference import is_registry
 from mirror.prefetch.distributor import Distributor, parse_report
-from mirror.prefetch.model import PushEvent, parse_image_ref
+from mirror.prefetch.model import PushEvent
 from mirror.registry.access import AccessPolicy
+from mirror.registry.prefetch_api import read_refs_request
 from mirror.registry.responses import API_VERSION_HEADER
 from mirror.request import Caller
 
@@ -60,12 +61,7 @@ class DistributionsApi:
     async def _start(self, request: web.Request) -> web.Response:
         if self._caller(request) is not Caller.RUNTIME:
             raise Denied("a distribution is started by a node's own clients")
-        document = await read_json_request(request, _MAX_BODY)
-        if not isinstance(document, dict) or set(document) != {"ref"}:
-            raise RequestInvalid('the body must be {"ref": IMAGE}')
-        if not isinstance(document["ref"], str):
-            raise RequestInvalid("ref must be an image reference (a string)")
-        ref = parse_image_ref(document["ref"])
+        ref = (await read_refs_request(request))["ref"]
         if ref.tag is None:
             raise NameInvalid(f"{ref} names no tag: a distribution follows a pushed tag")
         distribution = self._distributor.start(PushEvent(ref, "cli"))

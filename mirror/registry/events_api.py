@@ -93,16 +93,7 @@ class EventsApi:
             self._count("distribution", "invalid")
             raise RequestInvalid('the body must be a notification envelope {"events": [...]}')
         tally: Counter[Outcome] = Counter()
-        for index, event in enumerate(events):
-            found = _distribution_push(event)
-            if isinstance(found, ImageRef):
-                self._hand_on(found, "distribution")
-                tally["accepted"] += 1
-            elif found is None:
-                tally["ignored"] += 1
-            else:
-                log.warning("distribution event %d skipped: %s", index, found)
-                tally["invalid"] += 1
+        self._take("distribution", [_distribution_push(event) for event in events], tally)
         return self._answer("distribution", tally)
 
     async def _dockerhub(self, request: web.Request) -> web.Response:
@@ -150,17 +141,23 @@ class EventsApi:
         assert isinstance(data, dict)
         repository = data.get("repository")
         name = repository.get("repo_full_name") if isinstance(repository, dict) else None
-        for index, resource in enumerate(resources):
-            found = _harbor_push(resource, name)
-            if isinstance(found, ImageRef):
-                self._hand_on(found, "harbor")
+        self._take("harbor", [_harbor_push(resource, name) for resource in resources], tally)
+        return self._answer("harbor", tally)
+
+    def _take(
+        self, source: Source, found: list[ImageRef | str | None], tally: Counter[Outcome]
+    ) -> None:
+        """Hand on each push a body's entries name (an entry is a push, not one: None, or why
+        it cannot be used), counting each."""
+        for index, entry in enumerate(found):
+            if isinstance(entry, ImageRef):
+                self._hand_on(entry, source)
                 tally["accepted"] += 1
-            elif found is None:
+            elif entry is None:
                 tally["ignored"] += 1
             else:
-                log.warning("Harbor resource %d skipped: %s", index, found)
+                log.warning("%s entry %d skipped: %s", source, index, entry)
                 tally["invalid"] += 1
-        return self._answer("harbor", tally)
 
     def _admit(self, request: web.Request, source: Source, presented: str | None) -> None:
         """Off (404), not a POST (405), or without the token (401): nothing more is read."""

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mirror.bodies import read_json_request
 from mirror.errors import Denied, NameUnknown, RequestInvalid
-from mirror.prefetch.model import parse_image_ref
+from mirror.prefetch.model import ImageRef, parse_image_ref
 from mirror.prefetch.prefetcher import Prefetcher
 from mirror.prefetch.resolve import Platform
 from mirror.registry.access import AccessPolicy
@@ -26,6 +26,32 @@ from mirror.request import Caller
 PREFETCH_PATH = "/mirror/v1/prefetch"
 # A pin request is two image references: far below this.
 _MAX_BODY = 16 * 1024
+
+
+async def read_refs_request(
+    request: web.Request, *, optional: tuple[str, ...] = ()
+) -> dict[str, ImageRef]:
+    """A JSON body `{"ref": IMAGE, ...}` of image references, parsed: `ref` always, the
+    `optional` fields when given (absent, null or empty: left out). `RequestInvalid` for
+    another shape, `NameInvalid` for a reference that is not one. The node's own API takes
+    images this way: pins, distributions, measuring a pull."""
+    document = await read_json_request(request, _MAX_BODY)
+    allowed = ("ref", *optional)
+    shape = "{" + ", ".join(f'"{name}": IMAGE' for name in allowed) + "}"
+    if not isinstance(document, dict) or "ref" not in document:
+        raise RequestInvalid(f"the body must be {shape}")
+    unknown = sorted(set(document) - set(allowed))
+    if unknown:
+        raise RequestInvalid(f"unknown fields {', '.join(unknown)}: the body must be {shape}")
+    refs = {}
+    for name in allowed:
+        text = document.get(name)
+        if name != "ref" and not text:
+            continue
+        if not isinstance(text, str):
+            raise RequestInvalid(f"{name} must be an image reference (a string)")
+        refs[name] = parse_image_ref(text)
+    return refs
 
 
 class PrefetchApi:
@@ -61,16 +87,6 @@ class PrefetchApi:
 
     async def _request(self, request: web.Request) -> web.Response:
         self._check_caller(request)
-        document = await read_json_request(request, _MAX_BODY)
-        if not isinstance(document, dict) or not isinstance(document.get("ref"), str):
-            raise RequestInvalid('the body must be {"ref": IMAGE, "source": IMAGE (optional)}')
-        unknown = set(document) - {"ref", "source"}
-        if unknown:
-            raise RequestInvalid(f"unknown fields: {', '.join(sorted(unknown))}")
-        source_text = document.get("source")
-        if source_text is not None and not isinstance(source_text, str):
-            raise RequestInvalid("source must be an image reference (a string)")
-        ref = parse_image_ref(document["ref"])
-        source = parse_image_ref(source_text) if source_text else None
-        status = self._prefetcher.request(ref, source)
+        refs = await read_refs_request(request, optional=("source",))
+        status = self._prefetcher.request(refs["ref"], refs.get("source"))
         return web.json_response(status.as_json(), status=202, headers=API_VERSION_HEADER)

@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from mirror.bodies import read_json_request
 from mirror.errors import (
     Denied,
     RegistryError,
@@ -36,8 +35,8 @@ from mirror.errors import (
     StoreUnavailable,
     TooManyRequests,
 )
-from mirror.prefetch.model import parse_image_ref
 from mirror.registry.access import AccessPolicy
+from mirror.registry.prefetch_api import read_refs_request
 from mirror.registry.responses import error_response
 from mirror.request import Caller
 from mirror.status.collector import StatusCollector
@@ -45,8 +44,6 @@ from mirror.status.measure import MEASURE_PATH, Measurer
 from mirror.status.page import PAGE
 
 STATUS_PATH = "/mirror/v1/status"
-# A measure request is one image reference: far below this.
-_MAX_BODY = 16 * 1024
 _NO_STORE = {"Cache-Control": "no-store"}
 # The page loads nothing from anywhere: inline style and script, requests to its own origin.
 _PAGE_HEADERS = {
@@ -101,12 +98,7 @@ class StatusApi:
             raise Denied("only this node's own clients may measure a pull")
         if request.content_type != "application/json":
             raise RequestInvalid("a measure is a JSON body: Content-Type: application/json")
-        document = await read_json_request(request, _MAX_BODY)
-        if not isinstance(document, dict) or set(document) != {"ref"}:
-            raise RequestInvalid('the body must be {"ref": IMAGE}')
-        if not isinstance(document["ref"], str):
-            raise RequestInvalid("ref must be an image reference (a string)")
-        ref = parse_image_ref(document["ref"])
+        ref = (await read_refs_request(request))["ref"]
         if self._measurer is None:
             raise Denied("this node measures no pulls")
         measurement = await self._measurer.measure(ref)

@@ -18,6 +18,7 @@ from yarl import URL
 
 from mirror.bodies import read_capped
 from mirror.errors import MirrorError
+from mirror.prefetch.client import NodeRefused, decode_answer, progress_bar
 
 STATUS_PATH = "/mirror/v1/status"
 # A report is a few hundred KiB at most (128 pulls, 500 images, 20 distributions).
@@ -59,13 +60,9 @@ async def fetch_status(node: URL, *, timeout: float = 10.0) -> dict[str, Any]:
         reason = str(exc) or type(exc).__name__
         raise StatusUnavailable(f"cannot reach the node at {node}: {reason}") from exc
     try:
-        document = json.loads(body)
-    except ValueError as exc:
-        raise StatusUnavailable(f"the node at {node} answered {status} with no JSON") from exc
-    if status >= 400:
-        errors = document.get("errors") if isinstance(document, dict) else None
-        message = errors[0].get("message") if errors and isinstance(errors[0], dict) else None
-        raise StatusUnavailable(f"the node at {node} refused ({status}): {message or body[:200]!r}")
+        document = decode_answer(body, status)
+    except NodeRefused as exc:
+        raise StatusUnavailable(f"the node at {node} {exc}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("node"), dict):
         raise StatusUnavailable(f"the node at {node} answered something that is no status report")
     return document
@@ -211,7 +208,7 @@ def _pins(pins: list[dict[str, Any]], paint: Paint) -> str:
             [
                 str(pin.get("ref")),
                 str(pin.get("state")),
-                bar(amount.get("done"), amount.get("total")),
+                progress_bar(amount.get("done"), amount.get("total")),
                 f"{layers.get('done', 0)}/{layers.get('total', 0)}",
                 str(pin.get("error") or ""),
             ]
@@ -238,7 +235,7 @@ def _distributions(items: list[dict[str, Any]], now: float, paint: Paint) -> str
                 str(item.get("ref")),
                 "complete" if item.get("complete") else "under way",
                 held,
-                bar(done, total),
+                progress_bar(done, total),
                 ago(item.get("started"), now),
             ]
         )
@@ -323,16 +320,6 @@ def short_digest(digest: object) -> str:
         return "-"
     algorithm, _, hexpart = digest.partition(":")
     return f"{algorithm}:{hexpart[:12]}"
-
-
-_BAR = 20
-
-
-def bar(done: object, total: object) -> str:
-    if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
-        return "[" + " " * _BAR + "]    "
-    filled = min(_BAR, done * _BAR // total)
-    return "[" + "#" * filled + "-" * (_BAR - filled) + f"] {min(100, 100 * done // total):3d}%"
 
 
 def _number(value: object) -> float:

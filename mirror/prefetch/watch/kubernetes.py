@@ -62,6 +62,7 @@ from mirror.routing.bootstrap.http import (
 from mirror.routing.bootstrap.kubernetes import (
     KUBERNETES_PAGE_SIZE,
     KubernetesSettings,
+    object_list,
     read_token,
 )
 
@@ -267,7 +268,7 @@ class KubernetesWorkloads:
                 headers=self._headers(),
                 ssl_context=self.settings.ssl_context,
             )
-            items, continue_token, version = _object_list(body)
+            items, continue_token, version = object_list(body)
             for item in items:
                 key = _key(item)
                 images = None if key is None else self._images(kind, key, item, once)
@@ -428,25 +429,6 @@ def _key(obj: object) -> WorkloadKey | None:
         return None
     namespace = metadata.get("namespace")
     return (namespace if isinstance(namespace, str) else "", metadata["name"])
-
-
-def _object_list(body: object) -> tuple[list[Any], str, str]:
-    """Items, continue token and resourceVersion of a list; LookupFailed if it is not one."""
-    if not isinstance(body, dict):
-        raise LookupFailed("unexpected response: not a JSON object")
-    items = body.get("items")
-    if items is None:
-        items = []  # Go encodes an empty list as null
-    if not isinstance(items, list):
-        raise LookupFailed("unexpected response: 'items' is not a list")
-    metadata = body.get("metadata")
-    metadata = metadata if isinstance(metadata, dict) else {}
-    token, version = metadata.get("continue"), metadata.get("resourceVersion")
-    return (
-        items,
-        token if isinstance(token, str) else "",
-        version if isinstance(version, str) else "",
-    )
 
 
 def _path(obj: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class KubernetesBootstrap(BootstrapSource):
                         headers=headers,
                         ssl_context=self.ssl_context,
                     )
-                    items, continue_token = _slice_list(body)
+                    items, continue_token, _ = object_list(body)
                 except LookupFailed as exc:
                     self._warn_failure(exc, peers)
                     return ordered(peers)
@@ -306,8 +306,9 @@ def _api_port(error: Callable[[str], ConfigError], name: str, value: str | None)
     return port
 
 
-def _slice_list(body: object) -> tuple[list[object], str]:
-    """The items and continue token of an EndpointSliceList; LookupFailed if it is not one."""
+def object_list(body: object) -> tuple[list[Any], str, str]:
+    """Items, continue token and resourceVersion of a Kubernetes list (EndpointSlices here,
+    workloads in prefetch/watch/kubernetes.py); LookupFailed if the body is not one."""
     if not isinstance(body, dict):
         raise LookupFailed("unexpected response: not a JSON object")
     items = body.get("items")
@@ -316,8 +317,13 @@ def _slice_list(body: object) -> tuple[list[object], str]:
     if not isinstance(items, list):
         raise LookupFailed("unexpected response: 'items' is not a list")
     metadata = body.get("metadata")
-    token = metadata.get("continue") if isinstance(metadata, dict) else None
-    return items, token if isinstance(token, str) else ""
+    metadata = metadata if isinstance(metadata, dict) else {}
+    token, version = metadata.get("continue"), metadata.get("resourceVersion")
+    return (
+        items,
+        token if isinstance(token, str) else "",
+        version if isinstance(version, str) else "",
+    )
 
 
 def read_token(path: Path) -> str:
