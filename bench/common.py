@@ -746,9 +746,21 @@ def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
     return done
 
 
+# Namespaces given a CPU share of their own (`Lab.cap_cpu`) -> the `cgroup.procs` file of their
+# cgroup: every process `in_ns` starts there joins it first.
+_CPU_CAPS: dict[str, Path] = {}
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # the cgroup v1 cpu controller
+_CPU_PERIOD_US = 100_000
+
+
 def in_ns(namespace: str, *argv: str) -> list[str]:
-    """`argv` run inside a network namespace (`ip netns exec` execs it: same pid)."""
-    return ["ip", "netns", "exec", namespace, *argv]
+    """`argv` run inside a network namespace (`ip netns exec` execs it: same pid), in the
+    namespace's CPU cgroup when it has one (the shell joins it, then execs: same pid too)."""
+    inner = ["ip", "netns", "exec", namespace, *argv]
+    procs = _CPU_CAPS.get(namespace)
+    if procs is None:
+        return inner
+    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *inner]
 
 
 def poll(condition: Callable[[], bool], what: str, timeout: float) -> float:
@@ -1064,6 +1076,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.links: list[str] = []
         self.processes: list[ManagedProcess] = []
+        self.cgroups: list[Path] = []
         self._pulls: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
         self.closing = False
@@ -1097,6 +1110,26 @@ class Lab:
         run("ip", "link", "set", outer, "master", self.names.bridge)
         run("ip", "link", "set", outer, "up")
         return namespace
+
+    def cap_cpu(self, namespace: str, cpus: float) -> None:
+        """Give every process later started in `namespace` `cpus` CPUs at most, together: a
+        cgroup of its own (cgroup v1 `cpu.cfs_quota_us`), so simulated nodes whose shares add
+        up to less than the machine each run as on a small machine of their own instead of
+        competing for the host's cores."""
+        if not (CPU_CGROUPS / "cpu.cfs_quota_us").exists():
+            raise RuntimeError(
+                f"--cpus-per-node needs the cgroup v1 cpu controller at {CPU_CGROUPS}"
+            )
+        parent = CPU_CGROUPS / self.names.prefix
+        if not parent.exists():
+            parent.mkdir()
+            self.cgroups.append(parent)
+        group = parent / namespace
+        group.mkdir()
+        self.cgroups.append(group)
+        (group / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
+        _CPU_CAPS[namespace] = group / "cgroup.procs"
 
     def start(self, argv: Sequence[str], log_dir: Path, name: str) -> ManagedProcess:
         process = ManagedProcess(argv, log_dir, name, cwd=REPO)
@@ -1164,13 +1197,28 @@ class Lab:
                 run("ip", "link", "del", link, check=False)
             for namespace in self.namespaces:
                 run("ip", "netns", "del", namespace, check=False)
+                _CPU_CAPS.pop(namespace, None)
+            for group in reversed(self.cgroups):
+                remove_cgroup(group)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
 
+def remove_cgroup(group: Path) -> None:
+    """rmdir a cgroup whose processes were killed (it is busy until the kernel reaped them)."""
+    deadline = time.monotonic() + 10
+    while group.exists():
+        try:
+            group.rmdir()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def leftovers(names: LabNames, tmp_parent: Path) -> tuple[list[str], list[str], list[Path]]:
-    """Namespaces, links and temporary directories named like this benchmark's."""
+    """Namespaces, links, temporary directories and CPU cgroups named like this benchmark's."""
     namespaces = [
         line.split()[0]
         for line in run("ip", "netns", "list").stdout.splitlines()
@@ -1182,6 +1230,9 @@ def leftovers(names: LabNames, tmp_parent: Path) -> tuple[list[str], list[str], 
         if name.startswith(f"{names.prefix}-"):
             links.append(name)
     dirs = sorted(tmp_parent.glob(f"{names.tmp_prefix}*"))
+    groups = CPU_CGROUPS / names.prefix
+    if groups.is_dir():
+        dirs += [*sorted(p for p in groups.iterdir() if p.is_dir()), groups]
     return namespaces, links, dirs
 
 
@@ -1207,7 +1258,10 @@ def check_leftovers(names: LabNames, tmp_parent: Path, clean: bool) -> None:
     for namespace in namespaces:
         run("ip", "netns", "del", namespace, check=False)
     for directory in dirs:
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory.is_relative_to(CPU_CGROUPS):
+            remove_cgroup(directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
     namespaces, links, dirs = leftovers(names, tmp_parent)
     if namespaces or links or dirs:
         raise RuntimeError(f"could not remove: {namespaces + links + [str(d) for d in dirs]}")

@@ -123,6 +123,8 @@ TARGET_RSS_MIB = 150.0  # a mirror's peak RSS while serving and sharing the 1 Gi
 # Mirror metrics worth printing when the tree has them (summed over the nodes).
 EXTRA_METRICS = (
     "mirror_peer_uploads_refused_total",
+    "mirror_peer_uploads_referred_total",
+    "mirror_peer_referrals_followed_total",
     "mirror_peer_fetches_steered_total",
     "mirror_peer_last_resort_fetches_total",
     "mirror_peer_redirects_total",
@@ -283,6 +285,8 @@ class Rollout:
             self.nodes.append(Node(index, self.lab.add_host(f"n{index}", ip), ip))
         hosts = [self.upstream_ns, self.holder.namespace, *(n.namespace for n in self.nodes)]
         for namespace in hosts:
+            if args.cpus_per_node is not None:
+                self.lab.cap_cpu(namespace, args.cpus_per_node)
             shape_egress(namespace, "eth0", args.rate, args.burst, args.latency)
             shape_egress(None, f"{namespace}-h", args.rate, args.burst, args.latency)
 
@@ -550,6 +554,7 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
         "eth0 sent over the image; max RSS: the largest mirror VmHWM (MiB); busy: the machine's "
         f"CPUs during the pulls (* = CPU-bound, >= {CPU_BOUND:.0%}), own: the share this case's "
         f"processes used; links shaped to {args.rate}"
+        + (f"; {args.cpus_per_node} CPUs per namespace" if args.cpus_per_node else "")
     )
 
     print("\nratios (mode time / proxy time, same image, N and kind):")
@@ -659,6 +664,12 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{os.cpu_count()} CPUs; {tree_state(args.python)}",
             flush=True,
         )
+        if args.cpus_per_node is not None:
+            print(
+                f"every namespace (upstream, holder, each node) capped at {args.cpus_per_node} "
+                "CPUs for all its processes together (a cgroup each)",
+                flush=True,
+            )
         if expected:
             for image, _ in bench.images.values():
                 print(
@@ -717,6 +728,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rate", default="1gbit", help="tbf rate of every link, both ways (default: 1gbit)"
+    )
+    parser.add_argument(
+        "--cpus-per-node",
+        type=float,
+        default=None,
+        help="CPUs each namespace (upstream, holder, node) may use together, e.g. 0.1: every "
+        "simulated machine its own share, so a run is not bound by this host's cores (keep "
+        "(N + 2) x share under the host's CPUs); default: no cap, all share the host",
     )
     parser.add_argument("--burst", default="512kb", help="tbf burst (default: 512kb)")
     parser.add_argument("--latency", default="50ms", help="tbf latency (default: 50ms)")

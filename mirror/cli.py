@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from mirror import __version__
 from mirror.config import (
+    DEFAULT_BLOB_FANOUT,
     DEFAULT_DOCKER_HOST,
     DEFAULT_MAX_UPLOADS,
     DEFAULT_PEER_RANGES,
@@ -357,6 +358,15 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         help="blob bodies this node sends to peers at once; past it a peer's request gets a "
         "429 at once and goes to another holder (the node's own runtime is never refused, and "
         "a peer whose every holder is busy is served anyway); 0: no bound",
+    )
+    flag(
+        "--blob-fanout",
+        default=str(DEFAULT_BLOB_FANOUT),
+        type=_typed(parse_upload_cap, "count"),
+        help="nodes one blob is sent to at once by this node while they fetch it to share it; "
+        "past it another such node's request gets a 429 naming them, and it fetches from one "
+        "of them (which serves the blob while it arrives): a rollout becomes a chain (1) or a "
+        "tree; 0: no per-blob bound",
     )
     flag(
         "--peer-ranges",
@@ -862,6 +872,7 @@ def routing_config(args: argparse.Namespace) -> RoutingConfig:
         allow_clients=tuple(_listed(args, "--allow-client")),
         peer_transfer=args.peer_transfer,
         max_uploads=args.max_uploads,
+        blob_fanout=args.blob_fanout,
         peer_ranges=args.peer_ranges,
         peer_range_size=args.peer_range_size,
     )

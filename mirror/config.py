@@ -196,6 +196,13 @@ def parse_upload_cap(text: str) -> int:
     return int(cleaned)
 
 
+# Peers one node sends one blob to at once while other nodes fetching it from it could serve
+# instead (--blob-fanout): past it a sharer's request is referred to them (peers/referrals.py).
+# One makes a rollout a chain: each node downloads the blob once and uploads it once, every link
+# at full rate, the holder's included (docs/benchmarks.md, "Referrals"). 0: no per-blob bound.
+DEFAULT_BLOB_FANOUT = 1
+
+
 # --peer-ranges and --peer-range-size (peers/ranged.py): pieces of a whole blob fetched from
 # peers at once (1: one stream), and the size of each piece. One stream by default: in a rollout
 # whose nodes all start at once, pieces asked of nodes still downloading wait on each other
@@ -254,6 +261,9 @@ class RoutingConfig:
     # Blob bodies sent to peers at once; past it a peer's request is refused with a 429 and
     # goes to another holder (a last-resort request is served anyway). 0: no bound.
     max_uploads: int = DEFAULT_MAX_UPLOADS
+    # Sharers one blob goes to at once from this node; past it a sharer's request is referred
+    # to those sharers (peers/referrals.py). 0: no per-blob bound.
+    blob_fanout: int = DEFAULT_BLOB_FANOUT
     # A whole blob from peers in this many pieces at once, each of `peer_range_size` bytes,
     # from several providers (peers/ranged.py); 1: one stream from one provider at a time.
     peer_ranges: int = DEFAULT_PEER_RANGES

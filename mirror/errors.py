@@ -29,6 +29,7 @@ Only `RegistryError` carries an HTTP status; the HTTP front turns the others int
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 
@@ -192,9 +193,13 @@ class TooManyRequests(RegistryError):
     code = "TOOMANYREQUESTS"
     status = 429
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # More headers of the answer (a referral to other providers: peers/referrals.py).
+        self.headers = dict(headers or {})
 
 
 class RangeNotSatisfiable(RegistryError):

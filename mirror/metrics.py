@@ -135,6 +135,17 @@ class Metrics:
             "being sent to peers.",
             registry=self.registry,
         )
+        self.peer_uploads_referred = Counter(
+            "mirror_peer_uploads_referred",
+            "Peer blob requests answered 429 with X-Mirror-Try, naming the nodes that fetch that "
+            "blob from this node already (--blob-fanout of them) and serve it while it arrives.",
+            registry=self.registry,
+        )
+        self.peer_referrals_followed = Counter(
+            "mirror_peer_referrals_followed",
+            "Nodes this node asked for a blob because a busy provider referred it to them.",
+            registry=self.registry,
+        )
         self.peer_fetches_steered = Counter(
             "mirror_peer_fetches_steered",
             "Requests a busy provider refused (429); this node asked the next provider at once "

@@ -56,6 +56,7 @@ from mirror.routing.bootstrap import Rebootstrapper
 from mirror.routing.bootstrap.http import LookupFailed
 from mirror.routing.dht import DhtNode
 from mirror.routing.keys import stable_node_id
+from mirror.routing.router import Provider
 from mirror.status.api import StatusApi
 from mirror.status.collector import NodeInfo, StatusCollector
 from mirror.status.measure import Measurer
@@ -300,6 +301,7 @@ async def _join_cluster(
         url_signer=url_signer,
         ranges=routing.peer_ranges,
         range_size=routing.peer_range_size,
+        own=Provider(dht.node_id, http_address),
     )
     await fetcher.start()
     stack.push_async_callback(fetcher.close)
@@ -617,6 +619,7 @@ async def run_node(config: RunConfig) -> None:
             access=access,
             reports=reports,
             max_uploads=config.routing.max_uploads,
+            blob_fanout=config.routing.blob_fanout,
             extensions=[
                 PrefetchApi(prefetch, host_platform(), access),
                 DistributionsApi(distributor, access),

@@ -19,11 +19,12 @@ import pytest
 from harness.memory_sources import MemoryPeers, MemoryUpstream, digest_of
 
 from mirror.content.downloads import DownloadFailed
-from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
+from mirror.content.service import BlobAnswer, ContentPolicy, ContentService, _peer_opener
 from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RangeNotSatisfiable
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest, tag_ref
+from mirror.peers.fetcher import PeerBlob
 from mirror.ranges import RangeRequest
 from mirror.request import Caller, Kind, TagPage, Target
 from mirror.routing.memory import MemoryCluster, MemoryRouter
@@ -199,6 +200,8 @@ async def test_a_blob_from_a_peer_is_a_download_announced_at_once_shared_and_kep
 
     second = asyncio.create_task(fetch(node))  # another local pull joins the fetch
     await until(lambda: coalesced(node) >= 1)
+    # A peer's range is served once the download has its first byte (before: "not here yet").
+    await until(lambda: download.received > 1000)
     from_peer = await node.service.blob(
         blob_target(), Caller.PEER, RangeRequest(1000, 1999), head=False
     )
@@ -234,6 +237,20 @@ async def test_a_peer_fetch_that_breaks_is_withdrawn_and_leaves_nothing(node: No
     assert node.peers.bodies_closed == 1
     assert list((node.cache.root / "tmp").iterdir()) == []
     assert node.service._downloads is not None and node.service._downloads.get(LAYER_DIGEST) is None
+
+
+async def test_a_whole_blob_from_a_peer_is_not_hashed_again_but_a_part_of_one_is() -> None:
+    """The peer fetcher checks a whole blob against its digest (its last chunk held back until
+    it matches): the download takes it as verified. A holder that answered with a part of the
+    blob is not checked by the fetcher: the download hashes it."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield LAYER
+
+    whole = await _peer_opener(PeerBlob(len(LAYER), 0, len(LAYER), chunks()))()
+    part = await _peer_opener(PeerBlob(len(LAYER), 0, len(LAYER) - 1, chunks()))()
+    assert whole is not None and whole.verified
+    assert part is not None and not part.verified
 
 
 async def test_a_peer_blob_the_cache_cannot_keep_streams_through_and_is_withdrawn(

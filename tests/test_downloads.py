@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from mirror.content import downloads as downloads_module
 from mirror.content.downloads import Download, DownloadFailed, Downloads, Source
+from mirror.errors import DigestMismatch
 from mirror.metrics import Metrics
-from mirror.oci.reference import parse_digest
+from mirror.oci.reference import Digest, parse_digest
 from mirror.stores.cache import CacheStore
 
 DATA = bytes(range(256)) * 8192  # 2 MiB
@@ -19,25 +21,40 @@ DIGEST = parse_digest("sha256:" + hashlib.sha256(DATA).hexdigest())
 
 
 class Trickle:
-    """An origin that sends a chunk each time the test lets it (no timing involved)."""
+    """An origin that sends a chunk each time the test lets it (no timing involved).
 
-    def __init__(self, data: bytes, chunk: int = 256 * 1024, fail_at: int | None = None) -> None:
+    `checks`: the digest the origin checks its bytes against itself, as the peer fetcher does
+    (`Source.verified`): it raises instead of sending its last chunk when they do not match.
+    """
+
+    def __init__(
+        self,
+        data: bytes,
+        chunk: int = 256 * 1024,
+        fail_at: int | None = None,
+        *,
+        checks: Digest | None = None,
+    ) -> None:
         self.data = data
         self.chunk = chunk
         self.fail_at = fail_at
+        self.checks = checks
         self.gate = asyncio.Semaphore(0)
         self.opened = 0
         self.sent = 0  # bytes handed to the download so far
 
     async def open(self) -> Source:
         self.opened += 1
-        return Source(len(self.data), self._chunks(), self._close)
+        return Source(len(self.data), self._chunks(), self._close, verified=bool(self.checks))
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         for start in range(0, len(self.data), self.chunk):
             await self.gate.acquire()
             if self.fail_at is not None and start >= self.fail_at:
                 raise ConnectionResetError("origin dropped the connection")
+            last = start + self.chunk >= len(self.data)
+            if last and self.checks and hashlib.sha256(self.data).hexdigest() != self.checks.hex:
+                raise DigestMismatch(f"peers sent bytes that do not hash to {self.checks}")
             piece = self.data[start : start + self.chunk]
             self.sent += len(piece)
             yield piece
@@ -48,6 +65,25 @@ class Trickle:
     def release_all(self) -> None:
         for _ in range(len(self.data) // self.chunk + 2):
             self.gate.release()
+
+
+class CountingHashlib:
+    """Stands for `hashlib` in the modules under test: counts the hashes they start."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def new(self, name: str) -> hashlib._Hash:
+        self.started += 1
+        return hashlib.new(name)
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> CountingHashlib:
+    counting = CountingHashlib()
+    monkeypatch.setattr("mirror.stores.cache.hashlib", counting)
+    monkeypatch.setattr("mirror.content.downloads.hashlib", counting)
+    return counting
 
 
 @pytest.fixture
@@ -104,6 +140,70 @@ async def test_wrong_bytes_fail_every_reader_and_leave_nothing(cache: CacheStore
         await asyncio.wait_for(reader, 10)
     assert await cache.stat(DIGEST) is None
     assert list((cache.root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("verified", [False, True])
+async def test_bytes_an_origin_verified_are_not_hashed_again(
+    cache: CacheStore, hashes: CountingHashlib, verified: bool
+) -> None:
+    """A peer's stream is hashed by the peer fetcher, which holds its last chunk back until it
+    matches: hashing it again here would only double the CPU a blob costs."""
+    downloads = Downloads(cache)
+    origin = Trickle(DATA, checks=DIGEST if verified else None)
+    download, _ = downloads.reserve(DIGEST)
+    downloads.begin(download, origin.open)
+    reader = asyncio.ensure_future(collect(download))
+    origin.release_all()
+    assert await asyncio.wait_for(reader, 10) == DATA
+    assert download.kept and await cache.stat(DIGEST) == len(DATA)
+    assert hashes.started == (0 if verified else 1)
+
+
+async def test_a_verified_origin_that_does_not_match_publishes_nothing(cache: CacheStore) -> None:
+    downloads = Downloads(cache)
+    origin = Trickle(DATA[:-1] + b"\x00", checks=DIGEST)
+    download, _ = downloads.reserve(DIGEST)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(DATA))
+    origin.release_all()
+    received = bytearray()
+    with pytest.raises(DownloadFailed, match="do not hash"):
+        async for chunk in reader:
+            received += chunk
+    assert len(received) < len(DATA)
+    assert not download.kept and await cache.stat(DIGEST) is None
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+async def test_a_long_download_is_flushed_to_disk_as_it_arrives(
+    cache: CacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So the fsync that publishing waits for, and the last byte with it, finds little left."""
+    monkeypatch.setattr(downloads_module, "_FLUSH_EVERY", len(DATA) // 4)
+    flushed: list[int] = []
+    monkeypatch.setattr(downloads_module.os, "fdatasync", flushed.append)
+    downloads = Downloads(cache)
+    origin = Trickle(DATA, chunk=len(DATA) // 8)
+    download, _ = downloads.reserve(DIGEST)
+    downloads.begin(download, origin.open)
+    reader = asyncio.ensure_future(collect(download))
+    origin.release_all()
+    assert await asyncio.wait_for(reader, 10) == DATA
+    assert flushed and await cache.stat(DIGEST) == len(DATA)
+
+
+async def test_a_reader_of_a_finished_download_gets_chunks_of_bounded_size(
+    cache: CacheStore,
+) -> None:
+    downloads = Downloads(cache)
+    origin = Trickle(DATA, chunk=len(DATA))
+    download, _ = downloads.reserve(DIGEST)
+    downloads.begin(download, origin.open)
+    origin.release_all()
+    assert await asyncio.wait_for(download.finished, 10) is True
+    chunks = [chunk async for chunk in download.read(0, len(DATA))]
+    assert b"".join(chunks) == DATA
+    assert max(map(len, chunks)) <= 1024 * 1024
 
 
 async def test_a_dropped_origin_fails_readers(cache: CacheStore) -> None:
@@ -232,6 +332,23 @@ async def test_the_last_byte_of_a_stream_through_waits_for_the_digest(
             received += chunk
     assert len(received) < len(BIG)  # never the last byte: the cut comes first
     assert list((small_cache.root / "tmp").iterdir()) == []
+
+
+async def test_a_verified_stream_through_is_cut_before_its_last_byte_on_a_mismatch(
+    small_cache: CacheStore, hashes: CountingHashlib
+) -> None:
+    downloads = Downloads(small_cache, window=WINDOW)
+    origin = Trickle(BIG[:-1] + b"\x00", chunk=CHUNK, checks=BIG_DIGEST)
+    download, _ = downloads.reserve(BIG_DIGEST)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(BIG))
+    origin.release_all()
+    received = bytearray()
+    with pytest.raises(DownloadFailed, match="do not hash"):
+        async for chunk in reader:
+            received += chunk
+    assert len(received) < len(BIG) and download.passthrough == "over-bound"
+    assert hashes.started == 0
 
 
 async def test_a_reader_that_stops_reading_is_dropped_and_the_others_finish(

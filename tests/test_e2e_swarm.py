@@ -41,6 +41,10 @@ from harness.net import free_port, free_udp_port
 from harness.process import ManagedProcess, stop_all
 from harness.registry import Registry
 
+from mirror.clusterkey import ClusterKey
+from mirror.peers.auth import PEER_HEADER, RequestSigner
+from mirror.peers.fetcher import LAST_RESORT_PARAM
+
 MIB = 1024 * 1024
 BLOB_SIZE = 24 * MIB
 # A's side of its link: about 6 MB/s, so a 24 MiB blob takes about four seconds to reach B.
@@ -222,6 +226,7 @@ class Swarm:
     a: MirrorNode
     b: MirrorNode
     c: MirrorNode
+    key_file: Path
 
     def url(self, node: MirrorNode) -> str:
         return f"{node.url}/v2/{REPOSITORY}/blobs/{self.seeded.digest}"
@@ -254,7 +259,7 @@ def swarm(swarm_net: SwarmNet, tmp_path: Path) -> Iterator[Swarm]:
                     f"--allow-client={swarm_net.host_ip}/32",
                 )
             )
-        built = Swarm(swarm_net, seeded, *started)
+        built = Swarm(swarm_net, seeded, *started, key_file=key_file)
         for mirror in started:
             wait_until(
                 lambda m=mirror: m.metric("mirror_dht_contacts") >= 2, f"{mirror.address} to meet"
@@ -359,6 +364,49 @@ def test_a_peer_dying_mid_download_is_resumed_from_the_holder(swarm: Swarm) -> N
     assert c.metric("mirror_peer_fetch_failures_total", reason="broken") >= 1
     assert gets_of_blob(a, "206") == 1  # the rest, from where B stopped
     wait_until(lambda: c.metric("mirror_cache_bytes") == BLOB_SIZE, "C to keep the blob")
+
+
+def streamed_from(node: MirrorNode, digest: str) -> list[str]:
+    """The addresses `node` streamed `digest` from, in order (its log)."""
+    return re.findall(rf"streaming {digest} from (\S+)", node.process.log_text())
+
+
+def test_nodes_fetching_at_once_take_the_blob_from_the_holder_once(swarm: Swarm) -> None:
+    """B and C pull the blob at once (--blob-fanout 1, the default): A sends it once; the
+    other streams it from the first (referred there by A, or finding it in the DHT). A range
+    past what a fetching node holds is refused at once (no wait on bytes it may be waiting
+    for itself); a whole blob is not."""
+    a, b, c, seeded = swarm.a, swarm.b, swarm.c, swarm.seeded
+    wait_until(lambda: status_of(swarm.url(c)) == 200, "C to find the blob at A")
+    pulls = [Pull(swarm.url(b)), Pull(swarm.url(c))]
+    for pull in pulls:
+        pull.start()
+    wait_until(lambda: all(streamed_from(node, seeded.digest) for node in (b, c)), "both to stream")
+    first = b if streamed_from(b, seeded.digest) == [a.address] else c
+    second = c if first is b else b
+    assert streamed_from(second, seeded.digest) == [first.address]
+
+    signer = RequestSigner(ClusterKey.load(swarm.key_file))
+    # As a last resort: past every bound (the first would refer a plain request to the second).
+    path = f"/v2/{REPOSITORY}/blobs/{seeded.digest}?ns=docker.io&{LAST_RESORT_PARAM}=1"
+    for node in (first, second):
+        request = urllib.request.Request(
+            f"{node.url}{path}",
+            headers={PEER_HEADER: signer.sign("GET", path), "Range": f"bytes={BLOB_SIZE - 1}-"},
+        )
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 404 and time.monotonic() - started < 2
+        assert b"not here yet" in refused.value.read()
+
+    for pull in pulls:
+        assert pull.result() == (BLOB_SIZE, seeded.digest) and pull.error is None
+    assert gets_of_blob(a, "200") == 1
+    assert gets_of_blob(a, "429") == a.metric("mirror_peer_uploads_referred_total")
+    # A referral is followed unless the DHT had already named the first to the second.
+    assert second.metric("mirror_peer_referrals_followed_total") <= gets_of_blob(a, "429")
+    assert first.metric("mirror_peer_referrals_followed_total") == 0
 
 
 def served_blob_bytes(node: MirrorNode) -> float:

@@ -24,6 +24,15 @@ from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
 from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER, PeerFetcher
+from mirror.peers.referrals import (
+    MAX_REFERRED,
+    SHARER_PARAM,
+    TRY_HEADER,
+    describe,
+    parse_referral,
+    parse_sharer,
+    referral,
+)
 from mirror.ranges import RangeRequest, resolve_range
 from mirror.routing.memory import MemoryCluster, MemoryRouter
 from mirror.routing.router import Provider
@@ -581,3 +590,71 @@ async def test_the_faster_of_two_idle_providers_is_asked_first(peers: Peers) -> 
             assert asked(peers) == [1], "the slow holder was asked first"
     finally:
         await fetcher.close()
+
+
+# --- referrals: a busy provider sends a sharing fetcher to the nodes fetching from it ---------
+
+
+def referring(*sharers: Provider) -> Behaviour:
+    """A holder at its fan-out: 429 naming `sharers` (the nodes fetching the blob from it)."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        if request.query.get(LAST_RESORT_PARAM) == "1":
+            return await good(request)
+        body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"ask them"}]}'
+        headers = {TRY_HEADER: referral(describe(s) for s in sharers), "Retry-After": "1"}
+        return web.Response(status=429, body=body, headers=headers)
+
+    return behaviour
+
+
+async def test_a_sharing_fetch_names_itself_and_follows_a_referral(peers: Peers) -> None:
+    """The holder (the only provider the DHT knows) refers the fetcher down the chain: to a
+    node it never heard of, which refers it further, to the node that serves it. Every request
+    carries this node as the sharer; the distrusted, the unparsable and this node itself are
+    skipped, and the holder is never asked for a last resort."""
+    own = Provider(b"\xee" * 20, "127.0.0.1:9")
+    distrusted = Provider(b"\xdd" * 20, "127.0.0.1:7")
+    last = await peers.add(good)
+    middle = await peers.add(referring(own, distrusted, last))
+    holder = await peers.add(referring(middle))
+    metrics = Metrics()
+    fetcher = PeerFetcher(router_for(holder), RequestSigner(KEY), metrics, hedge_after=5, own=own)
+    fetcher._distrust(distrusted, str(DIGEST), "test")
+    await fetcher.start()
+    try:
+        found = await fetcher.blob(DIGEST, PATH, None, sharing=True)
+        assert found is not None and found.chunks is not None
+        assert b"".join([chunk async for chunk in found.chunks]) == BLOB
+    finally:
+        await fetcher.close()
+    assert asked(peers) == [2, 1, 0]
+    sharer = f"{SHARER_PARAM}={own.node_id.hex()}@127.0.0.1:9"
+    assert all(path == f"{PATH}?{sharer}" for _, path in peers.paths), peers.paths
+    assert sample(metrics, "mirror_peer_referrals_followed_total") == 2
+    assert sample(metrics, "mirror_peer_last_resort_fetches_total") == 0
+
+
+async def test_a_fetch_for_the_runtime_alone_names_no_sharer(peers: Peers) -> None:
+    provider = await peers.add(good)
+    fetcher = PeerFetcher(
+        router_for(provider),
+        RequestSigner(KEY),
+        Metrics(),
+        own=Provider(b"\xee" * 20, "127.0.0.1:9"),
+    )
+    await fetcher.start()
+    try:
+        assert await read_all(fetcher) == BLOB
+    finally:
+        await fetcher.close()
+    assert peers.paths == [(0, PATH)]
+
+
+def test_referrals_parse_well_formed_sharers_only() -> None:
+    good_one = Provider(bytes(range(20)), "[fd00::1]:5000")
+    text = referral([describe(good_one), "nonsense", f"{'0' * 40}@host", describe(good_one)])
+    assert parse_referral(text) == [good_one, good_one]
+    assert parse_referral(None) == [] and parse_referral("") == []
+    assert parse_sharer(f"{'a' * 40}@10.0.0.1:5000 ") is None
+    assert len(parse_referral(", ".join([describe(good_one)] * 50))) == MAX_REFERRED

@@ -80,7 +80,13 @@ class NoPeers:
         self.asked.append(path)
 
     async def blob(
-        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
+        self,
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        *,
+        head: bool = False,
+        sharing: bool = False,
     ) -> None:
         self.asked.append(path)
 

@@ -24,15 +24,17 @@ from aiohttp.test_utils import TestServer
 
 from mirror.cli import build_parser, run_config
 from mirror.clusterkey import ClusterKey
-from mirror.config import DEFAULT_MAX_UPLOADS
+from mirror.config import DEFAULT_BLOB_FANOUT, DEFAULT_MAX_UPLOADS
 from mirror.content.service import ContentPolicy, ContentService
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
 from mirror.peers.fetcher import LAST_RESORT_PARAM, UPLOADS_HEADER
+from mirror.peers.referrals import SHARER_PARAM, TRY_HEADER, describe, with_sharer
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi
+from mirror.routing.router import Provider
 from mirror.stores.cache import CacheStore
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
@@ -67,7 +69,7 @@ class Holder:
 
 
 @contextlib.asynccontextmanager
-async def holding(tmp_path: Path, max_uploads: int) -> AsyncIterator[Holder]:
+async def holding(tmp_path: Path, max_uploads: int, blob_fanout: int = 0) -> AsyncIterator[Holder]:
     """A node on its cache holding one big blob and a manifest, bounded to `max_uploads`."""
     metrics = Metrics()
     store = CacheStore(tmp_path / "cache", metrics=metrics)
@@ -85,7 +87,11 @@ async def holding(tmp_path: Path, max_uploads: int) -> AsyncIterator[Holder]:
         await store.put(parse_digest(sha(data)), data)
     access = AccessPolicy(allowed_clients=(), verifier=RequestVerifier(KEY))
     api = RegistryApi(
-        metrics, ContentService(store, metrics, POLICY), access=access, max_uploads=max_uploads
+        metrics,
+        ContentService(store, metrics, POLICY),
+        access=access,
+        max_uploads=max_uploads,
+        blob_fanout=blob_fanout,
     )
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
@@ -208,6 +214,53 @@ async def test_no_bound_with_zero(tmp_path: Path) -> None:
         assert holder.sample("mirror_peer_uploads_refused_total") == 0
 
 
+def as_sharer(path: str, index: int) -> tuple[str, str]:
+    """`path` asked by sharer number `index`, and how a referral names that sharer."""
+    sharer = Provider(bytes([index]) * 20, f"10.0.0.{index}:5000")
+    return with_sharer(path, sharer), describe(sharer)
+
+
+async def test_past_the_fanout_a_sharer_is_referred_to_the_sharers_fetching_the_blob(
+    tmp_path: Path,
+) -> None:
+    async with holding(tmp_path, max_uploads=8, blob_fanout=1) as holder:
+        first_path, first = as_sharer(holder.blob_path, 1)
+        second_path, second = as_sharer(holder.blob_path, 2)
+        async with stalled_download(holder, first_path) as head:
+            assert head.startswith(b"HTTP/1.1 200 ")
+            # Another sharer, and a fetcher that is none: both referred to the first, at once.
+            for path in (second_path, holder.blob_path):
+                status, headers, body = await read(holder, "GET", path, signed=True)
+                assert status == 429, path
+                assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+                assert headers[TRY_HEADER] == first
+            assert holder.sample("mirror_peer_uploads_referred_total") == 2
+            assert holder.sample("mirror_peer_uploads_refused_total") == 0
+            # The first sharer resuming is not referred to itself; a last resort is served.
+            status, _, body = await read(holder, "GET", first_path, signed=True)
+            assert status == 200 and body == holder.blob
+            last_resort = f"{second_path}&{LAST_RESORT_PARAM}=1"
+            status, _, body = await read(holder, "GET", last_resort, signed=True)
+            assert status == 200 and body == holder.blob
+            # Another blob, the runtime and a malformed sharer parameter are not bound by it.
+            status, _, _ = await read(holder, "GET", holder.manifest_path, signed=True)
+            assert status == 200
+            status, _, body = await read(holder, "GET", holder.blob_path, signed=False)
+            assert status == 200 and body == holder.blob
+            bad = f"{holder.blob_path}&{SHARER_PARAM}=not-a-node"
+            status, headers, _ = await read(holder, "GET", bad, signed=True)
+            assert status == 429 and headers[TRY_HEADER] == first
+            # Two sharers at once (the second a last resort): both named, the newest first.
+            async with stalled_download(holder, last_resort):
+                status, headers, _ = await read(holder, "GET", holder.blob_path, signed=True)
+                assert status == 429 and headers[TRY_HEADER] == f"{second}, {first}"
+        await eventually(
+            lambda: holder.sample("mirror_peer_uploads") == 0, "the stalled uploads to end"
+        )
+        status, _, body = await read(holder, "GET", second_path, signed=True)
+        assert status == 200 and body == holder.blob
+
+
 def test_the_bound_comes_from_the_flag_and_the_environment() -> None:
     def max_uploads(*argv: str, environ: dict[str, str] | None = None) -> int:
         args = build_parser(environ or {}).parse_args(["run", *argv])
@@ -217,5 +270,12 @@ def test_the_bound_comes_from_the_flag_and_the_environment() -> None:
     assert max_uploads("--max-uploads=2") == 2
     assert max_uploads(environ={"MIRROR_MAX_UPLOADS": "0"}) == 0
     for bad in ("-1", "many", "1.5", "²"):
-        with pytest.raises(SystemExit):
-            build_parser({}).parse_args(["run", f"--max-uploads={bad}"])
+        for flag in ("--max-uploads", "--blob-fanout"):
+            with pytest.raises(SystemExit):
+                build_parser({}).parse_args(["run", f"{flag}={bad}"])
+
+    def blob_fanout(*argv: str) -> int:
+        return run_config(build_parser({}).parse_args(["run", *argv])).routing.blob_fanout
+
+    assert blob_fanout() == DEFAULT_BLOB_FANOUT == 1
+    assert blob_fanout("--blob-fanout=0") == 0

@@ -56,6 +56,9 @@ WINDOW = 4 * _CHUNK
 STALL_SECONDS = 30.0
 # Bytes taken from the origin while the previous ones are being written, written together next.
 _WRITE_AHEAD = 2 * _CHUNK
+# The temp file is flushed to disk in the background each time this much more was written, so
+# the fsync that publishing waits for (and the last byte with it) finds little left to write.
+_FLUSH_EVERY = 64 * _CHUNK
 
 
 class DownloadFailed(StoreUnavailable):
@@ -68,11 +71,17 @@ class DownloadAbandoned(DownloadFailed):
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """An opened origin of a blob: its size and its bytes from the start."""
+    """An opened origin of a blob: its size and its bytes from the start.
+
+    `verified`: `chunks` checks the bytes against the digest itself and raises instead of
+    yielding its last chunk when they do not match (a peer's stream, peers/fetcher.py). The
+    download then does not hash them a second time: the source ending normally is the check.
+    """
 
     size: int
     chunks: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
+    verified: bool = False
 
 
 Opener = Callable[[], Awaitable[Source | None]]
@@ -101,6 +110,13 @@ class FilePart:
                 raise DownloadFailed(f"file ended at {position}, expected {end} bytes")
             position += len(chunk)
             yield chunk
+
+
+async def _flush(fd: int) -> None:
+    """fdatasync `fd` on a worker thread, only to give the writer's fsync a head start: an
+    error is not lost, that fsync (on its own open file) still reports it."""
+    with contextlib.suppress(OSError):
+        await asyncio.to_thread(os.fdatasync, fd)
 
 
 def _joined(chunks: list[bytes]) -> bytes:
@@ -161,7 +177,7 @@ class Download:
         self._ran = False  # run() is over: the descriptor closes with the last reader
         self._cursors: set[_Cursor] = set()
         self.size: int | None = None
-        self.received = 0  # bytes taken from the origin (and hashed)
+        self.received = 0  # bytes taken from the origin (and hashed, here or by the origin)
         self.on_disk = 0  # [0, on_disk) are in the temp file
         # Why the blob is streamed through rather than kept (a PASSTHROUGH_* reason), or None.
         self.passthrough: str | None = None
@@ -170,6 +186,8 @@ class Download:
         self._memory_start = 0
         self._memory_bytes = 0
         self.kept = False  # published into the cache
+        self._flushing: asyncio.Task[None] | None = None  # a background flush of the temp file
+        self._flushed = 0  # bytes of it the last flush started covered
         self.finished: asyncio.Future[bool] = self._loop.create_future()
         self.task: asyncio.Task[None] | None = None
         # Where the bytes come from (a metrics source: upstream or peer), set when begun.
@@ -213,27 +231,32 @@ class Download:
         self.size = source.size
         refused = await self._cache.admit(self.digest, source.size)
         if refused is not None:
-            await self._pass_through(source.chunks, hashlib.new(self.digest.algorithm), refused)
+            await self._pass_through(source.chunks, self._hasher(source), refused)
             return
         try:
-            async with self._cache.writer(self.digest, source.size) as writer:
+            async with self._cache.writer(
+                self.digest, source.size, verified=source.verified
+            ) as writer:
                 await self._write(source.chunks, writer)
                 return
         except CacheFull:  # no room even for the temp file: nothing was written
             self._cache.note_passthrough(
                 self.digest, source.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
             )
-        hasher = hashlib.new(self.digest.algorithm)
-        await self._pass_through(source.chunks, hasher, PASSTHROUGH_NO_SPACE)
+        await self._pass_through(source.chunks, self._hasher(source), PASSTHROUGH_NO_SPACE)
+
+    def _hasher(self, source: Source) -> hashlib._Hash | None:
+        """A hash to check `source`'s bytes with; None when the source checks them itself."""
+        return None if source.verified else hashlib.new(self.digest.algorithm)
 
     async def _write(self, chunks: AsyncIterator[bytes], writer: BlobWriter) -> None:
         """Into the temp file and then the cache; streamed through from where the disk filled.
 
         Taking bytes from the origin and writing them overlap: while one batch is written (and
-        hashed, on a worker thread), the next chunks are taken, up to `_WRITE_AHEAD` bytes, and
-        written together as the next batch. The origin's connection keeps flowing (a client
-        connection buffers little: aiohttp's stops reading at about 128 KiB), and a blob that
-        arrives in small chunks costs few thread hand-offs.
+        hashed unless the source verifies, on a worker thread), the next chunks are taken, up
+        to `_WRITE_AHEAD` bytes, and written together as the next batch. The origin's
+        connection keeps flowing (a client connection buffers little: aiohttp's stops reading at
+        about 128 KiB), and a blob that arrives in small chunks costs few thread hand-offs.
         """
         self._fd = await asyncio.to_thread(os.open, writer.temp_path, os.O_RDONLY)
         self._started.set()
@@ -266,6 +289,8 @@ class Download:
                 await asyncio.wait([writing])
                 if not writing.cancelled():
                     writing.exception()
+            if self._flushing is not None:  # it uses the descriptor, closed after the download
+                await asyncio.wait([self._flushing])
         await writer.commit()
         self.kept = True
 
@@ -278,7 +303,17 @@ class Download:
             self._advance(writer.written)
             return batch[writer.written - before :]
         self._advance(writer.written)
+        self._flush_ahead()
         return None
+
+    def _flush_ahead(self) -> None:
+        """Start writing what is in the temp file to disk, in the background (`_FLUSH_EVERY`)."""
+        if self._fd is None or self.on_disk - self._flushed < _FLUSH_EVERY:
+            return
+        if self._flushing is not None and not self._flushing.done():
+            return
+        self._flushed = self.on_disk
+        self._flushing = asyncio.create_task(_flush(self._fd))
 
     async def _disk_full(
         self, chunks: AsyncIterator[bytes], writer: BlobWriter, rest: list[bytes]
@@ -303,35 +338,40 @@ class Download:
     async def _pass_through(
         self,
         chunks: AsyncIterator[bytes],
-        hasher: hashlib._Hash,
+        hasher: hashlib._Hash | None,
         reason: str,
         *,
         first: Iterable[bytes] = (),
     ) -> None:
-        """Hand the rest of the blob to the readers from memory; verify it; keep nothing."""
+        """Hand the rest of the blob to the readers from memory; verify it (with `hasher`,
+        unless the source does); keep nothing."""
         self.passthrough = reason
         self._memory_start = self.received
         self._started.set()
         self._data.fire()
+        # The readers woken by the start join before the bytes flow: a source that needs no
+        # hashing here may not wait at all, and a blob gone through before its first reader
+        # came would be held nowhere.
+        await asyncio.sleep(0)
         for chunk in first:
             await self._hold(chunk, hasher)
         async for chunk in chunks:
             await self._hold(chunk, hasher)
         if self.received != self.size:
             raise DigestMismatch(f"{self.digest}: got {self.received} bytes, expected {self.size}")
-        actual = hasher.hexdigest()
-        if actual != self.digest.hex:
+        if hasher is not None and (actual := hasher.hexdigest()) != self.digest.hex:
             raise DigestMismatch(
                 f"{self.digest}: content hashes to {self.digest.algorithm}:{actual}"
             )
 
-    async def _hold(self, chunk: bytes, hasher: hashlib._Hash) -> None:
+    async def _hold(self, chunk: bytes, hasher: hashlib._Hash | None) -> None:
         """Put `chunk` in the window for the readers once there is room for it."""
         assert self.size is not None
         if self.received + len(chunk) > self.size:
             raise DigestMismatch(f"{self.digest}: more than the {self.size} bytes announced")
         await self._room_for(len(chunk))
-        await asyncio.to_thread(hasher.update, chunk)
+        if hasher is not None:
+            await asyncio.to_thread(hasher.update, chunk)
         self._memory.append((self.received, chunk))
         self._memory_bytes += len(chunk)
         self.received += len(chunk)
@@ -458,8 +498,8 @@ class Download:
             if size is not None:
                 # Hold back the last byte until the digest is checked.
                 verified = self.finished.done() and self.finished.result()
-                limit = size if verified else min(self.received, size - 1)
-                position, until = cursor.position, min(cursor.end, limit)
+                ready = size if verified else min(self.received, size - 1)
+                position, until = cursor.position, min(cursor.end, ready)
                 if position < until:
                     if position < self.on_disk:
                         count = min(until, self.on_disk) - position

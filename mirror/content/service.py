@@ -357,6 +357,8 @@ class ContentService:
         if isinstance(held, Download):
             if caller is Caller.REDIRECTED:
                 raise BlobUnknown(f"blob {digest} is not held whole here")
+            if caller is Caller.PEER and requested is not None and _ahead_of(held, requested):
+                raise BlobUnknown(f"{requested.header()} of {digest} is not here yet")
             self._metrics.coalesced_waits.labels("node").inc()
             return await self._from_download(held, requested, head)
         if held is not None:
@@ -422,7 +424,7 @@ class ContentService:
         """
         if self._peers is None:
             return None
-        found = await self._peers.blob(digest, path, None, head=head)
+        found = await self._peers.blob(digest, path, None, head=head, sharing=download is not None)
         if found is None:
             return None
         if download is None:
@@ -584,6 +586,20 @@ class ContentService:
         )
 
 
+def _ahead_of(download: Download, requested: RangeRequest) -> bool:
+    """Whether a peer's range starts at bytes `download` has not received yet.
+
+    Such a peer resumes after its own source failed, and may be where this node's bytes come
+    from (a chain of sharers: peers/referrals.py): waiting would wait on itself until a read
+    timeout. Refused at once, it asks a holder that is further on. A whole blob (a node
+    joining the swarm) waits for the bytes as they come.
+    """
+    if requested.first is None:
+        return False
+    finished = download.size is not None and download.received >= download.size
+    return not finished and requested.first >= download.received
+
+
 def _unknown(target: Target, message: str) -> RegistryError:
     if target.kind is Kind.BLOB:
         return BlobUnknown(message)
@@ -607,9 +623,15 @@ def _peer_answer(found: PeerBlob, requested: RangeRequest | None) -> BlobAnswer:
 
 
 def _peer_opener(found: PeerBlob) -> Opener:
-    """The origin of a download: a peer's verified stream of a whole blob, already open."""
+    """The origin of a download: a peer's verified stream of a whole blob, already open.
+
+    The peer fetcher checks a whole blob against its digest, holding its last chunk back until
+    it matches, so the download does not hash it again. A holder that answered with a part of
+    it is not verified by the fetcher: the download checks it.
+    """
     chunks = found.chunks
     assert chunks is not None
+    verified = found.offset == 0 and found.length == found.size
 
     async def close() -> None:
         # Lets go of the peer's connection now, not whenever the generator is collected.
@@ -618,7 +640,7 @@ def _peer_opener(found: PeerBlob) -> Opener:
             await aclose()
 
     async def opener() -> Source:
-        return Source(found.size, chunks, close)
+        return Source(found.size, chunks, close, verified=verified)
 
     return opener
 

@@ -26,7 +26,13 @@ class PeerSource(Protocol):
     ) -> PeerManifest | None: ...
 
     async def blob(
-        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
+        self,
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        *,
+        head: bool = False,
+        sharing: bool = False,
     ) -> PeerBlob | None: ...
 
     async def redirect_url(self, digest: Digest, path: str) -> str | None: ...

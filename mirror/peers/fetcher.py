@@ -47,12 +47,17 @@ from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner
 from mirror.peers.ranged import BufferGauge, Opened, RangedStream
+from mirror.peers.referrals import TRY_HEADER, parse_referral, with_sharer
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
+# A blob's hash (`_PipelinedHasher`) takes this many bytes at least per worker call, and may
+# fall this far behind its stream before the stream waits.
+_HASH_BATCH = _CHUNK
+_HASH_AHEAD = 4 * _CHUNK
 # A peer that sent bytes not matching a digest is not asked for that digest again for this long:
 # its node re-hashes and evicts a bad copy on our report within seconds, and bytes damaged on the
 # way (the node's copy is fine) should not cost that peer more than this. Other digests it holds
@@ -145,7 +150,12 @@ class _PeerSlowOrFailed(Exception):
 
 
 class _PeerBusy(Exception):
-    """The peer answered 429: it holds its bound of uploads. Not a failure: ask another."""
+    """The peer answered 429: it holds its bound of uploads. Not a failure: ask another,
+    the sharers it referred to first (peers/referrals.py)."""
+
+    def __init__(self, message: str, referred: list[Provider]) -> None:
+        super().__init__(message)
+        self.referred = referred
 
 
 @dataclass(slots=True)
@@ -318,8 +328,12 @@ class PeerFetcher:
         url_signer: UrlSigner | None = None,
         ranges: int = 1,
         range_size: int = 8 * 1024 * 1024,
+        own: Provider | None = None,
     ) -> None:
         self._router = router
+        # This node as its peers reach it: named in a whole-blob request it will share
+        # (peers/referrals.py), never asked itself. None: it does not share (tests, no cache).
+        self._own = own
         # --peer-ranges and --peer-range-size: a whole blob in `ranges` pieces at once, each
         # of `range_size` bytes (peers/ranged.py); 1: one stream.
         self._ranges = ranges
@@ -418,15 +432,24 @@ class PeerFetcher:
         return None
 
     async def blob(
-        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
+        self,
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        *,
+        head: bool = False,
+        sharing: bool = False,
     ) -> PeerBlob | None:
         """Open the blob (or the client's range of it) at the first provider that answers.
 
         With `head`, only the headers are fetched and `chunks` is None. Providers that answer
         busy are set aside while the DHT is asked for others (a node of the swarm may have
         announced itself meanwhile); only when none is left is the least loaded asked again,
-        as a last resort.
+        as a last resort. `sharing`: this node serves the blob to peers while it arrives, and
+        says so, so a busy provider can refer others to it (peers/referrals.py).
         """
+        if sharing and self._own is not None:
+            path = with_sharer(path, self._own)
         tried: set[bytes] = set()
         busy: list[Provider] = []
         ranged = requested is None and not head and self._ranges > 1
@@ -560,6 +583,7 @@ class PeerFetcher:
                 path,
                 range_header,
                 method,
+                key=str(digest),
                 upload=not head,
                 busy=busy,
                 last_resort=busy is None,
@@ -633,6 +657,7 @@ class PeerFetcher:
         range_header: str | None,
         method: str = "GET",
         *,
+        key: str = "",
         upload: bool = False,
         busy: list[Provider] | None = None,
         last_resort: bool = False,
@@ -641,9 +666,13 @@ class PeerFetcher:
 
         `upload`: a blob GET, which a holder bounds. One that answers busy (429) is no failure:
         it goes into `busy` (for the caller's last resort) and the next provider is asked at
-        once. `last_resort` asks past the holders' bounds.
+        once: first the sharers it referred to (not asked yet here, not this node, trusted for
+        `key`). `last_resort` asks past the holders' bounds.
         """
         waiting = list(candidates)
+        asked = {p.node_id for p in candidates}
+        if self._own is not None:
+            asked.add(self._own.node_id)
         running: dict[asyncio.Task[aiohttp.ClientResponse], Provider] = {}
         try:
             while waiting or running:
@@ -669,6 +698,7 @@ class PeerFetcher:
                     try:
                         return provider, task.result()
                     except _PeerBusy as exc:
+                        waiting[:0] = self._referred(exc.referred, asked, key)
                         if busy is None:
                             self._failed(provider, "busy", exc)
                             continue
@@ -694,6 +724,16 @@ class PeerFetcher:
                 ):
                     continue
                 response.close()
+
+    def _referred(self, referred: list[Provider], asked: set[bytes], key: str) -> list[Provider]:
+        """The sharers a busy provider referred to that are worth asking: new and trusted."""
+        now = self._clock()
+        fresh = [p for p in referred if p.node_id not in asked and self._trusted(p, key, now)]
+        asked.update(p.node_id for p in fresh)
+        if fresh:
+            self._metrics.peer_referrals_followed.inc(len(fresh))
+            log.info("referred to %s", ", ".join(p.address for p in fresh))
+        return fresh
 
     async def _request(
         self,
@@ -728,7 +768,10 @@ class PeerFetcher:
             return response
         response.release()
         if response.status == 429:
-            raise _PeerBusy(f"{response.headers.get(UPLOADS_HEADER, '?')} uploads")
+            raise _PeerBusy(
+                f"{response.headers.get(UPLOADS_HEADER, '?')} uploads",
+                parse_referral(response.headers.get(TRY_HEADER)),
+            )
         if response.status == 416:
             raise RangeNotSatisfiable(
                 "range not satisfiable",
@@ -759,7 +802,9 @@ class PeerFetcher:
         try:
             while True:
                 try:
-                    async for chunk in response.content.iter_chunked(_CHUNK):
+                    # Each piece as the connection received it: iter_chunked would copy them
+                    # together into chunks of its size first, on the event loop.
+                    async for chunk, _ in response.content.iter_chunks():
                         chunk = chunk[: end - position]
                         if not chunk:
                             continue
@@ -818,7 +863,9 @@ class PeerFetcher:
                 break
             candidates = list(spares)
             spares.clear()
-            resumed = await self._resume_from(candidates, path, range_header, position, busy)
+            resumed = await self._resume_from(
+                candidates, digest, path, range_header, position, busy
+            )
             if resumed is not None:
                 spares.extend(p for p in candidates if p is not resumed[0])
                 return resumed
@@ -827,11 +874,12 @@ class PeerFetcher:
         self._metrics.peer_last_resort_fetches.inc()
         ordered = self._loads.least_loaded(busy)
         log.info("every provider of %s is busy; resuming at %s anyway", digest, ordered[0].address)
-        return await self._resume_from(ordered, path, range_header, position, None)
+        return await self._resume_from(ordered, digest, path, range_header, position, None)
 
     async def _resume_from(
         self,
         candidates: list[Provider],
+        digest: Digest,
         path: str,
         range_header: str,
         position: int,
@@ -843,6 +891,7 @@ class PeerFetcher:
                 candidates,
                 path,
                 range_header,
+                key=str(digest),
                 upload=True,
                 busy=busy,
                 last_resort=busy is None,
@@ -1029,24 +1078,49 @@ class _PipelinedHasher:
     """Hashes on a worker thread while the event loop forwards the bytes.
 
     Hashing is the largest cost of proxying a blob (SHA-256 runs at about 1.5 GiB/s per core).
-    hashlib releases the GIL for large updates, so chunk N is hashed while chunk N+1 is being
-    received and chunk N written; at most one chunk is in flight, keeping memory bounded and the
-    updates in order.
+    hashlib releases the GIL for large updates, so the hash runs while the loop receives and
+    passes on the next chunks. Chunks are queued and hashed in order, at least `_HASH_BATCH`
+    bytes of them per worker call (a connection hands over pieces of up to 256 KiB, and every
+    hand-off to a thread and back costs two context switches), one call at a time. `update`
+    only waits when `_HASH_AHEAD` bytes are queued: the hash's latency (a worker must get a
+    CPU and the GIL back) stays off the bytes' way, and memory stays bounded (what is queued,
+    plus the batch being hashed).
     """
 
     def __init__(self, algorithm: str) -> None:
         self._hash = hashlib.new(algorithm)
-        self._pending: asyncio.Future[None] | None = None
+        self._running: asyncio.Future[None] | None = None
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
 
     async def update(self, chunk: bytes) -> None:
-        if self._pending is not None:
-            await self._pending
-        self._pending = asyncio.get_running_loop().run_in_executor(None, self._hash.update, chunk)
+        self._queued.append(chunk)
+        self._queued_bytes += len(chunk)
+        if self._queued_bytes < _HASH_BATCH:
+            return
+        if self._running is not None:
+            if not self._running.done() and self._queued_bytes < _HASH_AHEAD:
+                return
+            await self._running
+        self._start()
+        # A stream whose bytes are all here already (pieces fetched ahead) would otherwise go
+        # through without ever letting the loop's other tasks run.
+        await asyncio.sleep(0)
+
+    def _start(self) -> asyncio.Future[None]:
+        batch, self._queued, self._queued_bytes = self._queued, [], 0
+        self._running = asyncio.get_running_loop().run_in_executor(None, self._hash_all, batch)
+        return self._running
+
+    def _hash_all(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self._hash.update(chunk)
 
     async def hexdigest(self) -> str:
-        if self._pending is not None:
-            await self._pending
-            self._pending = None
+        if self._running is not None:
+            await self._running
+        if self._queued:
+            await self._start()
         return self._hash.hexdigest()
 
 

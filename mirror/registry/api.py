@@ -16,7 +16,7 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.config import DEFAULT_MAX_UPLOADS
+from mirror.config import DEFAULT_BLOB_FANOUT, DEFAULT_MAX_UPLOADS
 from mirror.content.scrub import CorruptionReports
 from mirror.content.service import ContentService
 from mirror.errors import (
@@ -35,6 +35,7 @@ from mirror.oci.mediatypes import OCTET_STREAM
 from mirror.oci.reference import parse_digest
 from mirror.peers.auth import PEER_HEADER
 from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER
+from mirror.peers.referrals import SHARER_PARAM, TRY_HEADER, referral, well_formed_sharer
 from mirror.ranges import parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.paths import parse_target
@@ -109,24 +110,53 @@ class UploadSlots:
     Counted but never refused: a last-resort request (every holder its fetcher found was busy;
     refusing would send the cluster upstream for bytes it holds), and a runtime following a
     signed URL (it would take a 429 for a failure, not for "ask another holder").
+
+    A request from a sharer (a node that serves the blob to peers while it arrives, named in the
+    request: peers/referrals.py) is remembered with its blob while it is sent. Past `fanout`
+    other sharers of the same blob, a refusable request is refused with a referral to them.
     """
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, fanout: int, metrics: Metrics) -> None:
         self.limit = limit  # 0: no bound
+        self.fanout = fanout  # 0: no bound per blob
         self.active = 0
-        self._gauge = metrics.peer_uploads
+        self._sharers: dict[str, list[str]] = {}  # digest -> sharers it is being sent to
+        self._metrics = metrics
 
-    def take(self, *, refusable: bool) -> bool:
-        """Count one more upload; False (nothing counted) when at the bound and `refusable`."""
-        if refusable and self.limit and self.active >= self.limit:
-            return False
+    def take(self, digest: str, sharer: str | None, *, refusable: bool) -> None:
+        """Count one more upload of `digest` to `sharer` (None: not a sharer).
+
+        Raises `TooManyRequests` (nothing counted) when it is `refusable` and this node is at
+        its bound, with a referral (`X-Mirror-Try`) when `fanout` other sharers fetch `digest`.
+        """
+        if refusable:
+            others = [s for s in self._sharers.get(digest, ()) if s != sharer]
+            if self.fanout and len(others) >= self.fanout:
+                self._metrics.peer_uploads_referred.inc()
+                raise TooManyRequests(
+                    f"{len(others)} nodes fetch this blob from this node; ask them",
+                    retry_after=_RETRY_AFTER_SECONDS,
+                    headers={TRY_HEADER: referral(reversed(others))},
+                )
+            if self.limit and self.active >= self.limit:
+                self._metrics.peer_uploads_refused.inc()
+                raise TooManyRequests(
+                    f"this node sends {self.active} blobs to peers; ask another holder",
+                    retry_after=_RETRY_AFTER_SECONDS,
+                )
         self.active += 1
-        self._gauge.set(self.active)
-        return True
+        self._metrics.peer_uploads.set(self.active)
+        if sharer is not None:
+            self._sharers.setdefault(digest, []).append(sharer)
 
-    def give_back(self) -> None:
+    def give_back(self, digest: str, sharer: str | None) -> None:
         self.active -= 1
-        self._gauge.set(self.active)
+        self._metrics.peer_uploads.set(self.active)
+        if sharer is not None:
+            sharers = self._sharers[digest]
+            sharers.remove(sharer)
+            if not sharers:
+                del self._sharers[digest]
 
 
 class RegistryApi:
@@ -138,6 +168,7 @@ class RegistryApi:
         access: AccessPolicy | None = None,
         reports: CorruptionReports | None = None,
         max_uploads: int = DEFAULT_MAX_UPLOADS,
+        blob_fanout: int = DEFAULT_BLOB_FANOUT,
         extensions: Sequence[RouteProvider] = (),
         pulls: PullObserver | None = None,
     ) -> None:
@@ -147,7 +178,7 @@ class RegistryApi:
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
         self._reports = reports
-        self._uploads = UploadSlots(max_uploads, metrics)
+        self._uploads = UploadSlots(max_uploads, blob_fanout, metrics)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._observe])
@@ -174,6 +205,7 @@ class RegistryApi:
             response = error_response(error)
             if isinstance(error, TooManyRequests):
                 response.headers["Retry-After"] = str(error.retry_after)
+                response.headers.update(error.headers)
         except StoreUnavailable as error:
             log.warning("%s %s: %s", request.method, request.path, error)
             response = error_response(ServiceUnavailable(str(error)))
@@ -267,16 +299,13 @@ class RegistryApi:
         that is not a last resort can be refused.
         """
         refusable = PEER_HEADER in request.headers and request.query.get(LAST_RESORT_PARAM) != "1"
-        if not self._uploads.take(refusable=refusable):
-            self._metrics.peer_uploads_refused.inc()
-            raise TooManyRequests(
-                f"this node sends {self._uploads.active} blobs to peers; ask another holder",
-                retry_after=_RETRY_AFTER_SECONDS,
-            )
+        digest = str(target.digest)
+        sharer = well_formed_sharer(request.query.get(SHARER_PARAM))
+        self._uploads.take(digest, sharer, refusable=refusable)
         try:
             return await self._blob(request, target, caller)
         finally:
-            self._uploads.give_back()
+            self._uploads.give_back(digest, sharer)
 
     async def _manifest(
         self, request: web.Request, target: Target, caller: Caller

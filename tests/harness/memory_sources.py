@@ -72,7 +72,13 @@ class MemoryPeers:
         return None
 
     async def blob(
-        self, digest: Digest, path: str, requested: RangeRequest | None, *, head: bool = False
+        self,
+        digest: Digest,
+        path: str,
+        requested: RangeRequest | None,
+        *,
+        head: bool = False,
+        sharing: bool = False,
     ) -> PeerBlob | None:
         candidates = await self._router.find_providers(str(digest))
         return await self.blob_from(candidates, digest, path, requested, head=head)

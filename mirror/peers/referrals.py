@@ -1,0 +1,69 @@
+"""How a busy provider sends a fetcher down the swarm instead of serving it itself.
+
+A node that fetches a blob whole from a peer keeps it and serves it to other peers while it
+arrives (content/service.py), so it says so in its request: `?...&sharer=<node id>@<address>`
+(a query parameter, so the request signature covers it). The provider remembers who is fetching
+each blob from it. When a fetcher asks for a blob that `--blob-fanout` sharers already fetch
+from it, the provider answers `429` with `X-Mirror-Try: <id>@<address>, ...`: those sharers,
+which hold the start of the blob already and get the rest at the provider's pace. The fetcher
+asks them first (peers/fetcher.py); one that is at its own fan-out refers it further down.
+
+So a rollout where every node asks the one holder at once becomes a tree (a chain with a
+fan-out of 1) in a few round trips: every node downloads the blob once and uploads it about
+once, and the holder's link is no longer shared N ways. Requests that are not sharers (a range
+passed through, a last resort) are never referred: they are bounded by `--max-uploads` only.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Iterable
+
+from mirror.routing.router import Provider
+
+SHARER_PARAM = "sharer"
+TRY_HEADER = "X-Mirror-Try"
+# A referral names at most this many sharers: enough to spread, small enough for one header.
+MAX_REFERRED = 8
+# "<40 hex digits>@<host>:<port>", the host a name, an IPv4 address or a bracketed IPv6 one.
+_SHARER = re.compile(r"(?P<id>[0-9a-f]{40})@(?P<address>[A-Za-z0-9.\-\[\]:]{1,260}:[0-9]{1,5})")
+
+
+def describe(provider: Provider) -> str:
+    """`provider` as a sharer parameter or a referral names it."""
+    return f"{provider.node_id.hex()}@{provider.address}"
+
+
+def with_sharer(path: str, sharer: Provider) -> str:
+    """`path` (with or without a query) asking as `sharer`, percent-encoded as it is sent."""
+    value = urllib.parse.quote(describe(sharer), safe="@:")
+    return f"{path}{'&' if '?' in path else '?'}{SHARER_PARAM}={value}"
+
+
+def parse_sharer(text: str | None) -> Provider | None:
+    """The sharer a (decoded) parameter names; None when absent or not well-formed."""
+    if text is None:
+        return None
+    matched = _SHARER.fullmatch(text)
+    if matched is None:
+        return None
+    return Provider(bytes.fromhex(matched["id"]), matched["address"])
+
+
+def well_formed_sharer(text: str | None) -> str | None:
+    """`text` when it names a sharer as `describe` does (the holder keeps the text), else None."""
+    return text if text is not None and _SHARER.fullmatch(text) else None
+
+
+def referral(sharers: Iterable[str]) -> str:
+    """The `X-Mirror-Try` value naming `sharers` (`describe` texts, at most `MAX_REFERRED`)."""
+    return ", ".join(list(sharers)[:MAX_REFERRED])
+
+
+def parse_referral(text: str | None) -> list[Provider]:
+    """The sharers an `X-Mirror-Try` header names, well-formed ones only, in order."""
+    if not text:
+        return []
+    found = (parse_sharer(part.strip()) for part in text.split(",")[:MAX_REFERRED])
+    return [p for p in found if p is not None]
