@@ -167,8 +167,9 @@ class BlobChecker:
             self._metrics.verified_blobs.labels(source).inc()
             if actual == digest.hex:
                 return Verdict.INTACT
-            self._metrics.corrupt_blobs.labels(source, "evicted").inc()
             evicted = await self._cache.evict_corrupt(digest, (info.st_dev, info.st_ino))
+            # Counted once the file is gone: whoever reads the metric can rely on it.
+            self._metrics.corrupt_blobs.labels(source, "evicted").inc()
         finally:
             os.close(fd)
         log.warning(
