@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,36 +20,13 @@ from harness.containerd import ContainerdNode
 from harness.dockerd import DockerNode
 from harness.images import TestImages
 from harness.mirror_node import MirrorNode
+from harness.operator import run_mirror_cli, snapshot
 from harness.registry import Registry
 
 MirrorFactory = Callable[..., MirrorNode]
 
 # The User-Agent mirror sends upstream (mirror.upstream.client).
 MIRROR_AGENT = '"mirror/'
-
-
-def run_mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m mirror ARGS` as an operator runs it; fails the test with its stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, f"mirror {' '.join(args)}: {result.stderr}"
-    return result
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
-    found: dict[str, tuple[bytes | None, int]] = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        content = path.read_bytes() if stat.S_ISREG(info.st_mode) else None
-        found[str(path.relative_to(root))] = (content, info.st_mode)
-    return found
 
 
 def requests_for(registry: Registry, repository: str) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tomllib
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 from harness.images import TestImage, TestImages
 from harness.mirror_node import MirrorNode
+from harness.operator import run_mirror_cli, snapshot
 from harness.podman import PODMAN_BINARY, UNSHARE_BINARY, ContainersHost
 from harness.registry import Registry
 
@@ -49,30 +49,6 @@ def host(tmp_path: Path) -> Iterator[ContainersHost]:
     made = ContainersHost.create(tmp_path / "host")
     yield made
     made.close()
-
-
-def run_mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m mirror ARGS` as an operator runs it; fails the test with its stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, f"mirror {' '.join(args)}: {result.stderr}"
-    return result
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
-    found: dict[str, tuple[bytes | None, int]] = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        content = path.read_bytes() if stat.S_ISREG(info.st_mode) else None
-        found[str(path.relative_to(root))] = (content, info.st_mode)
-    return found
 
 
 def went_through_the_mirror(registry: Registry, repository: str) -> None:

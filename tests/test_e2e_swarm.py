@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,20 +236,26 @@ class Swarm:
         self.net.refuse("c", "a", self.a.port, delete=delete)
 
 
-@pytest.fixture
-def swarm(swarm_net: SwarmNet, tmp_path: Path) -> Iterator[Swarm]:
-    key_file = tmp_path / "cluster.key"
-    keygen(key_file)
-    seeded = seed_cache(tmp_path / "a" / "cache", os.urandom(BLOB_SIZE))
-    routers = {node: f"{swarm_net.ip(node)}:{free_udp_port()}" for node in NODES}
+@contextmanager
+def cluster_of_nodes(
+    net: SwarmNet,
+    base: Path,
+    key_file: Path,
+    flags_of: Callable[[str], list[str]] = lambda node: [],
+) -> Iterator[list[MirrorNode]]:
+    """Nodes A, B and C on their node caches, one keyed cluster, met; stopped on exit.
+
+    `flags_of(node)`: more flags for that node's `mirror run`.
+    """
+    routers = {node: f"{net.ip(node)}:{free_udp_port()}" for node in NODES}
     started: list[MirrorNode] = []
     try:
         for node in NODES:
             started.append(
                 start_in(
-                    swarm_net,
+                    net,
                     node,
-                    tmp_path / node,
+                    base / node,
                     "--store=cache",
                     f"--cluster-key-file={key_file}",
                     f"--router-addr={routers[node]}",
@@ -256,19 +263,29 @@ def swarm(swarm_net: SwarmNet, tmp_path: Path) -> Iterator[Swarm]:
                     "--resolve-timeout=200ms",
                     "--upstream-fallback=false",
                     # The test, on the bridge, is every node's runtime.
-                    f"--allow-client={swarm_net.host_ip}/32",
+                    f"--allow-client={net.host_ip}/32",
+                    *flags_of(node),
                 )
             )
-        built = Swarm(swarm_net, seeded, *started, key_file=key_file)
         for mirror in started:
             wait_until(
                 lambda m=mirror: m.metric("mirror_dht_contacts") >= 2, f"{mirror.address} to meet"
             )
+        yield started
+    finally:
+        stop_all(started)
+
+
+@pytest.fixture
+def swarm(swarm_net: SwarmNet, tmp_path: Path) -> Iterator[Swarm]:
+    key_file = tmp_path / "cluster.key"
+    keygen(key_file)
+    seeded = seed_cache(tmp_path / "a" / "cache", os.urandom(BLOB_SIZE))
+    with cluster_of_nodes(swarm_net, tmp_path, key_file) as started:
+        built = Swarm(swarm_net, seeded, *started, key_file=key_file)
         # B finds A's blob (a HEAD only asks: nothing is fetched yet).
         wait_until(lambda: status_of(built.url(built.b)) == 200, "B to find the blob at A")
         yield built
-    finally:
-        stop_all(started)
 
 
 class Pull(threading.Thread):
@@ -428,30 +445,11 @@ def test_a_large_layer_comes_in_ranges_from_two_holders(
     data = os.urandom(64 * MIB)
     seeded = seed_cache(tmp_path / "a" / "cache", data)
     seed_cache(tmp_path / "b" / "cache", data)
-    routers = {node: f"{swarm_net.ip(node)}:{free_udp_port()}" for node in NODES}
-    started: list[MirrorNode] = []
-    try:
-        for node in NODES:
-            started.append(
-                start_in(
-                    swarm_net,
-                    node,
-                    tmp_path / node,
-                    "--store=cache",
-                    f"--cluster-key-file={key_file}",
-                    f"--router-addr={routers[node]}",
-                    f"--bootstrap=static:{','.join(routers.values())}",
-                    "--resolve-timeout=200ms",
-                    "--upstream-fallback=false",
-                    f"--allow-client={swarm_net.host_ip}/32",
-                    *(["--peer-ranges=4"] if node == "c" else []),
-                )
-            )
-        a, b, c = started
-        for mirror in started:
-            wait_until(
-                lambda m=mirror: m.metric("mirror_dht_contacts") >= 2, f"{mirror.address} to meet"
-            )
+
+    def flags_of(node: str) -> list[str]:
+        return ["--peer-ranges=4"] if node == "c" else []
+
+    with cluster_of_nodes(swarm_net, tmp_path, key_file, flags_of) as (a, b, c):
         for holder in (a, b):
             wait_until(
                 lambda m=holder: m.metric("mirror_advertised_keys", kind="digest") >= 3,
@@ -466,8 +464,6 @@ def test_a_large_layer_comes_in_ranges_from_two_holders(
         sent = [served_blob_bytes(a), served_blob_bytes(b)]
         assert all(count > 0 for count in sent) and sum(sent) >= len(data), sent
         wait_until(lambda: c.metric("mirror_cache_bytes") == len(data), "C to keep the layer")
-    finally:
-        stop_all(started)
 
 
 # --- the runtimes ---------------------------------------------------------------------------
