@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -153,6 +154,23 @@ async def test_streams_a_whole_blob(peers: Peers) -> None:
     fetcher = await fetcher_for(await peers.add(good))
     try:
         assert await read_all(fetcher) == BLOB
+    finally:
+        await fetcher.close()
+
+
+async def test_a_long_body_is_received_by_a_thread_of_its_own(peers: Peers) -> None:
+    """Past aiohttp's per-chunk path (peers/receiver.py); the thread is gone with the blob."""
+    fetcher = await fetcher_for(await peers.add(good))
+    try:
+        blob = await fetcher.blob(DIGEST, PATH, None)
+        assert blob is not None and blob.chunks is not None
+        chunks = [await anext(blob.chunks)]
+        assert [t for t in threading.enumerate() if t.name == "peer-body"]
+        chunks.extend([chunk async for chunk in blob.chunks])
+        assert b"".join(chunks) == BLOB
+        for thread in [t for t in threading.enumerate() if t.name == "peer-body"]:
+            await asyncio.to_thread(thread.join, 5)  # told to end: it says so as its last act
+            assert not thread.is_alive()
     finally:
         await fetcher.close()
 

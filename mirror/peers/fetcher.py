@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ import random
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner
 from mirror.peers.ranged import BufferGauge, Opened, RangedStream
+from mirror.peers.receiver import BodyBroken, ThreadedBody, can_take_over
 from mirror.peers.referrals import TRY_HEADER, parse_referral, with_sharer
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
@@ -348,6 +350,7 @@ class PeerFetcher:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
+        self._read_timeout = read_timeout
         self._clock = clock
         # (node id, key) -> until when that node is not asked for that key; node id -> for all.
         self._distrusted: dict[tuple[bytes, str], float] = {}
@@ -802,24 +805,25 @@ class PeerFetcher:
         try:
             while True:
                 try:
-                    # Each piece as the connection received it: iter_chunked would copy them
-                    # together into chunks of its size first, on the event loop.
-                    async for chunk, _ in response.content.iter_chunks():
-                        chunk = chunk[: end - position]
-                        if not chunk:
-                            continue
-                        position += len(chunk)
-                        received += len(chunk)
-                        if hasher is not None:
-                            await hasher.update(chunk)
-                        if held is not None:
-                            yield held
-                        held = chunk
+                    body = self._body(response, end - position, hasher)
+                    async with contextlib.aclosing(body):
+                        async for chunk in body:
+                            position += len(chunk)
+                            received += len(chunk)
+                            if held is not None:
+                                yield held
+                            held = chunk
                     if position < end:
                         raise _PeerSlowOrFailed(f"ended at byte {position} of {end}")
                     self._loads.measured(provider, received, self._clock() - since)
                     break
-                except (_PeerSlowOrFailed, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                except (
+                    _PeerSlowOrFailed,
+                    BodyBroken,
+                    aiohttp.ClientError,
+                    TimeoutError,
+                    OSError,
+                ) as exc:
                     response.close()
                     self._loads.measured(provider, received, self._clock() - since)
                     self._failed(provider, "broken", exc)
@@ -838,6 +842,36 @@ class PeerFetcher:
                 yield held
         finally:
             response.close()
+
+    async def _body(
+        self,
+        response: aiohttp.ClientResponse,
+        remaining: int,
+        hasher: _PipelinedHasher | None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The rest of `response`'s body, `remaining` bytes, each added to `hasher` in order.
+
+        A long body is received by a thread of its own (peers/receiver.py: a third of the CPU
+        on this node); a short or unusual one through aiohttp, piece by piece as the
+        connection received it (iter_chunked would copy them together on the event loop).
+        """
+        if can_take_over(response, remaining):
+            digest = await hasher.settled() if hasher is not None else None
+            body = ThreadedBody(response, remaining, digest, stall_seconds=self._read_timeout)
+            try:
+                async for piece in body:
+                    yield piece
+            finally:
+                await body.aclose()
+            return
+        async for chunk, _ in response.content.iter_chunks():
+            chunk = chunk[:remaining]
+            if not chunk:
+                continue
+            remaining -= len(chunk)
+            if hasher is not None:
+                await hasher.update(chunk)
+            yield chunk
 
     async def _resume(
         self,
@@ -1116,12 +1150,17 @@ class _PipelinedHasher:
         for chunk in batch:
             self._hash.update(chunk)
 
-    async def hexdigest(self) -> str:
+    async def settled(self) -> hashlib._Hash:
+        """The hash with every byte given so far in it, for a caller that updates it directly
+        next (and gives nothing to `update` meanwhile)."""
         if self._running is not None:
             await self._running
         if self._queued:
             await self._start()
-        return self._hash.hexdigest()
+        return self._hash
+
+    async def hexdigest(self) -> str:
+        return (await self.settled()).hexdigest()
 
 
 def _extent(response: aiohttp.ClientResponse) -> tuple[int, int, int]:
