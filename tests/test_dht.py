@@ -104,6 +104,31 @@ async def test_withdraw_removes_the_record() -> None:
             assert provider(nodes[0]) not in node.local_providers(text)
 
 
+async def test_a_key_announced_moments_ago_is_not_announced_again() -> None:
+    """A node announces a blob when it starts fetching it and again when its runtime stored it:
+    the second, within a quarter of the record TTL, costs no DHT traffic. A withdrawal in
+    between (the fetch failed) makes the next announcement go out."""
+    async with cluster(5) as nodes:
+        text = "sha256:" + "0a" * 32
+        sent: list[object] = []
+        add_provider = nodes[1]._client.add_provider
+
+        def counted(*args: object, **kwargs: object) -> object:
+            sent.append(args)
+            return add_provider(*args, **kwargs)  # type: ignore[arg-type]
+
+        nodes[1]._client.add_provider = counted  # type: ignore[method-assign,assignment]
+        assert await nodes[1].provide(text)
+        first = len(sent)
+        assert first > 0
+        assert await nodes[1].provide(text)
+        assert len(sent) == first
+        await nodes[1].withdraw(text)
+        assert await nodes[1].provide(text)
+        assert len(sent) > first
+        assert await eventually_found(nodes[2], text, [provider(nodes[1])]) == [provider(nodes[1])]
+
+
 async def test_records_expire_unless_reannounced() -> None:
     async with cluster(4, record_ttl=0.3) as nodes:
         text = "sha256:" + "03" * 32

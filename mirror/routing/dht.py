@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# A key announced less than this fraction of the record TTL ago is not announced again: its
+# records are fresh wherever they were stored (a re-announce tick comes at half the TTL).
+_FRESH_FRACTION = 4
+# Past this many keys remembered as announced, the ones no longer fresh are forgotten.
+_PROVIDED_REMEMBERED = 4096
+
 
 class DhtNode:
     """This node's membership in the cluster DHT of provider records (see `DhtSettings`)."""
@@ -127,6 +133,8 @@ class DhtNode:
             store=self._claims,
         )
         self._refresh: asyncio.Task[None] | None = None
+        # Hashed key -> when this node last announced it with success (`provide`).
+        self._provided: dict[bytes, float] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -200,8 +208,13 @@ class DhtNode:
         """
         client = self._running()
         hashed = dht_key(key)
-        closest = await self._crawler.closest_nodes(hashed)
         ksize, ttl = self._settings.ksize, self._settings.record_ttl
+        now = time.monotonic()
+        if now - self._provided.get(hashed, -math.inf) < ttl / _FRESH_FRACTION:
+            # A node announces what it starts fetching and again when its runtime stored it,
+            # seconds apart: the records from the first are fresh at every node that took them.
+            return True
+        closest = await self._crawler.closest_nodes(hashed)
         stored_here = len(closest) < ksize or distance(self.node_id, hashed) < distance(
             closest[-1].id, hashed
         )
@@ -212,11 +225,22 @@ class DhtNode:
         )
         accepted = sum(1 for reply in replies if reply is True)
         log.debug("provided %s: %d remote copies, local=%s", key, accepted, stored_here)
-        return stored_here or accepted > 0
+        if stored_here or accepted > 0:
+            self._remember_provided(hashed, now)
+            return True
+        return False
+
+    def _remember_provided(self, hashed: bytes, now: float) -> None:
+        self._provided[hashed] = now
+        if len(self._provided) > _PROVIDED_REMEMBERED:
+            fresh = self._settings.record_ttl / _FRESH_FRACTION
+            for old in [k for k, at in self._provided.items() if now - at >= fresh]:
+                del self._provided[old]
 
     async def withdraw(self, key: str) -> None:
         """Best effort: drop our record from the closest nodes (the rest expire with the TTL)."""
         hashed = dht_key(key)
+        self._provided.pop(hashed, None)
         self._store.remove(hashed, self.node_id)
         if not self._rpc.listening:
             return
