@@ -71,6 +71,7 @@ from common import (
     OtherLoad,
     add_lab_arguments,
     add_lab_tool_arguments,
+    add_shaping_arguments,
     build_image,
     check_socket_paths,
     congestion_control_in,
@@ -347,11 +348,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--nodes", type=int, default=8, help="nodes pulling at once (default: 8)")
     parser.add_argument("--image-mib", type=int, default=75, help="image size (default: 75)")
-    parser.add_argument(
-        "--rate", default="100mbit", help="tbf rate of upstream's egress (default: 100mbit)"
-    )
-    parser.add_argument("--burst", default="128kb", help="tbf burst (default: 128kb)")
-    parser.add_argument("--latency", default="50ms", help="tbf latency (default: 50ms)")
+    add_shaping_arguments(parser, rate="100mbit", burst="128kb", links="upstream's egress")
     parser.add_argument(
         "--modes",
         default=",".join(MODES),

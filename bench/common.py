@@ -1296,6 +1296,15 @@ def add_lab_arguments(parser: argparse.ArgumentParser, *, unit: str) -> None:
     )
 
 
+def add_shaping_arguments(
+    parser: argparse.ArgumentParser, *, rate: str, burst: str, links: str
+) -> None:
+    """--rate, --burst and --latency of the `tc ... tbf` on `links` (see `shape_egress`)."""
+    parser.add_argument("--rate", default=rate, help=f"tbf rate of {links} (default: {rate})")
+    parser.add_argument("--burst", default=burst, help=f"tbf burst (default: {burst})")
+    parser.add_argument("--latency", default="50ms", help="tbf latency (default: 50ms)")
+
+
 def add_lab_tool_arguments(parser: argparse.ArgumentParser) -> None:
     """--python (what runs the mirrors) and --tmp-dir."""
     parser.add_argument(

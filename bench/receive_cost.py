@@ -35,6 +35,7 @@ from common import (
     REPO,
     Lab,
     LabNames,
+    add_shaping_arguments,
     check_leftovers,
     check_subnet,
     in_ns,
@@ -185,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256, help="blob size (default: 256)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode (default: 3)")
-    parser.add_argument(
-        "--rate", default="200mbit", help="tbf rate of both links, or none: loopback"
-    )
-    parser.add_argument("--burst", default="512kb", help="tbf burst (default: 512kb)")
-    parser.add_argument("--latency", default="50ms", help="tbf latency (default: 50ms)")
+    add_shaping_arguments(parser, rate="200mbit", burst="512kb", links="both links; none: loopback")
     parser.add_argument("--python", default=sys.executable, help="Python for both ends")
     parser.add_argument("--tmp-dir", default=None, help="parent of the temporary directory")
     parser.add_argument(

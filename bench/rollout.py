@@ -74,6 +74,7 @@ from common import (
     OtherLoad,
     add_lab_arguments,
     add_lab_tool_arguments,
+    add_shaping_arguments,
     build_image,
     check_socket_paths,
     congestion_control_in,
@@ -726,9 +727,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(MODES),
         help=f"comma-separated, run in this order for each scenario (default: {','.join(MODES)})",
     )
-    parser.add_argument(
-        "--rate", default="1gbit", help="tbf rate of every link, both ways (default: 1gbit)"
-    )
+    add_shaping_arguments(parser, rate="1gbit", burst="512kb", links="every link, both ways")
     parser.add_argument(
         "--cpus-per-node",
         type=float,
@@ -737,8 +736,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "simulated machine its own share, so a run is not bound by this host's cores (keep "
         "(N + 2) x share under the host's CPUs); default: no cap, all share the host",
     )
-    parser.add_argument("--burst", default="512kb", help="tbf burst (default: 512kb)")
-    parser.add_argument("--latency", default="50ms", help="tbf latency (default: 50ms)")
     add_lab_arguments(parser, unit="case")
     parser.add_argument(
         "--mirror-arg",

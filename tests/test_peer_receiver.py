@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -107,6 +109,44 @@ async def test_a_body_arrives_whole_in_order_and_hashed(
     assert all(isinstance(piece, bytes) and len(piece) <= receiver._PIECE for piece in pieces)
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     await no_body_thread_left()
+
+
+async def test_a_kernel_refusing_the_low_water_mark_still_gets_the_whole_body(
+    server: Server, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SO_RCVLOWAT only saves wake-ups: refused, the thread reads as the data comes."""
+    refused: list[int] = []
+
+    class NoLowWater(socket.socket):
+        def setsockopt(self, level: int, option: int, value: object) -> None:  # type: ignore[override]
+            if option == socket.SO_RCVLOWAT:
+                refused.append(option)
+                raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+            super().setsockopt(level, option, value)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(socket, "socket", NoLowWater)  # the thread's socket is made after this
+    data = os.urandom(3 * MIB + 7)
+    first = MIB + 100
+    more = asyncio.Event()
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(head(len(data)) + data[:first])
+        await writer.drain()
+        await more.wait()  # the thread runs out of bytes meanwhile and has to wait for more
+        writer.write(data[first:])
+        await writer.drain()
+
+    server.script = send
+    async with taken_over(session, server, len(data)) as (body, digest):
+        received: list[bytes] = []
+        async with asyncio.timeout(10):
+            while sum(map(len, received)) < first:
+                received.append(await anext(body))
+        more.set()
+        received.extend([piece async for piece in body])
+    assert b"".join(received) == data
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert refused, "the thread never asked for a low-water mark"
 
 
 async def test_a_trickling_body_is_handed_on_before_a_buffer_fills(

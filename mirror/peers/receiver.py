@@ -110,7 +110,7 @@ class ThreadedBody(AsyncIterator[bytes]):
         self._socket.setblocking(False)
         self._poller = select.poll()
         self._poller.register(self._socket, select.POLLIN)
-        self._low_water = 1
+        self._low_water = 1  # what SO_RCVLOWAT is set to; 0: the kernel refused it
         self._stall_seconds = stall_seconds
         self._last_byte = time.monotonic()
         # Closing the socket (the thread) and shutting it down (`aclose`) never overlap: a
@@ -215,10 +215,19 @@ class ThreadedBody(AsyncIterator[bytes]):
         return bytes(buffer[:filled])
 
     def _wake_at(self, count: int) -> None:
-        """Have the socket report readable only once `count` bytes are there (or it ends)."""
-        if count != self._low_water:
+        """Have the socket report readable only once `count` bytes are there (or it ends).
+
+        Only a saving: where the kernel refuses the option, the thread wakes for every few
+        packets instead, as aiohttp would.
+        """
+        if count == self._low_water or self._low_water == 0:
+            return
+        try:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
-            self._low_water = count
+        except OSError as exc:
+            log.debug("SO_RCVLOWAT refused (%s): waking for every packet", exc)
+            count = 0
+        self._low_water = count
 
     def _hand_over(self, piece: bytes | BaseException | None) -> None:
         self._call_loop(self._arrive, piece)
