@@ -32,6 +32,7 @@ from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
 from mirror.errors import StoreUnavailable
 from mirror.metrics import SOURCE_UPSTREAM, Metrics
 from mirror.oci.reference import Digest, parse_digest
+from mirror.peers.receiver import SinkSlot
 from mirror.ranges import RangeRequest
 from mirror.request import Caller, Kind, Target
 from mirror.routing.memory import MemoryCluster, MemoryRouter
@@ -243,6 +244,54 @@ async def test_a_disk_that_fills_mid_blob_streams_the_rest_through(small_disk: P
     assert sample(metrics, "mirror_cache_passthrough_total", reason="no-space") == 1
     # The temp file's space is given back: only the filler takes room.
     assert shutil.disk_usage(small_disk).used - filler.stat().st_size < 64 * 1024
+
+
+class ThreadWrittenOrigin(Origin):
+    """A verified peer stream whose receiving thread writes into the cache itself, as
+    peers/receiver.py does: each piece offered to the sink on a worker thread, what the sink
+    does not take (not its turn, or its file full) passed on as bytes."""
+
+    async def open(self) -> Source:
+        self.slot = SinkSlot()
+        return Source(len(self.data), self._offered(), self._close, verified=True, sink=self.slot)
+
+    async def _offered(self) -> AsyncIterator[bytes]:
+        offset = 0
+        for start in range(0, len(self.data), CHUNK):
+            await self.gate.acquire()
+            piece = self.data[start : start + CHUNK]
+            sink, taken = self.slot.target, 0
+            if sink is not None:
+                written = await asyncio.to_thread(sink, memoryview(piece), offset)
+                taken = written or 0
+            if taken < len(piece):
+                yield piece[taken:]
+            offset += len(piece)
+
+
+async def test_a_disk_that_fills_while_a_receiving_thread_writes_streams_the_rest_through(
+    small_disk: Path,
+) -> None:
+    metrics = Metrics()
+    cache = await started_cache(small_disk / "cache", metrics)
+    data, digest = blob_of(6 * MiB, seed=3)
+    downloads = Downloads(cache, window=MiB)
+    origin = ThreadWrittenOrigin(data)
+    download, _ = downloads.reserve(digest)
+    downloads.begin(download, origin.open)
+    first, second = download.read(0, len(data)), download.read(0, len(data))
+    origin.release(1)
+    head = await first.__anext__()  # written by the "thread" and told to the readers
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 2 * MiB))
+    origin.release()
+    results = await asyncio.wait_for(asyncio.gather(rest(first), rest(second)), 20)
+    assert [head + results[0], results[1]] == [data, data]
+    assert download.task is not None
+    await download.task
+    assert download.passthrough == "no-space" and not download.kept
+    assert 2 * MiB <= download.on_disk < len(data)
+    assert await cache.stat(digest) is None and tmp_files(cache) == []
 
 
 async def test_a_disk_that_fills_mid_blob_evicts_what_is_not_open_and_keeps_the_blob(

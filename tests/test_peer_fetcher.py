@@ -13,6 +13,7 @@ import hashlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from harness.dht import cluster
 
 from mirror.clusterkey import ClusterKey
+from mirror.content.downloads import Downloads, Source
 from mirror.errors import DigestMismatch, PeerUnavailable
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
@@ -37,6 +39,7 @@ from mirror.peers.referrals import (
 from mirror.ranges import RangeRequest, resolve_range
 from mirror.routing.memory import MemoryCluster, MemoryRouter
 from mirror.routing.router import Provider
+from mirror.stores.cache import BlobWriter, CacheStore
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
 BLOB = bytes(range(256)) * 16384  # 4 MiB
@@ -173,6 +176,67 @@ async def test_a_long_body_is_received_by_a_thread_of_its_own(peers: Peers) -> N
             assert not thread.is_alive()
     finally:
         await fetcher.close()
+
+
+async def test_a_shared_blob_is_written_into_the_cache_by_the_receiving_threads(
+    peers: Peers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a node keeps and shares never enters the event loop on its way in: the threads
+    receiving the peers' bodies write it into the cache's temp file, across a resume from
+    another provider too; the blob is kept whole and readers get every byte."""
+    loop_writes: list[int] = []
+    write = BlobWriter.write
+
+    async def counted(self: BlobWriter, chunk: bytes) -> None:
+        loop_writes.append(len(chunk))
+        await write(self, chunk)
+
+    monkeypatch.setattr(BlobWriter, "write", counted)
+    dying = await peers.add(dying_after(1_500_000))
+    spare = await peers.add(good)
+    fetcher = PeerFetcher(router_for(dying, spare), RequestSigner(KEY), Metrics(), hedge_after=5)
+    await fetcher.start()
+    try:
+        # Shuffling may put the spare first; again until the dying peer was asked first.
+        for attempt in range(50):
+            peers.seen.clear()
+            loop_writes.clear()
+            cache = CacheStore(tmp_path / f"cache-{attempt}")
+            await cache.start()
+            await keep_through_a_download(fetcher, cache)
+            if peers.seen[0][0] == 0:
+                break
+        assert peers.seen[0] == (0, None) and peers.seen[1][0] == 1  # resumed at the spare
+        assert loop_writes == [], "bytes went through the event loop's writes"
+    finally:
+        await fetcher.close()
+
+
+async def keep_through_a_download(fetcher: PeerFetcher, cache: CacheStore) -> None:
+    """Fetch the blob from peers into `cache` as a node sharing it does (content/service.py)."""
+    downloads = Downloads(cache)
+    try:
+        found = await fetcher.blob(DIGEST, PATH, None, sharing=True)
+        assert found is not None and found.chunks is not None and found.sink is not None
+        chunks, sink = found.chunks, found.sink
+        download, _ = downloads.reserve(DIGEST)
+
+        async def opener() -> Source:
+            return Source(len(BLOB), chunks, _nothing, verified=True, sink=sink)
+
+        downloads.begin(download, opener)
+        reader = download.read(0, len(BLOB))
+        assert b"".join([chunk async for chunk in reader]) == BLOB
+        assert download.task is not None
+        await download.task
+        assert download.kept and await cache.stat(DIGEST) == len(BLOB)
+        assert cache.blob_path(DIGEST).read_bytes() == BLOB
+    finally:
+        await downloads.close()
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def test_a_peer_dying_mid_blob_is_resumed_elsewhere_with_a_range(peers: Peers) -> None:

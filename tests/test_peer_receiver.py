@@ -261,6 +261,80 @@ async def test_a_reader_that_takes_nothing_holds_the_thread_back(
     assert b"".join(rest) == data
 
 
+@contextlib.asynccontextmanager
+async def sunk(
+    session: aiohttp.ClientSession, server: Server, length: int, sink: receiver.Sink, offset: int
+) -> AsyncIterator[ThreadedBody]:
+    async with session.get(f"http://127.0.0.1:{server.port}/blob") as response:
+        body = ThreadedBody(response, length, None, stall_seconds=5, sink=sink, offset=offset)
+        try:
+            yield body
+        finally:
+            await body.aclose()
+
+
+async def test_a_sink_takes_the_body_on_the_thread_and_the_loop_gets_counts(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(5 * MIB + 3)
+    taken: list[tuple[int, bytes, str]] = []
+
+    def sink(piece: memoryview, offset: int) -> int:
+        taken.append((offset, bytes(piece), threading.current_thread().name))
+        return len(piece)
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(head(len(data)) + data)
+        await writer.drain()
+
+    server.script = send
+    async with sunk(session, server, len(data), sink, offset=1000) as body:
+        items = [item async for item in body]
+    assert all(isinstance(item, int) for item in items), "bytes reached the event loop"
+    assert sum(items) == len(data)  # type: ignore[arg-type]
+    assert b"".join(piece for _, piece, _ in taken) == data
+    offsets = [offset for offset, _, _ in taken]
+    assert offsets[0] == 1000
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    assert {name for _, _, name in taken} == {"peer-body"}
+
+
+async def test_what_the_sink_does_not_take_comes_to_the_loop_as_bytes(
+    server: Server, session: aiohttp.ClientSession
+) -> None:
+    """Not its turn (0): that piece comes as bytes. Short, then None (its file is full): the
+    rest of that piece and every later one come as bytes. In order, nothing lost."""
+    data = os.urandom(6 * MIB)
+    calls: list[int] = []
+    placed = bytearray(len(data))
+
+    def sink(piece: memoryview, offset: int) -> int | None:
+        calls.append(offset)
+        count = {1: 0, 2: len(piece), 3: len(piece) // 2}.get(len(calls))
+        if count is not None:
+            placed[offset : offset + count] = piece[:count]
+        return count
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(head(len(data)) + data)
+        await writer.drain()
+
+    server.script = send
+    position, kinds = 0, []
+    async with sunk(session, server, len(data), sink, offset=0) as body:
+        async for item in body:
+            if isinstance(item, int):
+                kinds.append("sunk")
+                position += item
+            else:
+                kinds.append("bytes")
+                placed[position : position + len(item)] = item
+                position += len(item)
+    assert position == len(data) and bytes(placed) == data
+    assert len(calls) == 4, "the sink was asked again after it said it takes nothing more"
+    assert kinds[:4] == ["bytes", "sunk", "sunk", "bytes"] and set(kinds[4:]) == {"bytes"}
+
+
 @pytest.mark.parametrize(
     ("length", "extra", "why"),
     [

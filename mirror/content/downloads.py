@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from mirror.errors import CacheFull, DigestMismatch, MirrorError, StoreUnavailable
 from mirror.metrics import SOURCE_UPSTREAM
 from mirror.oci.reference import Digest
+from mirror.peers.receiver import Sink, SinkSlot
 from mirror.stores.cache import PASSTHROUGH_NO_SPACE, BlobWriter, CacheStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class Source:
     chunks: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
     verified: bool = False
+    # A verified peer stream whose receiving threads can write into the cache file themselves
+    # (peers/receiver.py): then `chunks` yields only what they did not write.
+    sink: SinkSlot | None = None
 
 
 Opener = Callable[[], Awaitable[Source | None]]
@@ -237,6 +241,8 @@ class Download:
             async with self._cache.writer(
                 self.digest, source.size, verified=source.verified
             ) as writer:
+                if source.sink is not None and source.verified:
+                    source.sink.target = self._sink_into(writer)
                 await self._write(source.chunks, writer)
                 return
         except CacheFull:  # no room even for the temp file: nothing was written
@@ -244,6 +250,27 @@ class Download:
                 self.digest, source.size, PASSTHROUGH_NO_SPACE, "the cache's disk is full"
             )
         await self._pass_through(source.chunks, self._hasher(source), PASSTHROUGH_NO_SPACE)
+
+    def _sink_into(self, writer: BlobWriter) -> Sink:
+        """Writes a receiving thread makes into `writer` itself, each told to the readers.
+
+        The bytes never enter the event loop on their way in: the thread writes them (in
+        order, after whatever came through `chunks` before them, `BlobWriter.write_at`), and
+        the loop only learns how far the file has grown.
+        """
+        loop = self._loop
+
+        def sink(piece: memoryview, offset: int) -> int | None:
+            written = writer.write_at(piece, offset)
+            if written:
+                loop.call_soon_threadsafe(self._grown, writer)
+            return written
+
+        return sink
+
+    def _grown(self, writer: BlobWriter) -> None:
+        self._advance(writer.written)
+        self._flush_ahead()
 
     def _hasher(self, source: Source) -> hashlib._Hash | None:
         """A hash to check `source`'s bytes with; None when the source checks them itself."""

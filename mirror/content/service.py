@@ -640,7 +640,7 @@ def _peer_opener(found: PeerBlob) -> Opener:
             await aclose()
 
     async def opener() -> Source:
-        return Source(found.size, chunks, close, verified=verified)
+        return Source(found.size, chunks, close, verified=verified, sink=found.sink)
 
     return opener
 

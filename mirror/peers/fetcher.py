@@ -48,7 +48,7 @@ from mirror.oci.mediatypes import MAX_MANIFEST_SIZE, detect_manifest_type
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner
 from mirror.peers.ranged import BufferGauge, Opened, RangedStream
-from mirror.peers.receiver import BodyBroken, ThreadedBody, can_take_over
+from mirror.peers.receiver import BodyBroken, Sink, SinkSlot, ThreadedBody, can_take_over
 from mirror.peers.referrals import TRY_HEADER, parse_referral, with_sharer
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
@@ -124,12 +124,18 @@ class PeerManifest:
 
 @dataclass(slots=True)
 class PeerBlob:
-    """A blob (or a slice of it) streaming from peers: headers known, body not yet read."""
+    """A blob (or a slice of it) streaming from peers: headers known, body not yet read.
+
+    `sink`: where the stream's long bodies can be written on their receiving threads instead
+    of passing through `chunks` (peers/receiver.py); set its target before reading `chunks`,
+    which then yields only what the target did not take. None: a stream in pieces or a HEAD.
+    """
 
     size: int
     offset: int
     length: int
     chunks: AsyncIterator[bytes] | None
+    sink: SinkSlot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,8 +620,11 @@ class PeerFetcher:
                 chunks = self._ranged(digest, path, (provider, response), candidates, size)
                 return PeerBlob(size, 0, size, chunks)
         # One stream: not ranged, or the holder ignored the range, or one piece is the blob.
-        chunks = self._stream(digest, path, provider, response, candidates, size, offset, length)
-        return PeerBlob(size, offset, length, chunks)
+        slot = SinkSlot()
+        chunks = self._stream(
+            digest, path, provider, response, candidates, size, offset, length, slot
+        )
+        return PeerBlob(size, offset, length, chunks, slot)
 
     async def _ranged(
         self,
@@ -792,6 +801,7 @@ class PeerFetcher:
         size: int,
         offset: int,
         length: int,
+        slot: SinkSlot,
     ) -> AsyncIterator[bytes]:
         end = offset + length
         position = offset
@@ -805,9 +815,18 @@ class PeerFetcher:
         try:
             while True:
                 try:
-                    body = self._body(response, end - position, hasher)
+                    if held is not None and slot.target is not None:
+                        # Not the last chunk after all: out before the new body's thread may
+                        # write what follows it (the sink takes bytes only in order).
+                        yield held
+                        held = None
+                    body = self._body(response, end - position, hasher, slot.target, position)
                     async with contextlib.aclosing(body):
                         async for chunk in body:
+                            if isinstance(chunk, int):  # written by the receiving thread
+                                position += chunk
+                                received += chunk
+                                continue
                             position += len(chunk)
                             received += len(chunk)
                             if held is not None:
@@ -848,16 +867,27 @@ class PeerFetcher:
         response: aiohttp.ClientResponse,
         remaining: int,
         hasher: _PipelinedHasher | None,
-    ) -> AsyncGenerator[bytes, None]:
-        """The rest of `response`'s body, `remaining` bytes, each added to `hasher` in order.
+        sink: Sink | None = None,
+        position: int = 0,
+    ) -> AsyncGenerator[bytes | int, None]:
+        """The rest of `response`'s body, `remaining` bytes from `position`, each added to
+        `hasher` in order.
 
         A long body is received by a thread of its own (peers/receiver.py: a third of the CPU
-        on this node); a short or unusual one through aiohttp, piece by piece as the
+        on this node), which writes it into `sink` when there is one (yielding the counts
+        written); a short or unusual one comes through aiohttp, piece by piece as the
         connection received it (iter_chunked would copy them together on the event loop).
         """
         if can_take_over(response, remaining):
             digest = await hasher.settled() if hasher is not None else None
-            body = ThreadedBody(response, remaining, digest, stall_seconds=self._read_timeout)
+            body = ThreadedBody(
+                response,
+                remaining,
+                digest,
+                stall_seconds=self._read_timeout,
+                sink=sink,
+                offset=position,
+            )
             try:
                 async for piece in body:
                     yield piece

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -49,6 +50,20 @@ _EARLY_SECONDS = 0.05
 _AHEAD = 4
 # How often a thread waiting for its reader looks whether it was stopped.
 _WAKE_SECONDS = 1.0
+
+
+# Takes a piece of the body that starts at byte `offset` of the blob (into a cache file), on the
+# receiving thread: how many bytes it took now (0: not now, the bytes before it are not written
+# yet), or None when it takes nothing any more (the file is full or gone).
+Sink = Callable[[memoryview, int], "int | None"]
+
+
+@dataclass(slots=True)
+class SinkSlot:
+    """Where a stream's bodies are written instead of being handed to the event loop, once
+    whoever keeps the blob sets `target` (content/downloads.py, before reading the stream)."""
+
+    target: Sink | None = None
 
 
 class BodyBroken(Exception):
@@ -73,12 +88,15 @@ def can_take_over(response: aiohttp.ClientResponse, remaining: int) -> bool:
     )
 
 
-class ThreadedBody(AsyncIterator[bytes]):
+class ThreadedBody(AsyncIterator["bytes | int"]):
     """The rest of `response`'s body, `remaining` bytes, in pieces of up to 1 MiB.
 
-    `digest` (optional) is updated with every byte in order, on the thread. A body that
-    breaks raises `BodyBroken`. `aclose` must be called (it stops the thread); the response
-    itself is left to its owner, who closes it.
+    `digest` (optional) is updated with every byte in order, on the thread. With a `sink`, the
+    thread writes each piece itself (the body starts at byte `offset` of the blob) and yields
+    only its length, an int: those bytes never enter the event loop. What the sink does not
+    take is yielded as bytes, as without one. A body that breaks raises `BodyBroken`. `aclose`
+    must be called (it stops the thread); the response itself is left to its owner, who
+    closes it.
     """
 
     def __init__(
@@ -88,13 +106,17 @@ class ThreadedBody(AsyncIterator[bytes]):
         digest: hashlib._Hash | None,
         *,
         stall_seconds: float,
+        sink: Sink | None = None,
+        offset: int = 0,
     ) -> None:
         if not can_take_over(response, remaining):
             raise ValueError("this response cannot be taken over")
         connection = response.connection
         assert connection is not None and connection.transport is not None
         self._loop = asyncio.get_running_loop()
-        self._pieces: deque[bytes | BaseException] = deque()
+        self._pieces: deque[bytes | int | BaseException] = deque()
+        self._sink = sink
+        self._offset = offset  # of the next byte the thread delivers, in the blob
         self._arrived = asyncio.Event()
         self._credits = threading.Semaphore(_AHEAD)
         self._stopping = False
@@ -128,7 +150,7 @@ class ThreadedBody(AsyncIterator[bytes]):
     def __aiter__(self) -> ThreadedBody:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | int:
         while not self._pieces:
             if self._ended:
                 raise StopAsyncIteration
@@ -159,7 +181,7 @@ class ThreadedBody(AsyncIterator[bytes]):
                 self._credits.acquire()  # one of _AHEAD, never waited for
                 if digest is not None:
                     digest.update(buffered)
-                self._hand_over(buffered)
+                self._deliver(memoryview(buffered))
             buffer = memoryview(bytearray(min(_PIECE, left)))
             while left > 0:
                 if not self._take_credit():
@@ -168,7 +190,7 @@ class ThreadedBody(AsyncIterator[bytes]):
                 if digest is not None:
                     digest.update(piece)
                 left -= len(piece)
-                self._hand_over(piece)
+                self._deliver(piece)
             self._hand_over(None)
         except (OSError, BodyBroken) as exc:
             if not self._stopping:
@@ -187,7 +209,24 @@ class ThreadedBody(AsyncIterator[bytes]):
                 return False
         return not self._stopping
 
-    def _fill(self, buffer: memoryview, left: int) -> bytes:
+    def _deliver(self, piece: memoryview) -> None:
+        """Into the sink as far as it takes it (its length handed over), the rest as bytes."""
+        taken = 0
+        if self._sink is not None:
+            written = self._sink(piece, self._offset)
+            if written is None:
+                self._sink = None  # it takes nothing any more: the rest goes to the reader
+            elif written:
+                taken = written
+                self._hand_over(written)
+        if taken < len(piece):
+            if taken and not self._take_credit():  # the rest is one more item
+                return
+            # Copied out of the reused buffer: one copy (0.03 s/GiB), no fresh buffer per piece.
+            self._hand_over(bytes(piece[taken:]))
+        self._offset += len(piece)
+
+    def _fill(self, buffer: memoryview, left: int) -> memoryview:
         """The next bytes of the body: `buffer` filled, or what came within `_EARLY_SECONDS`."""
         size, filled = len(buffer), 0
         started = time.monotonic()
@@ -211,8 +250,7 @@ class ThreadedBody(AsyncIterator[bytes]):
                 raise BodyBroken(f"the peer closed the connection {left - filled} bytes short")
             filled += count
             self._last_byte = time.monotonic()
-        # Copied out of the reused buffer: one copy (0.03 s/GiB), no fresh buffer per piece.
-        return bytes(buffer[:filled])
+        return buffer[:filled]
 
     def _wake_at(self, count: int) -> None:
         """Have the socket report readable only once `count` bytes are there (or it ends).
@@ -229,7 +267,7 @@ class ThreadedBody(AsyncIterator[bytes]):
             count = 0
         self._low_water = count
 
-    def _hand_over(self, piece: bytes | BaseException | None) -> None:
+    def _hand_over(self, piece: bytes | int | BaseException | None) -> None:
         self._call_loop(self._arrive, piece)
 
     def _call_loop(self, callback: Callable[..., None], *args: object) -> None:
@@ -238,7 +276,7 @@ class ThreadedBody(AsyncIterator[bytes]):
 
     # Back on the event loop.
 
-    def _arrive(self, piece: bytes | BaseException | None) -> None:
+    def _arrive(self, piece: bytes | int | BaseException | None) -> None:
         if piece is None:
             self._ended = True
         else:

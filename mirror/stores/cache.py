@@ -30,6 +30,7 @@ import errno
 import hashlib
 import logging
 import os
+import threading
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -505,6 +506,9 @@ class BlobWriter:
         self._handle: BinaryIO | None = None
         self.written = 0
         self._committed = False
+        # Writes from another thread (`write_at`) and this writer's own take turns under it.
+        self._turn = threading.RLock()
+        self._taking = True  # False once it writes nothing more (full, discarded, published)
 
     async def __aenter__(self) -> BlobWriter:
         try:
@@ -552,11 +556,39 @@ class BlobWriter:
                 self.remaining or len(view)
             ):
                 self._store._writers.discard(self)  # writes no more: its space is not needed
+                self._stop_taking()
                 raise CacheFull(f"{self.digest}: no room left after {self.written} bytes")
             made_room = True
 
+    def write_at(self, view: memoryview, offset: int) -> int | None:
+        """From another thread (a peer's body arriving, peers/receiver.py): write `view`, the
+        blob's bytes from `offset`, if every byte before it is written; how many it wrote.
+
+        0: not its turn (bytes before it are still on their way through the event loop; the
+        caller passes these on that way too). Short of `view` or None: no more room, or the
+        writer is done; it takes nothing more (`write` on the loop evicts and goes on, or
+        raises `CacheFull`, for the bytes that follow).
+        """
+        with self._turn:
+            if not self._taking or self._handle is None:
+                return None
+            if self.written != offset:
+                return 0
+            done = self._write_chunk(view)
+            if done < len(view):
+                self._taking = False
+            return done
+
+    def _stop_taking(self) -> None:
+        with self._turn:
+            self._taking = False
+
     def _write_chunk(self, view: memoryview) -> int:
         """Write as much of `view` as fits; the count written (short only when out of space)."""
+        with self._turn:
+            return self._write_now(view)
+
+    def _write_now(self, view: memoryview) -> int:
         assert self._handle is not None
         done = 0
         while done < len(view):
@@ -590,6 +622,7 @@ class BlobWriter:
 
     def _publish(self) -> None:
         assert self._handle is not None
+        self._stop_taking()
         os.fsync(self._handle.fileno())
         self._handle.close()
         target = self._store.blob_path(self.digest)
@@ -598,6 +631,7 @@ class BlobWriter:
         os.replace(self.temp_path, target)
 
     def _discard(self) -> None:
+        self._stop_taking()
         if self._handle is not None:
             self._handle.close()
         self.temp_path.unlink(missing_ok=True)
