@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ from mirror.peers.receiver import SinkSlot
 from mirror.ranges import RangeRequest
 from mirror.request import Caller, Kind, Target
 from mirror.routing.memory import MemoryCluster, MemoryRouter
-from mirror.stores.cache import CacheStore
+from mirror.stores.cache import BlobWriter, CacheStore
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024
@@ -292,6 +293,31 @@ async def test_a_disk_that_fills_while_a_receiving_thread_writes_streams_the_res
     assert download.passthrough == "no-space" and not download.kept
     assert 2 * MiB <= download.on_disk < len(data)
     assert await cache.stat(digest) is None and tmp_files(cache) == []
+
+
+async def test_a_write_error_on_the_receiving_thread_sends_the_bytes_through_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error writing on the receiving thread is this node's, not the peer's: the sink
+    stops taking, the bytes come through the loop (whose own write would meet a lasting error
+    and fail the download), and nothing is lost."""
+
+    def failing(self: BlobWriter, view: memoryview, offset: int) -> int | None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(BlobWriter, "write_at", failing)
+    cache = await started_cache(tmp_path / "cache", Metrics())
+    data, digest = blob_of(2 * MiB, seed=4)
+    downloads = Downloads(cache)
+    origin = ThreadWrittenOrigin(data)
+    download, _ = downloads.reserve(digest)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(data))
+    origin.release()
+    assert await asyncio.wait_for(rest(reader), 20) == data
+    assert download.task is not None
+    await download.task
+    assert download.kept and await cache.stat(digest) == len(data)
 
 
 async def test_a_disk_that_fills_mid_blob_evicts_what_is_not_open_and_keeps_the_blob(

@@ -261,7 +261,12 @@ class Download:
         loop = self._loop
 
         def sink(piece: memoryview, offset: int) -> int | None:
-            written = writer.write_at(piece, offset)
+            try:
+                written = writer.write_at(piece, offset)
+            except OSError:
+                # This node's disk, not the peer: the bytes go through the loop, whose own
+                # write meets the error and fails the download as it always did.
+                return None
             if written:
                 loop.call_soon_threadsafe(self._grown, writer)
             return written
