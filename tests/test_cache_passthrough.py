@@ -28,7 +28,7 @@ from harness.memory_sources import MemoryUpstream, digest_of
 from harness.mirror_node import start_mirror
 from harness.registry import Registry
 
-from mirror.content.downloads import DownloadFailed, Downloads, Source
+from mirror.content.downloads import Download, DownloadFailed, Downloads, Source
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
 from mirror.errors import StoreUnavailable
 from mirror.metrics import SOURCE_UPSTREAM, Metrics
@@ -214,6 +214,19 @@ async def rest(reader: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in reader])
 
 
+async def fetched_whole(cache: CacheStore, origin: Origin, digest: Digest) -> Download:
+    """`origin`'s blob downloaded into `cache` with one reader, which got every byte."""
+    downloads = Downloads(cache)
+    download, _ = downloads.reserve(digest)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(origin.data))
+    origin.release()
+    assert await asyncio.wait_for(rest(reader), 20) == origin.data
+    assert download.task is not None
+    await download.task
+    return download
+
+
 async def started_cache(root: Path, metrics: Metrics) -> CacheStore:
     cache = CacheStore(root, metrics=metrics)
     await cache.start()
@@ -308,15 +321,7 @@ async def test_a_write_error_on_the_receiving_thread_sends_the_bytes_through_the
     monkeypatch.setattr(BlobWriter, "write_at", failing)
     cache = await started_cache(tmp_path / "cache", Metrics())
     data, digest = blob_of(2 * MiB, seed=4)
-    downloads = Downloads(cache)
-    origin = ThreadWrittenOrigin(data)
-    download, _ = downloads.reserve(digest)
-    downloads.begin(download, origin.open)
-    reader = download.read(0, len(data))
-    origin.release()
-    assert await asyncio.wait_for(rest(reader), 20) == data
-    assert download.task is not None
-    await download.task
+    download = await fetched_whole(cache, ThreadWrittenOrigin(data), digest)
     assert download.kept and await cache.stat(digest) == len(data)
 
 
@@ -359,15 +364,7 @@ async def test_a_blob_that_fits_once_old_blobs_are_evicted_evicts_them_first(
     await cache.put(first_digest, first)
     await cache.put(second_digest, second)
     data, digest = blob_of(4 * MiB, seed=7)
-    downloads = Downloads(cache)
-    origin = Origin(data)
-    download, _ = downloads.reserve(digest)
-    downloads.begin(download, origin.open)
-    reader = download.read(0, len(data))
-    origin.release()
-    assert await asyncio.wait_for(rest(reader), 20) == data
-    assert download.task is not None
-    await download.task
+    download = await fetched_whole(cache, Origin(data), digest)
     assert download.kept
     assert cache.holds(digest) and cache.holds(second_digest) and not cache.holds(first_digest)
     assert sample(metrics, "mirror_cache_passthrough_total", reason="no-space") == 0

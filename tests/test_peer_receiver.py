@@ -81,16 +81,36 @@ async def no_body_thread_left() -> None:
 
 @contextlib.asynccontextmanager
 async def taken_over(
-    session: aiohttp.ClientSession, server: Server, length: int, stall: float = 5.0
+    session: aiohttp.ClientSession,
+    server: Server,
+    length: int,
+    stall: float = 5.0,
+    *,
+    sink: receiver.Sink | None = None,
+    offset: int = 0,
 ) -> AsyncIterator[tuple[ThreadedBody, hashlib._Hash]]:
     digest = hashlib.sha256()
     async with session.get(f"http://127.0.0.1:{server.port}/blob") as response:
         assert can_take_over(response, length)
-        body = ThreadedBody(response, length, digest, stall_seconds=stall)
+        body = ThreadedBody(response, length, digest, stall_seconds=stall, sink=sink, offset=offset)
         try:
             yield body, digest
         finally:
             await body.aclose()
+
+
+def as_bytes(item: bytes | int) -> bytes:
+    """A piece handed to the loop: bytes whenever no sink takes the body."""
+    assert isinstance(item, bytes), f"{item!r} is not bytes"
+    return item
+
+
+async def next_bytes(body: ThreadedBody) -> bytes:
+    return as_bytes(await body.__anext__())
+
+
+async def all_bytes(body: ThreadedBody) -> list[bytes]:
+    return [as_bytes(piece) async for piece in body]
 
 
 async def test_a_body_arrives_whole_in_order_and_hashed(
@@ -104,7 +124,7 @@ async def test_a_body_arrives_whole_in_order_and_hashed(
 
     server.script = send
     async with taken_over(session, server, len(data)) as (body, digest):
-        pieces = [piece async for piece in body]
+        pieces = await all_bytes(body)
     assert b"".join(pieces) == data
     assert all(isinstance(piece, bytes) and len(piece) <= receiver._PIECE for piece in pieces)
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
@@ -141,9 +161,9 @@ async def test_a_kernel_refusing_the_low_water_mark_still_gets_the_whole_body(
         received: list[bytes] = []
         async with asyncio.timeout(10):
             while sum(map(len, received)) < first:
-                received.append(await anext(body))
+                received.append(await next_bytes(body))
         more.set()
-        received.extend([piece async for piece in body])
+        received.extend(await all_bytes(body))
     assert b"".join(received) == data
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert refused, "the thread never asked for a low-water mark"
@@ -170,10 +190,10 @@ async def test_a_trickling_body_is_handed_on_before_a_buffer_fills(
         received: list[bytes] = []
         async with asyncio.timeout(10):  # a thread holding the bytes back would wait forever
             while sum(map(len, received)) < first:
-                received.append(await anext(body))
+                received.append(await next_bytes(body))
         assert sum(map(len, received)) == first
         got_first.set()
-        received.extend([piece async for piece in body])
+        received.extend(await all_bytes(body))
     assert b"".join(received) == data
 
 
@@ -191,7 +211,7 @@ async def test_a_peer_closing_mid_body_breaks_it_after_the_bytes_that_came(
     async with taken_over(session, server, len(data)) as (body, _):
         with pytest.raises(BodyBroken, match="closed the connection"):
             async for piece in body:
-                received += piece
+                received += as_bytes(piece)
     assert data.startswith(received)
     await no_body_thread_left()
 
@@ -231,7 +251,7 @@ async def test_closing_a_body_midway_stops_its_thread(
 
     server.script = send
     async with taken_over(session, server, len(data), stall=60) as (body, _):
-        await anext(body)
+        await next_bytes(body)
         assert len(body_threads()) == 1
     await no_body_thread_left()
     done.set()
@@ -257,20 +277,8 @@ async def test_a_reader_that_takes_nothing_holds_the_thread_back(
         # nothing happens, not a wait for something to).
         await asyncio.to_thread(body._thread.join, 0.2)
         assert len(body._pieces) == receiver._AHEAD
-        rest = [piece async for piece in body]
+        rest = await all_bytes(body)
     assert b"".join(rest) == data
-
-
-@contextlib.asynccontextmanager
-async def sunk(
-    session: aiohttp.ClientSession, server: Server, length: int, sink: receiver.Sink, offset: int
-) -> AsyncIterator[ThreadedBody]:
-    async with session.get(f"http://127.0.0.1:{server.port}/blob") as response:
-        body = ThreadedBody(response, length, None, stall_seconds=5, sink=sink, offset=offset)
-        try:
-            yield body
-        finally:
-            await body.aclose()
 
 
 async def test_a_sink_takes_the_body_on_the_thread_and_the_loop_gets_counts(
@@ -288,7 +296,7 @@ async def test_a_sink_takes_the_body_on_the_thread_and_the_loop_gets_counts(
         await writer.drain()
 
     server.script = send
-    async with sunk(session, server, len(data), sink, offset=1000) as body:
+    async with taken_over(session, server, len(data), sink=sink, offset=1000) as (body, _):
         items = [item async for item in body]
     assert all(isinstance(item, int) for item in items), "bytes reached the event loop"
     assert sum(items) == len(data)  # type: ignore[arg-type]
@@ -321,7 +329,7 @@ async def test_what_the_sink_does_not_take_comes_to_the_loop_as_bytes(
 
     server.script = send
     position, kinds = 0, []
-    async with sunk(session, server, len(data), sink, offset=0) as body:
+    async with taken_over(session, server, len(data), sink=sink) as (body, _):
         async for item in body:
             if isinstance(item, int):
                 kinds.append("sunk")
