@@ -210,56 +210,6 @@ class Origin:
             self.gate.release()
 
 
-async def rest(reader: AsyncIterator[bytes]) -> bytes:
-    return b"".join([chunk async for chunk in reader])
-
-
-async def fetched_whole(cache: CacheStore, origin: Origin, digest: Digest) -> Download:
-    """`origin`'s blob downloaded into `cache` with one reader, which got every byte."""
-    downloads = Downloads(cache)
-    download, _ = downloads.reserve(digest)
-    downloads.begin(download, origin.open)
-    reader = download.read(0, len(origin.data))
-    origin.release()
-    assert await asyncio.wait_for(rest(reader), 20) == origin.data
-    assert download.task is not None
-    await download.task
-    return download
-
-
-async def started_cache(root: Path, metrics: Metrics) -> CacheStore:
-    cache = CacheStore(root, metrics=metrics)
-    await cache.start()
-    return cache
-
-
-async def test_a_disk_that_fills_mid_blob_streams_the_rest_through(small_disk: Path) -> None:
-    metrics = Metrics()
-    cache = await started_cache(small_disk / "cache", metrics)
-    data, digest = blob_of(6 * MiB, seed=1)
-    downloads = Downloads(cache, window=MiB)
-    origin = Origin(data)
-    download, _ = downloads.reserve(digest)
-    downloads.begin(download, origin.open)
-    first, second = download.read(0, len(data)), download.read(0, len(data))
-    origin.release(1)
-    head = await first.__anext__()  # the first chunk is in the temp file now
-    # Something else takes the disk: 2 MiB of the blob still fit, then nothing.
-    filler = small_disk / "filler"
-    filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 2 * MiB))
-    origin.release()
-    results = await asyncio.wait_for(asyncio.gather(rest(first), rest(second)), 20)
-    assert [head + results[0], results[1]] == [data, data]
-    assert download.task is not None
-    await download.task
-    assert download.passthrough == "no-space" and not download.kept
-    assert 2 * MiB <= download.on_disk < len(data)  # written up to where the disk filled
-    assert await cache.stat(digest) is None and tmp_files(cache) == []
-    assert sample(metrics, "mirror_cache_passthrough_total", reason="no-space") == 1
-    # The temp file's space is given back: only the filler takes room.
-    assert shutil.disk_usage(small_disk).used - filler.stat().st_size < 64 * 1024
-
-
 class ThreadWrittenOrigin(Origin):
     """A verified peer stream whose receiving thread writes into the cache itself, as
     peers/receiver.py does: each piece offered to the sink on a worker thread, what the sink
@@ -283,19 +233,48 @@ class ThreadWrittenOrigin(Origin):
             offset += len(piece)
 
 
-async def test_a_disk_that_fills_while_a_receiving_thread_writes_streams_the_rest_through(
-    small_disk: Path,
+async def rest(reader: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in reader])
+
+
+async def fetched_whole(cache: CacheStore, origin: Origin, digest: Digest) -> Download:
+    """`origin`'s blob downloaded into `cache` with one reader, which got every byte."""
+    downloads = Downloads(cache)
+    download, _ = downloads.reserve(digest)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(origin.data))
+    origin.release()
+    assert await asyncio.wait_for(rest(reader), 20) == origin.data
+    assert download.task is not None
+    await download.task
+    return download
+
+
+async def started_cache(root: Path, metrics: Metrics) -> CacheStore:
+    cache = CacheStore(root, metrics=metrics)
+    await cache.start()
+    return cache
+
+
+@pytest.mark.parametrize(
+    "origin_kind",
+    # The bytes come through the event loop, or a receiving thread writes them (the sink).
+    [Origin, ThreadWrittenOrigin],
+)
+async def test_a_disk_that_fills_mid_blob_streams_the_rest_through(
+    small_disk: Path, origin_kind: type[Origin]
 ) -> None:
     metrics = Metrics()
     cache = await started_cache(small_disk / "cache", metrics)
-    data, digest = blob_of(6 * MiB, seed=3)
+    data, digest = blob_of(6 * MiB, seed=1)
     downloads = Downloads(cache, window=MiB)
-    origin = ThreadWrittenOrigin(data)
+    origin = origin_kind(data)
     download, _ = downloads.reserve(digest)
     downloads.begin(download, origin.open)
     first, second = download.read(0, len(data)), download.read(0, len(data))
     origin.release(1)
-    head = await first.__anext__()  # written by the "thread" and told to the readers
+    head = await first.__anext__()  # the first chunk is in the temp file now
+    # Something else takes the disk: 2 MiB of the blob still fit, then nothing.
     filler = small_disk / "filler"
     filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 2 * MiB))
     origin.release()
@@ -304,8 +283,11 @@ async def test_a_disk_that_fills_while_a_receiving_thread_writes_streams_the_res
     assert download.task is not None
     await download.task
     assert download.passthrough == "no-space" and not download.kept
-    assert 2 * MiB <= download.on_disk < len(data)
+    assert 2 * MiB <= download.on_disk < len(data)  # written up to where the disk filled
     assert await cache.stat(digest) is None and tmp_files(cache) == []
+    assert sample(metrics, "mirror_cache_passthrough_total", reason="no-space") == 1
+    # The temp file's space is given back: only the filler takes room.
+    assert shutil.disk_usage(small_disk).used - filler.stat().st_size < 64 * 1024
 
 
 async def test_a_write_error_on_the_receiving_thread_sends_the_bytes_through_the_loop(
