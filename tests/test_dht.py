@@ -129,6 +129,21 @@ async def test_a_key_announced_moments_ago_is_not_announced_again() -> None:
         assert await eventually_found(nodes[2], text, [provider(nodes[1])]) == [provider(nodes[1])]
 
 
+async def test_keys_announced_long_ago_are_forgotten_as_new_ones_come() -> None:
+    """The memory of what was announced holds only fresh keys (it stays as small as the
+    announcements of the last quarter TTL), and a key no longer fresh is announced again."""
+    async with cluster(3) as nodes:
+        old, new = "sha256:" + "0b" * 32, "sha256:" + "0c" * 32
+        assert await nodes[0].provide(old)
+        fresh = nodes[0]._settings.record_ttl / 4
+        # As if `old` had been announced a quarter TTL ago.
+        nodes[0]._provided[dht_key(old)] -= fresh
+        assert await nodes[0].provide(new)
+        assert list(nodes[0]._provided) == [dht_key(new)]
+        assert await nodes[0].provide(old)
+        assert list(nodes[0]._provided) == [dht_key(new), dht_key(old)]
+
+
 async def test_records_expire_unless_reannounced() -> None:
     async with cluster(4, record_ttl=0.3) as nodes:
         text = "sha256:" + "03" * 32

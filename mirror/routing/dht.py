@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -56,8 +57,6 @@ T = TypeVar("T")
 # A key announced less than this fraction of the record TTL ago is not announced again: its
 # records are fresh wherever they were stored (a re-announce tick comes at half the TTL).
 _FRESH_FRACTION = 4
-# Past this many keys remembered as announced, the ones no longer fresh are forgotten.
-_PROVIDED_REMEMBERED = 4096
 
 
 class DhtNode:
@@ -133,8 +132,9 @@ class DhtNode:
             store=self._claims,
         )
         self._refresh: asyncio.Task[None] | None = None
-        # Hashed key -> when this node last announced it with success (`provide`).
-        self._provided: dict[bytes, float] = {}
+        # Hashed key -> when this node last announced it with success (`provide`), oldest first:
+        # keys no longer fresh are dropped from the front as new ones come.
+        self._provided: OrderedDict[bytes, float] = OrderedDict()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -232,10 +232,10 @@ class DhtNode:
 
     def _remember_provided(self, hashed: bytes, now: float) -> None:
         self._provided[hashed] = now
-        if len(self._provided) > _PROVIDED_REMEMBERED:
-            fresh = self._settings.record_ttl / _FRESH_FRACTION
-            for old in [k for k, at in self._provided.items() if now - at >= fresh]:
-                del self._provided[old]
+        self._provided.move_to_end(hashed)
+        fresh = self._settings.record_ttl / _FRESH_FRACTION
+        while self._provided and now - next(iter(self._provided.values())) >= fresh:
+            self._provided.popitem(last=False)
 
     async def withdraw(self, key: str) -> None:
         """Best effort: drop our record from the closest nodes (the rest expire with the TTL)."""

@@ -585,26 +585,23 @@ class BlobWriter:
 
     def _write_chunk(self, view: memoryview) -> int:
         """Write as much of `view` as fits; the count written (short only when out of space)."""
-        with self._turn:
-            return self._write_now(view)
-
-    def _write_now(self, view: memoryview) -> int:
-        assert self._handle is not None
-        done = 0
-        while done < len(view):
-            try:
-                count = self._handle.write(view[done : done + _WRITE_PIECE])
-            except OSError as exc:
-                if exc.errno in _NO_SPACE:
+        with self._turn:  # reentrant: `write_at` holds it already
+            assert self._handle is not None
+            done = 0
+            while done < len(view):
+                try:
+                    count = self._handle.write(view[done : done + _WRITE_PIECE])
+                except OSError as exc:
+                    if exc.errno in _NO_SPACE:
+                        break
+                    raise
+                if not count:
                     break
-                raise
-            if not count:
-                break
-            if self._hash is not None:
-                self._hash.update(view[done : done + count])
-            self.written += count
-            done += count
-        return done
+                if self._hash is not None:
+                    self._hash.update(view[done : done + count])
+                self.written += count
+                done += count
+            return done
 
     async def commit(self) -> None:
         """Verify size and digest, then publish. Raises `DigestMismatch` and discards otherwise."""
