@@ -10,6 +10,14 @@ than a dead node, and dropping it would elect a second arbiter and a second upst
 When the arbiter does not answer the claim, the next closest node arbitrates: every claimer
 falls back the same way, so a dead arbiter still yields one fetch.
 
+A slow arbiter is the other half: a starved claimer whose claim the arbiter answered too late
+falls back to the next node, which knows nothing of the grant the arbiter made a moment before,
+and would grant a second fetch. So the winner copies its claim, at once, to the arbiters after
+the one that granted it: a claimer falling back there learns the same holder. The copy is an
+ordinary claim (a node still claims only for itself), sent without waiting for its reply; the
+fallback comes only after whole RPC timeouts, so the copy is there first unless the winner was
+itself starved that long.
+
 From kademlia it uses only `Node` (the candidates, as the lookup and the routing table give
 them); the lookup is ours (lookup.py), and the calls go through `DhtClient`.
 """
@@ -88,24 +96,51 @@ class Claimer:
         ttl = min(ttl, self._settings.record_ttl)
         self._forget_expired_claims()
         candidates, silent = await self._candidates(key)
-        for arbiter in self._arbiters(key, candidates):
+        arbiters = self._arbiters(key, candidates)
+        for position, arbiter in enumerate(arbiters):
             if arbiter is None:
-                holder = self._store.claim(key, self._own, ttl)
-                break
-            tries = 1 if arbiter.id in silent else 2
-            reply = await self._claim_at(arbiter, key, ttl, tries)
-            if reply is not None:
-                holder = reply
+                holder: Provider | None = self._store.claim(key, self._own, ttl)
+            else:
+                tries = 1 if arbiter.id in silent else 2
+                holder = await self._claim_at(arbiter, key, ttl, tries)
+            if holder is not None:
+                fallbacks = arbiters[position + 1 :]
                 break
             log.debug("claim of %s: no answer from %s", text, arbiter)
         else:
             log.debug("claim of %s: no arbiter answered, fetching alone", text)
             return None
         if holder.node_id == self._own.node_id:
+            self._copy_claim(text, key, ttl, fallbacks)
             return None
-        self._claimed_at.pop(key, None)
         log.debug("claim of %s: %s is fetching it", text, holder.address)
         return holder
+
+    def _copy_claim(self, text: str, key: bytes, ttl: float, fallbacks: list[Node | None]) -> None:
+        """Claim `key` at the arbiters a claimer would fall back to, without waiting.
+
+        A copy refused for another holder means that one already won there (the split this
+        copy exists to prevent came first): logged, and this node still fetches, as the
+        arbiter that answered first granted it.
+        """
+
+        def check(holder: Provider | None) -> None:
+            if holder is not None and holder.node_id != self._own.node_id:
+                log.info("claim of %s is split: %s holds it too", text, holder.address)
+
+        def copied(done: asyncio.Future[Provider | None]) -> None:
+            if not done.cancelled():
+                check(done.result())
+
+        for fallback in fallbacks:
+            if fallback is None:
+                check(self._store.claim(key, self._own, ttl))
+                continue
+            self._remember_asked(key, fallback, ttl)
+            copy = self._client.claim(
+                fallback, key, self._own.address, ttl, timeout=self._settings.rpc_timeout
+            )
+            copy.add_done_callback(copied)
 
     async def release(self, text: str) -> None:
         """Best effort: drop this node's claim of `text`, once its fetch ended (either way).
@@ -123,20 +158,19 @@ class Claimer:
         await asyncio.shield(asyncio.gather(*(self._client.release(node, key) for node in asked)))
 
     def _arbiters(self, key: bytes, candidates: list[Node]) -> list[Node | None]:
-        """The nodes to ask for the claim of `key`, in order; None stands for this node."""
+        """The arbiters of `key`, closest first; None stands for this node.
+
+        A claim is asked of them in order up to this node (whose own store always answers);
+        the ones after the arbiter that grants it get a copy (`_copy_claim`).
+        """
         own = distance(self._own.node_id, key)
         closer = [node for node in candidates if distance(node.id, key) < own]
-        if len(closer) >= _CLAIM_ARBITERS:
-            return list(closer[:_CLAIM_ARBITERS])
-        return [*closer, None]
+        farther = [node for node in candidates if distance(node.id, key) > own]
+        return [*closer, None, *farther][:_CLAIM_ARBITERS]
 
     async def _claim_at(self, arbiter: Node, key: bytes, ttl: float, tries: int) -> Provider | None:
         """The arbiter's answer to our claim, in `tries` tries; None if it never answered."""
-        # Remembered before the reply: a claim whose reply is lost may still be held there.
-        asked, _ = self._claimed_at.get(key, ((), 0.0))
-        if all(node.id != arbiter.id for node in asked):
-            asked = (*asked, arbiter)
-        self._claimed_at[key] = (asked, time.monotonic() + ttl)
+        self._remember_asked(key, arbiter, ttl)
         for _ in range(tries):
             reply = await asyncio.shield(
                 self._client.claim(
@@ -150,6 +184,13 @@ class Claimer:
             if reply is not None:
                 return reply
         return None
+
+    def _remember_asked(self, key: bytes, arbiter: Node, ttl: float) -> None:
+        """Note where a claim of `key` goes before it is sent: a lost reply may hide a grant."""
+        asked, _ = self._claimed_at.get(key, ((), 0.0))
+        if all(node.id != arbiter.id for node in asked):
+            asked = (*asked, arbiter)
+        self._claimed_at[key] = (asked, time.monotonic() + ttl)
 
     def _forget_expired_claims(self) -> None:
         now = time.monotonic()
