@@ -16,6 +16,9 @@ things find such a copy and remove it:
   later, reading at most `--scrub-rate` bytes per second so pulls keep the disk. Blobs opened
   since the node started and not yet verified in this run go first: a node that serves a
   rotten blob to its own runtime finds out right after, so the runtime's retry goes elsewhere.
+  A blob this run wrote counts as verified: the cache matched its bytes against the digest as
+  it published them, and re-reading it when it is served (in a rollout, as the next node asks
+  for it) would only hash the same bytes again; the daily pass still covers it.
 
 Only published blobs are read (`blobs/`): a write in progress lives in `tmp/` until it is
 verified and renamed, so the scrub never hashes a blob being written. An eviction names the
@@ -284,6 +287,13 @@ class Scrubber:
         self._priority: dict[str, Digest] = {}
         self._wake = asyncio.Event()
         cache.watch_opens(self._opened)
+        cache.watch_publishes(self._written)
+
+    def _written(self, digest: Digest) -> None:
+        """A blob this run published matched its digest as it was written: verified."""
+        key = str(digest)
+        self._verified.add(key)
+        self._priority.pop(key, None)
 
     def _opened(self, digest: Digest) -> None:
         key = str(digest)

@@ -81,8 +81,10 @@ class CacheStore(Store):
         self._changed = asyncio.Condition()
         # Writes in progress: the bytes they are still to write are spoken for on the disk.
         self._writers: set[BlobWriter] = set()
-        # Told of every blob opened for reading (content/scrub.py verifies those first).
+        # Told of every blob opened for reading (content/scrub.py verifies those first), and
+        # of every blob published, its bytes just matched against the digest.
         self._open_listeners: list[Callable[[Digest], None]] = []
+        self._publish_listeners: list[Callable[[Digest], None]] = []
 
     @property
     def total_bytes(self) -> int:
@@ -181,6 +183,10 @@ class CacheStore(Store):
     def watch_opens(self, listener: Callable[[Digest], None]) -> None:
         """Call `listener` (synchronously, so it must not block) with every digest opened."""
         self._open_listeners.append(listener)
+
+    def watch_publishes(self, listener: Callable[[Digest], None]) -> None:
+        """Call `listener` (synchronously) with every digest published, its bytes verified."""
+        self._publish_listeners.append(listener)
 
     async def evict_corrupt(self, digest: Digest, identity: tuple[int, int]) -> bool:
         """Remove a published blob found not to match its digest; True if it was removed.
@@ -320,6 +326,8 @@ class CacheStore(Store):
             self._total += size
         self._lru[key] = size
         self._lru.move_to_end(key)
+        for listener in self._publish_listeners:
+            listener(digest)
         await self._evict()
         self._report_size()
         await self._notify()
