@@ -489,11 +489,8 @@ async def _catch_up(dht: DhtNode, distributor: Distributor, follows_known: async
     """Once the node knows what it follows and a peer, the distributions announced while it
     was down."""
     await follows_known.wait()
-    for _ in range(600):
-        if dht.contact_count() > 0:
-            await distributor.catch_up()
-            return
-        await asyncio.sleep(1.0)
+    await dht.wait_for_contact()
+    await distributor.catch_up()
 
 
 async def _follow_file(

@@ -212,6 +212,21 @@ async def test_restarted_node_keeps_its_id_and_its_place() -> None:
         assert await eventually_found(restarted, text, [provider(nodes[0])]) == [provider(nodes[0])]
 
 
+async def test_waiting_for_a_contact_ends_when_the_first_peer_is_welcomed() -> None:
+    async with cluster(1) as (alone,):
+        waiting = asyncio.create_task(alone.wait_for_contact())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        newcomer = make_node(1)
+        await newcomer.listen("127.0.0.1", 0)
+        try:
+            await newcomer.bootstrap([alone.router_address])  # its ping welcomes it there
+            await asyncio.wait_for(waiting, timeout=5)
+            await newcomer.wait_for_contact()  # it knows one too, and says so at once
+        finally:
+            await newcomer.close()
+
+
 async def test_own_address_in_the_bootstrap_list_is_never_a_contact() -> None:
     async with cluster(3) as nodes:
         for node in nodes:

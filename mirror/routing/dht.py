@@ -176,6 +176,10 @@ class DhtNode:
     def contact_count(self) -> int:
         return self._table.contact_count()
 
+    async def wait_for_contact(self) -> None:
+        """Return once this node has known a peer (at once if it ever did)."""
+        await self._table.wait_for_contact()
+
     def contacts(self) -> list[Contact]:
         """This node's contacts, last seen and round trip: introspection (the status page)."""
         return self._table.peers()

@@ -94,9 +94,15 @@ class ContactTable:
         self._kth_distance: dict[bytes, int] = {}
         # Node id -> wall-clock time it last sent a request or an answer (`peers`).
         self._seen: dict[bytes, float] = {}
+        # Set once the table holds a contact: what waits for the cluster waits on it.
+        self._first_contact = asyncio.Event()
 
     def contact_count(self) -> int:
         return sum(len(bucket) for bucket in self.routing.buckets)
+
+    async def wait_for_contact(self) -> None:
+        """Return once the table has held a contact (at once if it ever did)."""
+        await self._first_contact.wait()
 
     def closest(self, target: bytes, limit: int | None = None) -> list[Node]:
         """Up to `limit` (default k) known contacts closest to `target`: a lookup's seeds."""
@@ -233,5 +239,8 @@ class ContactTable:
             self._client.hand_off(node, batch)
 
     def _contacts_changed(self) -> None:
+        count = self.contact_count()
+        if count:
+            self._first_contact.set()
         if self._metrics is not None:
-            self._metrics.dht_contacts.set(self.contact_count())
+            self._metrics.dht_contacts.set(count)
