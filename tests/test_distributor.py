@@ -156,6 +156,31 @@ async def test_a_new_push_of_the_tag_moves_every_follower(world: World) -> None:
     assert follower.runtime.images[REF][0] == second_digest
 
 
+async def test_a_follow_keeps_only_the_latest_tags_of_a_repository_pinned(world: World) -> None:
+    """CI pushing a tag per build must not pin every build on every node until it restarts."""
+    origin, follower = world.nodes[0], world.nodes[1]
+    follower.distributor.set_follows([Follow("registry.test/team/*:prod-*", keep=2)])
+    other = "registry.test/team/api:prod-1"
+    pushed = [REF, other, *(f"registry.test/team/web:prod-{n}" for n in (2, 3))]
+    for index, ref in enumerate(pushed):
+        digest = world.publish(ref, f"build {index}")
+        event = PushEvent(parse_image_ref(f"{ref}@{digest}"), "x")
+        await finished(origin, origin.distributor.start(event), 2)
+    # web keeps its two latest, api its one; the origin follows with the default of 3.
+    pinned = {str(status.ref) for status in follower.prefetcher.statuses()}
+    assert pinned == {other, *pushed[2:]}
+    assert {str(status.ref) for status in origin.prefetcher.statuses()} == set(pushed)
+    # Pushed again, the oldest kept tag becomes the latest: the other one goes.
+    digest = world.publish(pushed[2], "build 2 again")
+    event = PushEvent(parse_image_ref(f"{pushed[2]}@{digest}"), "x")
+    await finished(origin, origin.distributor.start(event), 2)
+    digest = world.publish("registry.test/team/web:prod-4", "build 4")
+    event = PushEvent(parse_image_ref(f"registry.test/team/web:prod-4@{digest}"), "x")
+    await finished(origin, origin.distributor.start(event), 2)
+    pinned = {str(status.ref) for status in follower.prefetcher.statuses()}
+    assert pinned == {other, pushed[2], "registry.test/team/web:prod-4"}
+
+
 async def test_labels_of_a_follow_choose_the_nodes(world: World) -> None:
     world.publish(REF, "one")
     web_only = Follow("registry.test/team/*:prod-*", nodes={"tier": "web"})

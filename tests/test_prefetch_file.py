@@ -561,13 +561,14 @@ nodes = { tier = "web" }                           # optional
 [[follow]]
 match = "ghcr.io/org/app:v*"
 poll = "30s"                                       # optional duration: poll upstream
+keep = 5                                           # optional: tags kept pinned per repository
 """
     )
     assert found == PrefetchFile(
         pins=(),
         follows=(
-            Follow("registry.example.com:5000/team/*:prod-*", {"tier": "web"}),
-            Follow("ghcr.io/org/app:v*", {}, 30.0),
+            Follow("registry.example.com:5000/team/*:prod-*", {"tier": "web"}, keep=3),
+            Follow("ghcr.io/org/app:v*", {}, 30.0, keep=5),
         ),
     )
 
@@ -632,7 +633,10 @@ GOOD_THEN = ALPINE + '\n[[follow]]\nmatch = "reg.io/app:*"\n\n[[follow]]  # thir
 @pytest.mark.parametrize(
     ("entry", "reason"),
     [
-        ('matc = "reg.io/app:*"', "unknown key 'matc' in [[follow]] (expected match, nodes, poll)"),
+        (
+            'matc = "reg.io/app:*"',
+            "unknown key 'matc' in [[follow]] (expected match, nodes, poll, keep)",
+        ),
         ('nodes = { tier = "web" }', "[[follow]] has no match"),
         ("match = 3", "match must be a string, not an integer"),
         ('match = ""', "match is empty"),
@@ -657,6 +661,16 @@ GOOD_THEN = ALPINE + '\n[[follow]]\nmatch = "reg.io/app:*"\n\n[[follow]]  # thir
         ('match = "reg.io/team/*:*"\npoll = "30s"', "('team/*' has a wildcard)"),
         ('match = "reg.io/app?:*"\npoll = "30s"', "('app?' has a wildcard)"),
         ('match = "reg.io/app:*"\nnodes = "web"', "nodes must be a table of label = value"),
+        (
+            'match = "reg.io/app:*"\nkeep = 0',
+            "keep must be at least 1 (the tag just pushed), not 0",
+        ),
+        ('match = "reg.io/app:*"\nkeep = "3"', "keep must be a whole number of tags, not"),
+        (
+            'match = "reg.io/app:*"\nkeep = true',
+            "keep must be a whole number of tags, not a boolean",
+        ),
+        ('match = "reg.io/app:*"\nkeep = 2.5', "keep must be a whole number of tags, not"),
         ('match = "reg.io/app:*"\nnodes = { "a=b" = "c" }', "nodes: label key 'a=b' contains '='"),
     ],
 )

@@ -179,10 +179,16 @@ class Distributor:
         self._follows = tuple(follows)
 
     def follows(self, ref: ImageRef) -> bool:
-        return any(
-            follow.applies_to(self._prefetcher.labels) and follow_matches(follow, ref)
+        return self._keep(ref) is not None
+
+    def _keep(self, ref: ImageRef) -> int | None:
+        """How many tags of `ref`'s repository the follows taking `ref` keep; None: none does."""
+        keeps = [
+            follow.keep
             for follow in self._follows
-        )
+            if follow.applies_to(self._prefetcher.labels) and follow_matches(follow, ref)
+        ]
+        return max(keeps, default=None)
 
     # --- events in ---------------------------------------------------------------------------
 
@@ -262,10 +268,11 @@ class Distributor:
     # --- taking part -------------------------------------------------------------------------
 
     def _take_part(self, distribution: Distribution) -> None:
-        if not self.follows(distribution.ref):
+        keep = self._keep(distribution.ref)
+        if keep is None:
             log.debug("distribution %s: %s is not followed here", distribution.id, distribution.ref)
             return
-        status = self._prefetcher.request(distribution.ref, None, origin="follow")
+        status = self._prefetcher.request(distribution.ref, None, origin="follow", keep=keep)
         self._spawn(self._follow_through(distribution, status.attempts))
 
     async def _follow_through(self, distribution: Distribution, attempts: int) -> None:

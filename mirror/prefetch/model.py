@@ -111,6 +111,11 @@ class Pin:
         return labels_match(self.nodes, labels)
 
 
+# Tags of one repository a follow keeps pinned unless its `keep` says otherwise: the one in
+# use, the one before (a rollback) and one more.
+DEFAULT_FOLLOW_KEEP = 3
+
+
 @dataclass(frozen=True, slots=True)
 class Follow:
     """`[[follow]]`: every pushed (or polled and changed) tag matching `match` is pinned.
@@ -118,11 +123,15 @@ class Follow:
     `match` is a glob over `registry/repository:tag` (`*` and `?` within a component, as
     `fnmatch` with `/` not crossed); `nodes` as a pin's; `poll`, in seconds, makes the cluster
     poll upstream for the matching tags instead of waiting for events (None: events only).
+    `keep`: the latest tags taken of each repository that stay pinned; an older one is let go
+    (the runtime's own garbage collection may then remove it), so a follow of a repository CI
+    pushes to all day does not pin every build until the node restarts.
     """
 
     match: str
     nodes: Mapping[str, str] = field(default_factory=dict)
     poll: float | None = None
+    keep: int = DEFAULT_FOLLOW_KEEP
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
         return labels_match(self.nodes, labels)

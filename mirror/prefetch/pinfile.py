@@ -12,13 +12,15 @@
     [[follow]]
     match = "ghcr.io/org/app:v*"                         # a registry that sends no webhooks
     poll = "30s"                                         # optional: poll upstream this often
+    keep = 5                                             # optional: tags kept pinned per repo
 
 A `[[follow]]` takes every tag matching `match` when it is pushed (a registry's webhook) or, with
 `poll`, when a poll of the repository's tags upstream sees it move. The pattern's grammar is
 `follow.py`'s: the registry always comes first (no Docker Hub shorthand but `docker.io/nginx`
 for `docker.io/library/nginx`). Polling lists one repository's tags, so with `poll` the registry
 and repository must be literal; `poll` is at least `MIN_POLL` seconds, as each poll is a tag
-list and a HEAD per matching tag against someone else's registry.
+list and a HEAD per matching tag against someone else's registry. The latest `keep` tags taken
+of each repository stay pinned (default `DEFAULT_FOLLOW_KEEP`, 3); older ones are let go.
 
 A file is taken whole or refused whole (`PrefetchFileError`, with the line of the entry at fault
 and the reason): taking the good half of a file would drop pins without anyone noticing. The
@@ -47,7 +49,14 @@ from pathlib import Path
 from mirror.config import parse_duration
 from mirror.errors import ConfigError, DigestInvalid, NameInvalid, PrefetchFileError
 from mirror.prefetch.follow import has_wildcards, parse_follow_match
-from mirror.prefetch.model import Follow, ImageRef, Pin, PrefetchFile, parse_image_ref
+from mirror.prefetch.model import (
+    DEFAULT_FOLLOW_KEEP,
+    Follow,
+    ImageRef,
+    Pin,
+    PrefetchFile,
+    parse_image_ref,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +65,7 @@ log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 1 << 20
 
 _IMAGE_KEYS = ("ref", "source", "nodes")
-_FOLLOW_KEYS = ("match", "nodes", "poll")
+_FOLLOW_KEYS = ("match", "nodes", "poll", "keep")
 _TABLES = ("image", "follow")
 # The shortest `poll`: each poll lists a repository's tags and HEADs every matching tag at a
 # registry mirror does not own; more often than this is a load nobody should need.
@@ -216,7 +225,16 @@ def _follow(entry: Mapping[str, object]) -> Follow:
             f"poll lists one repository's tags, so the registry and repository must be literal "
             f"({glob!r} has a wildcard); without poll the follow takes push events only"
         )
-    return Follow(str(pattern), nodes, poll)
+    keep = _keep(entry["keep"]) if "keep" in entry else DEFAULT_FOLLOW_KEEP
+    return Follow(str(pattern), nodes, poll, keep)
+
+
+def _keep(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"keep must be a whole number of tags, not {_kind(value)}")
+    if value < 1:
+        raise _Invalid(f"keep must be at least 1 (the tag just pushed), not {value}")
+    return value
 
 
 def _poll(value: object) -> float:

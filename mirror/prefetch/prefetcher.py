@@ -196,12 +196,30 @@ class Prefetcher:
             for name in sorted(names)
         }
 
-    def request(self, ref: ImageRef, source: ImageRef | None, origin: str = "api") -> PinStatus:
+    def request(
+        self,
+        ref: ImageRef,
+        source: ImageRef | None,
+        origin: str = "api",
+        *,
+        keep: int | None = None,
+    ) -> PinStatus:
         """Take an image now (the API, a followed push): pinned by `origin` until the node
-        restarts, and tried at once (woken if it was pinned already)."""
+        restarts, and tried at once (woken if it was pinned already).
+
+        `keep`: only the latest `keep` images `origin` requested of `ref`'s repository stay
+        pinned (a request again counts as the latest); older ones are let go.
+        """
         current = self._by_origin.get(origin, ())
-        if not any(pin.ref == ref for pin in current):
-            self._by_origin[origin] = (*current, Pin(ref, source, origin=origin))
+        pins = [pin for pin in current if pin.ref != ref]
+        pins.append(
+            next((pin for pin in current if pin.ref == ref), None)
+            or Pin(ref, source, origin=origin)
+        )
+        if keep is not None:
+            pins = _latest_of_repository(pins, ref, keep)
+        if tuple(pins) != current:
+            self._by_origin[origin] = tuple(pins)
             self._reconcile()
         status = self._status[str(ref)]
         if status.state is not PinState.FETCHING:
@@ -372,3 +390,10 @@ class Prefetcher:
                 "prefetch: %s (%s) is held in %s%s", status.ref, plan.target.digest, where, via
             )
         self._set_state(status, PinState.HELD)
+
+
+def _latest_of_repository(pins: list[Pin], ref: ImageRef, keep: int) -> list[Pin]:
+    """`pins` (oldest first) without those of `ref`'s repository older than the latest `keep`."""
+    same = [pin for pin in pins if pin.ref.name == ref.name]
+    dropped = {id(pin) for pin in same[: max(0, len(same) - keep)]}
+    return [pin for pin in pins if id(pin) not in dropped]
