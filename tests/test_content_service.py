@@ -17,8 +17,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from harness.dht import KEY
 
+from mirror.content import service as service_module
 from mirror.content.downloads import Source
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
+from mirror.errors import TooManyRequests
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, Metrics
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import RequestSigner, RequestVerifier
@@ -105,6 +107,39 @@ async def test_a_download_that_ends_while_the_store_is_asked_is_found_in_the_cac
     answer = await request
     assert answer.source == SOURCE_LOCAL
     assert await body(answer) == DATA
+
+
+async def test_a_peer_waits_for_a_download_to_start_then_is_told_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A referral may name a node still finding its source: a peer waits for it, boundedly.
+
+    Two nodes each waiting for the other to start would otherwise wait until a read timeout.
+    """
+    monkeypatch.setattr(service_module, "PEER_START_WAIT", 0.2)
+    cache = CacheStore(tmp_path / "cache")
+    await cache.start()
+    service = ContentService(cache, Metrics(), POLICY, cache=cache)
+    downloads = service._downloads
+    assert downloads is not None
+    download, _ = downloads.reserve(DIGEST)
+    with pytest.raises(TooManyRequests, match="has not started arriving here yet"):
+        await service.blob(TARGET, Caller.PEER, None, head=False)
+
+    async def origin() -> Source:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield DATA
+
+        async def close() -> None:
+            return None
+
+        return Source(len(DATA), chunks(), close)
+
+    # Started while the peer waits: it gets the blob.
+    request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
+    await asyncio.sleep(0)
+    downloads.begin(download, origin)
+    assert await body(await request) == DATA
 
 
 class GatedRouter:

@@ -717,6 +717,29 @@ async def test_a_sharing_fetch_names_itself_and_follows_a_referral(peers: Peers)
     assert sample(metrics, "mirror_peer_last_resort_fetches_total") == 0
 
 
+async def test_a_referred_node_slow_to_answer_is_waited_for_not_hedged_away_from(
+    peers: Peers,
+) -> None:
+    """A node named by a referral may still be finding its own source (referrals.py): asking
+    the next name after `hedge_after` would walk the whole chain anyway. A provider the DHT
+    named is still hedged away from (test_a_slow_peer_is_hedged)."""
+    own = Provider(b"\xee" * 20, "127.0.0.1:9")
+    spare = await peers.add(good)
+    starting = await peers.add(slow(0.5))
+    holder = await peers.add(referring(starting, spare))
+    fetcher = PeerFetcher(
+        router_for(holder), RequestSigner(KEY), Metrics(), hedge_after=0.05, own=own
+    )
+    await fetcher.start()
+    try:
+        found = await fetcher.blob(DIGEST, PATH, None, sharing=True)
+        assert found is not None and found.chunks is not None
+        assert b"".join([chunk async for chunk in found.chunks]) == BLOB
+    finally:
+        await fetcher.close()
+    assert asked(peers) == [2, 1]
+
+
 async def test_a_fetch_for_the_runtime_alone_names_no_sharer(peers: Peers) -> None:
     provider = await peers.add(good)
     fetcher = PeerFetcher(

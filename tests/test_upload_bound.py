@@ -228,12 +228,14 @@ async def test_past_the_fanout_a_sharer_is_referred_to_the_sharers_fetching_the_
         second_path, second = as_sharer(holder.blob_path, 2)
         async with stalled_download(holder, first_path) as head:
             assert head.startswith(b"HTTP/1.1 200 ")
-            # Another sharer, and a fetcher that is none: both referred to the first, at once.
-            for path in (second_path, holder.blob_path):
+            # Another sharer is referred to the first at once; a fetcher that is none after
+            # it to that sharer first (the chain's far end, as far as the holder knows).
+            expected = {second_path: first, holder.blob_path: f"{second}, {first}"}
+            for path, named in expected.items():
                 status, headers, body = await read(holder, "GET", path, signed=True)
                 assert status == 429, path
                 assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
-                assert headers[TRY_HEADER] == first
+                assert headers[TRY_HEADER] == named
             assert holder.sample("mirror_peer_uploads_referred_total") == 2
             assert holder.sample("mirror_peer_uploads_refused_total") == 0
             # The first sharer resuming is not referred to itself; a last resort is served.
@@ -249,16 +251,34 @@ async def test_past_the_fanout_a_sharer_is_referred_to_the_sharers_fetching_the_
             assert status == 200 and body == holder.blob
             bad = f"{holder.blob_path}&{SHARER_PARAM}=not-a-node"
             status, headers, _ = await read(holder, "GET", bad, signed=True)
-            assert status == 429 and headers[TRY_HEADER] == first
-            # Two sharers at once (the second a last resort): both named, the newest first.
+            assert status == 429 and headers[TRY_HEADER] == f"{second}, {first}"
+            # The two sharers referred last are named, newest first, never to themselves.
+            third_path, third = as_sharer(holder.blob_path, 3)
+            fourth_path, fourth = as_sharer(holder.blob_path, 4)
+            expected = {
+                third_path: f"{second}, {first}",
+                fourth_path: f"{third}, {second}, {first}",
+                third_path + "&again": f"{fourth}, {first}",
+                holder.blob_path: f"{third}, {fourth}, {first}",
+            }
+            for path, named in expected.items():
+                status, headers, _ = await read(holder, "GET", path, signed=True)
+                assert status == 429 and headers[TRY_HEADER] == named, path
+            # Two sharers at once (the second a last resort): both named after the referred
+            # ones, the newest first.
             async with stalled_download(holder, last_resort):
                 status, headers, _ = await read(holder, "GET", holder.blob_path, signed=True)
-                assert status == 429 and headers[TRY_HEADER] == f"{second}, {first}"
+                assert status == 429
+                assert headers[TRY_HEADER] == f"{third}, {fourth}, {second}, {first}"
         await eventually(
             lambda: holder.sample("mirror_peer_uploads") == 0, "the stalled uploads to end"
         )
         status, _, body = await read(holder, "GET", second_path, signed=True)
         assert status == 200 and body == holder.blob
+        # Forgotten with the uploads: a new chain's referral names only its own sharers.
+        async with stalled_download(holder, fourth_path):
+            status, headers, _ = await read(holder, "GET", holder.blob_path, signed=True)
+            assert status == 429 and headers[TRY_HEADER] == fourth
 
 
 def test_the_bound_comes_from_the_flag_and_the_environment() -> None:

@@ -471,6 +471,11 @@ class Download:
             self.finished.set_result(outcome)
         self._data.fire()
 
+    @property
+    def started(self) -> asyncio.Event:
+        """Set once the origin answered (size known), or the download failed or was abandoned."""
+        return self._started
+
     async def wait_started(self) -> int | None:
         """The blob's size once the origin answered; None if the origin does not have it."""
         await self._started.wait()

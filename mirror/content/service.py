@@ -57,6 +57,7 @@ from mirror.errors import (
     MirrorError,
     NameUnknown,
     RegistryError,
+    TooManyRequests,
     UpstreamError,
 )
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
@@ -72,6 +73,9 @@ from mirror.stores.manifests import read_manifest
 
 log = logging.getLogger(__name__)
 
+# How long a peer's request for a blob this node is about to fetch waits for the fetch to start
+# before it is answered busy (`_started_for_peer`).
+PEER_START_WAIT = 3.0
 # How long a claim on an upstream fetch lives unless renewed (the fetcher renews it at half).
 _CLAIM_TTL = 30.0
 # Digests reached through an alias, remembered so their fetches go to the source's repository.
@@ -359,6 +363,8 @@ class ContentService:
                 raise BlobUnknown(f"blob {digest} is not held whole here")
             if caller is Caller.PEER and requested is not None and _ahead_of(held, requested):
                 raise BlobUnknown(f"{requested.header()} of {digest} is not here yet")
+            if caller is Caller.PEER:
+                await _started_for_peer(held)
             self._metrics.coalesced_waits.labels("node").inc()
             return await self._from_download(held, requested, head)
         if held is not None:
@@ -584,6 +590,24 @@ class ContentService:
         return BlobAnswer(
             SOURCE_UPSTREAM, blob.size, byte_range, chunks=blob.chunks(), _closers=[blob.close]
         )
+
+
+async def _started_for_peer(download: Download) -> None:
+    """Wait at most `PEER_START_WAIT` for a download a peer joins to start receiving.
+
+    A peer is sent here by a referral while this node may still be finding its own source
+    (peers/referrals.py); it usually starts within a round trip or two. Past the bound the peer
+    is told this node is busy and asks the next node it was named: no two nodes can wait on
+    each other for longer than that.
+    """
+    try:
+        async with asyncio.timeout(PEER_START_WAIT):
+            await download.started.wait()
+    except TimeoutError:
+        raise TooManyRequests(
+            f"{download.digest} has not started arriving here yet; ask another node",
+            retry_after=1,
+        ) from None
 
 
 def _ahead_of(download: Download, requested: RangeRequest) -> bool:

@@ -679,10 +679,14 @@ class PeerFetcher:
         `upload`: a blob GET, which a holder bounds. One that answers busy (429) is no failure:
         it goes into `busy` (for the caller's last resort) and the next provider is asked at
         once: first the sharers it referred to (not asked yet here, not this node, trusted for
-        `key`). `last_resort` asks past the holders' bounds.
+        `key`), which are not hedged away from while they answer. `last_resort` asks past the
+        holders' bounds.
         """
         waiting = list(candidates)
         asked = {p.node_id for p in candidates}
+        # Nodes a busy provider referred to: one may still be finding its own source, so it is
+        # waited for, not hedged away from (it answers busy past its bound: referrals.py).
+        referred: set[bytes] = set()
         if self._own is not None:
             asked.add(self._own.node_id)
         running: dict[asyncio.Task[aiohttp.ClientResponse], Provider] = {}
@@ -701,7 +705,8 @@ class PeerFetcher:
                         )
                     )
                     running[task] = provider
-                timeout = self._hedge_after if waiting else None
+                hedge = waiting and all(p.node_id not in referred for p in running.values())
+                timeout = self._hedge_after if hedge else None
                 done, _ = await asyncio.wait(
                     running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -710,7 +715,9 @@ class PeerFetcher:
                     try:
                         return provider, task.result()
                     except _PeerBusy as exc:
-                        waiting[:0] = self._referred(exc.referred, asked, key)
+                        fresh = self._referred(exc.referred, asked, key)
+                        referred.update(p.node_id for p in fresh)
+                        waiting[:0] = fresh
                         if busy is None:
                             self._failed(provider, "busy", exc)
                             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +63,9 @@ _FROM_OTHER_NODES = frozenset({Caller.PEER, Caller.REDIRECTED})
 # A refused peer prefers other holders this long (Retry-After): about the time a blob upload
 # takes to end and free a slot.
 _RETRY_AFTER_SECONDS = 1
+# Sharers a referral names besides the ones this node sends the blob to: the latest it sent
+# elsewhere, newest first (see `Uploads`).
+_REFERRED_KEPT = 2
 # A page size past this many digits is not a number any client means.
 _MAX_PAGE_DIGITS = 9
 
@@ -114,6 +118,15 @@ class UploadSlots:
     A request from a sharer (a node that serves the blob to peers while it arrives, named in the
     request: peers/referrals.py) is remembered with its blob while it is sent. Past `fanout`
     other sharers of the same blob, a refusable request is refused with a referral to them.
+
+    The referral names first the sharers this node last referred elsewhere, newest first: the
+    chain's far end as far as this node knows, where a fan-out is most likely free. Naming only
+    the sharers it sends to makes every late node walk the chain from its start, one refusal
+    per node in it (494 refusals for 16 nodes and 5 blobs: about N squared over 2 per blob).
+    A node named that way may not be receiving yet: the fetcher waits for it rather than
+    hedging to the next name (peers/fetcher.py), and it answers busy if it has not started
+    within `PEER_START_WAIT` (content/service.py), which also ends any wait of two nodes on
+    each other.
     """
 
     def __init__(self, limit: int, fanout: int, metrics: Metrics) -> None:
@@ -121,6 +134,8 @@ class UploadSlots:
         self.fanout = fanout  # 0: no bound per blob
         self.active = 0
         self._sharers: dict[str, list[str]] = {}  # digest -> sharers it is being sent to
+        # digest -> sharers lately referred elsewhere, newest first; kept while it is sent.
+        self._referred: dict[str, deque[str]] = {}
         self._metrics = metrics
 
     def take(self, digest: str, sharer: str | None, *, refusable: bool) -> None:
@@ -136,7 +151,7 @@ class UploadSlots:
                 raise TooManyRequests(
                     f"{len(others)} nodes fetch this blob from this node; ask them",
                     retry_after=_RETRY_AFTER_SECONDS,
-                    headers={TRY_HEADER: referral(reversed(others))},
+                    headers={TRY_HEADER: self._referral(digest, sharer, others)},
                 )
             if self.limit and self.active >= self.limit:
                 self._metrics.peer_uploads_refused.inc()
@@ -149,6 +164,17 @@ class UploadSlots:
         if sharer is not None:
             self._sharers.setdefault(digest, []).append(sharer)
 
+    def _referral(self, digest: str, sharer: str | None, others: list[str]) -> str:
+        """The referral for `sharer`, who is then remembered as the newest referred."""
+        referred = self._referred.setdefault(digest, deque(maxlen=_REFERRED_KEPT))
+        named = [s for s in referred if s != sharer]
+        named += [s for s in reversed(others) if s not in named]
+        if sharer is not None:
+            if sharer in referred:
+                referred.remove(sharer)
+            referred.appendleft(sharer)
+        return referral(named)
+
     def give_back(self, digest: str, sharer: str | None) -> None:
         self.active -= 1
         self._metrics.peer_uploads.set(self.active)
@@ -157,6 +183,7 @@ class UploadSlots:
             sharers.remove(sharer)
             if not sharers:
                 del self._sharers[digest]
+                self._referred.pop(digest, None)
 
 
 class RegistryApi:
