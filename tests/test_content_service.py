@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from harness.dht import KEY
 
 from mirror.content import service as service_module
-from mirror.content.downloads import Source
+from mirror.content.downloads import Download, Downloads, Source
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
 from mirror.errors import TooManyRequests
 from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, Metrics
@@ -60,6 +60,28 @@ class GatedCache(CacheStore):
         return found
 
 
+async def reserved_in(cache: CacheStore) -> tuple[ContentService, Downloads, Download]:
+    """A content service on `cache` (started here) whose download of DIGEST is reserved."""
+    await cache.start()
+    service = ContentService(cache, Metrics(), POLICY, cache=cache)
+    downloads = service._downloads
+    assert downloads is not None
+    download, _ = downloads.reserve(DIGEST)
+    return service, downloads, download
+
+
+async def whole_data() -> Source:
+    """An origin that gives DATA whole."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield DATA
+
+    async def close() -> None:
+        return None
+
+    return Source(len(DATA), chunks(), close)
+
+
 async def body(answer: BlobAnswer) -> bytes:
     if answer.local is not None:
         data = await asyncio.to_thread(answer.local.fileobj.read)
@@ -80,25 +102,12 @@ async def test_a_download_that_ends_while_the_store_is_asked_is_found_in_the_cac
     blob from upstream a second time.
     """
     cache = GatedCache(tmp_path / "cache")
-    await cache.start()
-    service = ContentService(cache, Metrics(), POLICY, cache=cache)
-    downloads = service._downloads
-    assert downloads is not None
-    download, _ = downloads.reserve(DIGEST)
-
-    async def origin() -> Source:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield DATA
-
-        async def close() -> None:
-            return None
-
-        return Source(len(DATA), chunks(), close)
+    service, downloads, download = await reserved_in(cache)
 
     cache.gate.clear()
     request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
     await cache.asked.wait()
-    downloads.begin(download, origin)
+    downloads.begin(download, whole_data)
     assert await download.finished
     assert download.task is not None
     await download.task  # off the list of running downloads now
@@ -117,28 +126,14 @@ async def test_a_peer_waits_for_a_download_to_start_then_is_told_busy(
     Two nodes each waiting for the other to start would otherwise wait until a read timeout.
     """
     monkeypatch.setattr(service_module, "PEER_START_WAIT", 0.2)
-    cache = CacheStore(tmp_path / "cache")
-    await cache.start()
-    service = ContentService(cache, Metrics(), POLICY, cache=cache)
-    downloads = service._downloads
-    assert downloads is not None
-    download, _ = downloads.reserve(DIGEST)
+    service, downloads, download = await reserved_in(CacheStore(tmp_path / "cache"))
     with pytest.raises(TooManyRequests, match="has not started arriving here yet"):
         await service.blob(TARGET, Caller.PEER, None, head=False)
-
-    async def origin() -> Source:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield DATA
-
-        async def close() -> None:
-            return None
-
-        return Source(len(DATA), chunks(), close)
 
     # Started while the peer waits: it gets the blob.
     request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
     await asyncio.sleep(0)
-    downloads.begin(download, origin)
+    downloads.begin(download, whole_data)
     assert await body(await request) == DATA
 
 

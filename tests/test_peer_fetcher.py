@@ -690,6 +690,17 @@ def referring(*sharers: Provider) -> Behaviour:
     return behaviour
 
 
+async def fetch_whole_as_a_sharer(fetcher: PeerFetcher) -> None:
+    """Start `fetcher`, fetch the blob whole as a node sharing it does, check it, close."""
+    await fetcher.start()
+    try:
+        found = await fetcher.blob(DIGEST, PATH, None, sharing=True)
+        assert found is not None and found.chunks is not None
+        assert b"".join([chunk async for chunk in found.chunks]) == BLOB
+    finally:
+        await fetcher.close()
+
+
 async def test_a_sharing_fetch_names_itself_and_follows_a_referral(peers: Peers) -> None:
     """The holder (the only provider the DHT knows) refers the fetcher down the chain: to a
     node it never heard of, which refers it further, to the node that serves it. Every request
@@ -703,13 +714,7 @@ async def test_a_sharing_fetch_names_itself_and_follows_a_referral(peers: Peers)
     metrics = Metrics()
     fetcher = PeerFetcher(router_for(holder), RequestSigner(KEY), metrics, hedge_after=5, own=own)
     fetcher._distrust(distrusted, str(DIGEST), "test")
-    await fetcher.start()
-    try:
-        found = await fetcher.blob(DIGEST, PATH, None, sharing=True)
-        assert found is not None and found.chunks is not None
-        assert b"".join([chunk async for chunk in found.chunks]) == BLOB
-    finally:
-        await fetcher.close()
+    await fetch_whole_as_a_sharer(fetcher)
     assert asked(peers) == [2, 1, 0]
     sharer = f"{SHARER_PARAM}={own.node_id.hex()}@127.0.0.1:9"
     assert all(path == f"{PATH}?{sharer}" for _, path in peers.paths), peers.paths
@@ -730,13 +735,7 @@ async def test_a_referred_node_slow_to_answer_is_waited_for_not_hedged_away_from
     fetcher = PeerFetcher(
         router_for(holder), RequestSigner(KEY), Metrics(), hedge_after=0.05, own=own
     )
-    await fetcher.start()
-    try:
-        found = await fetcher.blob(DIGEST, PATH, None, sharing=True)
-        assert found is not None and found.chunks is not None
-        assert b"".join([chunk async for chunk in found.chunks]) == BLOB
-    finally:
-        await fetcher.close()
+    await fetch_whole_as_a_sharer(fetcher)
     assert asked(peers) == [2, 1]
 
 
