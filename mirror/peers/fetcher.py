@@ -2,7 +2,9 @@
 
 - The DHT is asked for providers of the digest (or tag); this node is never among them.
 - The first provider is asked at once; if it has not answered `hedge_after` later, the next one
-  is asked too, and the first to answer wins (the other request is cancelled).
+  is asked too, and the first to answer wins (the other request is cancelled). A node a busy
+  provider referred to is the exception: it may still be finding its own source, and is
+  waited for (peers/referrals.py).
 - A blob is hashed as it streams. Its last chunk is held back until the digest is checked, so a
   client never receives the whole of a wrong body: on a mismatch the response is cut, the peers
   that sent it are told (a signed report: they re-hash their copy and evict it if it is really

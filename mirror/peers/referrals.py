@@ -8,6 +8,12 @@ from it, the provider answers `429` with `X-Mirror-Try: <id>@<address>, ...`: th
 which hold the start of the blob already and get the rest at the provider's pace. The fetcher
 asks them first (peers/fetcher.py); one that is at its own fan-out refers it further down.
 
+A referral names first the last two sharers the provider referred elsewhere (the chain's far
+end, as far as it knows), then the ones it sends to (registry/api.py). A node named first may
+still be finding its own source: the fetcher waits for it rather than hedging on, and it answers
+busy if it has not started within `PEER_START_WAIT` (content/service.py). So a late node joins
+the chain at its end in a hop or two instead of walking it from the start, one refusal per node.
+
 So a rollout where every node asks the one holder at once becomes a tree (a chain with a
 fan-out of 1) in a few round trips: every node downloads the blob once and uploads it about
 once, and the holder's link is no longer shared N ways. Requests that are not sharers (a range
