@@ -739,6 +739,26 @@ async def test_a_referred_node_slow_to_answer_is_waited_for_not_hedged_away_from
     assert asked(peers) == [2, 1]
 
 
+async def test_a_referred_node_that_never_answers_is_given_up_after_the_patience(
+    peers: Peers,
+) -> None:
+    """A node whose event loop is stuck cannot say it is busy: the next name is asked too."""
+    own = Provider(b"\xee" * 20, "127.0.0.1:9")
+    spare = await peers.add(good)
+    stuck = await peers.add(slow(30))
+    holder = await peers.add(referring(stuck, spare))
+    fetcher = PeerFetcher(
+        router_for(holder),
+        RequestSigner(KEY),
+        Metrics(),
+        hedge_after=0.05,
+        referred_patience=0.3,
+        own=own,
+    )
+    await fetch_whole_as_a_sharer(fetcher)
+    assert asked(peers) == [2, 1, 0]
+
+
 async def test_a_fetch_for_the_runtime_alone_names_no_sharer(peers: Peers) -> None:
     provider = await peers.add(good)
     fetcher = PeerFetcher(

@@ -4,7 +4,7 @@
 - The first provider is asked at once; if it has not answered `hedge_after` later, the next one
   is asked too, and the first to answer wins (the other request is cancelled). A node a busy
   provider referred to is the exception: it may still be finding its own source, and is
-  waited for (peers/referrals.py).
+  waited for up to `REFERRED_PATIENCE` (peers/referrals.py).
 - A blob is hashed as it streams. Its last chunk is held back until the digest is checked, so a
   client never receives the whole of a wrong body: on a mismatch the response is cut, the peers
   that sent it are told (a signed report: they re-hash their copy and evict it if it is really
@@ -56,6 +56,12 @@ from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisf
 from mirror.routing.router import Provider, Router
 
 log = logging.getLogger(__name__)
+
+# How long a node a referral named is waited for before the next name is asked too. It answers
+# busy itself if its own download has not started within `PEER_START_WAIT` (3 s,
+# content/service.py); this bounds the wait on one that cannot answer at all (its event loop
+# stuck) without cutting short one that is about to.
+REFERRED_PATIENCE = 4.0
 
 _CHUNK = 1024 * 1024
 # A blob's hash (`_PipelinedHasher`) takes this many bytes at least per worker call, and may
@@ -332,6 +338,7 @@ class PeerFetcher:
         metrics: Metrics,
         *,
         hedge_after: float = 0.15,
+        referred_patience: float = REFERRED_PATIENCE,
         connect_timeout: float = 2.0,
         read_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -355,6 +362,7 @@ class PeerFetcher:
         self._redirected: dict[str, float] = {}  # digest -> until when a request is a retry
         self._metrics = metrics
         self._hedge_after = hedge_after
+        self._referred_patience = referred_patience
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -681,8 +689,8 @@ class PeerFetcher:
         `upload`: a blob GET, which a holder bounds. One that answers busy (429) is no failure:
         it goes into `busy` (for the caller's last resort) and the next provider is asked at
         once: first the sharers it referred to (not asked yet here, not this node, trusted for
-        `key`), which are not hedged away from while they answer. `last_resort` asks past the
-        holders' bounds.
+        `key`), which are hedged away from only after `referred_patience`. `last_resort` asks
+        past the holders' bounds.
         """
         waiting = list(candidates)
         asked = {p.node_id for p in candidates}
@@ -707,8 +715,10 @@ class PeerFetcher:
                         )
                     )
                     running[task] = provider
-                hedge = waiting and all(p.node_id not in referred for p in running.values())
-                timeout = self._hedge_after if hedge else None
+                patient = any(p.node_id in referred for p in running.values())
+                timeout = None
+                if waiting:
+                    timeout = self._referred_patience if patient else self._hedge_after
                 done, _ = await asyncio.wait(
                     running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )

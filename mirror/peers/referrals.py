@@ -10,8 +10,9 @@ asks them first (peers/fetcher.py); one that is at its own fan-out refers it fur
 
 A referral names first the last two sharers the provider referred elsewhere (the chain's far
 end, as far as it knows), then the ones it sends to (registry/api.py). A node named first may
-still be finding its own source: the fetcher waits for it rather than hedging on, and it answers
-busy if it has not started within `PEER_START_WAIT` (content/service.py). So a late node joins
+still be finding its own source: the fetcher waits for it rather than hedging on (up to
+`REFERRED_PATIENCE`, 4 s, in case it cannot answer at all), and it answers busy if it has not
+started within `PEER_START_WAIT` (3 s, content/service.py). So a late node joins
 the chain at its end in a hop or two instead of walking it from the start, one refusal per node.
 
 So a rollout where every node asks the one holder at once becomes a tree (a chain with a
