@@ -192,22 +192,33 @@ async def test_a_shared_blob_is_written_into_the_cache_by_the_receiving_threads(
         await write(self, chunk)
 
     monkeypatch.setattr(BlobWriter, "write", counted)
-    dying = await peers.add(dying_after(1_500_000))
+
+    async def keep(fetcher: PeerFetcher, attempt: int) -> None:
+        loop_writes.clear()
+        cache = CacheStore(tmp_path / f"cache-{attempt}")
+        await cache.start()
+        await keep_through_a_download(fetcher, cache)
+
+    await with_the_dying_peer_first(peers, 1_500_000, keep)
+    assert peers.seen[0] == (0, None) and peers.seen[1][0] == 1  # resumed at the spare
+    assert loop_writes == [], "bytes went through the event loop's writes"
+
+
+async def with_the_dying_peer_first(
+    peers: Peers, dies_after: int, fetch: Callable[[PeerFetcher, int], Awaitable[None]]
+) -> None:
+    """`fetch` (given the attempt's number) from a peer dying after `dies_after` bytes and a
+    spare, until the dying one was asked first: the fetcher shuffles equally loaded peers."""
+    dying = await peers.add(dying_after(dies_after))
     spare = await peers.add(good)
     fetcher = PeerFetcher(router_for(dying, spare), RequestSigner(KEY), Metrics(), hedge_after=5)
     await fetcher.start()
     try:
-        # Shuffling may put the spare first; again until the dying peer was asked first.
         for attempt in range(50):
             peers.seen.clear()
-            loop_writes.clear()
-            cache = CacheStore(tmp_path / f"cache-{attempt}")
-            await cache.start()
-            await keep_through_a_download(fetcher, cache)
+            await fetch(fetcher, attempt)
             if peers.seen[0][0] == 0:
-                break
-        assert peers.seen[0] == (0, None) and peers.seen[1][0] == 1  # resumed at the spare
-        assert loop_writes == [], "bytes went through the event loop's writes"
+                return
     finally:
         await fetcher.close()
 
@@ -240,24 +251,16 @@ async def _nothing() -> None:
 
 
 async def test_a_peer_dying_mid_blob_is_resumed_elsewhere_with_a_range(peers: Peers) -> None:
-    dying = await peers.add(dying_after(1_000_000))
-    spare = await peers.add(good)
-    fetcher = PeerFetcher(router_for(dying, spare), RequestSigner(KEY), Metrics(), hedge_after=5)
-    await fetcher.start()
-    try:
-        # Shuffling may put the spare first; retry until the dying peer was asked first.
-        for _ in range(50):
-            peers.seen.clear()
-            assert await read_all(fetcher) == BLOB
-            if peers.seen[0][0] == 0:
-                break
-        assert peers.seen[0] == (0, None)
-        index, range_header = peers.seen[1]
-        assert index == 1 and range_header is not None
-        assert range_header.startswith("bytes=") and range_header.endswith(f"-{len(BLOB) - 1}")
-        assert int(range_header[6:].split("-")[0]) > 0
-    finally:
-        await fetcher.close()
+
+    async def read(fetcher: PeerFetcher, attempt: int) -> None:
+        assert await read_all(fetcher) == BLOB
+
+    await with_the_dying_peer_first(peers, 1_000_000, read)
+    assert peers.seen[0] == (0, None)
+    index, range_header = peers.seen[1]
+    assert index == 1 and range_header is not None
+    assert range_header.startswith("bytes=") and range_header.endswith(f"-{len(BLOB) - 1}")
+    assert int(range_header[6:].split("-")[0]) > 0
 
 
 async def test_wrong_bytes_never_complete_and_the_peer_is_distrusted(peers: Peers) -> None:
