@@ -695,7 +695,8 @@ class PeerFetcher:
         waiting = list(candidates)
         asked = {p.node_id for p in candidates}
         # Nodes a busy provider referred to: one may still be finding its own source, so it is
-        # waited for, not hedged away from (it answers busy past its bound: referrals.py).
+        # hedged away from only after `referred_patience` (it answers busy past its own bound
+        # first: referrals.py).
         referred: set[bytes] = set()
         if self._own is not None:
             asked.add(self._own.node_id)

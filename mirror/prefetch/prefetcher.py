@@ -211,11 +211,9 @@ class Prefetcher:
         pinned (a request again counts as the latest); older ones are let go.
         """
         current = self._by_origin.get(origin, ())
+        existing = next((pin for pin in current if pin.ref == ref), None)
         pins = [pin for pin in current if pin.ref != ref]
-        pins.append(
-            next((pin for pin in current if pin.ref == ref), None)
-            or Pin(ref, source, origin=origin)
-        )
+        pins.append(existing if existing is not None else Pin(ref, source, origin=origin))
         if keep is not None:
             pins = _latest_of_repository(pins, ref, keep)
         if tuple(pins) != current:
@@ -394,6 +392,6 @@ class Prefetcher:
 
 def _latest_of_repository(pins: list[Pin], ref: ImageRef, keep: int) -> list[Pin]:
     """`pins` (oldest first) without those of `ref`'s repository older than the latest `keep`."""
-    same = [pin for pin in pins if pin.ref.name == ref.name]
-    dropped = {id(pin) for pin in same[: max(0, len(same) - keep)]}
-    return [pin for pin in pins if id(pin) not in dropped]
+    same = [pin.ref for pin in pins if pin.ref.name == ref.name]
+    dropped = set(same[: max(0, len(same) - keep)])
+    return [pin for pin in pins if pin.ref not in dropped]

@@ -123,10 +123,10 @@ class UploadSlots:
     chain's far end as far as this node knows, where a fan-out is most likely free. Naming only
     the sharers it sends to makes every late node walk the chain from its start, one refusal
     per node in it (494 refusals for 16 nodes and 5 blobs: about N squared over 2 per blob).
-    A node named that way may not be receiving yet: the fetcher waits for it rather than
-    hedging to the next name (peers/fetcher.py), and it answers busy if it has not started
-    within `PEER_START_WAIT` (content/service.py), which also ends any wait of two nodes on
-    each other.
+    A node named that way may not be receiving yet: the fetcher waits for it (up to
+    `REFERRED_PATIENCE`) rather than hedging to the next name (peers/fetcher.py), and it
+    answers busy if it has not started within `PEER_START_WAIT` (content/service.py), which
+    also ends any wait of two nodes on each other.
     """
 
     def __init__(self, limit: int, fanout: int, metrics: Metrics) -> None:
