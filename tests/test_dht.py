@@ -292,3 +292,31 @@ async def test_sixty_four_nodes_find_and_miss_within_the_deadline(
         gc.collect()
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_an_announcement_in_a_small_cluster_asks_alpha_nodes_and_reaches_all() -> None:
+    async with cluster(9) as nodes:
+        announcer = nodes[4]
+        # The cluster bootstraps from three seeds: the announcer learns of the rest as they
+        # come, and its table holds all eight others once each has asked it something.
+        for node in nodes:
+            await node.find_providers("sha256:" + "0b" * 32, timeout=0.5)
+        await wait_until(lambda: announcer._table.contact_count() == 8)
+        client = announcer._crawler._client
+        asked: list[Node] = []
+        find_node = client.find_node
+
+        def counting(node: Node, target: bytes) -> asyncio.Future:  # type: ignore[type-arg]
+            asked.append(node)
+            return find_node(node, target)
+
+        client.find_node = counting  # type: ignore[method-assign]
+        text = "sha256:" + "0c" * 32
+        assert await announcer.provide(text)
+        # Nine nodes, fewer than k: every node knows every other, so three answers suffice...
+        assert len(asked) == announcer._settings.alpha
+        # ...and the record still went to every other node, each now answering from its own store.
+        for node in nodes:
+            if node is not announcer:
+                held = node._store.providers(dht_key(text), exclude=(), limit=10)
+                assert provider(announcer) in held

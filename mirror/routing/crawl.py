@@ -74,11 +74,16 @@ class Crawler:
         )
         return count
 
-    async def closest_nodes(self, target: bytes, *, timeout: float | None = None) -> list[Node]:
+    async def closest_nodes(
+        self, target: bytes, *, timeout: float | None = None, settle_small: bool = False
+    ) -> list[Node]:
         """The k live nodes closest to `target` (not this one), closest first.
 
         Found within `timeout` (by default the crawl deadline); a lookup cut by it returns the
         closest of the nodes that answered so far. Nothing when the endpoint is closed.
+        `settle_small`: stop early in a network of fewer than k nodes known whole (lookup.py),
+        for announcements; the bootstrap and refresh walks leave it off, since the nodes they
+        ask learn of this one by being asked.
         """
         if not self._endpoint.listening:
             return []
@@ -89,6 +94,7 @@ class Crawler:
             query=lambda node: client.find_node(node, target),
             k=self._settings.ksize,
             alpha=self._settings.alpha,
+            settle_below=self._settings.ksize if settle_small else 0,
         )
         seeds = self._table.closest(target)
         try:

@@ -218,7 +218,7 @@ class DhtNode:
             # A node announces what it starts fetching and again when its runtime stored it,
             # seconds apart: the records from the first are fresh at every node that took them.
             return True
-        closest = await self._crawler.closest_nodes(hashed)
+        closest = await self._crawler.closest_nodes(hashed, settle_small=True)
         stored_here = len(closest) < ksize or distance(self.node_id, hashed) < distance(
             closest[-1].id, hashed
         )
@@ -248,7 +248,7 @@ class DhtNode:
         self._store.remove(hashed, self.node_id)
         if not self._rpc.listening:
             return
-        closest = await self._crawler.closest_nodes(hashed)
+        closest = await self._crawler.closest_nodes(hashed, settle_small=True)
         await _settle(self._client.remove_provider(node, hashed) for node in closest)
 
     async def find_providers(
@@ -271,6 +271,7 @@ class DhtNode:
             alpha=self._settings.alpha,
             want=want,
             accept=self._is_peer,
+            settle_below=self._settings.ksize,
             providers=self._store.providers(
                 hashed,
                 exclude=(self.node_id,),

@@ -6,6 +6,17 @@ among the k closest candidates and reacts to each reply as it lands. A dead node
 until it times out while the others keep walking. The lookup never cancels the RPC futures it
 waits on; the caller's deadline simply stops it waiting, and whatever was found so far stays
 readable on the object.
+
+**A small network known whole** (`settle_below`, k for the callers that use it). While a
+cluster has fewer than k nodes, the k closest to any key are all of them, so a plain lookup asks
+every node, and each node's announcements cost every other node a query: O(N) per node, O(N^2)
+for the cluster. But an answer names its node's contacts closest to the key. So when fewer than
+`settle_below` nodes are known and alpha of them answered without naming a single node this
+one did not know, the nodes nearest the key are known here already, and asking the others
+could only repeat the same names: the lookup settles, and `closest` counts the known nodes it
+did not ask (they are in this node's routing table, so they answered it recently) with the
+ones that answered. An answer naming anyone new, or that many nodes known, and the walk goes
+on as usual, so a large network, or a newcomer that knows only its seeds, is walked in full.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ class IterativeLookup:
         want: int | None = None,
         accept: Callable[[Provider], bool] = lambda provider: True,
         providers: Iterable[Provider] = (),
+        settle_below: int = 0,
     ) -> None:
         self._target = int.from_bytes(target, "big")
         self._self_id = self_id
@@ -49,13 +61,25 @@ class IterativeLookup:
         self._failed: set[bytes] = set()
         self._responded: dict[bytes, Node] = {}
         self.providers: dict[bytes, Provider] = {p.node_id: p for p in providers if accept(p)}
+        self._settle_below = settle_below
+        self._seeds: set[bytes] = set()
+        self._named_new = False  # an answer named a node that was not among the seeds
+        self._settled = False  # stopped early: the network is small and known whole
 
     def satisfied(self) -> bool:
         return self._want is not None and len(self.providers) >= self._want
 
     def closest(self) -> list[Node]:
-        """Nodes that answered, closest to the target first, at most k."""
+        """Nodes that answered, closest to the target first, at most k (after settling early,
+        the known nodes nobody had to ask as well)."""
+        if self._settled:
+            return self._frontier()
         return heapq.nsmallest(self._k, self._responded.values(), key=self._distance)
+
+    @property
+    def asked(self) -> int:
+        """How many nodes this lookup queried."""
+        return len(self._queried)
 
     def silent(self) -> set[bytes]:
         """Ids of the nodes that were asked and did not answer (in time)."""
@@ -69,13 +93,17 @@ class IterativeLookup:
     async def run(self, seeds: Iterable[Node]) -> None:
         """Walk until the k closest known nodes have all answered, or enough providers."""
         self._learn(seeds)
+        self._seeds = set(self._known)
         in_flight: dict[asyncio.Future[Found | None], Node] = {}
         while not self.satisfied():
+            if self._known_whole():
+                self._settled = True
+                return
             frontier = self._frontier()
             flying = {node.id for node in in_flight.values()}
             busy = sum(1 for node in frontier if node.id in flying)
             for node in frontier:
-                if busy >= self._alpha:
+                if busy >= self._alpha or self._waiting_to_settle():
                     break
                 if node.id not in self._queried:
                     self._queried.add(node.id)
@@ -98,10 +126,27 @@ class IterativeLookup:
             if self._accept(provider):
                 self.providers.setdefault(provider.node_id, provider)
 
+    def _waiting_to_settle(self) -> bool:
+        """Alpha queries asked (not counting the failed ones) while the lookup may still
+        settle: their answers decide whether anyone else is worth asking."""
+        return self._may_settle() and len(self._queried) - len(self._failed) >= self._alpha
+
+    def _may_settle(self) -> bool:
+        return not self._named_new and len(self._known) < self._settle_below
+
+    def _known_whole(self) -> bool:
+        """Fewer than `settle_below` nodes known, and alpha answers (or all there are) named no
+        new one."""
+        if not self._may_settle():
+            return False
+        return len(self._responded) >= min(self._alpha, len(self._known))
+
     def _learn(self, nodes: Iterable[Node]) -> None:
         for node in nodes:
             if node.id != self._self_id and node.id not in self._known:
                 self._known[node.id] = node
+                if self._seeds and node.id not in self._seeds:
+                    self._named_new = True
 
     def _frontier(self) -> list[Node]:
         """The k closest known nodes that have not failed: the only ones worth asking."""
