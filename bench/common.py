@@ -765,6 +765,19 @@ def in_ns(namespace: str, *argv: str) -> list[str]:
     return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *inner]
 
 
+def throttled_seconds(namespace: str) -> float | None:
+    """How long the CPU cap held `namespace`'s processes back so far (its cgroup's cpu.stat
+    `throttled_time`), None when the namespace has no cap."""
+    procs = _CPU_CAPS.get(namespace)
+    if procs is None:
+        return None
+    for line in (procs.parent / "cpu.stat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "throttled_time":
+            return int(value) / 1e9
+    return None
+
+
 def poll(condition: Callable[[], bool], what: str, timeout: float) -> float:
     """Poll `condition` with a growing pause until true; raise after `timeout` seconds."""
     started = time.monotonic()

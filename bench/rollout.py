@@ -26,6 +26,12 @@ Modes, each on fresh state (new containerds, new registry storage, new mirror ca
   formed and the holder has announced the image, the N nodes pull, each through its own mirror.
 - mirror-redirect: the same with `--peer-transfer=redirect` on every mirror (skipped, with a
   message, when `mirror run --help` does not offer the flag).
+- local: no sharing at all, the floor of any design on this machine: every node runs a
+  distribution registry in its own namespace that already holds the image (its storage hard
+  links to upstream's), and pulls from it (hosts.toml mirror). Nothing crosses a link; what is
+  left is what N nodes pulling at once cost the machine anyway (the runtimes' writes, hashing,
+  unpacking, one local registry each), so its flatness N/1 is the best any mode can show here.
+  Not a default mode (`--modes ...,local`).
 
 Each scenario (`--scenarios`, e.g. `75x4:8` = a 75 MiB image in 4 layers, 8 pulling nodes)
 runs every mode with `ctr images pull` (fetch and unpack: "unpack") and with `ctr content
@@ -98,6 +104,7 @@ from common import (
     shape_egress,
     start_containerd,
     start_mirror,
+    throttled_seconds,
     verify_pulled,
     wait_containerd,
     wait_mirrors,
@@ -109,7 +116,8 @@ UPSTREAM_IP = f"{NAMES.subnet}.2"
 HOLDER_OCTET = 10  # node I (1..N) is at HOLDER_OCTET + I
 MAX_NODES = 200
 TAG = "v1"
-MODES = ("proxy", "mirror", "mirror-redirect")
+MODES = ("proxy", "mirror", "mirror-redirect", "local")
+DEFAULT_MODES = ("proxy", "mirror", "mirror-redirect")
 KINDS = ("unpack", "fetch")
 REDIRECT_FLAG = "--peer-transfer"
 DEFAULT_SCENARIOS = "75x4:1:fetch,75x4:8,75x4:16,1024x1:8"
@@ -230,6 +238,8 @@ class CaseResult:
     mode: str
     wall: float = 0.0
     per_node: list[float] = field(default_factory=list)
+    # Seconds each node's CPU cap held its processes back during the pulls (--cpus-per-node).
+    throttled: list[float] = field(default_factory=list)
     upstream_bytes: int = 0  # every GET body upstream sent during the pulls
     upstream_blob_bytes: int = 0
     upstream_blob_gets: int = 0
@@ -368,6 +378,12 @@ class Rollout:
                 )
                 for node in nodes:
                     node.write_hosts(upstream.host, upstream.url, [proxy.url])
+            elif case.mode == "local":
+                for node in nodes:
+                    local = self.local_registry(case_dir / f"local{node.index}", node)
+                    started.append(local.process)
+                    node.write_hosts(upstream.host, upstream.url, [local.url])
+                result.notes.append("set-up: every node pulls from a registry of its own")
             else:
                 took, _ = pull_all(self.lab, [holder], ref, mirrored=False, unpack=True)
                 settings = self.mirror_settings(everyone, case.mode == "mirror-redirect")
@@ -404,6 +420,17 @@ class Rollout:
         print(self.describe(result), flush=True)
         return result
 
+    def local_registry(self, base: Path, node: Node) -> NamespacedRegistry:
+        """A registry in `node`'s namespace holding what upstream holds (hard links: upstream's
+        files are never written again, and the page cache holds them once)."""
+        assert self.upstream is not None
+        local = NamespacedRegistry(base, node.namespace, node.ip)
+        source = self.upstream.storage_dir / "docker"
+        run("cp", "-al", str(source), str(local.storage_dir / "docker"))
+        self.lab.track(local.process)
+        local.start(timeout=READY_TIMEOUT)
+        return local
+
     def announced(self, node: Node) -> float:
         try:
             text = node.metrics_text()
@@ -433,7 +460,13 @@ class Rollout:
         load = OtherLoad(self.lab.pids)
         busy_before, clock = machine_busy_seconds(), time.monotonic()
         cpu_before = {name: cpu() for name, cpu in groups.items()}
+        throttled_before = [throttled_seconds(node.namespace) for node in nodes]
         result.wall, result.per_node = pull_all(self.lab, nodes, ref, mirrored=True, unpack=unpack)
+        result.throttled = [
+            after - before
+            for node, before in zip(nodes, throttled_before, strict=True)
+            if before is not None and (after := throttled_seconds(node.namespace)) is not None
+        ]
         elapsed = time.monotonic() - clock
         busy = (machine_busy_seconds() - busy_before) / (elapsed * (os.cpu_count() or 1))
         result.busy = min(1.0, busy)  # the two clocks differ by a tick or so
@@ -485,6 +518,14 @@ class Rollout:
             f"wall {result.wall:.2f}s (first start to last end); per node min {min(times):.2f}s, "
             f"median {statistics.median(times):.2f}s, max {max(times):.2f}s",
             f"per node (nodes 1..{result.nodes}): {per_node}",
+            *(
+                [
+                    "held back by the CPU cap (s, nodes 1..N): "
+                    + " ".join(f"{t:.1f}" for t in result.throttled)
+                ]
+                if result.throttled
+                else []
+            ),
             f"upstream: {result.upstream_blob_bytes / MIB:.1f} MiB of blobs "
             f"({result.upstream_blob_bytes / result.image_bytes:.2f}x the image, "
             f"{result.upstream_blob_gets} blob GETs), {result.upstream_bytes / 1024:.1f} KiB "
@@ -566,6 +607,16 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
             other = find(results, image, nodes, kind, mode)
             if proxy and other:
                 print(f"  {image} N={nodes} {kind}: {mode}/proxy {other.wall / proxy.wall:.2f}")
+    local_ratios = [
+        f"  {image} N={nodes} {kind}: {mode}/local {other.wall / local.wall:.2f}"
+        for image, nodes, kind in keys
+        if (local := find(results, image, nodes, kind, "local"))
+        for mode in ("proxy", "mirror", "mirror-redirect")
+        if (other := find(results, image, nodes, kind, mode))
+    ]
+    if local_ratios:
+        print("against the floor (mode time / local time: every node pulling from its own copy):")
+        print("\n".join(local_ratios))
 
     print("flatness (content fetch, time at N over N=1, same mode and image):")
     for r in results:
@@ -724,8 +775,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--modes",
-        default=",".join(MODES),
-        help=f"comma-separated, run in this order for each scenario (default: {','.join(MODES)})",
+        default=",".join(DEFAULT_MODES),
+        help="comma-separated, run in this order for each scenario "
+        f"(default: {','.join(DEFAULT_MODES)}; also: local)",
     )
     add_shaping_arguments(parser, rate="1gbit", burst="512kb", links="every link, both ways")
     parser.add_argument(
