@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -392,3 +394,61 @@ async def test_a_reader_dropped_unread_does_not_hold_the_others(small_cache: Cac
 
 async def collect_all(reader: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in reader])
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache now, as util-linux's fincore counts them."""
+    done = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip())
+
+
+async def test_the_cache_copy_is_kept_on_disk_not_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages every reader is past are let go as the download is written back, and the rest
+    once the last reader is done: the runtime keeps its own copy, so the cache's is for peers
+    that come later, from disk."""
+    # On a disk: tmpfs pages have nowhere to go (and some machines mount /tmp as tmpfs).
+    fs_type = subprocess.run(
+        ["findmnt", "--noheadings", "--output", "FSTYPE", "--target", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    root = tmp_path if fs_type != "tmpfs" else Path(__file__).parent.parent / ".pytest_cache"
+    cache = CacheStore(Path(tempfile.mkdtemp(dir=root)) / "cache")
+    await cache.start()
+    monkeypatch.setattr(downloads_module, "_FLUSH_EVERY", len(DATA) // 4)
+    downloads = Downloads(cache)
+    chunk = len(DATA) // 8
+    origin = Trickle(DATA, chunk=chunk)
+    download, _ = downloads.reserve(DIGEST)
+    downloads.begin(download, origin.open)
+    reader = download.read(0, len(DATA))
+    received = bytearray()
+    # In lockstep: a chunk arrives, the reader reads it, the next one arrives.
+    for arrived in range(1, 5):
+        origin.gate.release()
+        while len(received) < arrived * chunk:
+            received += await reader.__anext__()
+    temp = next((cache.root / "tmp").iterdir())
+    assert download._flushing is not None
+    await download._flushing
+    assert resident_bytes(temp) < download.on_disk, "nothing read was let go"
+    origin.release_all()
+    async for piece in reader:
+        received += piece
+    assert bytes(received) == DATA
+    assert download.task is not None
+    await download.task
+    assert download.kept and download._closing is not None
+    await download._closing  # the last reader is done: pages let go, descriptor closed
+    assert resident_bytes(cache.blob_path(DIGEST)) == 0, "the published copy is in memory"
+    blob = await cache.open(DIGEST)  # still servable, from disk
+    assert blob is not None and blob.size == len(DATA)
+    await blob.close()

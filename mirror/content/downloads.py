@@ -10,6 +10,15 @@ sendfile (`DownloadReader.next_part`), so the bytes never enter the process on t
 last byte is only handed out once the whole blob matched its digest; if it did not, or the
 origin's stream broke, every reader fails and its client's connection is cut.
 
+**On disk, not in memory.** The cache's copy of a blob is there for peers that come later; the
+runtime keeps its own copy. So as a download arrives, the temp file is written back every
+`_FLUSH_EVERY` bytes, and the pages of what every reader has already read are let go from the
+page cache (`POSIX_FADV_DONTNEED`; all of them once the last reader is done): a node holds the
+part of a blob its readers still need in memory, not the whole blob twice (its copy and the
+runtime's). The bytes stay servable from disk. Measured (docs/benchmarks.md): on a machine
+where fresh memory is dear, keeping every copy in memory cost the nodes of a rollout a fifth
+of their CPU.
+
 **Pass-through.** A blob the cache cannot hold still reaches its readers; it is just not kept.
 The cache refuses it before the first byte (larger than `--cache-size`, or than the disk's free
 space plus all that eviction could free: writing it would only push the rest of the cache out
@@ -58,8 +67,9 @@ STALL_SECONDS = 30.0
 # Bytes taken from the origin while the previous ones are being written, written together next.
 _WRITE_AHEAD = 2 * _CHUNK
 # The temp file is flushed to disk in the background each time this much more was written, so
-# the fsync that publishing waits for (and the last byte with it) finds little left to write.
-_FLUSH_EVERY = 64 * _CHUNK
+# the fsync that publishing waits for (and the last byte with it) finds little left to write,
+# and the pages its readers are done with can be let go (a few MiB of a blob in memory at most).
+_FLUSH_EVERY = 8 * _CHUNK
 
 
 class DownloadFailed(StoreUnavailable):
@@ -116,11 +126,20 @@ class FilePart:
             yield chunk
 
 
-async def _flush(fd: int) -> None:
-    """fdatasync `fd` on a worker thread, only to give the writer's fsync a head start: an
-    error is not lost, that fsync (on its own open file) still reports it."""
+def _let_go(fd: int, length: int) -> None:
+    """Drop the clean page-cache pages of `fd`'s first `length` bytes (0: all of them).
+
+    Only advice: a page still dirty or in use stays, and nothing is lost either way (the bytes
+    are on disk; a later read fetches them again).
+    """
     with contextlib.suppress(OSError):
-        await asyncio.to_thread(os.fdatasync, fd)
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
+
+
+def _let_go_and_close(fd: int) -> None:
+    _let_go(fd, 0)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _joined(chunks: list[bytes]) -> bytes:
@@ -192,6 +211,8 @@ class Download:
         self.kept = False  # published into the cache
         self._flushing: asyncio.Task[None] | None = None  # a background flush of the temp file
         self._flushed = 0  # bytes of it the last flush started covered
+        # Letting a published blob's pages go and closing its descriptor, once nobody reads.
+        self._closing: asyncio.Future[None] | None = None
         self.finished: asyncio.Future[bool] = self._loop.create_future()
         self.task: asyncio.Task[None] | None = None
         # Where the bytes come from (a metrics source: upstream or peer), set when begun.
@@ -345,7 +366,17 @@ class Download:
         if self._flushing is not None and not self._flushing.done():
             return
         self._flushed = self.on_disk
-        self._flushing = asyncio.create_task(_flush(self._fd))
+        self._flushing = asyncio.create_task(self._flush(self._fd, self._flushed))
+
+    async def _flush(self, fd: int, flushed: int) -> None:
+        """Write the temp file's first `flushed` bytes back, then let go of the pages every
+        reader is past. On a worker thread; the flush only gives the writer's fsync a head
+        start: an error is not lost, that fsync (on its own open file) still reports it."""
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.fdatasync, fd)
+        done = min([flushed, *(cursor.position for cursor in self._cursors)])
+        if done > 0 and self._fd == fd:
+            await asyncio.to_thread(_let_go, fd, done)
 
     async def _disk_full(
         self, chunks: AsyncIterator[bytes], writer: BlobWriter, rest: list[bytes]
@@ -591,12 +622,23 @@ class Download:
             return
         if self._fd is not None:
             self._file = None  # it does not own the descriptor
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            self._close_descriptor(fd)
         self._memory.clear()
         self._memory_bytes = 0
         self._memory_start = self.received
+
+    def _close_descriptor(self, fd: int) -> None:
+        """Close the shared descriptor; a published blob's pages are let go first, on a worker
+        thread (fsynced, so every page is clean; a large blob's take a while to drop)."""
+        if self.kept:
+            try:
+                self._closing = self._loop.run_in_executor(None, _let_go_and_close, fd)
+                return
+            except RuntimeError:  # the loop is shutting down: just close it
+                pass
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class DownloadReader(AsyncIterator[bytes]):
