@@ -1545,7 +1545,7 @@ def cpu_groups(
     nodes: Sequence[Node], started: Sequence[ManagedProcess], upstream: ManagedProcess
 ) -> dict[str, Callable[[], float]]:
     """CPU seconds so far of each kind of process a mode runs, as callables: the pulls (once
-    reaped), the containerds, upstream, the proxy registries in `started`, the mirrors."""
+    reaped), the containerds, upstream, the registries in `started`, the mirrors."""
 
     def of(processes: Sequence[ManagedProcess | None]) -> Callable[[], float]:
         pids = [p.pid for p in processes if p is not None and p.pid is not None]
@@ -1556,9 +1556,10 @@ def cpu_groups(
         "containerd": of([node.containerd for node in nodes]),
         "upstream": of([upstream]),
     }
-    proxies = [p for p in started if p.name == "registry"]
-    if proxies:
-        groups["proxy"] = of(proxies)
+    registries = [p for p in started if p.name == "registry"]
+    if registries:
+        # One proxy on the holder, or (the rollout's local mode) one registry on each node.
+        groups["proxy" if len(registries) == 1 else "registries"] = of(registries)
     if any(node.mirror is not None for node in nodes):
         groups["mirrors"] = of([node.mirror for node in nodes])
     return groups
