@@ -16,8 +16,8 @@ runtime keeps its own copy. So as a download arrives, the temp file is written b
 page cache (`POSIX_FADV_DONTNEED`; all of them once the last reader is done): a node holds the
 part of a blob its readers still need in memory, not the whole blob twice (its copy and the
 runtime's). The bytes stay servable from disk. Measured (docs/benchmarks.md): on a machine
-where fresh memory is dear, keeping every copy in memory cost the nodes of a rollout a fifth
-of their CPU.
+where fresh memory is dear, keeping every copy in memory cost the mirrors of a 16-node rollout
+a fifth to a quarter of their CPU.
 
 **Pass-through.** A blob the cache cannot hold still reaches its readers; it is just not kept.
 The cache refuses it before the first byte (larger than `--cache-size`, or than the disk's free
