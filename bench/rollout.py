@@ -518,14 +518,6 @@ class Rollout:
             f"wall {result.wall:.2f}s (first start to last end); per node min {min(times):.2f}s, "
             f"median {statistics.median(times):.2f}s, max {max(times):.2f}s",
             f"per node (nodes 1..{result.nodes}): {per_node}",
-            *(
-                [
-                    "held back by the CPU cap (s, nodes 1..N): "
-                    + " ".join(f"{t:.1f}" for t in result.throttled)
-                ]
-                if result.throttled
-                else []
-            ),
             f"upstream: {result.upstream_blob_bytes / MIB:.1f} MiB of blobs "
             f"({result.upstream_blob_bytes / result.image_bytes:.2f}x the image, "
             f"{result.upstream_blob_gets} blob GETs), {result.upstream_bytes / 1024:.1f} KiB "
@@ -533,6 +525,9 @@ class Rollout:
             f"uploaded (eth0 qdisc bytes, MiB): holder {result.holder_upload / MIB:.0f} "
             f"({result.holder_upload / result.image_bytes:.2f}x the image); nodes {uploads}",
         ]
+        if result.throttled:
+            held = " ".join(f"{t:.1f}" for t in result.throttled)
+            lines.insert(2, f"held back by the CPU cap (s, nodes 1..N): {held}")
         if result.holder_rss_mib is not None:
             rss = " ".join(f"{mib:.0f}" for mib in result.node_rss_mib)
             lines.append(
