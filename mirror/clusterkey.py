@@ -55,6 +55,10 @@ class ClusterKey:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read cluster key file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path} holds raw bytes, not a key's base64 text (make one: mirror keygen)"
+            ) from exc
         try:
             return cls.from_text(text)
         except ConfigError as exc:

@@ -170,6 +170,7 @@ def test_bootstrap_gets_the_orchestrator_variables_given(tmp_path: Path) -> None
 
 def test_bad_orchestrator_variable_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "k").write_text("x" * 43)
+    (tmp_path / "raw").write_bytes(bytes(range(128, 160)))
     result = subprocess.run(
         [sys.executable, "-m", "mirror", "run", "--store=cache", "--cluster-key-file=k"],
         capture_output=True,
@@ -282,6 +283,7 @@ def test_keygen_prints_and_writes_a_key_once(tmp_path: Path) -> None:
     [
         (["--bootstrap", "static:127.0.0.1:5001"], {}, "--bootstrap needs --cluster-key-file"),
         (["--cluster-key-file", "/nonexistent/key"], {}, "cannot read cluster key file"),
+        (["--cluster-key-file", "raw"], {}, "raw bytes, not a key's base64 text"),
         ([], {"MIRROR_ALLOW_CLIENT": "10.0.0.0/8 bogus"}, "MIRROR_ALLOW_CLIENT: invalid CIDR"),
         (["--resolve-timeout", "soon"], {}, "invalid duration 'soon'"),
         (["--bootstrap", "carrier-pigeon:x", "--cluster-key-file", "k"], {}, "--bootstrap"),
@@ -291,6 +293,7 @@ def test_bad_routing_settings_are_one_line(
     args: list[str], env: dict[str, str], needle: str, tmp_path: Path
 ) -> None:
     (tmp_path / "k").write_text("x" * 43)
+    (tmp_path / "raw").write_bytes(bytes(range(128, 160)))
     result = subprocess.run(
         [sys.executable, "-m", "mirror", "run", "--store=cache", *args],
         capture_output=True,

@@ -236,6 +236,10 @@ def test_key_files(tmp_path: Path) -> None:
     junk.write_text("not base64 at all!!")
     with pytest.raises(ConfigError):
         ClusterKey.load(junk)
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"\x90" + bytes(range(31)))
+    with pytest.raises(ConfigError, match="raw bytes, not a key's base64 text"):
+        ClusterKey.load(raw)
 
 
 @pytest.mark.parametrize(
