@@ -315,7 +315,10 @@ def report(results: list[ModeResult], image: Image, args: argparse.Namespace) ->
 def run_bench(args: argparse.Namespace) -> int:
     tmp_parent = prepare_lab(NAMES, args)
     expected = rate_bits(args.rate)
-    with workspace(str(tmp_parent), NAMES.tmp_prefix) as work, Lab(NAMES) as lab:
+    with (
+        workspace(str(tmp_parent), NAMES.tmp_prefix) as work,
+        Lab(NAMES, pull_progress=args.ctr_progress) as lab,
+    ):
         check_socket_paths(work, "baseline/n0")
         bench = Bench(args, work, lab)
         bench.build_network()

@@ -1086,8 +1086,9 @@ class LabNames:
 class Lab:
     """Namespaces, links and processes this run made; `close` removes every one of them."""
 
-    def __init__(self, names: LabNames) -> None:
+    def __init__(self, names: LabNames, *, pull_progress: bool = False) -> None:
         self.names = names
+        self.pull_progress = pull_progress
         self.namespaces: list[str] = []
         self.links: list[str] = []
         self.processes: list[ManagedProcess] = []
@@ -1307,6 +1308,12 @@ def add_lab_arguments(parser: argparse.ArgumentParser, *, unit: str) -> None:
         action="store_true",
         help="remove namespaces, links and temporary directories an earlier run left",
     )
+    parser.add_argument(
+        "--ctr-progress",
+        action="store_true",
+        help="let every `ctr` pull draw its progress table (polls containerd 10 times a second; "
+        "off by default: a kubelet's pull does not, see `pull_argv`)",
+    )
 
 
 def add_shaping_arguments(
@@ -1467,14 +1474,24 @@ def wait_mirrors(nodes: Sequence[Node]) -> float:
     return time.monotonic() - started
 
 
-def pull_argv(node: Node, ref: str, *, mirrored: bool, unpack: bool) -> list[str]:
+def pull_argv(
+    node: Node, ref: str, *, mirrored: bool, unpack: bool, progress: bool = False
+) -> list[str]:
     """`ctr images pull` (fetch and unpack) or `ctr content fetch` (the same transfers, no
-    unpacking and no image record) of `ref` on `node`, through its hosts.toml if `mirrored`."""
+    unpacking and no image record) of `ref` on `node`, through its hosts.toml if `mirrored`.
+
+    Without `progress` the pull runs with ctr's `--debug`, the only way to turn its progress
+    table off: drawing it, ctr asks containerd for every ingest's status and every blob's info
+    ten times a second for as long as the pull lasts, which inside a node's CPU cap costs the
+    pull a share of its CPU that grows with the pull's own length. A kubelet's pull through CRI
+    polls nothing of the kind, so the benchmarks leave it out for every mode alike.
+    """
     # Straight to upstream: --plain-http (containerd 1.6 rejects a hosts.toml that names
     # only a server: "invalid `host` tree").
     where = ["--hosts-dir", str(node.hosts_dir)] if mirrored else ["--plain-http"]
     command = ("images", "pull") if unpack else ("content", "fetch")
-    return in_ns(node.namespace, *node.ctr_argv(*command, *where, ref))
+    quiet = [] if progress else ["--debug"]
+    return in_ns(node.namespace, *node.ctr_argv(*quiet, *command, *where, ref))
 
 
 def pull_all(
@@ -1491,7 +1508,7 @@ def pull_all(
     def pull(slot: int, node: Node) -> None:
         assert node.base is not None
         log = node.base / "pull.log"
-        argv = pull_argv(node, ref, mirrored=mirrored, unpack=unpack)
+        argv = pull_argv(node, ref, mirrored=mirrored, unpack=unpack, progress=lab.pull_progress)
         try:
             barrier.wait()
         except threading.BrokenBarrierError:

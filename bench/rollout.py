@@ -698,7 +698,10 @@ def run_bench(args: argparse.Namespace) -> int:
     tmp_parent = prepare_lab(NAMES, args)
     redirect = "mirror-redirect" not in args.modes or redirect_supported(args.python)
     results: list[CaseResult] = []
-    with workspace(str(tmp_parent), NAMES.tmp_prefix) as work, Lab(NAMES) as lab:
+    with (
+        workspace(str(tmp_parent), NAMES.tmp_prefix) as work,
+        Lab(NAMES, pull_progress=args.ctr_progress) as lab,
+    ):
         check_socket_paths(work, max((case.label for case in cases), key=len) + "/n200")
         bench = Rollout(args, work, lab)
         bench.build_network(max(s.nodes for s in args.scenarios))
