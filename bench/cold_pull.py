@@ -30,7 +30,8 @@ upstream once with skopeo. Then the modes run one after the other, each on fresh
 
 The pulls of a mode start together (threads released by one barrier, each running
 `ip netns exec cpb-nI ctr images pull --hosts-dir ...`; ctr fetches and containerd unpacks;
-with `--no-unpack`, `ctr content fetch`: the same transfers without the unpacking).
+with `--no-unpack`, `ctr content fetch`: the same transfers without the unpacking; every pull
+without ctr's progress table unless `--ctr-progress`, see `common.pull_argv`).
 Completion time is from the first pull's start to the last pull's end. Upstream bytes are the sum
 of the response body sizes in the upstream registry's access log (GETs of manifests and blobs)
 for the mode; the bytes the shaped qdisc sent (`tc -s`, IP packets with headers, ACKs excluded as

@@ -36,7 +36,8 @@ Modes, each on fresh state (new containerds, new registry storage, new mirror ca
 Each scenario (`--scenarios`, e.g. `75x4:8` = a 75 MiB image in 4 layers, 8 pulling nodes)
 runs every mode with `ctr images pull` (fetch and unpack: "unpack") and with `ctr content
 fetch` (the same transfers without unpacking: "fetch"), or only the kinds it names
-(`75x4:1:fetch`). Per case the script prints the wall time (first pull's start to last pull's
+(`75x4:1:fetch`); every pull runs without ctr's progress table (`--ctr-progress` brings it back,
+see `pull_argv`). Per case the script prints the wall time (first pull's start to last pull's
 end), each node's time, upstream's blob bytes over the image, the bytes each node uploaded
 (its eth0 qdisc's counter: the wire, headers included), each mirror's peak RSS (VmHWM), the CPU
 seconds of each kind of process against what the machine had, and whether the run was CPU-bound.
