@@ -170,7 +170,6 @@ def test_bootstrap_gets_the_orchestrator_variables_given(tmp_path: Path) -> None
 
 def test_bad_orchestrator_variable_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "k").write_text("x" * 43)
-    (tmp_path / "raw").write_bytes(bytes(range(128, 160)))
     result = subprocess.run(
         [sys.executable, "-m", "mirror", "run", "--store=cache", "--cluster-key-file=k"],
         capture_output=True,
