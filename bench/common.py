@@ -1370,6 +1370,15 @@ def qdisc_bytes(namespace: str | None, dev: str) -> int:
     return sum(int(q.get("bytes", 0)) for q in json.loads(out.stdout) if q.get("root"))
 
 
+def udp_datagrams(namespace: str) -> tuple[int, int]:
+    """UDP datagrams received and sent so far inside `namespace` (`/proc/net/snmp`): on a
+    benchmark node only the mirror's DHT speaks UDP, so this is its message count."""
+    lines = run(*in_ns(namespace, "cat", "/proc/net/snmp")).stdout.splitlines()
+    names, values = (line.split() for line in lines if line.startswith("Udp:"))
+    counters = dict(zip(names[1:], map(int, values[1:]), strict=True))
+    return counters["InDatagrams"], counters["OutDatagrams"]
+
+
 def congestion_control_in(namespace: str) -> str:
     """The TCP congestion control inside a namespace (new namespaces copy the host's)."""
     done = run(*in_ns(namespace, "cat", "/proc/sys/net/ipv4/tcp_congestion_control"))

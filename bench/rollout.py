@@ -39,8 +39,9 @@ fetch` (the same transfers without unpacking: "fetch"), or only the kinds it nam
 (`75x4:1:fetch`); every pull runs without ctr's progress table (`--ctr-progress` brings it back,
 see `pull_argv`). Per case the script prints the wall time (first pull's start to last pull's
 end), each node's time, upstream's blob bytes over the image, the bytes each node uploaded
-(its eth0 qdisc's counter: the wire, headers included), each mirror's peak RSS (VmHWM), the CPU
-seconds of each kind of process against what the machine had, and whether the run was CPU-bound.
+(its eth0 qdisc's counter: the wire, headers included), each node's UDP datagrams in and out
+(the DHT's messages), each mirror's peak RSS (VmHWM), the CPU seconds of each kind of process
+against what the machine had, and whether the run was CPU-bound.
 At the end: a table, the ratios mirror/proxy, the flatness N/1 for content fetch, and the
 targets of issue 10 (benchmarks, not asserts).
 
@@ -106,6 +107,7 @@ from common import (
     start_containerd,
     start_mirror,
     throttled_seconds,
+    udp_datagrams,
     verify_pulled,
     wait_containerd,
     wait_mirrors,
@@ -246,6 +248,8 @@ class CaseResult:
     upstream_blob_gets: int = 0
     holder_upload: int = 0  # bytes the holder's eth0 sent during the pulls
     node_uploads: list[int] = field(default_factory=list)
+    # UDP datagrams (in, out) of each node during the pulls: the DHT's messages in mirror modes.
+    node_datagrams: list[tuple[int, int]] = field(default_factory=list)
     holder_rss_mib: float | None = None  # mirror modes: VmHWM of each mirror
     node_rss_mib: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
@@ -462,11 +466,17 @@ class Rollout:
         busy_before, clock = machine_busy_seconds(), time.monotonic()
         cpu_before = {name: cpu() for name, cpu in groups.items()}
         throttled_before = [throttled_seconds(node.namespace) for node in nodes]
+        datagrams_before = [udp_datagrams(node.namespace) for node in nodes]
         result.wall, result.per_node = pull_all(self.lab, nodes, ref, mirrored=True, unpack=unpack)
         result.throttled = [
             after - before
             for node, before in zip(nodes, throttled_before, strict=True)
             if before is not None and (after := throttled_seconds(node.namespace)) is not None
+        ]
+        result.node_datagrams = [
+            (udp_in - in_before, udp_out - out_before)
+            for node, (in_before, out_before) in zip(nodes, datagrams_before, strict=True)
+            for udp_in, udp_out in [udp_datagrams(node.namespace)]
         ]
         elapsed = time.monotonic() - clock
         busy = (machine_busy_seconds() - busy_before) / (elapsed * (os.cpu_count() or 1))
@@ -529,6 +539,9 @@ class Rollout:
         if result.throttled:
             held = " ".join(f"{t:.1f}" for t in result.throttled)
             lines.insert(2, f"held back by the CPU cap (s, nodes 1..N): {held}")
+        if any(sum(pair) for pair in result.node_datagrams):
+            datagrams = " ".join(f"{got}/{sent}" for got, sent in result.node_datagrams)
+            lines.append(f"DHT datagrams (UDP in/out, nodes 1..N): {datagrams}")
         if result.holder_rss_mib is not None:
             rss = " ".join(f"{mib:.0f}" for mib in result.node_rss_mib)
             lines.append(
