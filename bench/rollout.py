@@ -461,22 +461,17 @@ class Rollout:
         unpack = case.kind == "unpack"
         offset = self.upstream.log_size()
         sent_before = self.uploads(everyone)
+        datagrams_before = [udp_datagrams(node.namespace) for node in nodes]
         groups = cpu_groups(everyone, started, self.upstream.process)
         load = OtherLoad(self.lab.pids)
         busy_before, clock = machine_busy_seconds(), time.monotonic()
         cpu_before = {name: cpu() for name, cpu in groups.items()}
         throttled_before = [throttled_seconds(node.namespace) for node in nodes]
-        datagrams_before = [udp_datagrams(node.namespace) for node in nodes]
         result.wall, result.per_node = pull_all(self.lab, nodes, ref, mirrored=True, unpack=unpack)
         result.throttled = [
             after - before
             for node, before in zip(nodes, throttled_before, strict=True)
             if before is not None and (after := throttled_seconds(node.namespace)) is not None
-        ]
-        result.node_datagrams = [
-            (udp_in - in_before, udp_out - out_before)
-            for node, (in_before, out_before) in zip(nodes, datagrams_before, strict=True)
-            for udp_in, udp_out in [udp_datagrams(node.namespace)]
         ]
         elapsed = time.monotonic() - clock
         busy = (machine_busy_seconds() - busy_before) / (elapsed * (os.cpu_count() or 1))
@@ -487,6 +482,12 @@ class Rollout:
         sent_after = self.uploads(everyone)
         sent = [after - before for after, before in zip(sent_after, sent_before, strict=True)]
         result.holder_upload, result.node_uploads = sent[0], sent[1:]
+        # Read outside the CPU window, like the uploads: each read is a process of this script.
+        result.node_datagrams = [
+            (udp_in - in_before, udp_out - out_before)
+            for node, (in_before, out_before) in zip(nodes, datagrams_before, strict=True)
+            for udp_in, udp_out in [udp_datagrams(node.namespace)]
+        ]
         traffic = self.upstream.traffic_since(offset)
         result.upstream_bytes = traffic.sent
         result.upstream_blob_bytes = traffic.blob_bytes
