@@ -389,7 +389,8 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         default=PeerTransfer.SHARE.value,
         type=_typed(PeerTransfer, "peer transfer"),
         help="how a blob a peer holds reaches this node's runtime: share (this node fetches it "
-        "from the peer, verified, and serves it) or redirect (a 307 to a peer holding it whole, "
+        "from the peer, verified, and serves it) or redirect (a 307 to a peer that holds it or "
+        "whose runtime is receiving it, "
         "at a signed URL good for one GET within 30s: the peer sends the bytes with sendfile and "
         "the runtime checks the digest; a retry within 5 minutes is served as with share; the "
         "runtime must reach the peers' registry port)",

@@ -47,7 +47,8 @@ class PeerTransfer(StrEnum):
 
     # This node fetches it from the peer, verified, and serves it.
     SHARE = "share"
-    # A 307 to a signed single-use URL at a peer holding it whole; the peer sends the bytes.
+    # A 307 to a signed single-use URL at a peer that holds it or whose runtime is receiving
+    # it; the peer sends the bytes.
     REDIRECT = "redirect"
 
 

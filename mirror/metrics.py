@@ -10,6 +10,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 SOURCE_LOCAL = "local"
 SOURCE_PEER = "peer"
 SOURCE_UPSTREAM = "upstream"
+# The runtime's own fetch in progress (containerd's ingest), served to peers as it grows.
+SOURCE_RECEIVING = "receiving"
 SOURCE_NONE = "none"
 
 _LOOKUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
@@ -21,7 +23,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "mirror_requests",
-            "Registry API requests answered, by method, kind, HTTP status and source.",
+            "Registry API requests answered, by method, kind, HTTP status and source (local, peer, "
+            "upstream, receiving: the runtime's own fetch in progress, none).",
             ["method", "kind", "status", "source"],
             registry=self.registry,
         )
@@ -154,15 +157,16 @@ class Metrics:
         )
         self.peer_last_resort_fetches = Counter(
             "mirror_peer_last_resort_fetches",
-            "Fetches for which every provider was busy, sent to the least loaded as a "
-            "last-resort request it serves past its bound.",
+            "Fetches (and redirects) for which every provider was busy, sent to the least "
+            "loaded as a last-resort request it serves past its bound.",
             registry=self.registry,
         )
         self.peer_redirects = Counter(
             "mirror_peer_redirects",
             "Runtime blob requests with --peer-transfer=redirect, by result (sent: answered with "
-            "a 307 to a signed URL at a peer holding the blob whole, which sends the bytes; "
-            "no-holder: no provider held it whole; retry: asked for again within 5 minutes of a "
+            "a 307 to a signed URL at a peer that holds the blob or whose runtime is receiving it, "
+            "which sends the bytes; "
+            "no-holder: no provider serves it; retry: asked for again within 5 minutes of a "
             "redirect, so the transfer broke or the runtime refused the bytes). Past no-holder "
             "and retry the node serves the blob itself, as with --peer-transfer=share.",
             ["result"],

@@ -14,6 +14,8 @@ registry stopped and only other nodes holding the image:
 - bytes a holder's rotten copy sends are refused by the runtime (containerd and dockerd verify
   the digest before they commit); the retry is served by the mirror, which verifies and tells
   the holder;
+- a runtime pulling while another node's runtime is still receiving a blob is sent to that
+  node, which serves it from containerd's ingest as it grows (the swarm under redirect);
 - dockerd follows the redirect too.
 """
 
@@ -185,6 +187,13 @@ class ShapedHolders:
         wait_until(lambda: _ready(node), f"mirror on {node.address} to be ready")
         return node
 
+    def reshape(self, rate: str) -> None:
+        """Shape the holders' link to `rate` from now on."""
+        inner_veth = "mn" + self.namespace.host_veth.removeprefix("mh")
+        shape = ["tbf", "rate", rate, "burst", "256kb", "latency", "400ms"]
+        tc = ["netns", "exec", self.namespace.name, "tc", "qdisc", "change", "dev", inner_veth]
+        _ip(*tc, "root", *shape)
+
 
 def _ready(node: MirrorNode) -> bool:
     node.process.ensure_running()
@@ -326,6 +335,86 @@ def test_a_holder_dying_mid_blob_under_redirect(
         f"killed at {received >> 20} MiB of {image.blobs[big] >> 20} MiB; the mirror relayed the"
         f" last {relayed / 2**20:.1f} MiB; pull done {time.monotonic() - started:.1f}s later"
     )
+
+
+# The holder's link while a runtime receives from it in the swarm test: 64 MiB take ~13 s.
+SLOW_RATE = "40mbit"
+
+
+def test_a_runtime_is_sent_to_a_node_whose_runtime_is_still_receiving(
+    registry: Registry,
+    containerd_factory: Callable[[], ContainerdNode],
+    mirror_factory: MirrorFactory,
+    test_images: TestImages,
+    shaped: ShapedHolders,
+    tmp_path: Path,
+) -> None:
+    """The swarm under redirect: B's containerd is sent to holder A (a slow link) and B
+    announces itself; C's containerd, pulling while B's is still receiving the big layer, is
+    sent to B, which serves it from containerd's ingest as it grows (the last byte once B's
+    containerd committed it). A sends the layer once; no mirror relays a byte."""
+    image = test_images.multi_layer
+    ref_upstream = image.push(registry.host, f"p2p/{image.name}")
+    holding, node_b, node_c = (containerd_factory() for _ in range(3))
+    holding.pull(ref_upstream, plain_http=True)
+    key_file = tmp_path / "cluster.key"
+    keygen(key_file)
+    routers = [f"{shaped.ips[0]}:{free_udp_port('127.0.0.1')}"]
+    routers += [f"{shaped.host_ip}:{free_udp_port(shaped.host_ip)}" for _ in range(2)]
+    common = [f"--cluster-key-file={key_file}", f"--bootstrap=static:{','.join(routers)}"]
+    common.append("--resolve-timeout=200ms")
+    a = shaped.start_mirror(
+        tmp_path / "a",
+        shaped.ips[0],
+        "--store=containerd",
+        f"--containerd-sock={holding.socket}",
+        f"--router-addr={routers[0]}",
+        *common,
+    )
+    b, c = (
+        mirror_factory(
+            "--store=containerd",
+            f"--containerd-sock={runtime.socket}",
+            f"--router-addr={router}",
+            REDIRECT,
+            *common,
+            host=shaped.host_ip,
+        )
+        for runtime, router in ((node_b, routers[1]), (node_c, routers[2]))
+    )
+    for mirror in (a, b, c):
+        wait_until(lambda m=mirror: m.metric("mirror_dht_contacts") >= 2, f"{mirror.address}")
+    wait_until(
+        lambda: a.metric("mirror_advertised_keys", kind="digest") >= len(image.blobs),
+        "A to announce the image",
+    )
+    big = max(image.layer_digests, key=lambda d: image.blobs[d])
+    wait_until(lambda: status_of(f"{b.url}/v2/p2p/any/blobs/{big}") == 200, f"{big} to be found")
+    registry.stop()
+    shaped.reshape(SLOW_RATE)
+
+    ref = f"{registry.host}/p2p/{image.name}:{image.tag}"
+    hosts_b, hosts_c = tmp_path / "hosts-b", tmp_path / "hosts-c"
+    write_hosts_toml(hosts_b, registry.host, registry.url, [b.url])
+    write_hosts_toml(hosts_c, registry.host, registry.url, [c.url])
+    with ThreadPoolExecutor(1) as pool:
+        pull_b = pool.submit(node_b.pull, ref, hosts_dir=hosts_b)
+        wait_until(lambda: _ingested(node_b, big) >= 4 << 20 or pull_b.done(), "B to receive")
+        assert not pull_b.done() and not node_b.has_blob(big), "B's pull ended too soon"
+        node_c.pull(ref, hosts_dir=hosts_c)
+        pull_b.result(timeout=120)
+    assert_pulled(node_b, ref, image)
+    assert_pulled(node_c, ref, image)
+
+    assert redirects_of(b, big) == [a.address]
+    assert redirects_of(c, big) == [b.address]
+    assert signed_gets(a, big) == [200], "A sent the big layer more than once"
+    assert signed_gets(b, big) == [200]
+    assert re.search(rf"sending {re.escape(big)} as the runtime receives it", b.process.log_text())
+    received = b.metric("mirror_served_bytes_total", kind="blob", source="receiving")
+    assert received >= image.blobs[big]
+    for mirror in (b, c):
+        assert mirror.metric("mirror_served_bytes_total", kind="blob", source="peer") == 0
 
 
 def rot(node: ContainerdNode, digest: str) -> None:

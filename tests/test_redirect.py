@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ from yarl import URL
 from mirror.clusterkey import ClusterKey
 from mirror.config import PeerTransfer
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
-from mirror.errors import BlobUnknown
-from mirror.metrics import SOURCE_PEER, Metrics
+from mirror.errors import BlobUnknown, TooManyRequests
+from mirror.metrics import SOURCE_PEER, SOURCE_RECEIVING, Metrics
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import (
@@ -42,13 +43,16 @@ from mirror.peers.auth import (
     UrlVerifier,
 )
 from mirror.peers.fetcher import PeerFetcher
+from mirror.peers.referrals import with_sharer
 from mirror.ranges import RangeRequest, parse_range_header
 from mirror.registry.access import AccessPolicy
-from mirror.registry.api import RegistryApi
+from mirror.registry.api import RegistryApi, UploadSlots
 from mirror.request import Caller, Kind, Target
 from mirror.routing.memory import MemoryCluster
 from mirror.routing.router import Provider
+from mirror.stores.base import FilePart, ReceivingBlob
 from mirror.stores.cache import CacheStore
+from mirror.stores.containerd.ingest import Ingests
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
 POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
@@ -333,8 +337,10 @@ def fetcher_for(
     *holders: Holder | str,
     url_signer: UrlSigner | None = None,
     clock: Callable[[], float] = time.monotonic,
+    own: Provider | None = None,
 ) -> PeerFetcher:
-    """A fetcher whose router names `holders` (nodes, or bare addresses) as providers of DIGEST."""
+    """A fetcher whose router names `holders` (nodes, or bare addresses) as providers of DIGEST
+    (`own`: the node it runs on, as it asks as a sharer)."""
     cluster = MemoryCluster()
     addresses = [h.address if isinstance(h, Holder) else h for h in holders]
     cluster.providers[str(DIGEST)] = {
@@ -342,7 +348,9 @@ def fetcher_for(
         for index, address in enumerate(addresses)
     }
     router = cluster.router(b"\xff" * 20, "127.0.0.1:9")
-    return PeerFetcher(router, RequestSigner(KEY), Metrics(), url_signer=url_signer, clock=clock)
+    return PeerFetcher(
+        router, RequestSigner(KEY), Metrics(), url_signer=url_signer, clock=clock, own=own
+    )
 
 
 async def redirect_url(fetcher: PeerFetcher, digest: Digest = DIGEST) -> str | None:
@@ -414,9 +422,11 @@ class RedirectingPeers(NoPeers):
     def __init__(self) -> None:
         super().__init__()
         self.redirects: list[str] = []
+        self.sharing: list[bool] = []
 
-    async def redirect_url(self, digest: Digest, path: str) -> str | None:
+    async def redirect_url(self, digest: Digest, path: str, *, sharing: bool = False) -> str | None:
         self.redirects.append(path)
+        self.sharing.append(sharing)
         return self.url
 
 
@@ -468,3 +478,118 @@ async def test_the_content_service_redirects_the_runtimes_blob_gets_only(tmp_pat
         assert peers.redirects == [PATH, PATH], "share mode asked for a redirect"
     finally:
         await sharing.close()
+
+
+class ReceivingCache(CacheStore):
+    """A node cache standing for a runtime store that shows what its runtime receives: BLOB
+    whole on disk in `data`, as a containerd ingest would hold it (`IngestBlob`)."""
+
+    shows_receiving = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root / "cache")
+        self._content = root / "content"
+        ingest = self._content / "ingest" / "a"
+        ingest.mkdir(parents=True)
+        (ingest / "ref").write_text(f"k8s.io/1/layer-{DIGEST}")
+        (ingest / "total").write_text(str(len(BLOB)))
+        (ingest / "data").write_bytes(BLOB[: len(BLOB) // 2])
+
+    async def receiving(self, digest: Digest) -> ReceivingBlob | None:
+        return await Ingests(self._content, "k8s.io").find(digest)
+
+
+async def read_growing(answer: BlobAnswer, upto: int) -> bytes:
+    """What `answer`'s reader hands out up to `upto` bytes (the ingest holds half of BLOB)."""
+    assert answer.growing is not None
+    received = b""
+    while len(received) < upto and (part := await answer.growing.next_part()) is not None:
+        assert isinstance(part, FilePart)
+        received += os.pread(part.file.fileno(), part.count, part.offset)
+    return received
+
+
+async def test_peers_and_redirected_runtimes_get_what_the_runtime_is_receiving(
+    tmp_path: Path,
+) -> None:
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    cluster = MemoryCluster()
+    me = Provider(b"\x01" * 20, "10.0.0.1:5000")
+    router = cluster.router(me.node_id, me.address)
+    metrics, peers = Metrics(), RedirectingPeers()
+    redirecting = ContentPolicy(
+        mirrored_registries=None,
+        resolve_tags=True,
+        tag_timeout=1.0,
+        peer_transfer=PeerTransfer.REDIRECT,
+    )
+    service = ContentService(store, metrics, redirecting, cache=store, peers=peers, router=router)
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    half = len(BLOB) // 2
+    try:
+        for caller in (Caller.PEER, Caller.REDIRECTED):
+            answer = await service.blob(target, caller, None, head=False)
+            assert answer.source == SOURCE_RECEIVING and answer.size == len(BLOB)
+            assert await read_growing(answer, half) == BLOB[:half]
+            await answer.close()
+        # A range from the bytes there; one beyond them is refused at once (its asker may be
+        # where these bytes come from).
+        answer = await service.blob(
+            target, Caller.PEER, parse_range_header("bytes=100-"), head=False
+        )
+        assert await read_growing(answer, half - 100) == BLOB[100:half]
+        await answer.close()
+        with pytest.raises(BlobUnknown, match="not here yet"):
+            await service.blob(
+                target, Caller.PEER, parse_range_header(f"bytes={half}-"), head=False
+            )
+        # The node's own runtime is redirected as a sharer (it serves what it receives), and
+        # the node announces itself at once; it is never served its own fetch.
+        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert answer.redirect == peers.url and peers.sharing == [True]
+        await asyncio.gather(*service._background)
+        assert cluster.providers[str(DIGEST)] == {me.node_id: me}
+    finally:
+        await service.close()
+
+
+async def test_a_holder_at_its_fan_out_refers_a_sharing_runtime_down_the_swarm(
+    tmp_path: Path, holder: Holder
+) -> None:
+    """The holder keeps a slot for the first node's runtime (its probe) and sends the blob to
+    it; the next node, whose runtime will share too, is referred to the first."""
+    async with holder_node(tmp_path) as first_node:
+        first = Provider(b"\x05" * 20, first_node.address)
+        assert await holder.status("HEAD", holder.signed("HEAD", with_sharer(PATH, first))) == 200
+        second = Provider(b"\x06" * 20, "127.0.0.1:9")
+        fetcher = fetcher_for(holder, url_signer=UrlSigner(KEY), own=second)
+        await fetcher.start()
+        try:
+            url = await fetcher.redirect_url(DIGEST, PATH, sharing=True)
+        finally:
+            await fetcher.close()
+        assert url is not None and url.startswith(f"{first_node.url}/v2/library/app/blobs/")
+        assert f"sharer={second.node_id.hex()}" in url
+        sample = holder.metrics.registry.get_sample_value
+        assert sample("mirror_peer_uploads_referred_total", {}) == 1
+
+
+async def test_a_slot_kept_for_a_runtime_is_taken_over_by_its_get_or_let_go() -> None:
+    metrics = Metrics()
+    slots = UploadSlots(limit=1, fanout=1, metrics=metrics)
+    let_go = slots.reserve(str(DIGEST), "a")
+    assert slots.active == 1
+    with pytest.raises(TooManyRequests):
+        slots.reserve(str(DIGEST), "b")  # at its fan-out: referred
+    with pytest.raises(TooManyRequests):
+        slots.reserve(str(MANIFEST_DIGEST), None)  # at its bound
+    assert slots.claim(str(DIGEST), "a") and slots.active == 1
+    assert not slots.claim(str(DIGEST), "a"), "one GET per probe"
+    let_go()  # taken over: nothing to give back
+    assert slots.active == 1
+    slots.give_back(str(DIGEST), "a")  # the GET's body was sent
+    assert slots.active == 0
+    let_go = slots.reserve(str(DIGEST), "b")
+    let_go()  # the probe failed: the slot is free at once
+    assert slots.active == 0 and not slots.claim(str(DIGEST), "b")

@@ -54,6 +54,7 @@ from mirror.errors import CacheFull, DigestMismatch, MirrorError, StoreUnavailab
 from mirror.metrics import SOURCE_UPSTREAM
 from mirror.oci.reference import Digest
 from mirror.peers.receiver import Sink, SinkSlot
+from mirror.stores.base import FilePart
 from mirror.stores.cache import PASSTHROUGH_NO_SPACE, BlobWriter, CacheStore
 
 log = logging.getLogger(__name__)
@@ -99,31 +100,6 @@ class Source:
 
 
 Opener = Callable[[], Awaitable[Source | None]]
-
-
-@dataclass(frozen=True, slots=True)
-class FilePart:
-    """`count` bytes of a download's file from `offset`, there and ready to send.
-
-    `file` is the download's own descriptor (not closed by it, so never close it): valid until
-    the reader that got the part is closed. Send it with a positioned call (sendfile, pread),
-    never by seeking and reading: other readers share the descriptor.
-    """
-
-    file: io.FileIO
-    offset: int
-    count: int
-
-    async def chunks(self, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-        """The part's bytes in chunks read with `pread` (where sendfile cannot be used)."""
-        position, end = self.offset, self.offset + self.count
-        while position < end:
-            count = min(size, end - position)
-            chunk = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
-            if not chunk:
-                raise DownloadFailed(f"file ended at {position}, expected {end} bytes")
-            position += len(chunk)
-            yield chunk
 
 
 def _let_go(fd: int, length: int) -> None:

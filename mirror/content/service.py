@@ -45,7 +45,6 @@ from mirror.content.downloads import (
     Download,
     DownloadAbandoned,
     DownloadFailed,
-    DownloadReader,
     Downloads,
     Opener,
     Source,
@@ -60,14 +59,14 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamError,
 )
-from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_UPSTREAM, Metrics
+from mirror.metrics import SOURCE_LOCAL, SOURCE_PEER, SOURCE_RECEIVING, SOURCE_UPSTREAM, Metrics
 from mirror.oci.mediatypes import referenced_digests
 from mirror.oci.reference import Digest, TagRef, parse_digest
 from mirror.peers.fetcher import PeerBlob
 from mirror.ranges import ByteRange, RangeRequest
 from mirror.request import Caller, Kind, TagPage, Target
 from mirror.routing.router import Provider, Router
-from mirror.stores.base import BlobSource, Store
+from mirror.stores.base import BlobSource, PartReader, ReceivingBlob, Store
 from mirror.stores.cache import CacheStore
 from mirror.stores.manifests import read_manifest
 
@@ -105,10 +104,10 @@ class ManifestAnswer:
 
 @dataclass(slots=True)
 class BlobAnswer:
-    """A blob ready to send: an open local blob (sendfile), a download here (`growing`: sent
-    with sendfile from its file as it grows), or a stream of chunks.
+    """A blob ready to send: an open local blob (sendfile), a download here or the runtime's
+    own (`growing`: sent with sendfile from its file as it grows), or a stream of chunks.
 
-    For a download, `chunks` is the same reader as `growing`, for callers that want bytes.
+    For a download here, `chunks` is the same reader as `growing`, for callers that want bytes.
     """
 
     source: str
@@ -116,8 +115,8 @@ class BlobAnswer:
     byte_range: ByteRange | None
     local: BlobSource | None = None
     chunks: AsyncIterator[bytes] | None = None
-    growing: DownloadReader | None = None
-    # A signed URL at a peer holding the blob whole: sent as a 307, the peer sends the bytes.
+    growing: PartReader | None = None
+    # A signed URL at a peer serving the blob: sent as a 307, the peer sends the bytes.
     redirect: str | None = None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -370,7 +369,10 @@ class ContentService:
         if held is not None:
             return await _local_answer(held, requested)
         if caller is not Caller.RUNTIME:
-            raise BlobUnknown(f"blob {digest} is not held here")
+            receiving = await self._store.receiving(digest)
+            if receiving is None:
+                raise BlobUnknown(f"blob {digest} is not held here")
+            return await _receiving_answer(digest, receiving, caller, requested, head)
         path = _peer_path(target, digest)
         if (
             redirect
@@ -381,8 +383,11 @@ class ContentService:
         ):
             # A range too (a runtime resuming after a holder died): the runtime's client keeps
             # its Range header when it follows the 307, and the holder honours it.
-            url = await self._peers.redirect_url(digest, path)
+            sharing = self._store.shows_receiving and requested is None
+            url = await self._peers.redirect_url(digest, path, sharing=sharing)
             if url is not None:
+                if sharing:
+                    self._spawn(self._announce_receiving(digest))
                 return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
         if requested is not None:
             return await self._range_elsewhere(target, digest, path, requested, head)
@@ -549,6 +554,19 @@ class ContentService:
             with contextlib.suppress(Exception):
                 await self._router.release(key)
 
+    async def _announce_receiving(self, digest: Digest) -> None:
+        """Announce a blob the runtime was just sent to fetch from a peer: from now on its
+        ingest serves peers as it grows (`Store.receiving`), so the nodes that come later
+        fetch from this one instead of all from the first holder. Not withdrawn: should the
+        runtime give up, a peer asking gets a 404 and asks another provider, and the record
+        lapses; once the runtime holds the blob, the advertiser keeps announcing it."""
+        if self._router is None:
+            return
+        try:
+            await self._router.provide(str(digest))
+        except Exception:
+            log.warning("announcing %s failed", digest, exc_info=True)
+
     def _spawn(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
@@ -639,6 +657,35 @@ async def _local_answer(local: BlobSource, requested: RangeRequest | None) -> Bl
         await local.close()
         raise
     return BlobAnswer(SOURCE_LOCAL, local.size, byte_range, local=local)
+
+
+async def _receiving_answer(
+    digest: Digest,
+    blob: ReceivingBlob,
+    caller: Caller,
+    requested: RangeRequest | None,
+    head: bool,
+) -> BlobAnswer:
+    """A peer's (or a redirected runtime's) answer from the blob the runtime is receiving.
+
+    A range that starts beyond what arrived is refused at once, as for a download here
+    (`_ahead_of`): its asker may be where these bytes come from.
+    """
+    try:
+        byte_range = requested.resolve(blob.size) if requested is not None else None
+        first = requested.first if requested is not None else None
+        if first is not None and first >= blob.received():
+            raise BlobUnknown(f"bytes from {first} of {digest} are not here yet")
+    except BaseException:
+        await blob.close()
+        raise
+    if head:
+        await blob.close()
+        return BlobAnswer(SOURCE_RECEIVING, blob.size, byte_range)
+    offset, length = (byte_range.offset, byte_range.length) if byte_range else (0, blob.size)
+    log.info("sending %s as the runtime receives it (to a %s caller)", digest, caller.value)
+    reader = blob.reader(offset, length)
+    return BlobAnswer(SOURCE_RECEIVING, blob.size, byte_range, growing=reader)
 
 
 def _peer_answer(found: PeerBlob, requested: RangeRequest | None) -> BlobAnswer:

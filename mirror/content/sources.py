@@ -35,7 +35,9 @@ class PeerSource(Protocol):
         sharing: bool = False,
     ) -> PeerBlob | None: ...
 
-    async def redirect_url(self, digest: Digest, path: str) -> str | None: ...
+    async def redirect_url(
+        self, digest: Digest, path: str, *, sharing: bool = False
+    ) -> str | None: ...
 
     async def blob_from(
         self,

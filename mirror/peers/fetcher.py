@@ -479,15 +479,23 @@ class PeerFetcher:
                 return found
         return await self._open_last_resort(busy, digest, path, requested, head, ranged)
 
-    async def redirect_url(self, digest: Digest, path: str) -> str | None:
-        """A signed URL (`http://HOLDER/v2/...`) at a provider holding `digest` whole.
+    async def redirect_url(self, digest: Digest, path: str, *, sharing: bool = False) -> str | None:
+        """A signed URL (`http://HOLDER/v2/...`) at a provider that serves `digest`.
 
-        For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers are
-        probed all at once with a HEAD on a signed URL of their own, which a holder answers from
-        its own store only (never from a download in progress, registry/api.py); the first in
-        the order `providers` gives (least loaded first) to answer 200 within `_PROBE_TIMEOUT`
-        gets a URL signed for one GET. None: nobody holds it whole, or this is a retry (see
-        `_REDIRECT_RETRY_SECONDS`): the caller serves the blob another way.
+        For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers
+        are probed one at a time, in the order `providers` gives (least loaded first), with a
+        HEAD on a signed URL of their own, which a holder answers from its own store or its
+        runtime's fetch in progress (never from a download of its own, registry/api.py). The
+        first to answer 200 within `_PROBE_TIMEOUT` gets a URL signed for one GET, and keeps
+        an upload slot for it meanwhile. `sharing`: this node's runtime will serve the blob
+        to peers as it arrives (its store shows what the runtime receives), so it asks as a
+        sharer: a provider at its fan-out answers 429 naming the sharers it sends the blob to,
+        which are probed first, and a rollout's runtimes line up as a swarm instead of all
+        fetching from the first holder. When every provider is busy, the least loaded gets
+        the runtime anyway (a signed GET is never refused).
+
+        None: nobody holds it, or this is a retry (see `_REDIRECT_RETRY_SECONDS`): the caller
+        serves the blob another way.
         """
         if self._url_signer is None:
             return None
@@ -496,23 +504,39 @@ class PeerFetcher:
             self._metrics.peer_redirects.labels("retry").inc()
             log.info("%s asked for again after its redirect (a retry): served here", digest)
             return None
+        if sharing and self._own is not None:
+            path = with_sharer(path, self._own)
         tried: set[bytes] = set()
-        while candidates := await self.providers(str(digest), exclude=tried):
-            tried.update(p.node_id for p in candidates)
-            probes = [asyncio.create_task(self._holds_whole(p, path)) for p in candidates]
-            try:
-                for probe in probes:
-                    holder = await probe
-                    if holder is not None:
-                        log.info("redirecting the runtime to %s for %s", holder.address, digest)
-                        self._remember_redirect(str(digest), now)
-                        return self._signed_url(holder, "GET", path)
-            finally:
-                for task in probes:
-                    task.cancel()
-                await asyncio.gather(*probes, return_exceptions=True)
+        busy: list[Provider] = []
+        queue: list[Provider] = []
+        while queue or (queue := await self.providers(str(digest), exclude=tried)):
+            provider = queue.pop(0)
+            if provider.node_id in tried:
+                continue
+            tried.add(provider.node_id)
+            answer = await self._probe(provider, path)
+            if answer is None:
+                continue
+            if isinstance(answer, list):  # busy: the sharers it named first
+                busy.append(provider)
+                queue[:0] = [p for p in answer if p.node_id not in tried]
+                continue
+            return self._redirect_to(provider, digest, path, now)
+        if busy:
+            self._metrics.peer_last_resort_fetches.inc()
+            holder = self._loads.least_loaded(busy)[0]
+            log.info(
+                "every provider of %s is busy; sending the runtime to %s", digest, holder.address
+            )
+            return self._redirect_to(holder, digest, path, now)
         self._metrics.peer_redirects.labels("no-holder").inc()
         return None
+
+    def _redirect_to(self, holder: Provider, digest: Digest, path: str, now: float) -> str:
+        log.info("redirecting the runtime to %s for %s", holder.address, digest)
+        self._remember_redirect(str(digest), now)
+        self._served(holder, str(digest))
+        return self._signed_url(holder, "GET", path)
 
     def _remember_redirect(self, digest: str, now: float) -> None:
         if len(self._redirected) >= _REDIRECTS_REMEMBERED:
@@ -526,19 +550,28 @@ class PeerFetcher:
         assert self._url_signer is not None
         return f"http://{provider.address}{self._url_signer.sign(method, provider.address, path)}"
 
-    async def _holds_whole(self, provider: Provider, path: str) -> Provider | None:
+    async def _probe(self, provider: Provider, path: str) -> Provider | list[Provider] | None:
+        """Whether `provider` serves `path` on a signed URL now: itself; busy, with the
+        sharers it referred to (maybe none); or None (it does not hold it, or did not answer)."""
         assert self._session is not None, "PeerFetcher.start() was not called"
         url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT):
                 async with self._session.head(url, allow_redirects=False) as response:
+                    self._loads.answered(provider, response, upload=False)
                     if response.status == 200:
                         return provider
+                    if response.status == 429:
+                        referred = parse_referral(response.headers.get(TRY_HEADER))
+                        return [p for p in referred if p.node_id != self._own_id()]
                     error = f"answered {response.status} to a signed URL"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = str(exc) or type(exc).__name__
         self._failed(provider, "unavailable", error)
         return None
+
+    def _own_id(self) -> bytes | None:
+        return self._own.node_id if self._own is not None else None
 
     async def blob_from(
         self,

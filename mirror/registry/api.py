@@ -7,10 +7,11 @@ served; this module only parses, checks who is calling, and renders answers and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +67,9 @@ _RETRY_AFTER_SECONDS = 1
 # Sharers a referral names besides the ones this node sends the blob to: the latest it sent
 # elsewhere, newest first (see `Uploads`).
 _REFERRED_KEPT = 2
+# An upload slot a holder keeps for a runtime it agreed to serve on a signed URL (its node's
+# probe was answered 200) until the runtime's GET comes: it follows the redirect at once.
+_RESERVED_SECONDS = 5.0
 # A page size past this many digits is not a number any client means.
 _MAX_PAGE_DIGITS = 9
 
@@ -113,7 +117,10 @@ class UploadSlots:
     own runtime is neither counted nor ever refused: serving it is what the node is for.
     Counted but never refused: a last-resort request (every holder its fetcher found was busy;
     refusing would send the cluster upstream for bytes it holds), and a runtime following a
-    signed URL (it would take a 429 for a failure, not for "ask another holder").
+    signed URL (it would take a 429 for a failure, not for "ask another holder"). So the
+    bound holds for those too, the node that redirects its runtime first probes with a signed
+    HEAD: that one can be refused, and an accepted probe keeps a slot (`reserve`) until the
+    runtime's GET takes it over (`claim`) or `_RESERVED_SECONDS` pass.
 
     A request from a sharer (a node that serves the blob to peers while it arrives, named in the
     request: peers/referrals.py) is remembered with its blob while it is sent. Past `fanout`
@@ -136,6 +143,8 @@ class UploadSlots:
         self._sharers: dict[str, list[str]] = {}  # digest -> sharers it is being sent to
         # digest -> sharers lately referred elsewhere, newest first; kept while it is sent.
         self._referred: dict[str, deque[str]] = {}
+        # (digest, sharer) -> the expiries of the slots kept for runtimes on their way.
+        self._reserved: dict[tuple[str, str | None], list[asyncio.TimerHandle]] = {}
         self._metrics = metrics
 
     def take(self, digest: str, sharer: str | None, *, refusable: bool) -> None:
@@ -163,6 +172,36 @@ class UploadSlots:
         self._metrics.peer_uploads.set(self.active)
         if sharer is not None:
             self._sharers.setdefault(digest, []).append(sharer)
+
+    def reserve(self, digest: str, sharer: str | None) -> Callable[[], None]:
+        """Keep a slot for a runtime a node will redirect here (its probe): `take`, refusable,
+        given back unless `claim`ed within `_RESERVED_SECONDS`. Returns what gives it back
+        now (the probe failed), if it is still kept."""
+        self.take(digest, sharer, refusable=True)
+        key = (digest, sharer)
+        handles = self._reserved.setdefault(key, [])
+
+        def lapse() -> None:
+            if handle in handles:
+                handle.cancel()
+                handles.remove(handle)
+                if not handles:
+                    del self._reserved[key]
+                self.give_back(digest, sharer)
+
+        handle = asyncio.get_running_loop().call_later(_RESERVED_SECONDS, lapse)
+        handles.append(handle)
+        return lapse
+
+    def claim(self, digest: str, sharer: str | None) -> bool:
+        """Take over a slot `reserve` kept for this GET; False when none is kept (not counted)."""
+        handles = self._reserved.get((digest, sharer))
+        if not handles:
+            return False
+        handles.pop(0).cancel()
+        if not handles:
+            del self._reserved[(digest, sharer)]
+        return True
 
     def _referral(self, digest: str, sharer: str | None, others: list[str]) -> str:
         """The referral for `sharer`, who is then remembered as the newest referred."""
@@ -314,7 +353,21 @@ class RegistryApi:
             return await self._tags(request, target, _tag_page(request))
         if caller in _FROM_OTHER_NODES and request.method == "GET":
             return await self._upload(request, target, caller)
+        if caller is Caller.REDIRECTED:
+            return await self._probe(request, target)
         return await self._blob(request, target, caller)
+
+    async def _probe(self, request: web.Request, target: Target) -> web.StreamResponse:
+        """A node's signed HEAD before it redirects its runtime here: answered 200 only when
+        this node serves the blob and keeps an upload slot for the runtime (`UploadSlots`)."""
+        digest = str(target.digest)
+        sharer = well_formed_sharer(request.query.get(SHARER_PARAM))
+        let_go = self._uploads.reserve(digest, sharer)
+        try:
+            return await self._blob(request, target, Caller.REDIRECTED)
+        except BaseException:
+            let_go()
+            raise
 
     async def _upload(
         self, request: web.Request, target: Target, caller: Caller
@@ -328,7 +381,8 @@ class RegistryApi:
         refusable = PEER_HEADER in request.headers and request.query.get(LAST_RESORT_PARAM) != "1"
         digest = str(target.digest)
         sharer = well_formed_sharer(request.query.get(SHARER_PARAM))
-        self._uploads.take(digest, sharer, refusable=refusable)
+        if caller is not Caller.REDIRECTED or not self._uploads.claim(digest, sharer):
+            self._uploads.take(digest, sharer, refusable=refusable)
         try:
             return await self._blob(request, target, caller)
         finally:

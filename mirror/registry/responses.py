@@ -16,9 +16,8 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from mirror.content.downloads import DownloadReader
 from mirror.errors import MirrorError, RangeNotSatisfiable, RegistryError
-from mirror.stores.base import BlobSource, FileBlob
+from mirror.stores.base import BlobSource, FileBlob, PartReader
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +94,16 @@ async def send_blob(
 
 async def send_growing(
     request: web.Request,
-    reader: DownloadReader,
+    reader: PartReader,
     count: int,
     *,
     status: int,
     headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Send `count` bytes of a download in progress as they arrive, the reader's range.
+    """Send `count` bytes of a blob still arriving (a download here, or the runtime's), the
+    reader's range, as they arrive.
 
-    What is on disk goes out with the kernel's sendfile from the download's temp file, each
+    What is on disk goes out with the kernel's sendfile from the growing file, each
     time as much as has arrived (the reader waits for more; the last byte comes only once the
     digest matched). Bytes passing through memory (the cache could not keep the blob) are
     written as they are. The body never enters the process twice, so memory stays flat, and

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from mirror.errors import DigestInvalid
+from mirror.errors import ContentVanished, DigestInvalid
 from mirror.oci.reference import Digest, TagRef, parse_digest
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,66 @@ class StreamBlob(BlobSource):
         return self._open_range(offset, length)
 
 
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """`count` bytes of an open file from `offset`, there and ready to send.
+
+    `file` belongs to whoever handed the part out (never close it): valid until the reader
+    that got the part is closed. Send it with a positioned call (sendfile, pread), never by
+    seeking and reading: other readers may share the descriptor.
+    """
+
+    file: io.FileIO
+    offset: int
+    count: int
+
+    async def chunks(self, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """The part's bytes in chunks read with `pread` (where sendfile cannot be used)."""
+        position, end = self.offset, self.offset + self.count
+        while position < end:
+            count = min(size, end - position)
+            chunk = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
+            if not chunk:
+                raise ContentVanished(f"file ended at {position}, expected {end} bytes")
+            position += len(chunk)
+            yield chunk
+
+
+class PartReader(Protocol):
+    """A range of a blob still arriving, handed out part by part as it lands on disk."""
+
+    async def next_part(self) -> FilePart | bytes | None:
+        """The next part, as much as is there (waits for more); None once the range is sent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Let the blob go (also after the last part)."""
+        ...
+
+
+class ReceivingBlob(ABC):
+    """A blob the node's runtime is receiving right now, served to peers as it arrives.
+
+    A runtime that fetches a blob holds its start on disk long before it holds the blob, so
+    the nodes behind it in a rollout can take it from there (the swarm) instead of all from the
+    first holder. The runtime verifies the digest before it commits: a reader gets the last
+    byte only after that, so a peer never completes a blob nobody verified.
+    """
+
+    size: int
+
+    @abstractmethod
+    def received(self) -> int:
+        """The bytes on disk now (from the start)."""
+
+    @abstractmethod
+    def reader(self, offset: int, length: int) -> PartReader:
+        """`length` bytes from `offset` as they arrive; closing the reader closes this blob."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
 class Store(ABC):
     """What this node holds. Backends only ever touch content named by a validated digest."""
 
@@ -148,6 +209,14 @@ class Store(ABC):
 
         Tags pointing at an unusable digest are left out.
         """
+
+    #: Whether `receiving` can show the blobs the runtime is still receiving. A node whose
+    #: store cannot announces itself a provider only once the runtime holds a blob.
+    shows_receiving: bool = False
+
+    async def receiving(self, digest: Digest) -> ReceivingBlob | None:
+        """The blob as the runtime receives it now (containerd's ingest), or None."""
+        return None
 
     async def loose_digests(self) -> list[str]:
         """Digests held outside any tagged image (a cache's), announced like the rest."""

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mirror.oci.reference import Digest, TagRef
-from mirror.stores.base import BlobSource, ImageEntry, Store
+from mirror.stores.base import BlobSource, ImageEntry, ReceivingBlob, Store
 from mirror.stores.cache import CacheStore
 
 
@@ -21,6 +21,7 @@ class LayeredStore(Store):
         self.runtime = runtime
         self.cache = cache
         self.name = runtime.name
+        self.shows_receiving = runtime.shows_receiving
 
     async def start(self) -> None:
         await self.runtime.start()
@@ -44,6 +45,9 @@ class LayeredStore(Store):
     async def open(self, digest: Digest) -> BlobSource | None:
         blob = await self.runtime.open(digest)
         return blob if blob is not None else await self.cache.open(digest)
+
+    async def receiving(self, digest: Digest) -> ReceivingBlob | None:
+        return await self.runtime.receiving(digest)
 
     async def images(self) -> list[ImageEntry]:
         runtime, cached = await asyncio.gather(self.runtime.images(), self.cache.images())

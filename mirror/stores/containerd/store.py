@@ -22,6 +22,7 @@ from mirror.stores.base import (
     BlobSource,
     FileBlob,
     ImageEntry,
+    ReceivingBlob,
     Store,
     StreamBlob,
     usable_digest,
@@ -32,6 +33,7 @@ from mirror.stores.containerd.client import (
     ContainerdNotFound,
     ContainerdUnavailable,
 )
+from mirror.stores.containerd.ingest import Ingests
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,13 @@ _RESUBSCRIBE_MAX = 5.0
 
 class ContainerdStore(Store):
     name = "containerd"
+    shows_receiving = True
 
     def __init__(self, config: ContainerdConfig) -> None:
         self._config = config
         self._client = ContainerdClient(str(config.socket), config.namespace)
         self._blob_dir: Path | None = None
+        self._ingests: Ingests | None = None
 
     async def start(self) -> None:
         try:
@@ -57,6 +61,7 @@ class ContainerdStore(Store):
             raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
         # Kept even when unreadable now: a fresh node has no blob directory until its first pull.
         self._blob_dir = content_path / "blobs"
+        self._ingests = Ingests(content_path, self._config.namespace)
         if await asyncio.to_thread(os.access, self._blob_dir, os.R_OK | os.X_OK):
             log.info("serving containerd blobs from %s with sendfile", self._blob_dir)
         else:
@@ -102,6 +107,13 @@ class ContainerdStore(Store):
             else:
                 return FileBlob(fileobj, os.fstat(fileobj.fileno()).st_size)
         return StreamBlob(size, lambda offset, length: self._read(digest, offset, length))
+
+    async def receiving(self, digest: Digest) -> ReceivingBlob | None:
+        """containerd's ingest of `digest` in this namespace, read from its file as it grows
+        (stores/containerd/ingest.py); None when none is under way or the files are unreadable."""
+        if self._ingests is None:
+            return None
+        return await self._ingests.find(digest)
 
     async def _read(self, digest: Digest, offset: int, length: int) -> AsyncIterator[bytes]:
         if length <= 0:

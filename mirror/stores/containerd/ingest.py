@@ -1,0 +1,233 @@
+"""Blobs containerd is receiving: its ingests, read as they grow, served to peers.
+
+containerd writes a blob it fetches into `<content>/ingest/<hash>/data` and, once the whole blob
+hashed to its digest, renames that file to `<content>/blobs/sha256/<hex>` (the same inode: a
+descriptor opened on `data` reads the committed blob). Beside `data` it keeps `ref`, which reads
+`<namespace>/<sequence>/<key>` where a pull's key ends with the digest (`layer-sha256:<hex>`),
+and `total`, the size it expects. Nothing else about an ingest is needed, and the directory
+name (a hash of the ref, sequence included) cannot be predicted, so the few ingests under way
+are scanned.
+
+Bytes go out as they land (the runtime writes them in order), the last byte only once the blob
+is committed: a peer never completes a blob containerd did not verify. Nothing announces new
+bytes, so a reader that caught up looks again every `POLL_SECONDS`: one `fstat` per look, and a
+pull is far longer than the few milliseconds that adds to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mirror.errors import ContentVanished
+from mirror.oci.reference import Digest
+from mirror.stores.base import FilePart, PartReader, ReceivingBlob
+
+log = logging.getLogger(__name__)
+
+# How often a reader that sent everything there looks for more.
+POLL_SECONDS = 0.01
+# An ingest that neither grew nor was committed for this long is given up (the runtime
+# stopped, or its commit failed): the reader's connection is cut, its client goes elsewhere.
+STALL_SECONDS = 30.0
+# The largest `ref` and `total` files read: both are a line of text.
+_SMALL_FILE = 4096
+
+
+class Ingests:
+    """The ingests of one containerd namespace under one content directory."""
+
+    def __init__(
+        self,
+        content_path: Path,
+        namespace: str,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+        stall_seconds: float = STALL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ingest_dir = content_path / "ingest"
+        self._blob_dir = content_path / "blobs"
+        self._namespace = namespace
+        self._poll_seconds = poll_seconds
+        self._stall_seconds = stall_seconds
+        self._clock = clock
+
+    async def find(self, digest: Digest) -> IngestBlob | None:
+        """The ingest receiving `digest` in this namespace, opened; None when there is none."""
+        return await asyncio.to_thread(self._find, digest)
+
+    def _find(self, digest: Digest) -> IngestBlob | None:
+        try:
+            entries = list(os.scandir(self._ingest_dir))
+        except OSError:
+            return None  # no pull has run yet, or the directory is not readable from here
+        for entry in entries:
+            directory = Path(entry.path)
+            if _ingested_digest(_small_text(directory / "ref"), self._namespace) != str(digest):
+                continue
+            size = _size(_small_text(directory / "total"))
+            if size is None:
+                continue  # a writer that did not say the size: nothing to promise a reader
+            try:
+                data = open(directory / "data", "rb", buffering=0)  # noqa: SIM115 (owned by the blob)
+            except OSError:
+                continue  # committed or given up meanwhile
+            committed = self._blob_dir / digest.algorithm / digest.hex
+            return IngestBlob(
+                data,
+                size,
+                directory,
+                committed,
+                poll_seconds=self._poll_seconds,
+                stall_seconds=self._stall_seconds,
+                clock=self._clock,
+            )
+        return None
+
+
+def _small_text(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read(_SMALL_FILE).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _ingested_digest(ref: str | None, namespace: str) -> str | None:
+    """The digest an ingest's `ref` (`<namespace>/<sequence>/<key>`) names in `namespace`.
+
+    A pull's key is `<kind>-<digest>` (`layer-sha256:<hex>`, `config-...`): the digest is what
+    follows the last `-` before the algorithm. Other keys (a push, an import) name none.
+    """
+    if ref is None:
+        return None
+    ref_namespace, _, rest = ref.strip().partition("/")
+    if ref_namespace != namespace:
+        return None
+    _, _, key = rest.partition("/")
+    _, _, digest = key.rpartition("-")
+    return digest if digest.startswith("sha256:") else None
+
+
+def _size(text: str | None) -> int | None:
+    if text is None or not text.strip().isascii() or not text.strip().isdigit():
+        return None
+    size = int(text.strip())
+    return size if size > 0 else None
+
+
+class IngestBlob(ReceivingBlob):
+    """One open ingest: its `data` descriptor, kept across the commit (a rename)."""
+
+    def __init__(
+        self,
+        data: io.FileIO,
+        size: int,
+        directory: Path,
+        committed: Path,
+        *,
+        poll_seconds: float,
+        stall_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.size = size
+        self._file = data
+        self._directory = directory
+        self._committed = committed
+        self._poll_seconds = poll_seconds
+        self._stall_seconds = stall_seconds
+        self._clock = clock
+        self._verified = False
+        # The size last seen, and when it was first seen (a stall is measured from there).
+        self._seen = -1
+        self._grew_at = clock()
+
+    def received(self) -> int:
+        return min(os.fstat(self._file.fileno()).st_size, self.size)
+
+    def reader(self, offset: int, length: int) -> PartReader:
+        return _IngestReader(self, offset, offset + length)
+
+    async def close(self) -> None:
+        self._file.close()
+
+    async def sendable(self, position: int) -> int:
+        """How far from `position` may be sent now: waits until there is more than
+        `position`, or raises `ContentVanished` when the ingest will not give it."""
+        while True:
+            there = self.received()
+            if there != self._seen:
+                self._seen, self._grew_at = there, self._clock()
+            limit = there if self._verified else min(there, self.size - 1)
+            if limit > position:
+                return limit
+            if not self._verified and self._check_committed():
+                continue
+            if self._verified:  # a committed blob does not grow
+                raise ContentVanished(f"{self._committed.name} ends at {there} bytes")
+            if self._clock() - self._grew_at > self._stall_seconds:
+                raise ContentVanished(
+                    f"the runtime's ingest of {self._committed.name} stalled at {there} bytes"
+                )
+            await asyncio.sleep(self._poll_seconds)
+
+    def _check_committed(self) -> bool:
+        """Whether the runtime committed the blob (so verified it): `data` was renamed to the
+        blob's path (same inode), or the ingest is gone and the blob is there (it held the
+        blob already and dropped its copy after verifying it: the rest is sent from there)."""
+        try:
+            committed = os.stat(self._committed)
+        except OSError:
+            committed = None
+        own = os.fstat(self._file.fileno())
+        if committed is not None and (committed.st_ino, committed.st_dev) == (
+            own.st_ino,
+            own.st_dev,
+        ):
+            self._verified = True
+            return True
+        if self._directory.exists():
+            return False
+        if committed is None:
+            raise ContentVanished(f"the runtime gave up receiving {self._committed.name}")
+        try:
+            replacement = open(self._committed, "rb", buffering=0)  # noqa: SIM115 (owned here)
+        except OSError as exc:
+            raise ContentVanished(f"{self._committed.name} went away: {exc}") from exc
+        self._file.close()
+        self._file = replacement
+        self._verified = True
+        return True
+
+    @property
+    def file(self) -> io.FileIO:
+        return self._file
+
+
+class _IngestReader:
+    def __init__(self, blob: IngestBlob, position: int, end: int) -> None:
+        self._blob: IngestBlob | None = blob
+        self._position = position
+        self._end = end
+
+    async def next_part(self) -> FilePart | bytes | None:
+        blob = self._blob
+        if blob is None or self._position >= self._end:
+            return None
+        limit = min(await blob.sendable(self._position), self._end)
+        part = FilePart(blob.file, self._position, limit - self._position)
+        self._position = limit
+        return part
+
+    async def aclose(self) -> None:
+        blob, self._blob = self._blob, None
+        if blob is not None:
+            with contextlib.suppress(OSError):
+                await blob.close()
