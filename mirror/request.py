@@ -35,8 +35,10 @@ class Caller(Enum):
 
     RUNTIME = "runtime"  # the node's own runtime: may be served from peers and upstream
     PEER = "peer"  # another node: served from this node's store only, never forwarded
-    # A runtime another node redirected here with a signed URL: a blob this node holds whole
-    # in its store only (a download under way could still fail, with no node to resume it).
+    # A runtime another node redirected here with a signed URL: a blob served from this node
+    # only (its store, a download under way, what its runtime is receiving), never forwarded.
+    # The last byte comes once verified; a transfer that breaks is retried through the
+    # runtime's own node, which serves the retry itself.
     REDIRECTED = "redirected"
 
 

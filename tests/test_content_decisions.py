@@ -163,19 +163,20 @@ def coalesced(node: Node) -> float:
     return found or 0.0
 
 
-async def test_a_redirected_runtime_gets_whole_blobs_only_never_a_download_under_way(
+async def test_a_redirected_runtime_joins_a_download_under_way_as_a_peer_does(
     node: Node,
 ) -> None:
-    """A signed URL promises a blob this node verified: a fetch in progress could still fail,
-    and the runtime that followed the URL would have no node to resume from."""
+    """A signed URL is served like a peer's request: what arrived at once, the end only once
+    verified. Should the fetch fail, the runtime's retry goes through its own node."""
     key = str(LAYER_DIGEST)
     node.peers.give(PEER, key, LAYER)
     node.peers.gate = asyncio.Event()
     fetching = asyncio.create_task(fetch(node))
     await node.peers.midway.wait()
-    with pytest.raises(BlobUnknown):
-        await node.service.blob(blob_target(), Caller.REDIRECTED, None, head=False)
+    answer = await node.service.blob(blob_target(), Caller.REDIRECTED, None, head=False)
+    assert answer.source == SOURCE_PEER and answer.growing is not None
     node.peers.gate.set()
+    assert await body(answer) == LAYER
     assert await fetching == (SOURCE_PEER, LAYER)
     answer = await node.service.blob(blob_target(), Caller.REDIRECTED, None, head=False)
     assert answer.source == SOURCE_LOCAL and await body(answer) == LAYER

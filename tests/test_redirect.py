@@ -4,8 +4,10 @@ A holder is a real registry front (`RegistryApi` over a `ContentService` on a no
 access policy takes the signed URLs made for its address. What it must refuse is shown against
 it directly: forged, expired, replayed and misdirected signatures (401), requests that only look
 like signed URLs (401), a signed URL for anything but a blob (403), and any answer not from its
-own store (404: a signed URL is never forwarded, and never served from a download in progress).
-`PeerFetcher.redirect_url` is shown choosing a provider that holds the blob whole.
+own store, a download under way or what its runtime receives (404 otherwise: a signed URL is
+never forwarded).
+`PeerFetcher.redirect_url` is shown choosing a provider that serves the blob, and following a
+holder's referral down the swarm.
 """
 
 from __future__ import annotations
@@ -263,26 +265,25 @@ async def test_a_signed_url_is_never_forwarded(tmp_path: Path) -> None:
         assert empty.peers.asked == [PATH] and upstream.asked
 
 
-async def test_a_download_in_progress_is_not_served_on_a_signed_url(tmp_path: Path) -> None:
-    """Only a whole blob the holder verified: the runtime following the URL checks nothing
-    before it commits. The same blob is served once the download has completed."""
+async def test_a_download_in_progress_is_served_on_a_signed_url(tmp_path: Path) -> None:
+    """As to a peer: what has arrived at once, the end once the digest matched (the holder
+    holds its last chunk back), so a cold rollout's runtimes go to the node fetching."""
     gate = asyncio.Event()
     upstream = MemoryUpstream(blobs={str(DIGEST): BLOB}, gate=gate)
-    async with holder_node(tmp_path, holds=False, upstream=upstream) as node:
-        async with node.http.get(node.url + PATH) as runtime:  # starts the download
-            assert runtime.status == 200
-            first = await runtime.content.readexactly(len(BLOB) // 2)
-            assert await node.status("HEAD", node.signed("HEAD")) == 404
-            assert await node.status("GET", node.signed()) == 404
-            gate.set()
-            assert first + await runtime.read() == BLOB
-        deadline = time.monotonic() + 10
-        while not node.cache.holds(DIGEST):
-            assert time.monotonic() < deadline, "the download never reached the cache"
-            await asyncio.sleep(0.01)
+    async with (
+        holder_node(tmp_path, holds=False, upstream=upstream) as node,
+        node.http.get(node.url + PATH) as runtime,  # starts the download
+    ):
+        assert runtime.status == 200
+        first = await runtime.content.readexactly(len(BLOB) // 2)
         assert await node.status("HEAD", node.signed("HEAD")) == 200
-        async with node.http.get(URL(node.signed(), encoded=True)) as response:
-            assert await response.read() == BLOB
+        async with node.http.get(URL(node.signed(), encoded=True)) as redirected:
+            assert redirected.status == 200
+            half = await redirected.content.readexactly(len(BLOB) // 2)
+            assert half == BLOB[: len(BLOB) // 2]
+            gate.set()
+            assert half + await redirected.read() == BLOB
+        assert first + await runtime.read() == BLOB
 
 
 def redirect_answer(url: str) -> BlobAnswer:
@@ -361,9 +362,10 @@ async def redirect_url(fetcher: PeerFetcher, digest: Digest = DIGEST) -> str | N
         await fetcher.close()
 
 
-async def test_the_redirect_goes_to_a_provider_holding_the_blob_whole(
+async def test_the_redirect_goes_to_a_provider_that_serves_the_blob(
     tmp_path: Path, holder: Holder
 ) -> None:
+    """One holding it whole, or fetching it; never one that lacks it or does not answer."""
     gate = asyncio.Event()
     upstream = MemoryUpstream(blobs={str(DIGEST): BLOB}, gate=gate)
     async with (
@@ -373,15 +375,19 @@ async def test_the_redirect_goes_to_a_provider_holding_the_blob_whole(
     ):
         await runtime.content.readexactly(len(BLOB) // 2)
         dead = f"127.0.0.1:{free_port()}"
+        urls = []
         for _ in range(5):  # the providers come in random order
             fetcher = fetcher_for(empty, dead, downloading, holder, url_signer=UrlSigner(KEY))
             url = await redirect_url(fetcher)
-            assert url is not None and url.startswith(f"{holder.url}/v2/library/app/blobs/")
-        async with holder.http.get(URL(url, encoded=True)) as response:
-            assert response.status == 200
-            assert await response.read() == BLOB
-        assert await holder.status("GET", url) == 401, "a signed URL was used twice"
+            assert url is not None
+            assert url.startswith((f"{holder.url}/v2/", f"{downloading.url}/v2/")), url
+            urls.append(url)
         gate.set()
+        for url in urls[-2:]:
+            async with holder.http.get(URL(url, encoded=True)) as response:
+                assert response.status == 200
+                assert await response.read() == BLOB
+        assert await holder.status("GET", url) == 401, "a signed URL was used twice"
         await runtime.read()
 
 
@@ -424,7 +430,14 @@ class RedirectingPeers(NoPeers):
         self.redirects: list[str] = []
         self.sharing: list[bool] = []
 
-    async def redirect_url(self, digest: Digest, path: str, *, sharing: bool = False) -> str | None:
+    async def redirect_url(
+        self,
+        digest: Digest,
+        path: str,
+        *,
+        sharing: bool = False,
+        among: list[Provider] | None = None,
+    ) -> str | None:
         self.redirects.append(path)
         self.sharing.append(sharing)
         return self.url
@@ -593,3 +606,63 @@ async def test_a_slot_kept_for_a_runtime_is_taken_over_by_its_get_or_let_go() ->
     let_go = slots.reserve(str(DIGEST), "b")
     let_go()  # the probe failed: the slot is free at once
     assert slots.active == 0 and not slots.claim(str(DIGEST), "b")
+
+
+class ClaimantPeers(RedirectingPeers):
+    """Peers where nobody holds the blob yet, but the node that claimed its upstream fetch
+    serves it: `redirect_url` has a URL only among given providers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.among: list[list[Provider] | None] = []
+
+    async def redirect_url(
+        self,
+        digest: Digest,
+        path: str,
+        *,
+        sharing: bool = False,
+        among: list[Provider] | None = None,
+    ) -> str | None:
+        self.among.append(among)
+        self.sharing.append(sharing)
+        return self.url if among else None
+
+
+async def test_a_cold_blob_sends_the_runtime_to_the_node_that_claimed_its_fetch(
+    tmp_path: Path,
+) -> None:
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    cluster = MemoryCluster()
+    claimant = Provider(b"\x02" * 20, "10.0.0.2:5000")
+    assert await cluster.router(claimant.node_id, claimant.address).claim(str(DIGEST), 30) is None
+    me = Provider(b"\x01" * 20, "10.0.0.1:5000")
+    metrics, peers = Metrics(), ClaimantPeers()
+    upstream = MemoryUpstream(blobs={str(DIGEST): BLOB})
+    redirecting = ContentPolicy(
+        mirrored_registries=None,
+        resolve_tags=True,
+        tag_timeout=1.0,
+        peer_transfer=PeerTransfer.REDIRECT,
+    )
+    service = ContentService(
+        store,
+        metrics,
+        redirecting,
+        cache=store,
+        peers=peers,
+        router=cluster.router(me.node_id, me.address),
+        upstream=upstream,
+    )
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert answer.redirect == peers.url
+        assert peers.among == [None, [claimant]] and peers.sharing == [True, True]
+        assert not upstream.asked, "fetched upstream besides the claimant"
+        assert service._downloads is not None and service._downloads.get(DIGEST) is None
+        await asyncio.gather(*service._background)
+        assert me.node_id in cluster.providers[str(DIGEST)]
+    finally:
+        await service.close()

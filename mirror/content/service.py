@@ -358,11 +358,10 @@ class ContentService:
     ) -> BlobAnswer:
         held = await self._held_here(digest)
         if isinstance(held, Download):
-            if caller is Caller.REDIRECTED:
-                raise BlobUnknown(f"blob {digest} is not held whole here")
-            if caller is Caller.PEER and requested is not None and _ahead_of(held, requested):
+            from_node = caller is not Caller.RUNTIME
+            if from_node and requested is not None and _ahead_of(held, requested):
                 raise BlobUnknown(f"{requested.header()} of {digest} is not here yet")
-            if caller is Caller.PEER:
+            if from_node:
                 await _started_for_peer(held)
             self._metrics.coalesced_waits.labels("node").inc()
             return await self._from_download(held, requested, head)
@@ -374,21 +373,20 @@ class ContentService:
                 raise BlobUnknown(f"blob {digest} is not held here")
             return await _receiving_answer(digest, receiving, caller, requested, head)
         path = _peer_path(target, digest)
-        if (
+        redirecting = (
             redirect
             and self._policy.peer_transfer is PeerTransfer.REDIRECT
-            and caller is Caller.RUNTIME
             and not head
             and self._peers is not None
-        ):
+        )
+        # The runtime shares what it receives (its store shows it): it fetches as a sharer.
+        sharing = redirecting and self._store.shows_receiving and requested is None
+        if redirecting:
             # A range too (a runtime resuming after a holder died): the runtime's client keeps
             # its Range header when it follows the 307, and the holder honours it.
-            sharing = self._store.shows_receiving and requested is None
-            url = await self._peers.redirect_url(digest, path, sharing=sharing)
-            if url is not None:
-                if sharing:
-                    self._spawn(self._announce_receiving(digest))
-                return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
+            answer = await self._redirected(digest, path, sharing)
+            if answer is not None:
+                return answer
         if requested is not None:
             return await self._range_elsewhere(target, digest, path, requested, head)
         if self._downloads is None:  # no node cache: nothing is fetched here, only passed on
@@ -405,10 +403,26 @@ class ContentService:
         try:
             answer = await self._from_peers(download, digest, path, head)
             if answer is None:
-                answer = await self._fetch_once(target, digest, path, download, head)
+                redirecting = redirecting and requested is None
+                answer = await self._fetch_once(
+                    target, digest, path, download, head, redirecting, sharing
+                )
             return answer
         finally:
             self._downloads.settle(download, f"no fetch of {digest} was started")
+
+    async def _redirected(
+        self, digest: Digest, path: str, sharing: bool, among: list[Provider] | None = None
+    ) -> BlobAnswer | None:
+        """A 307 for the runtime to a provider (`among` these, else the DHT's) serving the
+        blob; None when none does. A sharing runtime's node announces itself at once."""
+        assert self._peers is not None
+        url = await self._peers.redirect_url(digest, path, sharing=sharing, among=among)
+        if url is None:
+            return None
+        if sharing:
+            self._spawn(self._announce_receiving(digest))
+        return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
 
     async def _range_elsewhere(
         self, target: Target, digest: Digest, path: str, requested: RangeRequest, head: bool
@@ -479,17 +493,31 @@ class ContentService:
         return None
 
     async def _fetch_once(
-        self, target: Target, digest: Digest, path: str, download: Download, head: bool
+        self,
+        target: Target,
+        digest: Digest,
+        path: str,
+        download: Download,
+        head: bool,
+        redirecting: bool = False,
+        sharing: bool = False,
     ) -> BlobAnswer:
         """Step 4: from upstream, once for the cluster, into this request's reservation.
 
         The node that wins the claim fetches; one that loses fetches from the winner instead,
-        which serves it while it downloads (`_share`: this node is then a provider too).
+        which serves it while it downloads (`_share`: this node is then a provider too), or,
+        `redirecting`, sends its runtime there (the reservation is let go: the runtime's own
+        fetch is this node's copy).
         """
         assert self._downloads is not None
         if self._upstream is None:
             raise BlobUnknown(f"blob {digest} is not held in the cluster")
         holder = await self._claim(digest)
+        if holder is not None and self._peers is not None and redirecting:
+            answer = await self._redirected(digest, path, sharing, [holder])
+            if answer is not None:
+                self._downloads.abandon(download, f"the runtime was sent to {holder.address}")
+                return answer
         if holder is not None and self._peers is not None:
             found = await self._peers.blob_from([holder], digest, path, None, head=head)
             if found is not None:

@@ -36,7 +36,12 @@ class PeerSource(Protocol):
     ) -> PeerBlob | None: ...
 
     async def redirect_url(
-        self, digest: Digest, path: str, *, sharing: bool = False
+        self,
+        digest: Digest,
+        path: str,
+        *,
+        sharing: bool = False,
+        among: list[Provider] | None = None,
     ) -> str | None: ...
 
     async def blob_from(

@@ -111,6 +111,9 @@ _FORGET_PAST = 256
 # A provider probed before the runtime is redirected to it answers a HEAD from its own store at
 # once; past this it is passed over (a redirect is worth a quick answer only).
 _PROBE_TIMEOUT = 1.0
+# The node that claimed a blob's upstream fetch answers a probe once its download started, which
+# it waits for up to `PEER_START_WAIT` (3 s, content/service.py).
+_CLAIMANT_PROBE_TIMEOUT = 4.0
 # The runtime asking again for a digest it was redirected for within this long is retrying: the
 # transfer broke, or the bytes did not hash and it refused them. It is not redirected again but
 # served by its node, which verifies what the peers send and reports a bad copy to its holder.
@@ -479,20 +482,29 @@ class PeerFetcher:
                 return found
         return await self._open_last_resort(busy, digest, path, requested, head, ranged)
 
-    async def redirect_url(self, digest: Digest, path: str, *, sharing: bool = False) -> str | None:
+    async def redirect_url(
+        self,
+        digest: Digest,
+        path: str,
+        *,
+        sharing: bool = False,
+        among: list[Provider] | None = None,
+    ) -> str | None:
         """A signed URL (`http://HOLDER/v2/...`) at a provider that serves `digest`.
 
         For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers
         are probed one at a time, in the order `providers` gives (least loaded first), with a
-        HEAD on a signed URL of their own, which a holder answers from its own store or its
-        runtime's fetch in progress (never from a download of its own, registry/api.py). The
-        first to answer 200 within `_PROBE_TIMEOUT` gets a URL signed for one GET, and keeps
-        an upload slot for it meanwhile. `sharing`: this node's runtime will serve the blob
+        HEAD on a signed URL of their own, which a holder answers from its own store, its
+        download under way or its runtime's fetch in progress (registry/api.py). The first to
+        answer 200 within `_PROBE_TIMEOUT` gets a URL signed for one GET, and keeps an upload
+        slot for it meanwhile. `sharing`: this node's runtime will serve the blob
         to peers as it arrives (its store shows what the runtime receives), so it asks as a
         sharer: a provider at its fan-out answers 429 naming the sharers it sends the blob to,
         which are probed first, and a rollout's runtimes line up as a swarm instead of all
         fetching from the first holder. When every provider is busy, the least loaded gets
-        the runtime anyway (a signed GET is never refused).
+        the runtime anyway (a signed GET is never refused). `among`: these providers only (the
+        node that claimed the upstream fetch), each given `_CLAIMANT_PROBE_TIMEOUT` to answer,
+        as it may not have its first bytes yet.
 
         None: nobody holds it, or this is a retry (see `_REDIRECT_RETRY_SECONDS`): the caller
         serves the blob another way.
@@ -508,13 +520,16 @@ class PeerFetcher:
             path = with_sharer(path, self._own)
         tried: set[bytes] = set()
         busy: list[Provider] = []
-        queue: list[Provider] = []
-        while queue or (queue := await self.providers(str(digest), exclude=tried)):
+        queue = list(among or [])
+        timeout = _PROBE_TIMEOUT if among is None else _CLAIMANT_PROBE_TIMEOUT
+        while queue or (
+            among is None and (queue := await self.providers(str(digest), exclude=tried))
+        ):
             provider = queue.pop(0)
             if provider.node_id in tried:
                 continue
             tried.add(provider.node_id)
-            answer = await self._probe(provider, path)
+            answer = await self._probe(provider, path, timeout)
             if answer is None:
                 continue
             if isinstance(answer, list):  # busy: the sharers it named first
@@ -550,13 +565,15 @@ class PeerFetcher:
         assert self._url_signer is not None
         return f"http://{provider.address}{self._url_signer.sign(method, provider.address, path)}"
 
-    async def _probe(self, provider: Provider, path: str) -> Provider | list[Provider] | None:
+    async def _probe(
+        self, provider: Provider, path: str, timeout: float
+    ) -> Provider | list[Provider] | None:
         """Whether `provider` serves `path` on a signed URL now: itself; busy, with the
         sharers it referred to (maybe none); or None (it does not hold it, or did not answer)."""
         assert self._session is not None, "PeerFetcher.start() was not called"
         url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
         try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 async with self._session.head(url, allow_redirects=False) as response:
                     self._loads.answered(provider, response, upload=False)
                     if response.status == 200:

@@ -83,7 +83,14 @@ class MemoryPeers:
         candidates = await self._router.find_providers(str(digest))
         return await self.blob_from(candidates, digest, path, requested, head=head)
 
-    async def redirect_url(self, digest: Digest, path: str, *, sharing: bool = False) -> str | None:
+    async def redirect_url(
+        self,
+        digest: Digest,
+        path: str,
+        *,
+        sharing: bool = False,
+        among: list[Provider] | None = None,
+    ) -> str | None:
         return None  # the in-memory cluster has no URLs to send a runtime to
 
     async def blob_from(
