@@ -52,7 +52,14 @@ class Content:
 
 
 def ingests(root: Path, clock: Callable[[], float] | None = None, **kwargs: float) -> Ingests:
-    return Ingests(root, "k8s.io", poll_seconds=0.001, clock=clock or (lambda: 0.0), **kwargs)
+    return Ingests(
+        root,
+        "k8s.io",
+        poll_seconds=0.001,
+        max_poll_seconds=0.002,
+        clock=clock or (lambda: 0.0),
+        **kwargs,
+    )
 
 
 async def take(reader: PartReader) -> bytes:

@@ -31,6 +31,7 @@ from yarl import URL
 
 from mirror.clusterkey import ClusterKey
 from mirror.config import PeerTransfer
+from mirror.content import service as content_service
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService
 from mirror.errors import BlobUnknown, TooManyRequests
 from mirror.metrics import SOURCE_PEER, SOURCE_RECEIVING, Metrics
@@ -58,6 +59,12 @@ from mirror.stores.containerd.ingest import Ingests
 
 KEY = ClusterKey.from_text(ClusterKey.generate())
 POLICY = ContentPolicy(mirrored_registries=None, resolve_tags=True, tag_timeout=1.0)
+REDIRECTING = ContentPolicy(
+    mirrored_registries=None,
+    resolve_tags=True,
+    tag_timeout=1.0,
+    peer_transfer=PeerTransfer.REDIRECT,
+)
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 DIGEST = parse_digest("sha256:" + hashlib.sha256(BLOB).hexdigest())
 PATH = f"/v2/library/app/blobs/{DIGEST}?ns=docker.io"
@@ -448,14 +455,8 @@ async def test_the_content_service_redirects_the_runtimes_blob_gets_only(tmp_pat
     await cache.start()
     metrics, peers = Metrics(), RedirectingPeers()
     upstream = MemoryUpstream(blobs={str(DIGEST): BLOB})
-    redirecting = ContentPolicy(
-        mirrored_registries=None,
-        resolve_tags=True,
-        tag_timeout=1.0,
-        peer_transfer=PeerTransfer.REDIRECT,
-    )
     service = ContentService(
-        cache, metrics, redirecting, cache=cache, peers=peers, upstream=upstream
+        cache, metrics, REDIRECTING, cache=cache, peers=peers, upstream=upstream
     )
     target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
     try:
@@ -531,16 +532,22 @@ async def test_peers_and_redirected_runtimes_get_what_the_runtime_is_receiving(
     me = Provider(b"\x01" * 20, "10.0.0.1:5000")
     router = cluster.router(me.node_id, me.address)
     metrics, peers = Metrics(), RedirectingPeers()
-    redirecting = ContentPolicy(
-        mirrored_registries=None,
-        resolve_tags=True,
-        tag_timeout=1.0,
-        peer_transfer=PeerTransfer.REDIRECT,
-    )
-    service = ContentService(store, metrics, redirecting, cache=store, peers=peers, router=router)
+    service = ContentService(store, metrics, REDIRECTING, cache=store, peers=peers, router=router)
     target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
     half = len(BLOB) // 2
     try:
+        # containerd opens its ingest before it asks its node: until the node chose a source
+        # for its runtime, the ingest may be waiting on this very node, so a peer waits.
+        early = asyncio.create_task(service.blob(target, Caller.PEER, None, head=True))
+        await asyncio.sleep(0)
+        assert not early.done()
+        # The node's own runtime is redirected as a sharer (it serves what it receives), and
+        # the node announces itself at once; it is never served its own fetch.
+        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert answer.redirect == peers.url and peers.sharing == [True]
+        assert (await early).source == SOURCE_RECEIVING
+        await asyncio.gather(*service._background)
+        assert cluster.providers[str(DIGEST)] == {me.node_id: me}
         for caller in (Caller.PEER, Caller.REDIRECTED):
             answer = await service.blob(target, caller, None, head=False)
             assert answer.source == SOURCE_RECEIVING and answer.size == len(BLOB)
@@ -548,21 +555,13 @@ async def test_peers_and_redirected_runtimes_get_what_the_runtime_is_receiving(
             await answer.close()
         # A range from the bytes there; one beyond them is refused at once (its asker may be
         # where these bytes come from).
-        answer = await service.blob(
-            target, Caller.PEER, parse_range_header("bytes=100-"), head=False
-        )
+        ranged = parse_range_header("bytes=100-")
+        answer = await service.blob(target, Caller.PEER, ranged, head=False)
         assert await read_growing(answer, half - 100) == BLOB[100:half]
         await answer.close()
+        beyond = parse_range_header(f"bytes={half}-")
         with pytest.raises(BlobUnknown, match="not here yet"):
-            await service.blob(
-                target, Caller.PEER, parse_range_header(f"bytes={half}-"), head=False
-            )
-        # The node's own runtime is redirected as a sharer (it serves what it receives), and
-        # the node announces itself at once; it is never served its own fetch.
-        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
-        assert answer.redirect == peers.url and peers.sharing == [True]
-        await asyncio.gather(*service._background)
-        assert cluster.providers[str(DIGEST)] == {me.node_id: me}
+            await service.blob(target, Caller.PEER, beyond, head=False)
     finally:
         await service.close()
 
@@ -640,16 +639,10 @@ async def test_a_cold_blob_sends_the_runtime_to_the_node_that_claimed_its_fetch(
     me = Provider(b"\x01" * 20, "10.0.0.1:5000")
     metrics, peers = Metrics(), ClaimantPeers()
     upstream = MemoryUpstream(blobs={str(DIGEST): BLOB})
-    redirecting = ContentPolicy(
-        mirrored_registries=None,
-        resolve_tags=True,
-        tag_timeout=1.0,
-        peer_transfer=PeerTransfer.REDIRECT,
-    )
     service = ContentService(
         store,
         metrics,
-        redirecting,
+        REDIRECTING,
         cache=store,
         peers=peers,
         router=cluster.router(me.node_id, me.address),
@@ -664,5 +657,23 @@ async def test_a_cold_blob_sends_the_runtime_to_the_node_that_claimed_its_fetch(
         assert service._downloads is not None and service._downloads.get(DIGEST) is None
         await asyncio.gather(*service._background)
         assert me.node_id in cluster.providers[str(DIGEST)]
+    finally:
+        await service.close()
+
+
+async def test_an_ingest_without_a_source_is_busy_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node named in a referral whose runtime has not been sent anywhere yet answers busy
+    once `PEER_START_WAIT` has passed, so two such nodes never wait on each other for long."""
+    monkeypatch.setattr(content_service, "PEER_START_WAIT", 0.01)
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    service = ContentService(store, Metrics(), POLICY, cache=store, peers=RedirectingPeers())
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        for caller in (Caller.PEER, Caller.REDIRECTED):
+            with pytest.raises(TooManyRequests, match="no source here yet"):
+                await service.blob(target, caller, None, head=False)
     finally:
         await service.close()

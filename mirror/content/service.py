@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -79,6 +80,10 @@ PEER_START_WAIT = 3.0
 _CLAIM_TTL = 30.0
 # Digests reached through an alias, remembered so their fetches go to the source's repository.
 _ALIASED_DIGESTS = 4096
+# How long after this node sent its runtime to a peer for a blob its runtime's fetch of it may
+# be served to others (`_sourced`), and how many such blobs are remembered.
+_SOURCED_SECONDS = 300.0
+_SOURCED_DIGESTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,10 @@ class ContentService:
         self._aliases = aliases
         # digest -> the source repository it was reached through (bounded, oldest dropped).
         self._aliased: OrderedDict[Digest, Target] = OrderedDict()
+        # digest -> when this node sent its runtime to a peer for it (see `_sourced`), and
+        # the requests from other nodes waiting for that.
+        self._sent_runtime: OrderedDict[Digest, float] = OrderedDict()
+        self._awaiting_source: dict[Digest, asyncio.Event] = {}
         self._metrics = metrics
         self._policy = policy
         self._cache = cache
@@ -371,6 +380,11 @@ class ContentService:
             receiving = await self._store.receiving(digest)
             if receiving is None:
                 raise BlobUnknown(f"blob {digest} is not held here")
+            try:
+                await self._until_sourced(digest)
+            except BaseException:
+                await receiving.close()
+                raise
             return await _receiving_answer(digest, receiving, caller, requested, head)
         path = _peer_path(target, digest)
         redirecting = (
@@ -421,8 +435,39 @@ class ContentService:
         if url is None:
             return None
         if sharing:
+            self._sent_runtime[digest] = time.monotonic()
+            self._sent_runtime.move_to_end(digest)
+            while len(self._sent_runtime) > _SOURCED_DIGESTS:
+                self._sent_runtime.popitem(last=False)
+            waiting = self._awaiting_source.pop(digest, None)
+            if waiting is not None:
+                waiting.set()
             self._spawn(self._announce_receiving(digest))
         return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
+
+    async def _until_sourced(self, digest: Digest) -> None:
+        """Wait (at most `PEER_START_WAIT`) until what the runtime receives of `digest` may be
+        served: this node sent its runtime to a peer for it, so the ingest has a source.
+
+        containerd opens its ingest before it asks this node for the blob, so an ingest alone
+        may be waiting on this very node's choice of a source; serving it then could close a
+        cycle of nodes feeding each other an ingest nobody fills (a node named in a referral
+        before it chose its source). A node serves only after it sent its runtime, which is
+        after its source did: the chain only runs back in time, to a holder. Past the wait the
+        asker is told this node is busy, as for a download that has not started."""
+        sent = self._sent_runtime.get(digest)
+        if sent is not None and time.monotonic() - sent < _SOURCED_SECONDS:
+            return
+        waiting = self._awaiting_source.setdefault(digest, asyncio.Event())
+        try:
+            async with asyncio.timeout(PEER_START_WAIT):
+                await waiting.wait()
+        except TimeoutError:
+            if self._awaiting_source.get(digest) is waiting:
+                del self._awaiting_source[digest]
+            raise TooManyRequests(
+                f"{digest} has no source here yet; ask another node", retry_after=1
+            ) from None
 
     async def _range_elsewhere(
         self, target: Target, digest: Digest, path: str, requested: RangeRequest, head: bool

@@ -10,8 +10,11 @@ are scanned.
 
 Bytes go out as they land (the runtime writes them in order), the last byte only once the blob
 is committed: a peer never completes a blob containerd did not verify. Nothing announces new
-bytes, so a reader that caught up looks again every `POLL_SECONDS`: one `fstat` per look, and a
-pull is far longer than the few milliseconds that adds to its end.
+bytes, so a reader that caught up looks again after a while: one `fstat` per look. The while
+adapts to the writer (`POLL_MIN_SECONDS` doubling up to `POLL_MAX_SECONDS` until about
+`PART_BYTES` are there, halving when they were there at once), so a reader wakes a few dozen
+times a second rather than a hundred, and each wake sends a sizeable part; once every byte is
+there it looks every `POLL_MIN_SECONDS` for the commit, which the runtime makes right after.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from mirror.stores.base import FilePart, PartReader, ReceivingBlob
 
 log = logging.getLogger(__name__)
 
-# How often a reader that sent everything there looks for more.
-POLL_SECONDS = 0.01
+# How long a reader that sent everything there waits before it looks again: at least, at most.
+POLL_MIN_SECONDS = 0.005
+POLL_MAX_SECONDS = 0.05
+# What a reader is happy to find when it looks: less, and it waits longer next time.
+PART_BYTES = 1024 * 1024
 # An ingest that neither grew nor was committed for this long is given up (the runtime
 # stopped, or its commit failed): the reader's connection is cut, its client goes elsewhere.
 STALL_SECONDS = 30.0
@@ -48,7 +54,8 @@ class Ingests:
         content_path: Path,
         namespace: str,
         *,
-        poll_seconds: float = POLL_SECONDS,
+        poll_seconds: float = POLL_MIN_SECONDS,
+        max_poll_seconds: float = POLL_MAX_SECONDS,
         stall_seconds: float = STALL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -56,6 +63,7 @@ class Ingests:
         self._blob_dir = content_path / "blobs"
         self._namespace = namespace
         self._poll_seconds = poll_seconds
+        self._max_poll_seconds = max_poll_seconds
         self._stall_seconds = stall_seconds
         self._clock = clock
 
@@ -86,6 +94,7 @@ class Ingests:
                 directory,
                 committed,
                 poll_seconds=self._poll_seconds,
+                max_poll_seconds=self._max_poll_seconds,
                 stall_seconds=self._stall_seconds,
                 clock=self._clock,
             )
@@ -134,6 +143,7 @@ class IngestBlob(ReceivingBlob):
         committed: Path,
         *,
         poll_seconds: float,
+        max_poll_seconds: float,
         stall_seconds: float,
         clock: Callable[[], float],
     ) -> None:
@@ -141,7 +151,9 @@ class IngestBlob(ReceivingBlob):
         self._file = data
         self._directory = directory
         self._committed = committed
-        self._poll_seconds = poll_seconds
+        self._min_poll = poll_seconds
+        self._max_poll = max_poll_seconds
+        self._poll = poll_seconds  # the wait before the next look, adapted to the writer
         self._stall_seconds = stall_seconds
         self._clock = clock
         self._verified = False
@@ -160,23 +172,34 @@ class IngestBlob(ReceivingBlob):
 
     async def sendable(self, position: int) -> int:
         """How far from `position` may be sent now: waits until there is more than
-        `position`, or raises `ContentVanished` when the ingest will not give it."""
+        `position` (about `PART_BYTES` more, unless the writer is slow or done), or raises
+        `ContentVanished` when the ingest will not give it."""
+        waited = False
         while True:
             there = self.received()
             if there != self._seen:
                 self._seen, self._grew_at = there, self._clock()
-            limit = there if self._verified else min(there, self.size - 1)
+            cap = self.size if self._verified else self.size - 1
+            limit = min(there, cap)
             if limit > position:
-                return limit
-            if not self._verified and self._check_committed():
+                if limit - position >= PART_BYTES or limit == cap or self._poll >= self._max_poll:
+                    if not waited:  # it was there at once: look sooner next time
+                        self._poll = max(self._poll / 2, self._min_poll)
+                    return limit
+            elif not self._verified and self._check_committed():
                 continue
-            if self._verified:  # a committed blob does not grow
+            elif self._verified:  # a committed blob does not grow
                 raise ContentVanished(f"{self._committed.name} ends at {there} bytes")
             if self._clock() - self._grew_at > self._stall_seconds:
                 raise ContentVanished(
                     f"the runtime's ingest of {self._committed.name} stalled at {there} bytes"
                 )
-            await asyncio.sleep(self._poll_seconds)
+            if there >= self.size:  # all there: the commit comes right after
+                await asyncio.sleep(self._min_poll)
+                continue
+            await asyncio.sleep(self._poll)
+            waited = True
+            self._poll = min(self._poll * 2, self._max_poll)
 
     def _check_committed(self) -> bool:
         """Whether the runtime committed the blob (so verified it): `data` was renamed to the
