@@ -170,19 +170,20 @@ class IngestBlob(ReceivingBlob):
     async def close(self) -> None:
         self._file.close()
 
-    async def sendable(self, position: int) -> int:
-        """How far from `position` may be sent now: waits until there is more than
-        `position` (about `PART_BYTES` more, unless the writer is slow or done), or raises
-        `ContentVanished` when the ingest will not give it."""
+    async def sendable(self, position: int, end: int) -> int:
+        """How far from `position` (towards `end`) may be sent now: waits until there is more
+        than `position` (about `PART_BYTES` more, unless the writer is slow or done, or `end`
+        is there), or raises `ContentVanished` when the ingest will not give it."""
         waited = False
         while True:
             there = self.received()
             if there != self._seen:
                 self._seen, self._grew_at = there, self._clock()
             cap = self.size if self._verified else self.size - 1
-            limit = min(there, cap)
+            limit = min(there, cap, end)
             if limit > position:
-                if limit - position >= PART_BYTES or limit == cap or self._poll >= self._max_poll:
+                whole = limit in (cap, end) or limit - position >= PART_BYTES
+                if whole or self._poll >= self._max_poll:
                     if not waited:  # it was there at once: look sooner next time
                         self._poll = max(self._poll / 2, self._min_poll)
                     return limit
@@ -244,7 +245,7 @@ class _IngestReader:
         blob = self._blob
         if blob is None or self._position >= self._end:
             return None
-        limit = min(await blob.sendable(self._position), self._end)
+        limit = await blob.sendable(self._position, self._end)
         part = FilePart(blob.file, self._position, limit - self._position)
         self._position = limit
         return part
