@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -80,9 +79,8 @@ PEER_START_WAIT = 3.0
 _CLAIM_TTL = 30.0
 # Digests reached through an alias, remembered so their fetches go to the source's repository.
 _ALIASED_DIGESTS = 4096
-# How long after this node sent its runtime to a peer for a blob its runtime's fetch of it may
-# be served to others (`_sourced`), and how many such blobs are remembered.
-_SOURCED_SECONDS = 300.0
+# Blobs this node sent its runtime to a peer for, remembered (the latest) so that what the
+# runtime receives of them may be served to others (`_until_sourced`).
 _SOURCED_DIGESTS = 4096
 
 
@@ -155,9 +153,9 @@ class ContentService:
         self._aliases = aliases
         # digest -> the source repository it was reached through (bounded, oldest dropped).
         self._aliased: OrderedDict[Digest, Target] = OrderedDict()
-        # digest -> when this node sent its runtime to a peer for it (see `_sourced`), and
-        # the requests from other nodes waiting for that.
-        self._sent_runtime: OrderedDict[Digest, float] = OrderedDict()
+        # Digests this node sent its runtime to a peer for, oldest first (see `_until_sourced`),
+        # and the requests from other nodes waiting for that.
+        self._sourced: OrderedDict[Digest, None] = OrderedDict()
         self._awaiting_source: dict[Digest, asyncio.Event] = {}
         self._metrics = metrics
         self._policy = policy
@@ -435,15 +433,19 @@ class ContentService:
         if url is None:
             return None
         if sharing:
-            self._sent_runtime[digest] = time.monotonic()
-            self._sent_runtime.move_to_end(digest)
-            while len(self._sent_runtime) > _SOURCED_DIGESTS:
-                self._sent_runtime.popitem(last=False)
-            waiting = self._awaiting_source.pop(digest, None)
-            if waiting is not None:
-                waiting.set()
+            self._mark_sourced(digest)
             self._spawn(self._announce_receiving(digest))
         return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
+
+    def _mark_sourced(self, digest: Digest) -> None:
+        """The runtime was sent to a source for `digest`: its fetch may be served from now on."""
+        self._sourced[digest] = None
+        self._sourced.move_to_end(digest)
+        while len(self._sourced) > _SOURCED_DIGESTS:
+            self._sourced.popitem(last=False)
+        waiting = self._awaiting_source.pop(digest, None)
+        if waiting is not None:
+            waiting.set()
 
     async def _until_sourced(self, digest: Digest) -> None:
         """Wait (at most `PEER_START_WAIT`) until what the runtime receives of `digest` may be
@@ -455,8 +457,7 @@ class ContentService:
         before it chose its source). A node serves only after it sent its runtime, which is
         after its source did: the chain only runs back in time, to a holder. Past the wait the
         asker is told this node is busy, as for a download that has not started."""
-        sent = self._sent_runtime.get(digest)
-        if sent is not None and time.monotonic() - sent < _SOURCED_SECONDS:
+        if digest in self._sourced:
             return
         waiting = self._awaiting_source.setdefault(digest, asyncio.Event())
         try:
