@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from pathlib import Path
 from mirror.errors import ContentVanished
 from mirror.oci.reference import Digest
 from mirror.stores.base import FilePart, PartReader, ReceivingBlob
-
-log = logging.getLogger(__name__)
 
 # How long a reader that sent everything there waits before it looks again: at least, at most.
 POLL_MIN_SECONDS = 0.005
@@ -161,6 +158,11 @@ class IngestBlob(ReceivingBlob):
         self._seen = -1
         self._grew_at = clock()
 
+    @property
+    def file(self) -> io.FileIO:
+        """The descriptor parts are sent from (`data`, or the committed blob)."""
+        return self._file
+
     def received(self) -> int:
         return min(os.fstat(self._file.fileno()).st_size, self.size)
 
@@ -229,10 +231,6 @@ class IngestBlob(ReceivingBlob):
         self._file = replacement
         self._verified = True
         return True
-
-    @property
-    def file(self) -> io.FileIO:
-        return self._file
 
 
 class _IngestReader:
