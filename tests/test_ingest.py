@@ -1,8 +1,8 @@
 """containerd's ingests read as they grow (stores/containerd/ingest.py), on its file layout.
 
-The layout is containerd 1.6's, written here by hand so each step of an ingest's life can be
-taken one at a time: `ingest/<hash>/{ref,total,data}`, then the commit that renames `data` to
-`blobs/sha256/<hex>`. The same code against a real containerd pull is in test_e2e_redirect.py.
+The layout is containerd 1.6's, written by hand (harness/ingest_layout.py) so each step of an
+ingest's life can be taken one at a time. The same code against a real containerd pull is in
+test_e2e_redirect.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from harness.ingest_layout import IngestLayout
 
 from mirror.errors import ContentVanished
 from mirror.oci.reference import Digest, parse_digest
@@ -23,32 +24,8 @@ BLOB = os.urandom(300_000)
 DIGEST = parse_digest("sha256:" + hashlib.sha256(BLOB).hexdigest())
 
 
-class Content:
-    """A containerd content directory with one ingest of BLOB under way in `namespace`."""
-
-    def __init__(self, root: Path, namespace: str = "k8s.io", *, total: bool = True) -> None:
-        self.root = root
-        self.ingest = root / "ingest" / hashlib.sha256(b"any").hexdigest()
-        self.ingest.mkdir(parents=True)
-        (self.ingest / "ref").write_text(f"{namespace}/7/layer-{DIGEST}")
-        if total:
-            (self.ingest / "total").write_text(str(len(BLOB)))
-        (self.ingest / "data").write_bytes(b"")
-        self.blob = root / "blobs" / "sha256" / DIGEST.hex
-
-    def write(self, upto: int) -> None:
-        """Append BLOB's bytes up to `upto`, as the runtime receives them."""
-        data = self.ingest / "data"
-        start = data.stat().st_size
-        with open(data, "ab") as file:
-            file.write(BLOB[start:upto])
-
-    def commit(self) -> None:
-        self.blob.parent.mkdir(parents=True, exist_ok=True)
-        (self.ingest / "data").rename(self.blob)
-        for name in ("ref", "total"):
-            (self.ingest / name).unlink()
-        self.ingest.rmdir()
+def layout(root: Path, namespace: str = "k8s.io", *, total: bool = True) -> IngestLayout:
+    return IngestLayout(root, BLOB, namespace, total=total)
 
 
 def ingests(root: Path, clock: Callable[[], float] | None = None, **kwargs: float) -> Ingests:
@@ -75,16 +52,16 @@ async def found(root: Path, digest: Digest = DIGEST, **kwargs: float) -> IngestB
 
 
 async def test_an_ingest_is_found_by_digest_in_its_namespace_only(tmp_path: Path) -> None:
-    Content(tmp_path / "ours")
+    layout(tmp_path / "ours")
     blob = await found(tmp_path / "ours")
     assert blob.size == len(BLOB) and blob.received() == 0
     await blob.close()
-    Content(tmp_path / "theirs", namespace="moby")
+    layout(tmp_path / "theirs", namespace="moby")
     assert await ingests(tmp_path / "theirs").find(DIGEST) is None
     other = parse_digest("sha256:" + "0" * 64)
     assert await ingests(tmp_path / "ours").find(other) is None
     # No size written: nothing to promise a reader. No directory at all: no pull ran yet.
-    Content(tmp_path / "unsized", total=False)
+    layout(tmp_path / "unsized", total=False)
     assert await ingests(tmp_path / "unsized").find(DIGEST) is None
     assert await ingests(tmp_path / "none").find(DIGEST) is None
 
@@ -92,7 +69,7 @@ async def test_an_ingest_is_found_by_digest_in_its_namespace_only(tmp_path: Path
 async def test_a_reader_follows_the_data_and_gets_the_end_after_the_commit(
     tmp_path: Path,
 ) -> None:
-    content = Content(tmp_path)
+    content = layout(tmp_path)
     blob = await found(tmp_path)
     reader = blob.reader(0, len(BLOB))
     content.write(100_000)
@@ -112,7 +89,7 @@ async def test_a_reader_follows_the_data_and_gets_the_end_after_the_commit(
 async def test_an_uncommitted_end_is_never_sent(tmp_path: Path) -> None:
     """All bytes there, no commit (the digest did not match, the runtime stopped): past the
     stall bound the reader fails instead of sending the last byte."""
-    content = Content(tmp_path)
+    content = layout(tmp_path)
     now = [0.0]
     blob = await found(tmp_path, clock=lambda: now[0], stall_seconds=0.0)
     reader = blob.reader(0, len(BLOB))
@@ -125,14 +102,12 @@ async def test_an_uncommitted_end_is_never_sent(tmp_path: Path) -> None:
 
 
 async def test_an_ingest_given_up_ends_its_readers(tmp_path: Path) -> None:
-    content = Content(tmp_path)
+    content = layout(tmp_path)
     blob = await found(tmp_path)
     reader = blob.reader(0, len(BLOB))
     content.write(1000)
     assert await take(reader) == BLOB[:1000]
-    for name in ("ref", "total", "data"):
-        (content.ingest / name).unlink()
-    content.ingest.rmdir()
+    content.drop()
     with pytest.raises(ContentVanished, match="gave up"):
         await reader.next_part()
     await reader.aclose()
@@ -141,23 +116,21 @@ async def test_an_ingest_given_up_ends_its_readers(tmp_path: Path) -> None:
 async def test_a_blob_committed_from_another_copy_is_sent_from_there(tmp_path: Path) -> None:
     """containerd verified this ingest but held the blob already (another pull committed it
     first), so it dropped the ingest: the rest comes from the committed blob."""
-    content = Content(tmp_path)
+    content = layout(tmp_path)
     blob = await found(tmp_path)
     reader = blob.reader(0, len(BLOB))
     content.write(len(BLOB))
     assert await take(reader) == BLOB[:-1]
-    content.blob.parent.mkdir(parents=True)
-    content.blob.write_bytes(BLOB)
-    for name in ("ref", "total", "data"):
-        (content.ingest / name).unlink()
-    content.ingest.rmdir()
+    content.committed.parent.mkdir(parents=True)
+    content.committed.write_bytes(BLOB)
+    content.drop()
     assert await take(reader) == BLOB[-1:]
     assert await reader.next_part() is None
     await reader.aclose()
 
 
 async def test_a_range_is_read_from_its_offset(tmp_path: Path) -> None:
-    content = Content(tmp_path)
+    content = layout(tmp_path)
     content.write(200_000)
     blob = await found(tmp_path)
     assert blob.received() == 200_000

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestServer
+from harness.ingest_layout import IngestLayout
 from harness.memory_sources import MemoryUpstream
 from harness.net import free_port
 from yarl import URL
@@ -495,22 +496,18 @@ async def test_the_content_service_redirects_the_runtimes_blob_gets_only(tmp_pat
 
 
 class ReceivingCache(CacheStore):
-    """A node cache standing for a runtime store that shows what its runtime receives: BLOB
-    whole on disk in `data`, as a containerd ingest would hold it (`IngestBlob`)."""
+    """A node cache standing for a runtime store that shows what its runtime receives: half
+    of BLOB in a containerd ingest under way (`IngestBlob`)."""
 
     shows_receiving = True
 
     def __init__(self, root: Path) -> None:
         super().__init__(root / "cache")
-        self._content = root / "content"
-        ingest = self._content / "ingest" / "a"
-        ingest.mkdir(parents=True)
-        (ingest / "ref").write_text(f"k8s.io/1/layer-{DIGEST}")
-        (ingest / "total").write_text(str(len(BLOB)))
-        (ingest / "data").write_bytes(BLOB[: len(BLOB) // 2])
+        self._content = IngestLayout(root / "content", BLOB)
+        self._content.write(len(BLOB) // 2)
 
     async def receiving(self, digest: Digest) -> ReceivingBlob | None:
-        return await Ingests(self._content, "k8s.io").find(digest)
+        return await Ingests(self._content.root, "k8s.io").find(digest)
 
 
 async def read_growing(answer: BlobAnswer, upto: int) -> bytes:
