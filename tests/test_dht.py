@@ -13,8 +13,9 @@ import pytest
 from harness.dht import cluster, make_node, provider
 from kademlia.node import Node
 
+from mirror.routing import wire
 from mirror.routing.dht import DhtNode
-from mirror.routing.errors import DhtNotRunning
+from mirror.routing.errors import DhtNotRunning, Malformed
 from mirror.routing.keys import dht_key, distance, stable_node_id
 from mirror.routing.router import Provider
 
@@ -110,14 +111,7 @@ async def test_a_key_announced_moments_ago_is_not_announced_again() -> None:
     between (the fetch failed) makes the next announcement go out."""
     async with cluster(5) as nodes:
         text = "sha256:" + "0a" * 32
-        sent: list[object] = []
-        add_provider = nodes[1]._client.add_provider
-
-        def counted(*args: object, **kwargs: object) -> object:
-            sent.append(args)
-            return add_provider(*args, **kwargs)  # type: ignore[arg-type]
-
-        nodes[1]._client.add_provider = counted  # type: ignore[method-assign,assignment]
+        sent = count_calls(nodes[1], "add_providers")
         assert await nodes[1].provide(text)
         first = len(sent)
         assert first > 0
@@ -127,6 +121,79 @@ async def test_a_key_announced_moments_ago_is_not_announced_again() -> None:
         assert await nodes[1].provide(text)
         assert len(sent) > first
         assert await eventually_found(nodes[2], text, [provider(nodes[1])]) == [provider(nodes[1])]
+
+
+def count_calls(node: DhtNode, name: str) -> list[tuple[object, ...]]:
+    """The arguments of every `name` call `node`'s client makes from now on."""
+    calls: list[tuple[object, ...]] = []
+    original = getattr(node._client, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(node._client, name, counted)
+    return calls
+
+
+async def test_a_burst_of_announcements_reaches_each_peer_in_one_message() -> None:
+    """An image's keys announced together cost each peer one datagram, not one per key."""
+    async with cluster(6) as nodes:
+        announcer = nodes[2]
+        batches = count_calls(announcer, "add_providers")
+        texts = [f"sha256:{index:064x}" for index in range(9)]
+        assert all(await asyncio.gather(*(announcer.provide(text) for text in texts)))
+        peers_messaged = [node for node, *_ in batches]
+        assert sorted(node.id for node in peers_messaged) == sorted(
+            node.node_id for node in nodes if node is not announcer
+        )
+        assert len(peers_messaged) == len(set(node.id for node in peers_messaged))
+        assert all(len(keys) == len(texts) for _, keys, *_ in batches)
+        for node in nodes:
+            for text in texts:
+                assert provider(announcer) in node.local_providers(text)
+
+
+async def test_a_lone_announcement_is_not_held_back() -> None:
+    """Nothing else to gather: the records go out as soon as the lookup ends, and a lookup
+    running elsewhere holds a burst back no longer than the gather bound."""
+    async with cluster(4) as nodes:
+        started = time.monotonic()
+        assert await nodes[0].provide("sha256:" + "1d" * 32)
+        assert time.monotonic() - started < 0.5
+        with nodes[0]._announcer.looking_up():  # a lookup that never ends
+            started = time.monotonic()
+            assert await nodes[0].provide("sha256:" + "1e" * 32)
+            assert time.monotonic() - started < 0.5
+        for node in nodes[1:]:
+            assert provider(nodes[0]) in node.local_providers("sha256:" + "1e" * 32)
+
+
+async def test_a_node_that_predates_batches_still_finds_the_records() -> None:
+    """A rolling upgrade: an older node drops `add_providers` as malformed and stores nothing
+    of the upgraded node's, yet its lookups find the records on the upgraded nodes, and the
+    single `add_provider` it announces with is still stored by them."""
+    async with cluster(4) as nodes:
+        older = nodes[3]
+        serve = older._rpc._serve
+
+        def as_older_node(msg_id: bytes, data: object, address: object) -> None:
+            if isinstance(data, list) and data and data[0] == "add_providers":
+                raise Malformed("unknown RPC 'add_providers'")
+            serve(msg_id, data, address)
+
+        older._rpc._serve = as_older_node  # type: ignore[method-assign,assignment]
+        text = "sha256:" + "2a" * 32
+        assert await nodes[0].provide(text)
+        assert older.local_providers(text) == []
+        assert provider(nodes[0]) in await eventually_found(older, text, [provider(nodes[0])])
+        theirs = "sha256:" + "2b" * 32
+        own = older.node_id
+        for node in nodes[:3]:
+            args = [own, dht_key(theirs), own, older.http_address, 60.0]
+            stored = older._rpc.request(node.router_address, "add_provider", args, wire.boolean)
+            assert await stored is True
+            assert node.local_providers(theirs) == [provider(older)]
 
 
 async def test_keys_announced_long_ago_are_forgotten_as_new_ones_come() -> None:

@@ -196,6 +196,12 @@ async def test_malformed_authentic_datagrams_are_dropped(
         umsgpack.packb(["add_provider", [sender, key, sender, "h:80", "600"]]),  # ttl str
         umsgpack.packb(["add_provider", [sender, key, sender, "h:80", -1.0]]),
         umsgpack.packb(["add_provider", [sender, key, sender, "h:80", True]]),
+        umsgpack.packb(["add_providers", [sender, [], sender, "h:80", 600.0]]),  # no keys
+        umsgpack.packb(["add_providers", [sender, key, sender, "h:80", 600.0]]),  # not a list
+        umsgpack.packb(["add_providers", [sender, [key, b"short"], sender, "h:80", 600.0]]),
+        umsgpack.packb(["add_providers", [sender, [key, [key]], sender, "h:80", 600.0]]),
+        umsgpack.packb(["add_providers", [sender, [key], sender, "h:80", 0]]),
+        umsgpack.packb(["add_providers", [sender, [key], sender, "h:80"]]),  # arity
         umsgpack.packb(["hand_off", [sender, [[key, sender, "h:80"]]]]),  # 3 fields, not 4
         umsgpack.packb(["hand_off", [sender, [[key, sender, "h:80", 1.0, 2]]]]),
     ]
@@ -220,6 +226,7 @@ async def test_a_node_can_only_announce_itself(node: DhtNode, peer: RawPeer) -> 
     key = dht_key(text)
     sender, victim = fake_id(), fake_id()
     assert await peer.call("add_provider", [sender, key, victim, "6.6.6.6:80", 600.0]) is False
+    assert await peer.call("add_providers", [sender, [key], victim, "6.6.6.6:80", 600.0]) == 0
     assert await peer.call("remove_provider", [sender, key, victim]) is False
     assert await peer.call(
         "add_provider", [node.node_id, key, node.node_id, "6.6.6.6:80", 9.0]
@@ -231,6 +238,10 @@ async def test_a_node_can_only_announce_itself(node: DhtNode, peer: RawPeer) -> 
     # The honest form is accepted.
     assert await peer.call("add_provider", [sender, key, sender, "10.1.1.1:5000", 600.0]) is True
     assert node.local_providers(text) == [Provider(sender, "10.1.1.1:5000")]
+    other = "sha256:" + "ce" * 32
+    both = [key, dht_key(other)]
+    assert await peer.call("add_providers", [sender, both, sender, "h:1", 9.0]) == 2
+    assert node.local_providers(other) == [Provider(sender, "h:1")]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from kademlia.node import Node
@@ -97,6 +97,11 @@ class DhtClient:
         self._endpoint = _TimedEndpoint(endpoint, self.round_trips)
         self._own = own_id
 
+    @property
+    def own_id(self) -> bytes:
+        """The id every call is sent as."""
+        return self._own
+
     def ping(self, address: Address) -> asyncio.Future[bytes | None]:
         """The id of whoever answers at `address` (bootstrap: no contact to credit yet)."""
         return self._endpoint.request(address, "ping", [self._own], wire.node_id)
@@ -121,17 +126,17 @@ class DhtClient:
             (node.ip, node.port), "get_providers", [self._own, key], wire.found, contact=node
         )
 
-    def add_provider(
-        self, node: Node, key: bytes, address: str, ttl: float
-    ) -> asyncio.Future[bool | None]:
-        """Announce this node (only ever itself) as a provider of `key` at HTTP `address`."""
+    def add_providers(
+        self, node: Node, keys: list[bytes], address: str, ttl: float
+    ) -> asyncio.Future[int | None]:
+        """Announce this node as a provider of every one of `keys`; replies how many stored.
+
+        The contact is neither credited nor blamed: silence may be a node that predates this
+        RPC (it drops it as malformed, see announce.py), not a dead one.
+        """
         own = self._own
         return self._endpoint.request(
-            (node.ip, node.port),
-            "add_provider",
-            [own, key, own, address, ttl],
-            wire.boolean,
-            contact=node,
+            (node.ip, node.port), "add_providers", [own, keys, own, address, ttl], wire.count
         )
 
     def remove_provider(self, node: Node, key: bytes) -> asyncio.Future[bool | None]:
@@ -190,3 +195,11 @@ class DhtClient:
         return self._endpoint.request(
             (node.ip, node.port), "recent", [self._own, topic, before], wire.recent_page
         )
+
+
+async def settle(futures: Iterable[asyncio.Future[T]]) -> list[T]:
+    """Results of RPC futures once all resolve; unlike gather, cancelling the caller spares them."""
+    pending = list(futures)
+    if pending:
+        await asyncio.wait(pending)
+    return [future.result() for future in pending]

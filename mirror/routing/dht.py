@@ -25,17 +25,17 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable
 
 from mirror.clusterkey import ClusterKey
 from mirror.errors import ConfigError
 from mirror.metrics import Metrics
 from mirror.routing import wire
+from mirror.routing.announce import Announcer
 from mirror.routing.auth import DatagramSealer
 from mirror.routing.broadcast import Flooder
 from mirror.routing.claims import Claimer
-from mirror.routing.client import DhtClient
+from mirror.routing.client import DhtClient, settle
 from mirror.routing.crawl import Crawler
 from mirror.routing.errors import DhtError, DhtNotRunning, Malformed
 from mirror.routing.handlers import RequestHandlers
@@ -52,7 +52,6 @@ from mirror.routing.table import Contact, ContactTable
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # A key announced less than this fraction of the record TTL ago is not announced again: its
 # records are fresh wherever they were stored (a re-announce tick comes at half the TTL).
@@ -102,6 +101,7 @@ class DhtNode:
         sealer = DatagramSealer(cluster_key.purpose("dht"))
         self._rpc = RpcEndpoint(sealer, rpc_timeout=rpc_timeout, metrics=metrics)
         self._client = DhtClient(self._rpc, node_id)
+        self._announcer = Announcer(self._client, address=http_address, ttl=record_ttl)
         self._table = ContactTable(
             node_id, ksize=ksize, records=self._store, client=self._client, metrics=metrics
         )
@@ -159,6 +159,7 @@ class DhtNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh
             self._refresh = None
+        self._announcer.close()
         await self._rpc.close()
         self._store.close()
 
@@ -210,7 +211,7 @@ class DhtNode:
         True if at least one node (this one included, when it is among the closest) stored
         the record. Re-announcing before `record_ttl` runs out is the caller's job.
         """
-        client = self._running()
+        self._running()
         hashed = dht_key(key)
         ksize, ttl = self._settings.ksize, self._settings.record_ttl
         now = time.monotonic()
@@ -218,16 +219,14 @@ class DhtNode:
             # A node announces what it starts fetching and again when its runtime stored it,
             # seconds apart: the records from the first are fresh at every node that took them.
             return True
-        closest = await self._crawler.closest_nodes(hashed, settle_small=True)
+        with self._announcer.looking_up():
+            closest = await self._crawler.closest_nodes(hashed, settle_small=True)
         stored_here = len(closest) < ksize or distance(self.node_id, hashed) < distance(
             closest[-1].id, hashed
         )
         if stored_here:
             self._store.put(hashed, self._self_provider(), ttl)
-        replies = await _settle(
-            client.add_provider(node, hashed, self.http_address, ttl) for node in closest
-        )
-        accepted = sum(1 for reply in replies if reply is True)
+        accepted = await self._announcer.announce(hashed, closest)
         log.debug("provided %s: %d remote copies, local=%s", key, accepted, stored_here)
         if stored_here or accepted > 0:
             self._remember_provided(hashed, now)
@@ -249,7 +248,7 @@ class DhtNode:
         if not self._rpc.listening:
             return
         closest = await self._crawler.closest_nodes(hashed, settle_small=True)
-        await _settle(self._client.remove_provider(node, hashed) for node in closest)
+        await settle(self._client.remove_provider(node, hashed) for node in closest)
 
     async def find_providers(
         self, key: str, want: int = 2, *, timeout: float | None = None
@@ -347,11 +346,3 @@ class DhtNode:
     def _records_changed(self, count: int) -> None:
         if self._metrics is not None:
             self._metrics.dht_provider_records.set(count)
-
-
-async def _settle(futures: Iterable[asyncio.Future[T]]) -> list[T]:
-    """Results of RPC futures once all resolve; unlike gather, cancelling the caller spares them."""
-    pending = list(futures)
-    if pending:
-        await asyncio.wait(pending)
-    return [future.result() for future in pending]

@@ -84,12 +84,26 @@ class RequestHandlers:
         ttl: float,
     ) -> bool:
         """Store the sender as a provider of `key`: a node can only ever announce itself."""
+        return self.add_providers(sender, nodeid, [key], provider_id, address, ttl) > 0
+
+    def add_providers(
+        self,
+        sender: Address,
+        nodeid: bytes,
+        keys: list[bytes],
+        provider_id: bytes,
+        address: str,
+        ttl: float,
+    ) -> int:
+        """Store the sender as a provider of each of `keys`; replies how many were stored."""
         if provider_id != nodeid or nodeid == self._own:
             log.debug("refused add_provider from %s for another node's id", sender)
-            return False
+            return 0
         self._welcome(sender, nodeid)
-        self._providers.put(key, Provider(provider_id, address), self._ttl(ttl))
-        return True
+        provider = Provider(provider_id, address)
+        for key in keys:
+            self._providers.put(key, provider, self._ttl(ttl))
+        return len(keys)
 
     def remove_provider(
         self, sender: Address, nodeid: bytes, key: bytes, provider_id: bytes

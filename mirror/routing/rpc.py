@@ -54,6 +54,9 @@ REQUESTS: Final[dict[str, tuple[Validator, ...]]] = {
     "find_value": (wire.node_id, wire.node_id),
     "store": (wire.node_id, wire.node_id, wire.anything),
     "add_provider": (wire.node_id, wire.node_id, wire.node_id, wire.http_address, wire.ttl),
+    # [sender, keys, provider id, address, ttl]: a burst of announcements (announce.py). A node
+    # without it drops it as malformed and does not reply; the sender then goes key by key.
+    "add_providers": (wire.node_id, wire.keys, wire.node_id, wire.http_address, wire.ttl),
     "remove_provider": (wire.node_id, wire.node_id, wire.node_id),
     "get_providers": (wire.node_id, wire.node_id),
     "hand_off": (wire.node_id, wire.hand_off_records),

@@ -12,8 +12,9 @@ import functools
 import io
 import ipaddress
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import umsgpack
 from kademlia.node import Node
@@ -24,6 +25,8 @@ from mirror.routing.errors import DatagramTooLarge, Malformed
 from mirror.routing.keys import ID_BYTES
 from mirror.routing.messages import MAX_MESSAGE_BYTES, MESSAGE_ID_BYTES, check_topic
 from mirror.routing.router import Provider
+
+E = TypeVar("E")
 
 REQUEST = b"\x00"
 RESPONSE = b"\x01"
@@ -87,6 +90,13 @@ def node_id(value: object) -> bytes:
     if not isinstance(value, bytes) or len(value) != ID_BYTES:
         raise Malformed("expected a 20-byte id")
     return value
+
+
+def keys(value: object) -> list[bytes]:
+    """A non-empty list of keys (an `add_providers` batch; its datagram bounds its length)."""
+    if not isinstance(value, list) or not value:
+        raise Malformed("expected a non-empty list of keys")
+    return [node_id(key) for key in value]
 
 
 def port(value: object) -> int:
@@ -327,20 +337,27 @@ def hand_off_entry(record: HandOffRecord) -> list[object]:
     return [record.key, record.provider.node_id, record.provider.address, record.ttl]
 
 
-def batches(entries: list[list[object]], budget: int) -> list[list[list[object]]]:
-    """Split `entries` into arrays of at most `budget` packed bytes each (an entry never splits)."""
-    out: list[list[list[object]]] = []
-    current: list[list[object]] = []
+def batches(
+    entries: Iterable[E], budget: int, *, size: Callable[[E], int] | None = None
+) -> list[list[E]]:
+    """Split `entries` into arrays of at most `budget` packed bytes each (an entry never splits).
+
+    `size` gives an entry's packed size when the entry is not itself what is packed (a key
+    with the future that waits on it); by default the entry's own packed size.
+    """
+    measure: Callable[[E], int] = packed_size if size is None else size
+    out: list[list[E]] = []
+    current: list[E] = []
     used = _ARRAY_HEADER
     for entry in entries:
-        size = packed_size(entry)
-        if used + size > budget and current:
+        entry_size = measure(entry)
+        if used + entry_size > budget and current:
             out.append(current)
             current, used = [], _ARRAY_HEADER
-        if used + size > budget:
+        if used + entry_size > budget:
             raise DatagramTooLarge("a single entry exceeds the datagram budget")
         current.append(entry)
-        used += size
+        used += entry_size
     if current:
         out.append(current)
     return out
