@@ -46,8 +46,8 @@ from mirror.peers.auth import (
     UrlSigner,
     UrlVerifier,
 )
-from mirror.peers.fetcher import PeerFetcher
-from mirror.peers.referrals import with_sharer
+from mirror.peers.fetcher import PeerFetcher, Redirect
+from mirror.peers.referrals import parse_hops, with_sharer
 from mirror.ranges import RangeRequest, parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi, UploadSlots
@@ -365,9 +365,13 @@ def fetcher_for(
 async def redirect_url(fetcher: PeerFetcher, digest: Digest = DIGEST) -> str | None:
     await fetcher.start()
     try:
-        return await fetcher.redirect_url(digest, PATH)
+        redirect = await fetcher.redirect_url(digest, PATH)
     finally:
         await fetcher.close()
+    if redirect is None:
+        return None
+    assert redirect.hops == 0, "a holder, or a node downloading the blob itself"
+    return redirect.url
 
 
 async def test_the_redirect_goes_to_a_provider_that_serves_the_blob(
@@ -433,8 +437,9 @@ class RedirectingPeers(NoPeers):
 
     url = "http://10.0.0.7:5000/v2/library/app/blobs/sha256:00?mirror-sig=x"
 
-    def __init__(self) -> None:
+    def __init__(self, hops: int | None = 0) -> None:
         super().__init__()
+        self.hops = hops
         self.redirects: list[str] = []
         self.sharing: list[bool] = []
 
@@ -445,10 +450,10 @@ class RedirectingPeers(NoPeers):
         *,
         sharing: bool = False,
         among: list[Provider] | None = None,
-    ) -> str | None:
+    ) -> Redirect | None:
         self.redirects.append(path)
         self.sharing.append(sharing)
-        return self.url
+        return Redirect(self.url, self.hops)
 
 
 async def test_the_content_service_redirects_the_runtimes_blob_gets_only(tmp_path: Path) -> None:
@@ -528,7 +533,8 @@ async def test_peers_and_redirected_runtimes_get_what_the_runtime_is_receiving(
     cluster = MemoryCluster()
     me = Provider(b"\x01" * 20, "10.0.0.1:5000")
     router = cluster.router(me.node_id, me.address)
-    metrics, peers = Metrics(), RedirectingPeers()
+    # The source the runtime is sent to serves what its own runtime receives from a holder.
+    metrics, peers = Metrics(), RedirectingPeers(hops=1)
     service = ContentService(store, metrics, REDIRECTING, cache=store, peers=peers, router=router)
     target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
     half = len(BLOB) // 2
@@ -548,6 +554,7 @@ async def test_peers_and_redirected_runtimes_get_what_the_runtime_is_receiving(
         for caller in (Caller.PEER, Caller.REDIRECTED):
             answer = await service.blob(target, caller, None, head=False)
             assert answer.source == SOURCE_RECEIVING and answer.size == len(BLOB)
+            assert answer.hops == 2, "one hop further from the holder than its source"
             assert await read_growing(answer, half) == BLOB[:half]
             await answer.close()
         # A range from the bytes there; one beyond them is refused at once (its asker may be
@@ -575,10 +582,12 @@ async def test_a_holder_at_its_fan_out_refers_a_sharing_runtime_down_the_swarm(
         fetcher = fetcher_for(holder, url_signer=UrlSigner(KEY), own=second)
         await fetcher.start()
         try:
-            url = await fetcher.redirect_url(DIGEST, PATH, sharing=True)
+            redirect = await fetcher.redirect_url(DIGEST, PATH, sharing=True)
         finally:
             await fetcher.close()
-        assert url is not None and url.startswith(f"{first_node.url}/v2/library/app/blobs/")
+        assert redirect is not None
+        url = redirect.url
+        assert url.startswith(f"{first_node.url}/v2/library/app/blobs/")
         assert f"sharer={second.node_id.hex()}" in url
         sample = holder.metrics.registry.get_sample_value
         assert sample("mirror_peer_uploads_referred_total", {}) == 1
@@ -619,10 +628,10 @@ class ClaimantPeers(RedirectingPeers):
         *,
         sharing: bool = False,
         among: list[Provider] | None = None,
-    ) -> str | None:
+    ) -> Redirect | None:
         self.among.append(among)
         self.sharing.append(sharing)
-        return self.url if among else None
+        return Redirect(self.url, 0) if among else None
 
 
 async def test_a_cold_blob_sends_the_runtime_to_the_node_that_claimed_its_fetch(
@@ -674,3 +683,65 @@ async def test_an_ingest_without_a_source_is_busy_after_a_while(
                 await service.blob(target, caller, None, head=False)
     finally:
         await service.close()
+
+
+async def test_an_ingest_whose_source_did_not_say_its_hops_is_never_served(
+    tmp_path: Path,
+) -> None:
+    """A source that did not say how far it is from a holder (an older node) might lead back
+    to this node: what the runtime receives from it is not served, and askers are told at
+    once, without waiting, to ask another node. The node does not announce it either."""
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    cluster = MemoryCluster()
+    me = Provider(b"\x01" * 20, "10.0.0.1:5000")
+    peers = RedirectingPeers(hops=None)
+    service = ContentService(
+        store,
+        Metrics(),
+        REDIRECTING,
+        cache=store,
+        peers=peers,
+        router=cluster.router(me.node_id, me.address),
+    )
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        answer = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert answer.redirect == peers.url and peers.sharing == [True]
+        for caller in (Caller.PEER, Caller.REDIRECTED):
+            async with asyncio.timeout(0.5):  # far below PEER_START_WAIT: no wait
+                with pytest.raises(TooManyRequests, match="no source here yet"):
+                    await service.blob(target, caller, None, head=False)
+        await asyncio.gather(*service._background)
+        assert str(DIGEST) not in cluster.providers
+    finally:
+        await service.close()
+
+
+async def test_the_last_resort_is_a_provider_that_confirms_it_serves(holder: Holder) -> None:
+    """Every provider busy: the runtime goes to the least loaded only once a last-resort probe
+    (never refused for load) confirms it serves the blob and says its hops; with no provider
+    confirming there is no redirect."""
+    gone = Provider(b"\x05" * 20, f"127.0.0.1:{free_port()}")  # a sharer that went away
+    assert await holder.status("HEAD", holder.signed("HEAD", with_sharer(PATH, gone))) == 200
+    me = Provider(b"\x06" * 20, "127.0.0.1:9")
+    fetcher = fetcher_for(holder, url_signer=UrlSigner(KEY), own=me)
+    await fetcher.start()
+    try:
+        # At its fan-out, the holder refers this sharer to the one gone: nobody else serves.
+        redirect = await fetcher.redirect_url(DIGEST, PATH, sharing=True)
+    finally:
+        await fetcher.close()
+    assert redirect is not None and redirect.hops == 0
+    assert redirect.url.startswith(f"{holder.url}/v2/")
+    sample = fetcher._metrics.registry.get_sample_value
+    assert sample("mirror_peer_last_resort_fetches_total", {}) == 1
+    assert holder.metrics.registry.get_sample_value("mirror_peer_uploads_referred_total") == 1
+    async with holder.http.get(URL(redirect.url, encoded=True)) as response:
+        assert response.status == 200 and await response.read() == BLOB
+
+
+def test_hops_are_a_small_number_or_unsaid() -> None:
+    assert parse_hops("0") == 0 and parse_hops("17") == 17
+    for text in (None, "", "-1", "1.0", " 1", "\u00b2", "99999", "1" * 40):
+        assert parse_hops(text) is None, text

@@ -121,6 +121,9 @@ class BlobAnswer:
     growing: PartReader | None = None
     # A signed URL at a peer serving the blob: sent as a 307, the peer sends the bytes.
     redirect: str | None = None
+    # How far these bytes are from a holder, told to peers (peers/referrals.py): 0 from this
+    # node's store or its own download, more from what its runtime receives from a peer.
+    hops: int = 0
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
@@ -155,7 +158,7 @@ class ContentService:
         self._aliased: OrderedDict[Digest, Target] = OrderedDict()
         # Digests this node sent its runtime to a peer for, oldest first (see `_until_sourced`),
         # and the requests from other nodes waiting for that.
-        self._sourced: OrderedDict[Digest, None] = OrderedDict()
+        self._sourced: OrderedDict[Digest, int | None] = OrderedDict()
         self._awaiting_source: dict[Digest, asyncio.Event] = {}
         self._metrics = metrics
         self._policy = policy
@@ -379,11 +382,11 @@ class ContentService:
             if receiving is None:
                 raise BlobUnknown(f"blob {digest} is not held here")
             try:
-                await self._until_sourced(digest)
+                hops = await self._until_sourced(digest)
             except BaseException:
                 await receiving.close()
                 raise
-            return await _receiving_answer(digest, receiving, caller, requested, head)
+            return await _receiving_answer(digest, receiving, caller, requested, head, hops)
         path = _peer_path(target, digest)
         redirecting = (
             redirect
@@ -429,17 +432,20 @@ class ContentService:
         """A 307 for the runtime to a provider (`among` these, else the DHT's) serving the
         blob; None when none does. A sharing runtime's node announces itself at once."""
         assert self._peers is not None
-        url = await self._peers.redirect_url(digest, path, sharing=sharing, among=among)
-        if url is None:
+        redirect = await self._peers.redirect_url(digest, path, sharing=sharing, among=among)
+        if redirect is None:
             return None
         if sharing:
-            self._mark_sourced(digest)
-            self._spawn(self._announce_receiving(digest))
-        return BlobAnswer(SOURCE_PEER, 0, None, redirect=url)
+            hops = None if redirect.hops is None else redirect.hops + 1
+            self._mark_sourced(digest, hops)
+            if hops is not None:
+                self._spawn(self._announce_receiving(digest))
+        return BlobAnswer(SOURCE_PEER, 0, None, redirect=redirect.url)
 
-    def _mark_sourced(self, digest: Digest) -> None:
-        """The runtime was sent to a source for `digest`: its fetch may be served from now on."""
-        self._sourced[digest] = None
+    def _mark_sourced(self, digest: Digest, hops: int | None) -> None:
+        """The runtime was sent to a source for `digest`, `hops` from a holder: its fetch may
+        be served from now on (None: the source did not say; it is not served)."""
+        self._sourced[digest] = hops
         self._sourced.move_to_end(digest)
         while len(self._sourced) > _SOURCED_DIGESTS:
             self._sourced.popitem(last=False)
@@ -447,28 +453,31 @@ class ContentService:
         if waiting is not None:
             waiting.set()
 
-    async def _until_sourced(self, digest: Digest) -> None:
+    async def _until_sourced(self, digest: Digest) -> int:
         """Wait (at most `PEER_START_WAIT`) until what the runtime receives of `digest` may be
-        served: this node sent its runtime to a peer for it, so the ingest has a source.
+        served, and return its hops: this node sent its runtime to a source for it that said
+        how far it is from a holder.
 
         containerd opens its ingest before it asks this node for the blob, so an ingest alone
-        may be waiting on this very node's choice of a source; serving it then could close a
-        cycle of nodes feeding each other an ingest nobody fills (a node named in a referral
-        before it chose its source). A node serves only after it sent its runtime, which is
-        after its source did: the chain only runs back in time, to a holder. Past the wait the
-        asker is told this node is busy, as for a download that has not started."""
-        if digest in self._sourced:
-            return
-        waiting = self._awaiting_source.setdefault(digest, asyncio.Event())
-        try:
-            async with asyncio.timeout(PEER_START_WAIT):
-                await waiting.wait()
-        except TimeoutError:
-            if self._awaiting_source.get(digest) is waiting:
-                del self._awaiting_source[digest]
+        may be waiting on this very node's choice of a source. Served before that choice, or
+        from a source of unknown hops, it could close a cycle of nodes feeding each other an
+        ingest nobody fills; hops only grow down a chain, so one that is served always leads
+        back to a holder (peers/referrals.py). Past the wait, or for a source of unknown hops,
+        the asker is told this node is busy, as for a download that has not started."""
+        if digest not in self._sourced:
+            waiting = self._awaiting_source.setdefault(digest, asyncio.Event())
+            try:
+                async with asyncio.timeout(PEER_START_WAIT):
+                    await waiting.wait()
+            except TimeoutError:
+                if self._awaiting_source.get(digest) is waiting:
+                    del self._awaiting_source[digest]
+        hops = self._sourced.get(digest)
+        if hops is None:
             raise TooManyRequests(
                 f"{digest} has no source here yet; ask another node", retry_after=1
-            ) from None
+            )
+        return hops
 
     async def _range_elsewhere(
         self, target: Target, digest: Digest, path: str, requested: RangeRequest, head: bool
@@ -739,8 +748,10 @@ async def _receiving_answer(
     caller: Caller,
     requested: RangeRequest | None,
     head: bool,
+    hops: int,
 ) -> BlobAnswer:
-    """A peer's (or a redirected runtime's) answer from the blob the runtime is receiving.
+    """A peer's (or a redirected runtime's) answer from the blob the runtime is receiving,
+    `hops` from a holder.
 
     A range that starts beyond what arrived is refused at once, as for a download here
     (`_ahead_of`): its asker may be where these bytes come from.
@@ -755,11 +766,11 @@ async def _receiving_answer(
         raise
     if head:
         await blob.close()
-        return BlobAnswer(SOURCE_RECEIVING, blob.size, byte_range)
+        return BlobAnswer(SOURCE_RECEIVING, blob.size, byte_range, hops=hops)
     offset, length = (byte_range.offset, byte_range.length) if byte_range else (0, blob.size)
     log.info("sending %s as the runtime receives it (to a %s caller)", digest, caller.value)
     reader = blob.reader(offset, length)
-    return BlobAnswer(SOURCE_RECEIVING, blob.size, byte_range, growing=reader)
+    return BlobAnswer(SOURCE_RECEIVING, blob.size, byte_range, growing=reader, hops=hops)
 
 
 def _peer_answer(found: PeerBlob, requested: RangeRequest | None) -> BlobAnswer:

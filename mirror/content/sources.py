@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from mirror.oci.reference import Digest, TagRef
-from mirror.peers.fetcher import PeerBlob, PeerManifest
+from mirror.peers.fetcher import PeerBlob, PeerManifest, Redirect
 from mirror.ranges import RangeRequest
 from mirror.request import Target
 from mirror.routing.router import Provider
@@ -42,7 +42,7 @@ class PeerSource(Protocol):
         *,
         sharing: bool = False,
         among: list[Provider] | None = None,
-    ) -> str | None: ...
+    ) -> Redirect | None: ...
 
     async def blob_from(
         self,

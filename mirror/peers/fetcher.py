@@ -51,7 +51,13 @@ from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, UrlSigner
 from mirror.peers.ranged import BufferGauge, Opened, RangedStream
 from mirror.peers.receiver import BodyBroken, Sink, SinkSlot, ThreadedBody, can_take_over
-from mirror.peers.referrals import TRY_HEADER, parse_referral, with_sharer
+from mirror.peers.referrals import (
+    HOPS_HEADER,
+    TRY_HEADER,
+    parse_hops,
+    parse_referral,
+    with_sharer,
+)
 from mirror.ranges import ByteRange, RangeRequest, parse_content_range, unsatisfied_size
 from mirror.routing.router import Provider, Router
 
@@ -133,6 +139,15 @@ class PeerManifest:
     digest: str
 
 
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Where the runtime is sent for a blob: a signed URL at a provider, and how many hops that
+    provider's bytes are from a holder (None: it did not say; see peers/referrals.py)."""
+
+    url: str
+    hops: int | None
+
+
 @dataclass(slots=True)
 class PeerBlob:
     """A blob (or a slice of it) streaming from peers: headers known, body not yet read.
@@ -162,6 +177,13 @@ class PeerLoad:
     throughput: float | None  # bytes/s its bodies arrived at (EWMA)
     in_flight: int  # this node's requests to it, sent and not yet done
     seen_ago: float | None  # seconds since its last answer to this node
+
+
+@dataclass(frozen=True, slots=True)
+class _Serves:
+    """A probed provider serves the blob, its bytes `hops` from a holder (None: unsaid)."""
+
+    hops: int | None
 
 
 class _PeerSlowOrFailed(Exception):
@@ -489,7 +511,7 @@ class PeerFetcher:
         *,
         sharing: bool = False,
         among: list[Provider] | None = None,
-    ) -> str | None:
+    ) -> Redirect | None:
         """A signed URL (`http://HOLDER/v2/...`) at a provider that serves `digest`.
 
         For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers
@@ -497,12 +519,13 @@ class PeerFetcher:
         HEAD on a signed URL of their own, which a holder answers from its own store, its
         download under way or its runtime's fetch in progress (registry/api.py). The first to
         answer 200 within `_PROBE_TIMEOUT` gets a URL signed for one GET, and keeps an upload
-        slot for it meanwhile. `sharing`: this node's runtime will serve the blob
-        to peers as it arrives (its store shows what the runtime receives), so it asks as a
-        sharer: a provider at its fan-out answers 429 naming the sharers it sends the blob to,
-        which are probed first, and a rollout's runtimes line up as a swarm instead of all
-        fetching from the first holder. When every provider is busy, the least loaded gets
-        the runtime anyway (a signed GET is never refused). `among`: these providers only (the
+        slot for it meanwhile; its answer says its hops (peers/referrals.py). `sharing`: this
+        node's runtime will serve the blob to peers as it arrives (its store shows what the
+        runtime receives), so it asks as a sharer: a provider at its fan-out answers 429
+        naming the sharers it sends the blob to, which are probed first, and a rollout's
+        runtimes line up as a swarm instead of all fetching from the first holder. When every
+        provider is busy, the least loaded that still answers a last-resort probe gets the
+        runtime anyway (a signed GET is never refused). `among`: these providers only (the
         node that claimed the upstream fetch), each given `_CLAIMANT_PROBE_TIMEOUT` to answer,
         as it may not have its first bytes yet.
 
@@ -536,22 +559,29 @@ class PeerFetcher:
                 busy.append(provider)
                 queue[:0] = [p for p in answer if p.node_id not in tried]
                 continue
-            return self._redirect_to(provider, digest, path, now)
-        if busy:
-            self._metrics.peer_last_resort_fetches.inc()
-            holder = self._loads.least_loaded(busy)[0]
-            log.info(
-                "every provider of %s is busy; sending the runtime to %s", digest, holder.address
-            )
-            return self._redirect_to(holder, digest, path, now)
+            return self._redirect_to(provider, digest, path, now, answer.hops)
+        for holder in self._loads.least_loaded(busy):
+            # Every provider was busy: the least loaded serves the runtime anyway, once it
+            # confirms it still serves the blob (and says its hops).
+            answer = await self._probe(holder, path, timeout, last_resort=True)
+            if isinstance(answer, _Serves):
+                self._metrics.peer_last_resort_fetches.inc()
+                log.info(
+                    "every provider of %s is busy; sending the runtime to %s",
+                    digest,
+                    holder.address,
+                )
+                return self._redirect_to(holder, digest, path, now, answer.hops)
         self._metrics.peer_redirects.labels("no-holder").inc()
         return None
 
-    def _redirect_to(self, holder: Provider, digest: Digest, path: str, now: float) -> str:
-        log.info("redirecting the runtime to %s for %s", holder.address, digest)
+    def _redirect_to(
+        self, holder: Provider, digest: Digest, path: str, now: float, hops: int | None
+    ) -> Redirect:
+        log.info("redirecting the runtime to %s for %s (%s hops)", holder.address, digest, hops)
         self._remember_redirect(str(digest), now)
         self._served(holder, str(digest))
-        return self._signed_url(holder, "GET", path)
+        return Redirect(self._signed_url(holder, "GET", path), hops)
 
     def _remember_redirect(self, digest: str, now: float) -> None:
         if len(self._redirected) >= _REDIRECTS_REMEMBERED:
@@ -566,18 +596,21 @@ class PeerFetcher:
         return f"http://{provider.address}{self._url_signer.sign(method, provider.address, path)}"
 
     async def _probe(
-        self, provider: Provider, path: str, timeout: float
-    ) -> Provider | list[Provider] | None:
-        """Whether `provider` serves `path` on a signed URL now: itself; busy, with the
-        sharers it referred to (maybe none); or None (it does not hold it, or did not answer)."""
+        self, provider: Provider, path: str, timeout: float, *, last_resort: bool = False
+    ) -> _Serves | list[Provider] | None:
+        """Whether `provider` serves `path` on a signed URL now (and its hops); busy, with the
+        sharers it referred to (maybe none); or None (it does not hold it, or did not answer).
+        A `last_resort` probe is not refused for being busy."""
         assert self._session is not None, "PeerFetcher.start() was not called"
+        if last_resort:
+            path = f"{path}{'&' if '?' in path else '?'}{LAST_RESORT_PARAM}=1"
         url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.head(url, allow_redirects=False) as response:
                     self._loads.answered(provider, response, upload=False)
                     if response.status == 200:
-                        return provider
+                        return _Serves(parse_hops(response.headers.get(HOPS_HEADER)))
                     if response.status == 429:
                         referred = parse_referral(response.headers.get(TRY_HEADER))
                         return [p for p in referred if p.node_id != self._own_id()]

@@ -15,6 +15,14 @@ still be finding its own source: the fetcher waits for it rather than hedging on
 started within `PEER_START_WAIT` (3 s, content/service.py). So a late node joins
 the chain at its end in a hop or two instead of walking it from the start, one refusal per node.
 
+**Hops.** A chain must end at a holder. Every answer to a peer says how far its bytes are from
+one: `X-Mirror-Hops: 0` from a node that holds the blob or downloads it itself, `h` from a node
+serving what its runtime receives from a node at `h - 1`. A node learns its own hops from the
+probe that chose its runtime's source, and serves what its runtime receives only once it knows
+them. Hops are fixed when a source is chosen and only ever grow down a chain, so following one
+always comes back to a holder: sources can never form a cycle of nodes passing each other an
+ingest that nobody fills (what once stalled a 16-node rollout for the 30 s stall bound).
+
 So a rollout where every node asks the one holder at once becomes a tree (a chain with a
 fan-out of 1) in a few round trips: every node downloads the blob once and uploads it about
 once, and the holder's link is no longer shared N ways. Requests that are not sharers (a range
@@ -31,6 +39,9 @@ from mirror.routing.router import Provider
 
 SHARER_PARAM = "sharer"
 TRY_HEADER = "X-Mirror-Try"
+HOPS_HEADER = "X-Mirror-Hops"
+# Hops past this are not believed (a chain is at most as long as the cluster is large).
+MAX_HOPS = 10_000
 # A referral names at most this many sharers: enough to spread, small enough for one header.
 MAX_REFERRED = 8
 # "<40 hex digits>@<host>:<port>", the host a name, an IPv4 address or a bracketed IPv6 one.
@@ -74,3 +85,11 @@ def parse_referral(text: str | None) -> list[Provider]:
         return []
     found = (parse_sharer(part.strip()) for part in text.split(",")[:MAX_REFERRED])
     return [p for p in found if p is not None]
+
+
+def parse_hops(text: str | None) -> int | None:
+    """The hops an `X-Mirror-Hops` header gives; None when absent or not a small number."""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 5:
+        return None
+    hops = int(text)
+    return hops if hops <= MAX_HOPS else None

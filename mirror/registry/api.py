@@ -37,7 +37,13 @@ from mirror.oci.mediatypes import OCTET_STREAM
 from mirror.oci.reference import parse_digest
 from mirror.peers.auth import PEER_HEADER
 from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER
-from mirror.peers.referrals import SHARER_PARAM, TRY_HEADER, referral, well_formed_sharer
+from mirror.peers.referrals import (
+    HOPS_HEADER,
+    SHARER_PARAM,
+    TRY_HEADER,
+    referral,
+    well_formed_sharer,
+)
 from mirror.ranges import parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.paths import parse_target
@@ -173,11 +179,13 @@ class UploadSlots:
         if sharer is not None:
             self._sharers.setdefault(digest, []).append(sharer)
 
-    def reserve(self, digest: str, sharer: str | None) -> Callable[[], None]:
-        """Keep a slot for a runtime a node will redirect here (its probe): `take`, refusable,
-        given back unless `claim`ed within `_RESERVED_SECONDS`. Returns what gives it back
-        now (the probe failed), if it is still kept."""
-        self.take(digest, sharer, refusable=True)
+    def reserve(
+        self, digest: str, sharer: str | None, *, refusable: bool = True
+    ) -> Callable[[], None]:
+        """Keep a slot for a runtime a node will redirect here (its probe): `take` (refusable
+        unless a last resort), given back unless `claim`ed within `_RESERVED_SECONDS`.
+        Returns what gives it back now (the probe failed), if it is still kept."""
+        self.take(digest, sharer, refusable=refusable)
         key = (digest, sharer)
         handles = self._reserved.setdefault(key, [])
 
@@ -362,7 +370,8 @@ class RegistryApi:
         this node serves the blob and keeps an upload slot for the runtime (`UploadSlots`)."""
         digest = str(target.digest)
         sharer = well_formed_sharer(request.query.get(SHARER_PARAM))
-        let_go = self._uploads.reserve(digest, sharer)
+        last_resort = request.query.get(LAST_RESORT_PARAM) == "1"
+        let_go = self._uploads.reserve(digest, sharer, refusable=not last_resort)
         try:
             return await self._blob(request, target, Caller.REDIRECTED)
         except BaseException:
@@ -428,6 +437,8 @@ class RegistryApi:
                 "Accept-Ranges": "bytes",
                 "ETag": f'"{target.digest}"',
             }
+            if caller is not Caller.RUNTIME:
+                headers[HOPS_HEADER] = str(answer.hops)
             status = 200
             offset, length = 0, answer.size
             if answer.byte_range is not None:

@@ -55,8 +55,7 @@ class SendfileResponse(web.StreamResponse):
         self._count = count
 
     async def send(self, request: web.Request) -> None:
-        await self.prepare(request)
-        if request.method == "HEAD" or self._count == 0:
+        if not await prepared(self, request) or request.method == "HEAD" or self._count == 0:
             return
         transport = request.transport
         if transport is None:
@@ -113,8 +112,7 @@ async def send_growing(
     try:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = count
-        await response.prepare(request)
-        if request.method == "HEAD" or count == 0:
+        if not await prepared(response, request) or request.method == "HEAD" or count == 0:
             return response
         try:
             while (part := await reader.next_part()) is not None:
@@ -150,6 +148,18 @@ async def send_growing(
         await reader.aclose()
 
 
+async def prepared(response: web.StreamResponse, request: web.Request) -> bool:
+    """Send the status line and headers; False when the client already left (a node's probe
+    that gave up while this one waited for its answer): nothing to answer, no error."""
+    try:
+        await response.prepare(request)
+    except ConnectionError as exc:
+        log.info("client of %s left before its answer: %s", request.path, exc)
+        _cut(request)
+        return False
+    return True
+
+
 def _cut(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
@@ -170,8 +180,7 @@ async def send_chunks(
     """
     streamed = web.StreamResponse(status=status, headers=headers)
     streamed.content_length = count
-    await streamed.prepare(request)
-    if chunks is None or request.method == "HEAD":
+    if not await prepared(streamed, request) or chunks is None or request.method == "HEAD":
         return streamed
     try:
         async for chunk in chunks:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from mirror.errors import PeerUnavailable, RangeNotSatisfiable, UpstreamError
 from mirror.oci.mediatypes import detect_manifest_type
 from mirror.oci.reference import Digest
-from mirror.peers.fetcher import PeerBlob, PeerManifest
+from mirror.peers.fetcher import PeerBlob, PeerManifest, Redirect
 from mirror.ranges import RangeRequest
 from mirror.routing.memory import MemoryRouter
 from mirror.routing.router import Provider
@@ -90,7 +90,7 @@ class MemoryPeers:
         *,
         sharing: bool = False,
         among: list[Provider] | None = None,
-    ) -> str | None:
+    ) -> Redirect | None:
         return None  # the in-memory cluster has no URLs to send a runtime to
 
     async def blob_from(
