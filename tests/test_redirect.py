@@ -570,21 +570,29 @@ async def test_peers_and_redirected_runtimes_get_what_the_runtime_is_receiving(
         await service.close()
 
 
+async def redirect_behind(
+    holder: Holder, first_address: str, me: Provider
+) -> tuple[Redirect | None, PeerFetcher]:
+    """Where a sharing runtime of node `me` is sent once a first sharer, at `first_address`,
+    took the holder's fan-out of one (its probe was answered); with the fetcher that chose."""
+    first = Provider(b"\x05" * 20, first_address)
+    assert await holder.status("HEAD", holder.signed("HEAD", with_sharer(PATH, first))) == 200
+    fetcher = fetcher_for(holder, url_signer=UrlSigner(KEY), own=me)
+    await fetcher.start()
+    try:
+        return await fetcher.redirect_url(DIGEST, PATH, sharing=True), fetcher
+    finally:
+        await fetcher.close()
+
+
 async def test_a_holder_at_its_fan_out_refers_a_sharing_runtime_down_the_swarm(
     tmp_path: Path, holder: Holder
 ) -> None:
     """The holder keeps a slot for the first node's runtime (its probe) and sends the blob to
     it; the next node, whose runtime will share too, is referred to the first."""
     async with holder_node(tmp_path) as first_node:
-        first = Provider(b"\x05" * 20, first_node.address)
-        assert await holder.status("HEAD", holder.signed("HEAD", with_sharer(PATH, first))) == 200
         second = Provider(b"\x06" * 20, "127.0.0.1:9")
-        fetcher = fetcher_for(holder, url_signer=UrlSigner(KEY), own=second)
-        await fetcher.start()
-        try:
-            redirect = await fetcher.redirect_url(DIGEST, PATH, sharing=True)
-        finally:
-            await fetcher.close()
+        redirect, _ = await redirect_behind(holder, first_node.address, second)
         assert redirect is not None
         url = redirect.url
         assert url.startswith(f"{first_node.url}/v2/library/app/blobs/")
