@@ -753,3 +753,23 @@ def test_hops_are_a_small_number_or_unsaid() -> None:
     assert parse_hops("0") == 0 and parse_hops("17") == 17
     for text in (None, "", "-1", "1.0", " 1", "\u00b2", "99999", "1" * 40):
         assert parse_hops(text) is None, text
+
+
+async def test_a_sourced_node_whose_ingest_is_not_shown_yet_is_busy(tmp_path: Path) -> None:
+    """containerd writes an ingest's size once its source answered: until then a node that
+    sent its runtime off (and announced itself) says busy, not that it lacks the blob."""
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    peers = RedirectingPeers(hops=0)
+    service = ContentService(store, Metrics(), REDIRECTING, cache=store, peers=peers)
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        assert (await service.blob(target, Caller.RUNTIME, None, head=False)).redirect
+        (store._content.root / "ingest").rename(tmp_path / "elsewhere")  # no ingest shown
+        with pytest.raises(TooManyRequests, match="not started arriving"):
+            await service.blob(target, Caller.REDIRECTED, None, head=True)
+        (tmp_path / "elsewhere").rename(store._content.root / "ingest")
+        answer = await service.blob(target, Caller.REDIRECTED, None, head=True)
+        assert answer.source == SOURCE_RECEIVING and answer.hops == 1
+    finally:
+        await service.close()

@@ -379,6 +379,13 @@ class ContentService:
             return await _local_answer(held, requested)
         if caller is not Caller.RUNTIME:
             receiving = await self._store.receiving(digest)
+            if receiving is None and self._sourced.get(digest) is not None:
+                # Sent to a source, but containerd shows its ingest only once the source's
+                # answer gave the size: busy for a moment, not without the blob.
+                raise TooManyRequests(
+                    f"{digest} has not started arriving here yet; ask another node",
+                    retry_after=1,
+                )
             if receiving is None:
                 raise BlobUnknown(f"blob {digest} is not held here")
             try:
