@@ -648,8 +648,9 @@ class ContentService:
         """Announce a blob the runtime was just sent to fetch from a peer: from now on its
         ingest serves peers as it grows (`Store.receiving`), so the nodes that come later
         fetch from this one instead of all from the first holder. Not withdrawn: should the
-        runtime give up, a peer asking gets a 404 and asks another provider, and the record
-        lapses; once the runtime holds the blob, the advertiser keeps announcing it."""
+        runtime give up, a peer asking is told this node is busy and asks another provider,
+        and the record lapses; once the runtime holds the blob, the advertiser keeps
+        announcing it."""
         if self._router is None:
             return
         try:

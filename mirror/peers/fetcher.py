@@ -117,6 +117,9 @@ _FORGET_PAST = 256
 # A provider probed before the runtime is redirected to it answers a HEAD from its own store at
 # once; past this it is passed over (a redirect is worth a quick answer only).
 _PROBE_TIMEOUT = 1.0
+# Every provider busy: this many of them, least loaded first, are asked to serve the runtime
+# anyway before its node serves it another way (each may take `_PROBE_TIMEOUT`).
+_LAST_RESORT_PROBES = 3
 # The node that claimed a blob's upstream fetch answers a probe once its download started, which
 # it waits for up to `PEER_START_WAIT` (3 s, content/service.py).
 _CLAIMANT_PROBE_TIMEOUT = 4.0
@@ -560,7 +563,7 @@ class PeerFetcher:
                 queue[:0] = [p for p in answer if p.node_id not in tried]
                 continue
             return self._redirect_to(provider, digest, path, now, answer.hops)
-        for holder in self._loads.least_loaded(busy):
+        for holder in self._loads.least_loaded(busy)[:_LAST_RESORT_PROBES]:
             # Every provider was busy: the least loaded serves the runtime anyway, once it
             # confirms it still serves the blob (and says its hops).
             answer = await self._probe(holder, path, timeout, last_resort=True)

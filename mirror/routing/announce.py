@@ -2,10 +2,10 @@
 
 Why: while a cluster has fewer than k nodes, every record goes to every node, so a node
 announcing an image's keys one `add_provider` at a time sent (and was answered) once per key per
-peer, and received as many from each other node: some 300 datagrams each way per node in a
-16-node rollout, the largest part of the mirror's own CPU. Announcements come in bursts (the
-advertiser announces a pulled image's keys at once; a runtime fetches several layers at once),
-so each peer now gets one `add_providers` message carrying every key of the burst meant for it.
+peer, and received as many from each other node. The advertiser announces a pulled image's keys
+at once, so each peer now gets one `add_providers` message carrying every key of such a burst.
+(The blobs a runtime is sent to fetch are announced as it asks for each, which a CPU-starved
+16-node rollout spread 0.3-0.7 s apart: those mostly go alone; docs/benchmarks.md.)
 
 A burst is held while any of its announcements is still looking up its closest nodes, and for
 at most `_GATHER_SECONDS` after its first key: a lone announcement goes out at once.
@@ -51,10 +51,9 @@ class Announcer:
         self._outgoing: dict[bytes, _Outgoing] = {}
         self._looking_up = 0
         self._deadline: asyncio.TimerHandle | None = None
-        budget = wire.MAX_BODY_BYTES - wire.packed_size(
+        self._keys_budget = wire.MAX_BODY_BYTES - wire.packed_size(
             ["add_providers", [client.own_id, [], client.own_id, address, ttl]]
         )
-        self._keys_budget = budget
 
     @contextlib.contextmanager
     def looking_up(self) -> Iterator[None]:
