@@ -369,15 +369,7 @@ async def test_an_announcement_in_a_small_cluster_asks_alpha_nodes_and_reaches_a
         for node in nodes:
             await node.find_providers("sha256:" + "0b" * 32, timeout=0.5)
         await wait_until(lambda: announcer._table.contact_count() == 8)
-        client = announcer._crawler._client
-        asked: list[Node] = []
-        find_node = client.find_node
-
-        def counting(node: Node, target: bytes) -> asyncio.Future:  # type: ignore[type-arg]
-            asked.append(node)
-            return find_node(node, target)
-
-        client.find_node = counting  # type: ignore[method-assign]
+        asked = count_calls(announcer, "find_node")
         text = "sha256:" + "0c" * 32
         assert await announcer.provide(text)
         # Nine nodes, fewer than k: every node knows every other, so three answers suffice...

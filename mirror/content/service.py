@@ -379,14 +379,14 @@ class ContentService:
             return await _local_answer(held, requested)
         if caller is not Caller.RUNTIME:
             receiving = await self._store.receiving(digest)
-            if receiving is None and self._sourced.get(digest) is not None:
-                # Sent to a source, but containerd shows its ingest only once the source's
-                # answer gave the size: busy for a moment, not without the blob.
-                raise TooManyRequests(
-                    f"{digest} has not started arriving here yet; ask another node",
-                    retry_after=1,
-                )
             if receiving is None:
+                if self._sourced.get(digest) is not None:
+                    # Sent to a source, but containerd shows its ingest only once the source's
+                    # answer gave the size: busy for a moment, not without the blob.
+                    raise TooManyRequests(
+                        f"{digest} has not started arriving here yet; ask another node",
+                        retry_after=1,
+                    )
                 raise BlobUnknown(f"blob {digest} is not held here")
             try:
                 hops = await self._until_sourced(digest)
@@ -425,7 +425,6 @@ class ContentService:
         try:
             answer = await self._from_peers(download, digest, path, head)
             if answer is None:
-                redirecting = redirecting and requested is None
                 answer = await self._fetch_once(
                     target, digest, path, download, head, redirecting, sharing
                 )

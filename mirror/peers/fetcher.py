@@ -606,7 +606,7 @@ class PeerFetcher:
         A `last_resort` probe is not refused for being busy."""
         assert self._session is not None, "PeerFetcher.start() was not called"
         if last_resort:
-            path = f"{path}{'&' if '?' in path else '?'}{LAST_RESORT_PARAM}=1"
+            path = _as_last_resort(path)
         url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
         try:
             async with asyncio.timeout(timeout):
@@ -865,7 +865,7 @@ class PeerFetcher:
     ) -> aiohttp.ClientResponse:
         assert self._session is not None, "PeerFetcher.start() was not called"
         if last_resort:
-            path = f"{path}{'&' if '?' in path else '?'}{LAST_RESORT_PARAM}=1"
+            path = _as_last_resort(path)
         headers = {PEER_HEADER: self._signer.sign(method, path)}
         if range_header is not None:
             headers["Range"] = range_header
@@ -1310,3 +1310,8 @@ def _extent(response: aiohttp.ClientResponse) -> tuple[int, int, int]:
         raise PeerUnavailable(f"peer sent an unusable Content-Range {content_range!r}")
     byte_range, size = parsed
     return size, byte_range.offset, byte_range.length
+
+
+def _as_last_resort(path: str) -> str:
+    """`path` asking to be served past the holder's bound (`LAST_RESORT_PARAM`)."""
+    return f"{path}{'&' if '?' in path else '?'}{LAST_RESORT_PARAM}=1"

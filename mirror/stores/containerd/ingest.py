@@ -123,9 +123,10 @@ def _ingested_digest(ref: str | None, namespace: str) -> str | None:
 
 
 def _size(text: str | None) -> int | None:
-    if text is None or not text.strip().isascii() or not text.strip().isdigit():
+    digits = None if text is None else text.strip()
+    if digits is None or not (digits.isascii() and digits.isdigit()):
         return None
-    size = int(text.strip())
+    size = int(digits)
     return size if size > 0 else None
 
 
