@@ -365,8 +365,8 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         type=_typed(parse_upload_cap, "count"),
         help="nodes one blob is sent to at once by this node while they fetch it to share it; "
         "past it another such node's request gets a 429 naming them, and it fetches from one "
-        "of them (which serves the blob while it arrives): a rollout becomes a chain (1) or a "
-        "tree; 0: no per-blob bound",
+        "of them (which serves the blob while it arrives): a rollout becomes a tree about "
+        "log2(N) deep (2), or a chain N deep (1); 0: no per-blob bound",
     )
     flag(
         "--peer-ranges",

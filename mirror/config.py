@@ -199,9 +199,10 @@ def parse_upload_cap(text: str) -> int:
 
 # Peers one node sends one blob to at once while other nodes fetching it from it could serve
 # instead (--blob-fanout): past it a sharer's request is referred to them (peers/referrals.py).
-# One makes a rollout a chain: each node downloads the blob once and uploads it once, every link
-# at full rate, the holder's included (docs/benchmarks.md, "Referrals"). 0: no per-blob bound.
-DEFAULT_BLOB_FANOUT = 1
+# Two makes a rollout a tree about log2(N) deep: each node downloads the blob once and uploads
+# it about once. One made a chain N deep, whose end waits on every node's commit in turn
+# (docs/benchmarks.md, "A tree, not a chain"). 0: no per-blob bound.
+DEFAULT_BLOB_FANOUT = 2
 
 
 # --peer-ranges and --peer-range-size (peers/ranged.py): pieces of a whole blob fetched from

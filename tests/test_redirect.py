@@ -134,7 +134,8 @@ async def holder_node(
     holds: bool = True,
     upstream: MemoryUpstream | None = None,
 ) -> AsyncIterator[Holder]:
-    """A node holding BLOB and MANIFEST in its cache (unless not `holds`), on a free port."""
+    """A node holding BLOB and MANIFEST in its cache (unless not `holds`), on a free port,
+    at a fan-out of one (so its second sharer is referred)."""
     cache = CacheStore(tmp_path / f"holder-{free_port()}")
     await cache.start()
     if holds:
@@ -147,7 +148,9 @@ async def holder_node(
     peers, upstream = NoPeers(), upstream or MemoryUpstream()
     service = ContentService(cache, metrics, POLICY, cache=cache, peers=peers, upstream=upstream)
     server = TestServer(
-        RegistryApi(metrics, service, access=access).app(), host="127.0.0.1", port=port
+        RegistryApi(metrics, service, access=access, blob_fanout=1).app(),
+        host="127.0.0.1",
+        port=port,
     )
     await server.start_server()
     try:

@@ -281,6 +281,40 @@ async def test_past_the_fanout_a_sharer_is_referred_to_the_sharers_fetching_the_
             assert status == 429 and headers[TRY_HEADER] == fourth
 
 
+async def test_past_a_fanout_of_two_a_sharer_is_referred_down_the_tree(tmp_path: Path) -> None:
+    """A tree fills level by level: a late sharer is sent to one of the holder's own sharers,
+    a different one first each time, and the far end comes after them."""
+    async with holding(tmp_path, max_uploads=8, blob_fanout=2) as holder:
+        first_path, first = as_sharer(holder.blob_path, 1)
+        second_path, second = as_sharer(holder.blob_path, 2)
+        third_path, third = as_sharer(holder.blob_path, 3)
+        fourth_path, fourth = as_sharer(holder.blob_path, 4)
+        async with (
+            stalled_download(holder, first_path) as head_1,
+            stalled_download(holder, second_path) as head_2,
+        ):
+            assert head_1.startswith(b"HTTP/1.1 200 ") and head_2.startswith(b"HTTP/1.1 200 ")
+            expected = [
+                (third_path, f"{first}, {second}"),
+                (fourth_path, f"{second}, {first}, {third}"),
+                (third_path, f"{first}, {second}, {fourth}"),
+                (holder.blob_path, f"{second}, {first}, {third}, {fourth}"),
+            ]
+            for path, named in expected:
+                status, headers, _ = await read(holder, "GET", path, signed=True)
+                assert status == 429 and headers[TRY_HEADER] == named, path
+            # A sharer already fetching is served: it is one of the tree's, not a newcomer.
+            status, _, body = await read(holder, "GET", first_path, signed=True)
+            assert status == 200 and body == holder.blob
+            assert holder.sample("mirror_peer_uploads_referred_total") == 4
+        await eventually(
+            lambda: holder.sample("mirror_peer_uploads") == 0, "the stalled uploads to end"
+        )
+        # Forgotten with the uploads: a new tree starts at the holder.
+        status, _, body = await read(holder, "GET", third_path, signed=True)
+        assert status == 200 and body == holder.blob
+
+
 def test_the_bound_comes_from_the_flag_and_the_environment() -> None:
     def max_uploads(*argv: str, environ: dict[str, str] | None = None) -> int:
         args = build_parser(environ or {}).parse_args(["run", *argv])
@@ -297,5 +331,5 @@ def test_the_bound_comes_from_the_flag_and_the_environment() -> None:
     def blob_fanout(*argv: str) -> int:
         return run_config(build_parser({}).parse_args(["run", *argv])).routing.blob_fanout
 
-    assert blob_fanout() == DEFAULT_BLOB_FANOUT == 1
+    assert blob_fanout() == DEFAULT_BLOB_FANOUT == 2
     assert blob_fanout("--blob-fanout=0") == 0

@@ -8,12 +8,21 @@ from it, the provider answers `429` with `X-Mirror-Try: <id>@<address>, ...`: th
 which hold the start of the blob already and get the rest at the provider's pace. The fetcher
 asks them first (peers/fetcher.py); one that is at its own fan-out refers it further down.
 
-A referral names first the last two sharers the provider referred elsewhere (the chain's far
-end, as far as it knows), then the ones it sends to (registry/api.py). A node named first may
-still be finding its own source: the fetcher waits for it rather than hedging on (up to
+With a fan-out above 1 (the default is 2) a referral names first the sharers the provider
+sends to, a different one first each time, so a late node takes the free place nearest the
+holder and the sharers form a tree about log(N) deep. With a fan-out of 1 they form a chain, and
+a referral names first the last two sharers the provider referred elsewhere (the chain's far
+end, as far as it knows), so a late node joins the chain at its end in a hop or two instead of
+walking it from the start (registry/api.py, `UploadSlots`). A node named first may still be
+finding its own source: the fetcher waits for it rather than hedging on (up to
 `REFERRED_PATIENCE`, 4 s, in case it cannot answer at all), and it answers busy if it has not
-started within `PEER_START_WAIT` (3 s, content/service.py). So a late node joins
-the chain at its end in a hop or two instead of walking it from the start, one refusal per node.
+started within `PEER_START_WAIT` (3 s, content/service.py).
+
+**Depth is what a rollout waits on.** A node serves the last byte of a blob only once its
+runtime committed (verified) it, so the end of a chain of h nodes completes h commits after its
+head. Measured at 16 nodes capped at 0.1 CPU each: 0.3-1 s a hop, a chain 15 deep, its end done
+5-7 s after its head; a tree of fan-out 2 is 3-6 deep (docs/benchmarks.md, "A tree, not a
+chain").
 
 **Hops.** A chain must end at a holder. Every answer to a peer says how far its bytes are from
 one: `X-Mirror-Hops: 0` from a node that holds the blob or downloads it itself, `h` from a node
@@ -23,9 +32,9 @@ them. Hops are fixed when a source is chosen and only ever grow down a chain, so
 always comes back to a holder: sources can never form a cycle of nodes passing each other an
 ingest that nobody fills (what once stalled a 16-node rollout for the 30 s stall bound).
 
-So a rollout where every node asks the one holder at once becomes a tree (a chain with a
-fan-out of 1) in a few round trips: every node downloads the blob once and uploads it about
-once, and the holder's link is no longer shared N ways. Requests that are not sharers (a range
+So a rollout where every node asks the one holder at once becomes a tree in a few round trips:
+every node downloads the blob once, a node where the tree branches uploads it twice and a leaf
+not at all, and the holder's link is no longer shared N ways. Requests that are not sharers (a range
 passed through, a last resort) are never referred: they are bounded by `--max-uploads` only.
 """
 

@@ -132,13 +132,19 @@ class UploadSlots:
     request: peers/referrals.py) is remembered with its blob while it is sent. Past `fanout`
     other sharers of the same blob, a refusable request is refused with a referral to them.
 
-    The referral names first the sharers this node last referred elsewhere, newest first: the
-    chain's far end as far as this node knows, where a fan-out is most likely free. Naming only
-    the sharers it sends to makes every late node walk the chain from its start, one refusal
-    per node in it (494 refusals for 16 nodes and 5 blobs: about N squared over 2 per blob).
-    A node named that way may not be receiving yet: the fetcher waits for it (up to
-    `REFERRED_PATIENCE`) rather than hedging to the next name (peers/fetcher.py), and it
-    answers busy if it has not started within `PEER_START_WAIT` (content/service.py), which
+    With a fan-out above 1 the sharers form a tree, and the referral names first the sharers
+    this node sends the blob to, a different one first each time: a late node takes the free
+    place nearest the holder, so the tree fills level by level and stays about log(N) deep.
+    Depth is what a rollout pays for: a node serves the last byte of a blob only once its
+    runtime committed it, so the end of a chain of h nodes completes h commits after its
+    head (measured: 0.3-1 s a hop on a node capped at 0.1 CPU, 15 hops at 16 nodes with a
+    fan-out of 1). With a fan-out of 1 the sharers form a chain, and the referral names first
+    the sharers this node last referred elsewhere, newest first: the chain's far end as far as
+    this node knows, where the fan-out is free; naming the sharer it sends to would make every
+    late node walk the chain from its start (494 refusals for 16 nodes and 5 blobs). The other
+    names follow, as fallbacks. A node named may not be receiving yet: the fetcher waits for
+    it (up to `REFERRED_PATIENCE`) rather than hedging to the next name (peers/fetcher.py), and
+    it answers busy if it has not started within `PEER_START_WAIT` (content/service.py), which
     also ends any wait of two nodes on each other.
     """
 
@@ -149,6 +155,8 @@ class UploadSlots:
         self._sharers: dict[str, list[str]] = {}  # digest -> sharers it is being sent to
         # digest -> sharers lately referred elsewhere, newest first; kept while it is sent.
         self._referred: dict[str, deque[str]] = {}
+        # digest -> referrals made in a tree (which of its sharers is named first next).
+        self._turns: dict[str, int] = {}
         # (digest, sharer) -> the expiries of the slots kept for runtimes on their way.
         self._reserved: dict[tuple[str, str | None], list[asyncio.TimerHandle]] = {}
         self._metrics = metrics
@@ -214,8 +222,15 @@ class UploadSlots:
     def _referral(self, digest: str, sharer: str | None, others: list[str]) -> str:
         """The referral for `sharer`, who is then remembered as the newest referred."""
         referred = self._referred.setdefault(digest, deque(maxlen=_REFERRED_KEPT))
-        named = [s for s in referred if s != sharer]
-        named += [s for s in reversed(others) if s not in named]
+        far_end = [s for s in referred if s != sharer]
+        if self.fanout == 1:  # a chain: where its far end is, the fan-out is free
+            named = far_end + [s for s in reversed(others) if s not in far_end]
+        else:  # a tree, filled level by level: this node's own sharers, each first in turn
+            turn = self._turns.get(digest, 0)
+            self._turns[digest] = turn + 1
+            start = turn % len(others)
+            named = others[start:] + others[:start]
+            named += [s for s in far_end if s not in named]
         if sharer is not None:
             if sharer in referred:
                 referred.remove(sharer)
@@ -231,6 +246,7 @@ class UploadSlots:
             if not sharers:
                 del self._sharers[digest]
                 self._referred.pop(digest, None)
+                self._turns.pop(digest, None)
 
 
 class RegistryApi:
