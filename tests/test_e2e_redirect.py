@@ -370,7 +370,8 @@ def test_a_runtime_is_sent_to_a_node_whose_runtime_is_still_receiving(
     routers = [f"{shaped.ips[0]}:{free_udp_port('127.0.0.1')}"]
     routers += [f"{shaped.host_ip}:{free_udp_port(shaped.host_ip)}" for _ in range(2)]
     common = [f"--cluster-key-file={key_file}", f"--bootstrap=static:{','.join(routers)}"]
-    common.append("--resolve-timeout=200ms")
+    # A fan-out of one: A, sending the layer to B, refers C to B (with two it may serve C).
+    common += ["--resolve-timeout=200ms", "--blob-fanout=1"]
     a = shaped.start_mirror(
         tmp_path / "a",
         shaped.ips[0],
