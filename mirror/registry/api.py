@@ -134,11 +134,9 @@ class UploadSlots:
 
     With a fan-out above 1 the sharers form a tree, and the referral names first the sharers
     this node sends the blob to, a different one first each time: a late node takes the free
-    place nearest the holder, so the tree fills level by level and stays about log(N) deep.
-    Depth is what a rollout pays for: a node serves the last byte of a blob only once its
-    runtime committed it, so the end of a chain of h nodes completes h commits after its
-    head (measured: 0.3-1 s a hop on a node capped at 0.1 CPU, 15 hops at 16 nodes with a
-    fan-out of 1). With a fan-out of 1 the sharers form a chain, and the referral names first
+    place nearest the holder, so the tree fills level by level and stays about log(N) deep
+    (depth is what a rollout waits on: peers/referrals.py). With a fan-out of 1 the sharers
+    form a chain, and the referral names first
     the sharers this node last referred elsewhere, newest first: the chain's far end as far as
     this node knows, where the fan-out is free; naming the sharer it sends to would make every
     late node walk the chain from its start (494 refusals for 16 nodes and 5 blobs). The other
@@ -152,11 +150,10 @@ class UploadSlots:
         self.limit = limit  # 0: no bound
         self.fanout = fanout  # 0: no bound per blob
         self.active = 0
-        self._sharers: dict[str, list[str]] = {}  # digest -> sharers it is being sent to
+        # digest -> sharers it is being sent to (in a tree, the one to name first at the front).
+        self._sharers: dict[str, list[str]] = {}
         # digest -> sharers lately referred elsewhere, newest first; kept while it is sent.
         self._referred: dict[str, deque[str]] = {}
-        # digest -> referrals made in a tree (which of its sharers is named first next).
-        self._turns: dict[str, int] = {}
         # (digest, sharer) -> the expiries of the slots kept for runtimes on their way.
         self._reserved: dict[tuple[str, str | None], list[asyncio.TimerHandle]] = {}
         self._metrics = metrics
@@ -226,11 +223,9 @@ class UploadSlots:
         if self.fanout == 1:  # a chain: where its far end is, the fan-out is free
             named = far_end + [s for s in reversed(others) if s not in far_end]
         else:  # a tree, filled level by level: this node's own sharers, each first in turn
-            turn = self._turns.get(digest, 0)
-            self._turns[digest] = turn + 1
-            start = turn % len(others)
-            named = others[start:] + others[:start]
-            named += [s for s in far_end if s not in named]
+            named = others + [s for s in far_end if s not in others]
+            sharers = self._sharers[digest]
+            sharers.append(sharers.pop(0))  # the next referral names another one first
         if sharer is not None:
             if sharer in referred:
                 referred.remove(sharer)
@@ -246,7 +241,6 @@ class UploadSlots:
             if not sharers:
                 del self._sharers[digest]
                 self._referred.pop(digest, None)
-                self._turns.pop(digest, None)
 
 
 class RegistryApi:
