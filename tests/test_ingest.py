@@ -140,3 +140,53 @@ async def test_a_range_is_read_from_its_offset(tmp_path: Path) -> None:
     assert await take(reader) == BLOB[200_000:250_000]
     assert await reader.next_part() is None
     await reader.aclose()
+
+
+async def test_a_commit_between_two_looks_is_not_taken_for_giving_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd renames `data` to the blob's path, then removes the ingest directory. A
+    commit that lands right after the reader looked at the blob's path (not there yet) must
+    still end in the last byte, not in "gave up": once cut, every reader's runtime asked
+    again (seen at 16 nodes, docs/benchmarks.md)."""
+    content = layout(tmp_path)
+    blob = await found(tmp_path)
+    reader = blob.reader(0, len(BLOB))
+    content.write(len(BLOB))
+    assert await take(reader) == BLOB[:-1]
+    real_stat = os.stat
+    looks: list[str] = []
+
+    def stat_then_commit(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if path == content.committed and not looks:
+            looks.append("not there yet")
+            content.commit()  # lands just after this look
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat_then_commit)
+    assert await take(reader) == BLOB[-1:]
+    assert looks == ["not there yet"]
+    assert await reader.next_part() is None
+    await reader.aclose()
+
+
+async def test_a_blob_committed_but_not_yet_listed_is_found_whole(tmp_path: Path) -> None:
+    """Between containerd's rename and its database listing the blob, neither the ingest nor
+    the store shows it: the blob's file is found instead, committed (no source behind it)."""
+    content = layout(tmp_path)
+    content.write(len(BLOB))
+    content.commit()
+    blob = await found(tmp_path)
+    assert blob.committed and blob.size == len(BLOB) and blob.received() == len(BLOB)
+    reader = blob.reader(0, len(BLOB))
+    assert await take(reader) == BLOB
+    assert await reader.next_part() is None
+    await reader.aclose()
+    # An ingest under way is not committed; no blob at all is nothing.
+    other = layout(tmp_path / "other")
+    receiving = await found(tmp_path / "other")
+    assert not receiving.committed
+    await receiving.close()
+    other.drop()
+    assert await ingests(tmp_path / "other").find(DIGEST) is None

@@ -28,6 +28,7 @@ from mirror.oci.reference import Digest, parse_digest
 from mirror.peers.auth import PEER_HEADER, RequestSigner, RequestVerifier
 from mirror.peers.fetcher import LAST_RESORT_PARAM, REPORT_PATH_PREFIX, UPLOADS_HEADER, PeerFetcher
 from mirror.peers.referrals import (
+    HOPS_HEADER,
     MAX_REFERRED,
     SHARER_PARAM,
     TRY_HEADER,
@@ -785,3 +786,40 @@ def test_referrals_parse_well_formed_sharers_only() -> None:
     assert parse_referral(None) == [] and parse_referral("") == []
     assert parse_sharer(f"{'a' * 40}@10.0.0.1:5000 ") is None
     assert len(parse_referral(", ".join([describe(good_one)] * 50))) == MAX_REFERRED
+
+
+def at_hops(hops: int | None) -> Behaviour:
+    """A good peer whose answers say its bytes are `hops` from a holder (None: unsaid)."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        response = await good(request)
+        if hops is not None:
+            response.headers[HOPS_HEADER] = str(hops)
+        return response
+
+    return behaviour
+
+
+async def test_a_fetch_takes_only_a_source_nearer_to_a_holder_than_asked(peers: Peers) -> None:
+    """`nearer_than` (a node whose ingest was served at that many hops, fetching for its
+    runtime's retry): providers at that many hops or more, or that do not say, are passed
+    over; the one taken says its hops, which the node's download adds one to."""
+    far = await peers.add(at_hops(2))
+    unsaid = await peers.add(at_hops(None))
+    near = await peers.add(at_hops(1))
+    fetcher = await fetcher_for(far, unsaid, near)
+    try:
+        blob = await fetcher.blob(DIGEST, PATH, None, nearer_than=2)
+        assert blob is not None and blob.chunks is not None and blob.hops == 1
+        assert b"".join([chunk async for chunk in blob.chunks]) == BLOB
+        assert await fetcher.blob(DIGEST, PATH, None, nearer_than=1) is None
+        assert {index for index, _ in peers.seen} == {0, 1, 2}, "all asked, none taken"
+    finally:
+        await fetcher.close()
+    fetcher = await fetcher_for(far)  # no bound: taken whatever its hops
+    try:
+        blob = await fetcher.blob(DIGEST, PATH, None)
+        assert blob is not None and blob.chunks is not None and blob.hops == 2
+        assert b"".join([chunk async for chunk in blob.chunks]) == BLOB
+    finally:
+        await fetcher.close()

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestServer
 from harness.ingest_layout import IngestLayout
-from harness.memory_sources import MemoryUpstream
+from harness.memory_sources import MemoryPeers, MemoryUpstream
 from harness.net import free_port
 from yarl import URL
 
@@ -52,7 +52,7 @@ from mirror.ranges import RangeRequest, parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi, UploadSlots
 from mirror.request import Caller, Kind, Target
-from mirror.routing.memory import MemoryCluster
+from mirror.routing.memory import MemoryCluster, MemoryRouter
 from mirror.routing.router import Provider
 from mirror.stores.base import FilePart, ReceivingBlob
 from mirror.stores.cache import CacheStore
@@ -101,10 +101,13 @@ class NoPeers:
         *,
         head: bool = False,
         sharing: bool = False,
+        nearer_than: int | None = None,
     ) -> None:
         self.asked.append(path)
 
-    async def blob_from(self, candidates: object, digest: Digest, path: str, *args: object) -> None:
+    async def blob_from(
+        self, candidates: object, digest: Digest, path: str, *args: object, **kwargs: object
+    ) -> None:
         self.asked.append(path)
 
 
@@ -774,5 +777,114 @@ async def test_a_sourced_node_whose_ingest_is_not_shown_yet_is_busy(tmp_path: Pa
         (tmp_path / "elsewhere").rename(store._content.root / "ingest")
         answer = await service.blob(target, Caller.REDIRECTED, None, head=True)
         assert answer.source == SOURCE_RECEIVING and answer.hops == 1
+    finally:
+        await service.close()
+
+
+async def test_a_blob_just_committed_is_served_whole_at_zero_hops(tmp_path: Path) -> None:
+    """For a moment of every commit containerd's database does not list the blob and no
+    ingest is left. A peer or a redirected runtime asking then (its probe found the ingest) is
+    served the committed file at once, as held: no source to wait for, 0 hops."""
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    store._content.write(len(BLOB))
+    store._content.commit()
+    service = ContentService(store, Metrics(), REDIRECTING, cache=store, peers=RedirectingPeers())
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        for caller in (Caller.PEER, Caller.REDIRECTED):
+            async with asyncio.timeout(0.5):  # far below PEER_START_WAIT: no wait
+                answer = await service.blob(target, caller, None, head=False)
+            assert answer.source == SOURCE_RECEIVING and answer.hops == 0
+            assert await read_growing(answer, len(BLOB)) == BLOB
+            await answer.close()
+    finally:
+        await service.close()
+
+
+class RedirectingOnce(MemoryPeers):
+    """In-memory peers that send the runtime to a source `hops` from a holder once; asked
+    again (the runtime's retry), they have no redirect and the node fetches itself."""
+
+    def __init__(self, router: MemoryRouter, hops: int) -> None:
+        super().__init__(router)
+        self.source_hops = hops
+        self.redirected = False
+
+    async def redirect_url(
+        self,
+        digest: Digest,
+        path: str,
+        *,
+        sharing: bool = False,
+        among: list[Provider] | None = None,
+    ) -> Redirect | None:
+        if self.redirected:
+            return None
+        self.redirected = True
+        return Redirect(RedirectingPeers.url, self.source_hops)
+
+
+@pytest.mark.parametrize("nearest", [1, 2])
+async def test_a_retry_fetches_nearer_to_a_holder_than_the_ingest_it_served(
+    tmp_path: Path, nearest: int
+) -> None:
+    """The runtime was sent to a source 1 hop from a holder, so this node served what it
+    receives at 2 hops. Its retry is fetched here, and only from a node nearer than 2 hops:
+    one further down may be fed by this very node's ingest (a ring that nobody fills stalled
+    16-node rollouts for 30 s). The download tells peers its own hops: its source's plus one."""
+    store = ReceivingCache(tmp_path)
+    await store.start()
+    cluster = MemoryCluster()
+    router = cluster.router(b"\x01" * 20, "10.0.0.1:5000")
+    peers = RedirectingOnce(router, hops=1)
+    downstream = Provider(b"\x02" * 20, "10.0.0.2:5000")
+    other = Provider(b"\x03" * 20, "10.0.0.3:5000")
+    for provider, hops in ((downstream, 2), (other, nearest)):
+        peers.give(provider, str(DIGEST), BLOB)
+        peers.hops[provider.address] = hops
+    service = ContentService(store, Metrics(), REDIRECTING, cache=store, peers=peers, router=router)
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        assert (await service.blob(target, Caller.RUNTIME, None, head=False)).redirect
+        served = await service.blob(target, Caller.PEER, None, head=True)
+        assert served.source == SOURCE_RECEIVING and served.hops == 2
+        if nearest == 2:  # nobody nearer: not fetched from the peers (nor upstream: none)
+            with pytest.raises(BlobUnknown):
+                await service.blob(target, Caller.RUNTIME, None, head=False)
+            assert [address for address, _ in peers.asked] == [downstream.address, other.address]
+            return
+        retry = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert retry.redirect is None and retry.source == SOURCE_PEER
+        assert retry.hops == 2, "from the node 1 hop away (the one at 2 would make it 3)"
+        assert await read_growing(retry, len(BLOB)) == BLOB
+        await retry.close()
+    finally:
+        await service.close()
+
+
+async def test_a_download_from_a_peer_is_one_hop_further_than_its_source(tmp_path: Path) -> None:
+    """A node fetching a blob from a peer serves it to others while it arrives: it tells them
+    its source's hops plus one (it said 0 before, so a chain through a download could close
+    on itself)."""
+    cache = CacheStore(tmp_path / "cache")
+    await cache.start()
+    cluster = MemoryCluster()
+    router = cluster.router(b"\x01" * 20, "10.0.0.1:5000")
+    peers = MemoryPeers(router)
+    source = Provider(b"\x02" * 20, "10.0.0.2:5000")
+    peers.give(source, str(DIGEST), BLOB)
+    peers.hops[source.address] = 3
+    peers.gate = asyncio.Event()  # the download stays under way while the peer asks
+    service = ContentService(cache, Metrics(), POLICY, cache=cache, peers=peers, router=router)
+    target = Target(Kind.BLOB, "docker.io", "library/app", None, DIGEST)
+    try:
+        mine = await service.blob(target, Caller.RUNTIME, None, head=False)
+        assert mine.source == SOURCE_PEER and mine.hops == 4
+        theirs = await service.blob(target, Caller.PEER, None, head=True)
+        assert theirs.hops == 4
+        peers.gate.set()
+        assert await read_growing(mine, len(BLOB)) == BLOB
+        await mine.close()
     finally:
         await service.close()

@@ -193,6 +193,9 @@ class Download:
         self.task: asyncio.Task[None] | None = None
         # Where the bytes come from (a metrics source: upstream or peer), set when begun.
         self.origin = SOURCE_UPSTREAM
+        # How far its bytes are from a holder, told to peers (peers/referrals.py): 0 from
+        # upstream, one more than the peer it streams from.
+        self.hops = 0
 
     @property
     def buffered(self) -> int:
@@ -705,9 +708,13 @@ class Downloads:
         self._running[str(digest)] = download
         return download, True
 
-    def begin(self, download: Download, opener: Opener, *, origin: str = SOURCE_UPSTREAM) -> None:
-        """Start fetching a reserved download from `opener` (`origin`: upstream, or peer)."""
+    def begin(
+        self, download: Download, opener: Opener, *, origin: str = SOURCE_UPSTREAM, hops: int = 0
+    ) -> None:
+        """Start fetching a reserved download from `opener` (`origin`: upstream, or peer;
+        `hops`: how far its bytes are from a holder)."""
         download.origin = origin
+        download.hops = hops
         download.task = asyncio.create_task(
             self._run(download, opener), name=f"download {download.digest}"
         )

@@ -122,7 +122,8 @@ class BlobAnswer:
     # A signed URL at a peer serving the blob: sent as a 307, the peer sends the bytes.
     redirect: str | None = None
     # How far these bytes are from a holder, told to peers (peers/referrals.py): 0 from this
-    # node's store or its own download, more from what its runtime receives from a peer.
+    # node's store or its download from upstream, more from a peer's (what its runtime
+    # receives from a peer, or this node's download from one).
     hops: int = 0
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -388,11 +389,13 @@ class ContentService:
                         retry_after=1,
                     )
                 raise BlobUnknown(f"blob {digest} is not held here")
-            try:
-                hops = await self._until_sourced(digest)
-            except BaseException:
-                await receiving.close()
-                raise
+            hops = 0  # committed: verified whole, it depends on no source
+            if not receiving.committed:
+                try:
+                    hops = await self._until_sourced(digest)
+                except BaseException:
+                    await receiving.close()
+                    raise
             return await _receiving_answer(digest, receiving, caller, requested, head, hops)
         path = _peer_path(target, digest)
         redirecting = (
@@ -510,7 +513,14 @@ class ContentService:
         """
         if self._peers is None:
             return None
-        found = await self._peers.blob(digest, path, None, head=head, sharing=download is not None)
+        found = await self._peers.blob(
+            digest,
+            path,
+            None,
+            head=head,
+            sharing=download is not None,
+            nearer_than=self._sourced.get(digest),
+        )
         if found is None:
             return None
         if download is None:
@@ -532,7 +542,9 @@ class ContentService:
         if found.chunks is None:  # a HEAD: nothing is fetched, the reservation is let go
             self._downloads.abandon(download, f"{download.digest} was only asked for (HEAD)")
             return _peer_answer(found, None)
-        self._downloads.begin(download, _peer_opener(found), origin=SOURCE_PEER)
+        # A source that did not say its hops (an older node) is taken for a holder.
+        hops = (found.hops or 0) + 1
+        self._downloads.begin(download, _peer_opener(found), origin=SOURCE_PEER, hops=hops)
         self._spawn(self._announce(download, claimed=False))
         return await self._from_download(download, None, head)
 
@@ -580,7 +592,9 @@ class ContentService:
                 self._downloads.abandon(download, f"the runtime was sent to {holder.address}")
                 return answer
         if holder is not None and self._peers is not None:
-            found = await self._peers.blob_from([holder], digest, path, None, head=head)
+            found = await self._peers.blob_from(
+                [holder], digest, path, None, head=head, nearer_than=self._sourced.get(digest)
+            )
             if found is not None:
                 self._metrics.coalesced_waits.labels("cluster").inc()
                 return await self._share(download, found, head)
@@ -676,7 +690,9 @@ class ContentService:
         byte_range = requested.resolve(size) if requested is not None else None
         offset, length = (byte_range.offset, byte_range.length) if byte_range else (0, size)
         reader = None if head else download.read(offset, length)
-        return BlobAnswer(download.origin, size, byte_range, chunks=reader, growing=reader)
+        return BlobAnswer(
+            download.origin, size, byte_range, chunks=reader, growing=reader, hops=download.hops
+        )
 
     async def _upstream_range(
         self, target: Target, digest: Digest, requested: RangeRequest, head: bool

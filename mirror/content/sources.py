@@ -33,6 +33,7 @@ class PeerSource(Protocol):
         *,
         head: bool = False,
         sharing: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None: ...
 
     async def redirect_url(
@@ -52,6 +53,7 @@ class PeerSource(Protocol):
         requested: RangeRequest | None,
         *,
         head: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None: ...
 
 

@@ -165,6 +165,8 @@ class PeerBlob:
     length: int
     chunks: AsyncIterator[bytes] | None
     sink: SinkSlot | None = None
+    # How far the answering provider's bytes are from a holder (`X-Mirror-Hops`; None: unsaid).
+    hops: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +193,10 @@ class _Serves:
 
 class _PeerSlowOrFailed(Exception):
     """One attempt at one peer failed; the caller moves on to the next provider."""
+
+
+class _PeerTooFar(Exception):
+    """The peer serves the blob from further down a chain than the fetch may take it from."""
 
 
 class _PeerBusy(Exception):
@@ -486,6 +492,7 @@ class PeerFetcher:
         *,
         head: bool = False,
         sharing: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None:
         """Open the blob (or the client's range of it) at the first provider that answers.
 
@@ -494,6 +501,9 @@ class PeerFetcher:
         announced itself meanwhile); only when none is left is the least loaded asked again,
         as a last resort. `sharing`: this node serves the blob to peers while it arrives, and
         says so, so a busy provider can refer others to it (peers/referrals.py).
+        `nearer_than`: only a provider whose bytes are fewer hops than this from a holder is
+        taken (one that does not say is not): this node already served what its runtime
+        receives at that many hops, and a source further down might be fed by it.
         """
         if sharing and self._own is not None:
             path = with_sharer(path, self._own)
@@ -502,10 +512,14 @@ class PeerFetcher:
         ranged = requested is None and not head and self._ranges > 1
         while candidates := await self.providers(str(digest), exclude=tried):
             tried.update(p.node_id for p in candidates)
-            found = await self._open_blob(candidates, digest, path, requested, head, busy, ranged)
+            found = await self._open_blob(
+                candidates, digest, path, requested, head, busy, ranged, nearer_than
+            )
             if found is not None:
                 return found
-        return await self._open_last_resort(busy, digest, path, requested, head, ranged)
+        return await self._open_last_resort(
+            busy, digest, path, requested, head, ranged, nearer_than
+        )
 
     async def redirect_url(
         self,
@@ -634,12 +648,17 @@ class PeerFetcher:
         requested: RangeRequest | None,
         *,
         head: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None:
         """Like `blob`, from these providers (the node that claimed an upstream fetch)."""
         busy: list[Provider] = []
-        found = await self._open_blob(candidates, digest, path, requested, head, busy)
+        found = await self._open_blob(
+            candidates, digest, path, requested, head, busy, nearer_than=nearer_than
+        )
         if found is None:
-            found = await self._open_last_resort(busy, digest, path, requested, head)
+            found = await self._open_last_resort(
+                busy, digest, path, requested, head, nearer_than=nearer_than
+            )
         return found
 
     async def _open_last_resort(
@@ -650,6 +669,7 @@ class PeerFetcher:
         requested: RangeRequest | None,
         head: bool,
         ranged: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None:
         """Every provider that answered was busy: ask the least loaded to serve it anyway.
 
@@ -661,7 +681,9 @@ class PeerFetcher:
         self._metrics.peer_last_resort_fetches.inc()
         ordered = self._loads.least_loaded(busy)
         log.info("every provider of %s is busy; asking %s anyway", digest, ordered[0].address)
-        return await self._open_blob(ordered, digest, path, requested, head, None, ranged)
+        return await self._open_blob(
+            ordered, digest, path, requested, head, None, ranged, nearer_than
+        )
 
     async def _open_blob(
         self,
@@ -672,9 +694,10 @@ class PeerFetcher:
         head: bool,
         busy: list[Provider] | None,
         ranged: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None:
         """The first good answer of `candidates`; those that answer busy go into `busy`
-        (None: this is the last resort, asked past their bound).
+        (None: this is the last resort, asked past their bound). `nearer_than`: see `blob`.
 
         `ranged` (a whole blob, --peer-ranges > 1): the first piece is asked for; when the
         blob is longer, the rest comes in pieces from several providers (`_ranged`)."""
@@ -692,19 +715,23 @@ class PeerFetcher:
                 upload=not head,
                 busy=busy,
                 last_resort=busy is None,
+                nearer_than=nearer_than,
             )
         except RangeNotSatisfiable:
             if not ranged:
                 raise
             # An empty blob has no first piece: asked for whole instead.
-            return await self._open_blob(candidates, digest, path, None, head, busy)
+            return await self._open_blob(
+                candidates, digest, path, None, head, busy, nearer_than=nearer_than
+            )
         if winner is None:
             return None
         provider, response = winner
         size, offset, length = _extent(response)
+        hops = parse_hops(response.headers.get(HOPS_HEADER))
         if head:
             response.release()
-            return PeerBlob(size, offset, length, None)
+            return PeerBlob(size, offset, length, None, hops=hops)
         log.info("streaming %s from %s", digest, provider.address)
         self._served(provider, str(digest))
         if ranged and response.status == 206:
@@ -714,13 +741,13 @@ class PeerFetcher:
                 return None
             if length < size:
                 chunks = self._ranged(digest, path, (provider, response), candidates, size)
-                return PeerBlob(size, 0, size, chunks)
+                return PeerBlob(size, 0, size, chunks, hops=hops)
         # One stream: not ranged, or the holder ignored the range, or one piece is the blob.
         slot = SinkSlot()
         chunks = self._stream(
             digest, path, provider, response, candidates, size, offset, length, slot
         )
-        return PeerBlob(size, offset, length, chunks, slot)
+        return PeerBlob(size, offset, length, chunks, slot, hops)
 
     async def _ranged(
         self,
@@ -769,6 +796,7 @@ class PeerFetcher:
         upload: bool = False,
         busy: list[Provider] | None = None,
         last_resort: bool = False,
+        nearer_than: int | None = None,
     ) -> tuple[Provider, aiohttp.ClientResponse] | None:
         """Ask providers in turn, hedging to the next when one is slow; first good answer wins.
 
@@ -799,6 +827,7 @@ class PeerFetcher:
                             method,
                             upload=upload,
                             last_resort=last_resort,
+                            nearer_than=nearer_than,
                         )
                     )
                     running[task] = provider
@@ -825,6 +854,8 @@ class PeerFetcher:
                         log.info("peer %s is busy (%s): asking another", provider.address, exc)
                     except _PeerSlowOrFailed as exc:
                         self._failed(provider, "unavailable", exc)
+                    except _PeerTooFar as exc:
+                        self._failed(provider, "too-far", exc)
                     except RangeNotSatisfiable:
                         raise
             return None
@@ -837,6 +868,7 @@ class PeerFetcher:
                 except (
                     _PeerSlowOrFailed,
                     _PeerBusy,
+                    _PeerTooFar,
                     RangeNotSatisfiable,
                     asyncio.CancelledError,
                 ):
@@ -862,6 +894,7 @@ class PeerFetcher:
         *,
         upload: bool = False,
         last_resort: bool = False,
+        nearer_than: int | None = None,
     ) -> aiohttp.ClientResponse:
         assert self._session is not None, "PeerFetcher.start() was not called"
         if last_resort:
@@ -883,6 +916,11 @@ class PeerFetcher:
         finally:
             load.pending -= upload
         if response.status in (200, 206):
+            if nearer_than is not None:
+                hops = parse_hops(response.headers.get(HOPS_HEADER))
+                if hops is None or hops >= nearer_than:
+                    response.close()
+                    raise _PeerTooFar(f"its bytes are {hops} hops from a holder")
             return response
         response.release()
         if response.status == 429:

@@ -25,12 +25,15 @@ head. Measured at 16 nodes capped at 0.1 CPU each: 0.3-1 s a hop, a chain 15 dee
 chain").
 
 **Hops.** A chain must end at a holder. Every answer to a peer says how far its bytes are from
-one: `X-Mirror-Hops: 0` from a node that holds the blob or downloads it itself, `h` from a node
-serving what its runtime receives from a node at `h - 1`. A node learns its own hops from the
-probe that chose its runtime's source, and serves what its runtime receives only once it knows
-them. Hops are fixed when a source is chosen and only ever grow down a chain, so following one
-always comes back to a holder: sources can never form a cycle of nodes passing each other an
-ingest that nobody fills (what once stalled a 16-node rollout for the 30 s stall bound).
+one: `X-Mirror-Hops: 0` from a node that holds the blob or downloads it from upstream, `h` from
+a node serving what its runtime receives, or what it downloads itself, from a node at `h - 1`.
+A node learns its own hops from the probe that chose its runtime's source, and serves what its
+runtime receives only once it knows them. Hops are fixed when a source is chosen and only ever
+grow down a chain, so following one always comes back to a holder: sources can never form a
+cycle of nodes passing each other an ingest that nobody fills (what once stalled a 16-node
+rollout for the 30 s stall bound). When a node's runtime comes back after its source failed,
+the node downloads the blob for it, from a node nearer a holder than the hops its ingest was
+served at: the ingest now waits on that download, so a source further down might be fed by it.
 
 So a rollout where every node asks the one holder at once becomes a tree in a few round trips:
 every node downloads the blob once, a node where the tree branches uploads it twice and a leaf

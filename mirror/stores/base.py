@@ -155,6 +155,12 @@ class ReceivingBlob(ABC):
 
     size: int
 
+    @property
+    def committed(self) -> bool:
+        """Whether the runtime verified and committed it already: nothing more arrives, and
+        it depends on no source (it is served as held)."""
+        return False
+
     @abstractmethod
     def received(self) -> int:
         """The bytes on disk now (from the start)."""

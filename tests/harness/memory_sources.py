@@ -56,6 +56,8 @@ class MemoryPeers:
         # Bodies break after their first half (the peer died and no other could continue).
         self.break_midway = False
         self.bodies_closed = 0  # bodies let go of, read to the end or not
+        # How far each node's bytes are from a holder (X-Mirror-Hops), by address; else 0.
+        self.hops: dict[str, int] = {}
 
     def give(self, provider: Provider, key: str, data: bytes) -> None:
         """`provider` holds `data` under `key`, and has announced it."""
@@ -79,9 +81,12 @@ class MemoryPeers:
         *,
         head: bool = False,
         sharing: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None:
         candidates = await self._router.find_providers(str(digest))
-        return await self.blob_from(candidates, digest, path, requested, head=head)
+        return await self.blob_from(
+            candidates, digest, path, requested, head=head, nearer_than=nearer_than
+        )
 
     async def redirect_url(
         self,
@@ -101,16 +106,18 @@ class MemoryPeers:
         requested: RangeRequest | None,
         *,
         head: bool = False,
+        nearer_than: int | None = None,
     ) -> PeerBlob | None:
         for provider in candidates:
             self.asked.append((provider.address, str(digest)))
             data = self.held.get(provider.address, {}).get(str(digest))
-            if data is None:
+            hops = self.hops.get(provider.address, 0)
+            if data is None or (nearer_than is not None and hops >= nearer_than):
                 continue
             part = requested.resolve(len(data)) if requested is not None else None
             offset, length = (part.offset, part.length) if part else (0, len(data))
             chunks = None if head else self._body(data[offset : offset + length])
-            return PeerBlob(len(data), offset, length, chunks)
+            return PeerBlob(len(data), offset, length, chunks, hops=hops)
         return None
 
     async def _body(self, data: bytes) -> AsyncIterator[bytes]:

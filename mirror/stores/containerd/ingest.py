@@ -95,7 +95,37 @@ class Ingests:
                 stall_seconds=self._stall_seconds,
                 clock=self._clock,
             )
-        return None
+        return self._just_committed(digest)
+
+    def _just_committed(self, digest: Digest) -> IngestBlob | None:
+        """The blob at its committed path, when no ingest of it is left.
+
+        containerd renames the ingest there before its database lists the blob in the
+        namespace: for that moment of every commit the store does not show the blob and no
+        ingest is left, and a peer that the runtime's probe found receiving it would be told
+        it is not here (its runtime then asks again, by a slower way). Only asked for a blob
+        the store does not show, which is not in the database, so only in that moment (or
+        for another namespace's blob, whose bytes are as good).
+        """
+        committed = self._blob_dir / digest.algorithm / digest.hex
+        try:
+            data = open(committed, "rb", buffering=0)  # noqa: SIM115 (owned by the blob)
+        except OSError:
+            return None
+        size = os.fstat(data.fileno()).st_size
+        if size == 0:
+            data.close()
+            return None
+        return IngestBlob(
+            data,
+            size,
+            None,
+            committed,
+            poll_seconds=self._poll_seconds,
+            max_poll_seconds=self._max_poll_seconds,
+            stall_seconds=self._stall_seconds,
+            clock=self._clock,
+        )
 
 
 def _small_text(path: Path) -> str | None:
@@ -137,7 +167,7 @@ class IngestBlob(ReceivingBlob):
         self,
         data: io.FileIO,
         size: int,
-        directory: Path,
+        directory: Path | None,
         committed: Path,
         *,
         poll_seconds: float,
@@ -154,10 +184,15 @@ class IngestBlob(ReceivingBlob):
         self._poll = poll_seconds  # the wait before the next look, adapted to the writer
         self._stall_seconds = stall_seconds
         self._clock = clock
-        self._verified = False
+        # No ingest directory: the blob was committed already (`Ingests.find`).
+        self._verified = directory is None
         # The size last seen, and when it was first seen (a stall is measured from there).
         self._seen = -1
         self._grew_at = clock()
+
+    @property
+    def committed(self) -> bool:
+        return self._verified
 
     @property
     def file(self) -> io.FileIO:
@@ -208,7 +243,15 @@ class IngestBlob(ReceivingBlob):
     def _check_committed(self) -> bool:
         """Whether the runtime committed the blob (so verified it): `data` was renamed to the
         blob's path (same inode), or the ingest is gone and the blob is there (it held the
-        blob already and dropped its copy after verifying it: the rest is sent from there)."""
+        blob already and dropped its copy after verifying it: the rest is sent from there).
+
+        The directory is looked at before the blob's path: containerd renames `data` before it
+        removes the directory, so a directory found gone means a commit shows at the path. In
+        the other order a commit between the two looks read as given up, which cut every
+        reader at the last byte (their runtimes asked again, and got it by a slower way).
+        """
+        assert self._directory is not None, "a committed blob is verified from the start"
+        ingest_left = self._directory.exists()
         try:
             committed = os.stat(self._committed)
         except OSError:
@@ -220,7 +263,7 @@ class IngestBlob(ReceivingBlob):
         ):
             self._verified = True
             return True
-        if self._directory.exists():
+        if ingest_left:
             return False
         if committed is None:
             raise ContentVanished(f"the runtime gave up receiving {self._committed.name}")
