@@ -69,6 +69,7 @@ class Ingests:
         return await asyncio.to_thread(self._find, digest)
 
     def _find(self, digest: Digest) -> IngestBlob | None:
+        committed = self._blob_dir / digest.algorithm / digest.hex
         try:
             entries = list(os.scandir(self._ingest_dir))
         except OSError:
@@ -84,20 +85,10 @@ class Ingests:
                 data = open(directory / "data", "rb", buffering=0)  # noqa: SIM115 (owned by the blob)
             except OSError:
                 continue  # committed or given up meanwhile
-            committed = self._blob_dir / digest.algorithm / digest.hex
-            return IngestBlob(
-                data,
-                size,
-                directory,
-                committed,
-                poll_seconds=self._poll_seconds,
-                max_poll_seconds=self._max_poll_seconds,
-                stall_seconds=self._stall_seconds,
-                clock=self._clock,
-            )
-        return self._just_committed(digest)
+            return self._blob(data, size, directory, committed)
+        return self._just_committed(committed)
 
-    def _just_committed(self, digest: Digest) -> IngestBlob | None:
+    def _just_committed(self, committed: Path) -> IngestBlob | None:
         """The blob at its committed path, when no ingest of it is left.
 
         containerd renames the ingest there before its database lists the blob in the
@@ -107,7 +98,6 @@ class Ingests:
         the store does not show, which is not in the database, so only in that moment (or
         for another namespace's blob, whose bytes are as good).
         """
-        committed = self._blob_dir / digest.algorithm / digest.hex
         try:
             data = open(committed, "rb", buffering=0)  # noqa: SIM115 (owned by the blob)
         except OSError:
@@ -116,10 +106,16 @@ class Ingests:
         if size == 0:
             data.close()
             return None
+        return self._blob(data, size, None, committed)
+
+    def _blob(
+        self, data: io.FileIO, size: int, directory: Path | None, committed: Path
+    ) -> IngestBlob:
+        """`data` opened as an `IngestBlob` read with this store's polling and stall bound."""
         return IngestBlob(
             data,
             size,
-            None,
+            directory,
             committed,
             poll_seconds=self._poll_seconds,
             max_poll_seconds=self._max_poll_seconds,
