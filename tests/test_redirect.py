@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientResponse, ClientSession
+from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.test_utils import TestServer
 from harness.ingest_layout import IngestLayout
 from harness.memory_sources import MemoryPeers, MemoryUpstream
@@ -38,6 +38,7 @@ from mirror.errors import BlobUnknown, TooManyRequests
 from mirror.metrics import SOURCE_PEER, SOURCE_RECEIVING, Metrics
 from mirror.oci import mediatypes as mt
 from mirror.oci.reference import Digest, parse_digest
+from mirror.peers import fetcher as fetcher_module
 from mirror.peers.auth import (
     PEER_HEADER,
     REDIRECT_LIFETIME,
@@ -418,6 +419,53 @@ async def test_no_redirect_without_a_whole_copy_or_in_share_mode(
         sample = fetcher._metrics.registry.get_sample_value
         assert sample("mirror_peer_redirects_total", {"result": "no-holder"}) == 1
     assert await redirect_url(fetcher_for(holder)) is None, "no URL signer: share mode"
+
+
+@contextlib.asynccontextmanager
+async def unanswering_node() -> AsyncIterator[tuple[str, list[str], asyncio.Event]]:
+    """A node that takes requests and answers none until the event is set (a node starved of
+    CPU at the start of a rollout): its address, the methods it was sent, the event."""
+    asked: list[str] = []
+    answer = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        asked.append(request.method)
+        await answer.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield f"{server.host}:{server.port}", asked, answer
+    finally:
+        answer.set()
+        await server.close()
+
+
+async def test_a_provider_slow_to_answer_its_probe_is_not_waited_on(
+    holder: Holder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next provider is probed beside one that has not answered within `hedge_after`:
+    the runtime goes to whichever serves first, not after the slow one's probe timed out."""
+    monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 3600.0)  # waiting would hang
+    async with unanswering_node() as (slow_address, asked, answer):
+        fetcher = fetcher_for(slow_address, holder, url_signer=UrlSigner(KEY))
+        slow, fast = (
+            Provider(bytes([i]) * 20, a) for i, a in ((1, slow_address), (2, holder.address))
+        )
+        # The slow node looks far faster, so it is probed first, every time.
+        fetcher._loads.measured(slow, 1 << 20, 0.001)
+        fetcher._loads.measured(fast, 1 << 20, 1.0)
+        async with asyncio.timeout(60):  # a bound on a hang, not a measurement
+            url = await redirect_url(fetcher)
+        assert asked == ["HEAD"], "the slow node was probed first"
+        assert not answer.is_set()
+        assert url is not None and url.startswith(f"{holder.url}/v2/"), url
+        sample = fetcher._metrics.registry.get_sample_value
+        failed = {"reason": "unavailable"}
+        assert not sample("mirror_peer_fetch_failures_total", failed), "cut off, not failed"
 
 
 async def test_a_runtime_asking_again_is_served_by_its_node(holder: Holder) -> None:

@@ -117,6 +117,9 @@ _FORGET_PAST = 256
 # A provider probed before the runtime is redirected to it answers a HEAD from its own store at
 # once; past this it is passed over (a redirect is worth a quick answer only).
 _PROBE_TIMEOUT = 1.0
+# Probes out at once while choosing where to redirect: the next provider is probed beside one
+# that has not answered within `hedge_after`.
+_PROBES_AT_ONCE = 2
 # Every provider busy: this many of them, least loaded first, are asked to serve the runtime
 # anyway before its node serves it another way (each may take `_PROBE_TIMEOUT`).
 _LAST_RESORT_PROBES = 3
@@ -532,8 +535,9 @@ class PeerFetcher:
         """A signed URL (`http://HOLDER/v2/...`) at a provider that serves `digest`.
 
         For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers
-        are probed one at a time, in the order `providers` gives (least loaded first), with a
-        HEAD on a signed URL of their own, which a holder answers from its own store, its
+        are probed in the order `providers` gives (least loaded first), the next one beside a
+        probe not answered within `hedge_after` (`_probe_hedged`), with a HEAD on a signed URL
+        of their own, which a holder answers from its own store, its
         download under way or its runtime's fetch in progress (registry/api.py). The first to
         answer 200 within `_PROBE_TIMEOUT` gets a URL signed for one GET, and keeps an upload
         slot for it meanwhile; its answer says its hops (peers/referrals.py). `sharing`: this
@@ -558,25 +562,16 @@ class PeerFetcher:
             return None
         if sharing and self._own is not None:
             path = with_sharer(path, self._own)
-        tried: set[bytes] = set()
         busy: list[Provider] = []
-        queue = list(among or [])
-        timeout = _PROBE_TIMEOUT if among is None else _CLAIMANT_PROBE_TIMEOUT
-        while queue or (
-            among is None and (queue := await self.providers(str(digest), exclude=tried))
-        ):
-            provider = queue.pop(0)
-            if provider.node_id in tried:
-                continue
-            tried.add(provider.node_id)
-            answer = await self._probe(provider, path, timeout)
-            if answer is None:
-                continue
-            if isinstance(answer, list):  # busy: the sharers it named first
-                busy.append(provider)
-                queue[:0] = [p for p in answer if p.node_id not in tried]
-                continue
-            return self._redirect_to(provider, digest, path, now, answer.hops)
+        if among is None:
+            timeout = _PROBE_TIMEOUT
+            found = await self._probe_hedged([], path, timeout, busy, refill=str(digest))
+        else:
+            timeout = _CLAIMANT_PROBE_TIMEOUT
+            found = await self._probe_hedged(list(among), path, timeout, busy)
+        if found is not None:
+            provider, serves = found
+            return self._redirect_to(provider, digest, path, now, serves.hops)
         for holder in self._loads.least_loaded(busy)[:_LAST_RESORT_PROBES]:
             # Every provider was busy: the least loaded serves the runtime anyway, once it
             # confirms it still serves the blob (and says its hops).
@@ -591,6 +586,63 @@ class PeerFetcher:
                 return self._redirect_to(holder, digest, path, now, answer.hops)
         self._metrics.peer_redirects.labels("no-holder").inc()
         return None
+
+    async def _probe_hedged(
+        self,
+        queue: list[Provider],
+        path: str,
+        timeout: float,
+        busy: list[Provider],
+        *,
+        refill: str | None = None,
+    ) -> tuple[Provider, _Serves] | None:
+        """The first of `queue`'s providers to serve `path` (probed in order, the queue topped up
+        from the DHT's providers of `refill` when it runs dry), with its answer; None if none.
+
+        A probe not answered within `hedge_after` has the next candidate probed beside it (two
+        at most), as `_first_answer` does for bodies: a node too starved to answer soon (a
+        rollout's nodes start their pulls together) costs the pull that long, not `timeout`.
+        Busy providers go into `busy`, and the sharers they name are probed next. A probe
+        still out when another wins is cut off; if its provider had accepted it, the slot it
+        keeps lapses by itself (`UploadSlots.reserve`).
+        """
+        tried: set[bytes] = set()
+        running: dict[asyncio.Task[_Serves | list[Provider] | None], Provider] = {}
+        drained = False  # the DHT had no one new: ask it again only once a probe ended
+        try:
+            while True:
+                if len(running) < _PROBES_AT_ONCE:
+                    provider = _untried(queue, tried)
+                    if provider is None and refill is not None and not drained:
+                        queue = await self.providers(refill, exclude=tried)
+                        drained = not queue
+                        provider = _untried(queue, tried)
+                    if provider is not None:
+                        tried.add(provider.node_id)
+                        running[asyncio.create_task(self._probe(provider, path, timeout))] = (
+                            provider
+                        )
+                if not running:
+                    return None
+                more = len(running) < _PROBES_AT_ONCE and (bool(queue) or not drained)
+                done, _ = await asyncio.wait(
+                    running,
+                    timeout=self._hedge_after if more else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    provider = running.pop(task)
+                    answer = task.result()
+                    drained = False
+                    if isinstance(answer, _Serves):
+                        return provider, answer
+                    if isinstance(answer, list):  # busy: the sharers it named first
+                        busy.append(provider)
+                        queue[:0] = [p for p in answer if p.node_id not in tried]
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     def _redirect_to(
         self, holder: Provider, digest: Digest, path: str, now: float, hops: int | None
@@ -1353,3 +1405,12 @@ def _extent(response: aiohttp.ClientResponse) -> tuple[int, int, int]:
 def _as_last_resort(path: str) -> str:
     """`path` asking to be served past the holder's bound (`LAST_RESORT_PARAM`)."""
     return f"{path}{'&' if '?' in path else '?'}{LAST_RESORT_PARAM}=1"
+
+
+def _untried(queue: list[Provider], tried: AbstractSet[bytes]) -> Provider | None:
+    """The first provider of `queue` not probed yet, taken off it (those before it too)."""
+    while queue:
+        provider = queue.pop(0)
+        if provider.node_id not in tried:
+            return provider
+    return None
