@@ -137,6 +137,28 @@ async def test_a_peer_waits_for_a_download_to_start_then_is_told_busy(
     assert await body(await request) == DATA
 
 
+async def test_a_peer_waits_for_an_upstream_fetch_to_start_past_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download from upstream waits on no node, so a peer waits for it unbounded: told busy,
+    a node that lost the claim to this one would fetch the blob from upstream itself."""
+    monkeypatch.setattr(service_module, "PEER_START_WAIT", 0)
+    service, downloads, download = await reserved_in(CacheStore(tmp_path / "cache"))
+    upstream_answers = asyncio.Event()
+
+    async def slow_upstream() -> Source:
+        await upstream_answers.wait()
+        return await whole_data()
+
+    downloads.begin(download, slow_upstream)
+    request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not request.done(), "told busy while upstream was still answering"
+    upstream_answers.set()
+    assert await body(await request) == DATA
+
+
 class GatedRouter:
     """The real DHT, with claim decisions held until the test opens the gate."""
 

@@ -482,6 +482,11 @@ class Download:
         self._data.fire()
 
     @property
+    def from_upstream(self) -> bool:
+        """Begun, from upstream: its bytes wait on no other node."""
+        return self.task is not None and self.origin == SOURCE_UPSTREAM
+
+    @property
     def started(self) -> asyncio.Event:
         """Set once the origin answered (size known), or the download failed or was abandoned."""
         return self._started

@@ -723,7 +723,15 @@ async def _started_for_peer(download: Download) -> None:
     (peers/referrals.py); it usually starts within a round trip or two. Past the bound the peer
     is told this node is busy and asks the next node it was named: no two nodes can wait on
     each other for longer than that.
+
+    A download begun from upstream is waited for without that bound: it waits on no node, so
+    it closes no cycle, and its node fetches for the cluster (it holds the claim). Told busy
+    twice (once more as a last resort), a peer that lost the claim would fetch the blob from
+    upstream a second time; the upstream client bounds how long a fetch takes to start.
     """
+    if download.from_upstream:
+        await download.started.wait()
+        return
     try:
         async with asyncio.timeout(PEER_START_WAIT):
             await download.started.wait()

@@ -123,8 +123,8 @@ _PROBES_AT_ONCE = 2
 # Every provider busy: this many of them, least loaded first, are asked to serve the runtime
 # anyway before its node serves it another way (each may take `_PROBE_TIMEOUT`).
 _LAST_RESORT_PROBES = 3
-# The node that claimed a blob's upstream fetch answers a probe once its download started, which
-# it waits for up to `PEER_START_WAIT` (3 s, content/service.py).
+# The node that claimed a blob's upstream fetch answers a probe once its download started. A
+# probe that waited this long falls back to a GET from it, which waits on (content/service.py).
 _CLAIMANT_PROBE_TIMEOUT = 4.0
 # The runtime asking again for a digest it was redirected for within this long is retrying: the
 # transfer broke, or the bytes did not hash and it refused them. It is not redirected again but
