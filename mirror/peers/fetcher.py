@@ -624,7 +624,9 @@ class PeerFetcher:
                         )
                 if not running:
                     return None
-                more = len(running) < _PROBES_AT_ONCE and (bool(queue) or not drained)
+                # Another candidate may come: hedge to it if the ones out are slow to answer.
+                more = bool(queue) or (refill is not None and not drained)
+                more = more and len(running) < _PROBES_AT_ONCE
                 done, _ = await asyncio.wait(
                     running,
                     timeout=self._hedge_after if more else None,
