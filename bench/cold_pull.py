@@ -32,7 +32,10 @@ upstream once with skopeo. Then the modes run one after the other, each on fresh
 The pulls of a mode start together (threads released by one barrier, each running
 `ip netns exec cpb-nI ctr images pull --hosts-dir ...`; ctr fetches and containerd unpacks;
 with `--no-unpack`, `ctr content fetch`: the same transfers without the unpacking; every pull
-without ctr's progress table unless `--ctr-progress`, see `common.pull_argv`).
+without ctr's progress table unless `--ctr-progress`, see `common.pull_argv`; with
+`--pull-client cri`, CRI's PullImage, as a kubelet pulls: containerd fetches and unpacks in its
+own process). `--cpus-per-node` gives every node (the baseline's one and each of N alike) a CPU
+share of its own, as on real machines, instead of letting all of them share this host's cores.
 Completion time is from the first pull's start to the last pull's end. Upstream bytes are the sum
 of the response body sizes in the upstream registry's access log (GETs of manifests and blobs)
 for the mode; the bytes the shaped qdisc sent (`tc -s`, IP packets with headers, ACKs excluded as
@@ -150,11 +153,16 @@ class Bench:
         self.upstream_ns = self.lab.add_host("up", UPSTREAM_IP)
         args = self.args
         shape_egress(self.upstream_ns, "eth0", args.rate, args.burst, args.latency)
+        capped = []
         if "proxy" in self.args.modes:
-            self.lab.add_host("px", PROXY_IP)
+            capped.append(self.lab.add_host("px", PROXY_IP))
         for index in range(self.args.nodes):
             ip = f"{NAMES.subnet}.{FIRST_NODE_OCTET + index}"
             self.nodes.append(Node(index, self.lab.add_host(f"n{index}", ip), ip))
+            capped.append(self.nodes[-1].namespace)
+        if args.cpus_per_node is not None:
+            for namespace in capped:
+                self.lab.cap_cpu(namespace, args.cpus_per_node)
 
     def start_upstream(self) -> None:
         upstream = NamespacedRegistry(self.work / "upstream", self.upstream_ns, UPSTREAM_IP)
@@ -322,7 +330,7 @@ def run_bench(args: argparse.Namespace) -> int:
     expected = rate_bits(args.rate)
     with (
         workspace(str(tmp_parent), NAMES.tmp_prefix) as work,
-        Lab(NAMES, pull_progress=args.ctr_progress) as lab,
+        Lab(NAMES, pull_progress=args.ctr_progress, pull_client=args.pull_client) as lab,
     ):
         check_socket_paths(work, "baseline/n0")
         bench = Bench(args, work, lab)
@@ -336,7 +344,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(
             f"image {image.size / MIB:.1f} MiB in {len(image.blobs)} blobs, pushed to "
             f"{bench.ref}; upstream egress tbf rate {args.rate} burst {args.burst} latency "
-            f"{args.latency}; TCP congestion control {cc}; {os.cpu_count()} CPUs",
+            f"{args.latency}; TCP congestion control {cc}; {os.cpu_count()} CPUs; pulls by "
+            f"{'CRI PullImage' if args.pull_client == 'cri' and not args.no_unpack else 'ctr'}"
+            + (f"; every node capped at {args.cpus_per_node} CPUs" if args.cpus_per_node else ""),
             flush=True,
         )
         if expected:
@@ -355,6 +365,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "through mirror."
     )
     parser.add_argument("--nodes", type=int, default=8, help="nodes pulling at once (default: 8)")
+    parser.add_argument(
+        "--cpus-per-node",
+        type=float,
+        default=None,
+        help="CPUs each node (and the proxy) may use together, e.g. 0.25: every simulated "
+        "machine its own share, the same for the single node of the baseline as for each of "
+        "N, as on real machines (keep N x share within the host's CPUs; upstream, the outside "
+        "registry, is not capped); default: no cap, all share the host",
+    )
     parser.add_argument("--image-mib", type=int, default=75, help="image size (default: 75)")
     add_shaping_arguments(parser, rate="100mbit", burst="128kb", links="upstream's egress")
     parser.add_argument(

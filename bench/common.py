@@ -47,7 +47,9 @@ from pathlib import Path
 from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.cri
 
+import grpc
 from harness.containerd import _config_text as containerd_config_text
 from harness.containerd import write_hosts_toml
 from harness.images import (
@@ -60,6 +62,8 @@ from harness.images import (
 )
 from harness.process import ManagedProcess
 from harness.registry import REGISTRY_BINARY, Registry
+
+from bench.cri import api_pb2, api_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -727,6 +731,8 @@ CONTAINERD_NAMESPACE = "k8s.io"
 NS_READY_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 90.0
 PULL_TIMEOUT = 900.0
+# What pulls with unpacking (`--pull-client`): ctr's client-side pull, or CRI's PullImage.
+PULL_CLIENTS = ("ctr", "cri")
 LAYER_COPY_CHUNK = 4 * MIB
 
 # gorilla/handlers combined log: `IP - - [date] "GET /v2/... HTTP/1.1" 200 1234 "" "agent"`.
@@ -1020,9 +1026,12 @@ class NamespacedRegistry(Registry):
         return True
 
 
-def containerd_config(base: Path) -> str:
-    """The harness's containerd config (CRI off) with root, state and sockets under `base`."""
-    return containerd_config_text(base / "root", base / "state", base, base)
+def containerd_config(base: Path, *, cri: bool = False) -> str:
+    """The harness's containerd config with root, state and sockets under `base`; CRI off
+    unless `cri`, then pulling through the node's hosts.toml files (`Node.hosts_dir`)."""
+    return containerd_config_text(
+        base / "root", base / "state", base, base, cri_hosts_dir=base / "hosts" if cri else None
+    )
 
 
 @dataclass
@@ -1086,9 +1095,12 @@ class LabNames:
 class Lab:
     """Namespaces, links and processes this run made; `close` removes every one of them."""
 
-    def __init__(self, names: LabNames, *, pull_progress: bool = False) -> None:
+    def __init__(
+        self, names: LabNames, *, pull_progress: bool = False, pull_client: str = "ctr"
+    ) -> None:
         self.names = names
         self.pull_progress = pull_progress
+        self.pull_client = pull_client  # "ctr" or "cri" (see PULL_CLIENTS)
         self.namespaces: list[str] = []
         self.links: list[str] = []
         self.processes: list[ManagedProcess] = []
@@ -1314,6 +1326,15 @@ def add_lab_arguments(parser: argparse.ArgumentParser, *, unit: str) -> None:
         help="let every `ctr` pull draw its progress table (polls containerd 10 times a second; "
         "off by default: a kubelet's pull does not, see `pull_argv`)",
     )
+    parser.add_argument(
+        "--pull-client",
+        choices=PULL_CLIENTS,
+        default="ctr",
+        help="what pulls with unpacking: `ctr images pull` (ctr fetches and hands every byte "
+        "to containerd over gRPC) or `cri`, the CRI PullImage call a kubelet makes "
+        "(containerd fetches and unpacks in its own process); content-only fetches always "
+        "use `ctr content fetch` (default: ctr)",
+    )
 
 
 def add_shaping_arguments(
@@ -1398,7 +1419,7 @@ def start_containerd(lab: Lab, node: Node, base: Path) -> None:
     node.base = base
     base.mkdir(parents=True)
     config = base / "config.toml"
-    config.write_text(containerd_config(base))
+    config.write_text(containerd_config(base, cri=lab.pull_client == "cri"))
     node.containerd = lab.start(
         in_ns(node.namespace, "containerd", "--config", str(config)), base, "containerd"
     )
@@ -1503,6 +1524,15 @@ def pull_argv(
     return in_ns(node.namespace, *node.ctr_argv(*quiet, *command, *where, ref))
 
 
+class PullFailed(Exception):
+    """One node's pull did not end well; the message says which node and why."""
+
+
+# A node's pull: prepares, waits at the barrier (every node's pull starts together), pulls,
+# and returns its (start, end) on the monotonic clock, or None when the lab is closing.
+NodePull = Callable[[Node, threading.Barrier], "tuple[float, float] | None"]
+
+
 def pull_all(
     lab: Lab, nodes: Sequence[Node], ref: str, *, mirrored: bool, unpack: bool
 ) -> tuple[float, list[float]]:
@@ -1510,18 +1540,14 @@ def pull_all(
 
     Completion runs from the first pull's start to the last pull's end.
     """
-    barrier = threading.Barrier(len(nodes))
-    spans: list[tuple[float, float] | None] = [None] * len(nodes)
-    failures: list[str] = []
+    if unpack and lab.pull_client == "cri":
+        return pull_at_once(nodes, cri_pull(ref, mirrored=mirrored))
 
-    def pull(slot: int, node: Node) -> None:
+    def pull(node: Node, barrier: threading.Barrier) -> tuple[float, float] | None:
         assert node.base is not None
         log = node.base / "pull.log"
         argv = pull_argv(node, ref, mirrored=mirrored, unpack=unpack, progress=lab.pull_progress)
-        try:
-            barrier.wait()
-        except threading.BrokenBarrierError:
-            return
+        barrier.wait()
         began = time.monotonic()
         proc = lab.spawn_pull(argv, log)
         try:
@@ -1531,17 +1557,64 @@ def pull_all(
         ended = time.monotonic()
         lab.pull_done(proc)
         if lab.closing:
-            return  # stopped by the clean-up; its directory may be gone already
+            return None  # stopped by the clean-up; its directory may be gone already
         if code != 0:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             tail = log.read_text(errors="replace")[-2000:]
-            failures.append(f"node {node.index}: ctr pull ended with {code}:\n{tail}")
-            return
-        spans[slot] = (began, ended)
+            raise PullFailed(f"node {node.index}: ctr pull ended with {code}:\n{tail}")
+        return began, ended
+
+    return pull_at_once(nodes, pull)
+
+
+def cri_pull(ref: str, *, mirrored: bool) -> NodePull:
+    """A node's pull as a kubelet's: CRI's PullImage of `ref` asked of the node's containerd,
+    which fetches and unpacks in its own process, inside the node's CPU cap; the call itself
+    (a gRPC client in this process) costs the node nothing.
+
+    CRI reads only hosts.toml, so a pull straight from upstream (not `mirrored`) gets one
+    naming upstream as its sole host (containerd 1.6 rejects a file with only a server).
+    """
+    registry_host = ref.split("/", 1)[0]
+    request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref))
+
+    def pull(node: Node, barrier: threading.Barrier) -> tuple[float, float] | None:
+        if not mirrored:
+            node.write_hosts(registry_host, f"http://{registry_host}", [f"http://{registry_host}"])
+        with grpc.insecure_channel(f"unix://{node.socket}") as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=NS_READY_TIMEOUT)
+            except grpc.FutureTimeoutError:
+                raise PullFailed(f"node {node.index}: containerd's socket did not answer") from None
+            barrier.wait()
+            began = time.monotonic()
+            try:
+                api_pb2_grpc.ImageServiceStub(channel).PullImage(request, timeout=PULL_TIMEOUT)
+            except grpc.RpcError as error:
+                raise PullFailed(f"node {node.index}: CRI PullImage failed: {error}") from None
+            return began, time.monotonic()
+
+    return pull
+
+
+def pull_at_once(nodes: Sequence[Node], pull: NodePull) -> tuple[float, list[float]]:
+    """`pull` on every node, each on a thread, released together; as `pull_all` returns."""
+    barrier = threading.Barrier(len(nodes))
+    spans: list[tuple[float, float] | None] = [None] * len(nodes)
+    failures: list[str] = []
+
+    def run(slot: int, node: Node) -> None:
+        try:
+            spans[slot] = pull(node, barrier)
+        except threading.BrokenBarrierError:
+            pass  # another node's pull failed before the start
+        except PullFailed as failure:
+            failures.append(str(failure))
+            barrier.abort()
 
     threads = [
-        threading.Thread(target=pull, args=(slot, node), daemon=True)
+        threading.Thread(target=run, args=(slot, node), daemon=True)
         for slot, node in enumerate(nodes)
     ]
     for thread in threads:

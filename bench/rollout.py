@@ -37,11 +37,14 @@ Each scenario (`--scenarios`, e.g. `75x4:8` = a 75 MiB image in 4 layers, 8 pull
 runs every mode with `ctr images pull` (fetch and unpack: "unpack") and with `ctr content
 fetch` (the same transfers without unpacking: "fetch"), or only the kinds it names
 (`75x4:1:fetch`); every pull runs without ctr's progress table (`--ctr-progress` brings it back,
-see `pull_argv`). Per case the script prints the wall time (first pull's start to last pull's
-end), each node's time, upstream's blob bytes over the image, the bytes each node uploaded
-(its eth0 qdisc's counter: the wire, headers included), each node's UDP datagrams in and out
-(the DHT's messages), each mirror's peak RSS (VmHWM), the CPU seconds of each kind of process
-against what the machine had, and whether the run was CPU-bound.
+see `pull_argv`). With `--pull-client cri` the "unpack" pulls are CRI's PullImage, the call a
+kubelet makes: containerd fetches and unpacks in its own process, where `ctr images pull` fetches
+in ctr and hands every byte to containerd over gRPC (`cri_pull`). Per case the script prints
+the wall time (first pull's start to last pull's end), each node's time, upstream's blob bytes
+over the image, the bytes each node uploaded (its eth0 qdisc's counter: the wire, headers
+included), each node's UDP datagrams in and out (the DHT's messages), each mirror's peak RSS
+(VmHWM), the CPU seconds of each kind of process against what the machine had, and whether the
+run was CPU-bound.
 At the end: a table, the ratios mirror/proxy, the flatness N/1 for content fetch, and the
 targets of issue 10 (benchmarks, not asserts).
 
@@ -211,13 +214,13 @@ class Case:
         s = self.scenario
         return f"{s.image_label}-n{s.nodes}-{self.kind}-{self.mode}"
 
-    def describe(self) -> str:
+    def describe(self, pull_client: str) -> str:
         s = self.scenario
-        return (
-            f"{s.mib} MiB in {s.layers} layer(s), N={s.nodes}, "
-            f"{'ctr images pull' if self.kind == 'unpack' else 'ctr content fetch'}, "
-            f"mode {self.mode}"
-        )
+        if self.kind == "fetch":
+            how = "ctr content fetch"
+        else:
+            how = "CRI PullImage" if pull_client == "cri" else "ctr images pull"
+        return f"{s.mib} MiB in {s.layers} layer(s), N={s.nodes}, {how}, mode {self.mode}"
 
 
 def plan(scenarios: list[Scenario], modes: list[str]) -> list[Case]:
@@ -351,7 +354,7 @@ class Rollout:
         result = CaseResult(case.scenario.image_label, image.size, len(nodes), case.kind, case.mode)
         case_dir = self.work / case.label
         started: list[ManagedProcess] = []
-        print(f"\n== {case.describe()}", flush=True)
+        print(f"\n== {case.describe(self.args.pull_client)}", flush=True)
         for node in everyone:
             node.containerd = node.mirror = None
         try:
@@ -708,14 +711,14 @@ def run_bench(args: argparse.Namespace) -> int:
     cases = plan(args.scenarios, args.modes)
     if args.plan:
         for case in cases:
-            print(case.describe())
+            print(case.describe(args.pull_client))
         return 0
     tmp_parent = prepare_lab(NAMES, args)
     redirect = "mirror-redirect" not in args.modes or redirect_supported(args.python)
     results: list[CaseResult] = []
     with (
         workspace(str(tmp_parent), NAMES.tmp_prefix) as work,
-        Lab(NAMES, pull_progress=args.ctr_progress) as lab,
+        Lab(NAMES, pull_progress=args.ctr_progress, pull_client=args.pull_client) as lab,
     ):
         check_socket_paths(work, max((case.label for case in cases), key=len) + "/n200")
         bench = Rollout(args, work, lab)

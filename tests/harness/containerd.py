@@ -144,12 +144,30 @@ class ContainerdNode:
             self._short_dir = None
 
 
-def _config_text(root: Path, state: Path, sock_dir: Path, base_dir: Path) -> str:
+def _config_text(
+    root: Path, state: Path, sock_dir: Path, base_dir: Path, *, cri_hosts_dir: Path | None = None
+) -> str:
+    """CRI off, unless `cri_hosts_dir` is given: then its image service pulls through the
+    hosts.toml files there (as a kubelet's pulls do), its streaming server on a loopback port."""
+    if cri_hosts_dir is None:
+        disabled, cri = 'disabled_plugins = ["io.containerd.grpc.v1.cri"]', ""
+    else:
+        disabled = ""
+        cri = f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    conf_dir = {_toml_str(base_dir / "cni")}
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = {_toml_str(cri_hosts_dir)}
+"""
     return f"""\
 version = 2
 root = {_toml_str(root)}
 state = {_toml_str(state)}
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 
 [grpc]
   address = {_toml_str(sock_dir / "containerd.sock")}
@@ -163,7 +181,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = {_toml_str(base_dir / "opt")}
-"""
+{cri}"""
 
 
 def start_containerd(

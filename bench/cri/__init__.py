@@ -1,0 +1,1 @@
+"""Generated gRPC API subset (see scripts/gen-protos)."""
