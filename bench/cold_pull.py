@@ -22,9 +22,10 @@ upstream once with skopeo. Then the modes run one after the other, each on fresh
   containerd 1.6 rejects a hosts.toml that names only a server).
 - proxy: all N pull through one distribution registry in proxy mode (hosts.toml mirror).
 - mirror-redirect (not a default mode): the same with `--peer-transfer=redirect`.
-- mirror: every node runs a mirror (one cluster key, static bootstrap of every router, `--upstream`
-  for the upstream, `--allow-client` for its own address since containerd does not reach it over
-  loopback); its containerd's hosts.toml points at its own mirror. The cluster is formed first
+- mirror: every node runs a mirror (`--peer-transfer=share`, one cluster key, static bootstrap
+  of every router, `--upstream` for the upstream, `--allow-client` for its own address since
+  containerd does not reach it over loopback); its containerd's hosts.toml points at its own
+  mirror. The cluster is formed first
   (every node's `mirror_dht_contacts` reaches N-1), then all N pull at once. The mirrors'
   /metrics (coalesced waits, where blobs came from, bytes each received from upstream) are
   printed after the pulls.
@@ -189,7 +190,8 @@ class Bench:
             upstream=upstream,
             resolve_timeout=self.args.resolve_timeout,
             log_level=self.args.mirror_log_level,
-            extra=("--peer-transfer=redirect",) if mode == "mirror-redirect" else (),
+            # Pinned: the default, `auto`, redirects on containerd.
+            extra=(f"--peer-transfer={'redirect' if mode == 'mirror-redirect' else 'share'}",),
         )
 
     def run_mode(self, mode: str) -> ModeResult:

@@ -24,6 +24,8 @@ Modes, each on fresh state (new containerds, new registry storage, new mirror ca
   (holder included) starts a mirror (one cluster key, static bootstrap, `--upstream` for the
   upstream, which stays up: its blob bytes are counted and should be 0). Once the cluster is
   formed and the holder has announced the image, the N nodes pull, each through its own mirror.
+  Every mirror runs with `--peer-transfer=share` (where the tree has the flag: its default,
+  `auto`, redirects on containerd).
 - mirror-redirect: the same with `--peer-transfer=redirect` on every mirror (skipped, with a
   message, when `mirror run --help` does not offer the flag).
 - local: no sharing at all, the floor of any design on this machine: every node runs a
@@ -281,8 +283,11 @@ class CaseResult:
 
 
 class Rollout:
-    def __init__(self, args: argparse.Namespace, work: Path, lab: Lab) -> None:
+    def __init__(
+        self, args: argparse.Namespace, work: Path, lab: Lab, *, transfer_flag: bool
+    ) -> None:
         self.args = args
+        self.transfer_flag = transfer_flag  # the mirrors take --peer-transfer
         self.work = work
         self.lab = lab
         self.upstream: NamespacedRegistry | None = None
@@ -333,7 +338,9 @@ class Rollout:
     # one case --------------------------------------------------------------------------------
 
     def mirror_settings(self, everyone: list[Node], redirect: bool) -> MirrorSettings:
-        extra = [f"{REDIRECT_FLAG}=redirect"] if redirect else []
+        extra = []
+        if self.transfer_flag:
+            extra.append(f"{REDIRECT_FLAG}={'redirect' if redirect else 'share'}")
         extra += self.args.mirror_arg
         return MirrorSettings(
             python=self.args.python,
@@ -714,14 +721,17 @@ def run_bench(args: argparse.Namespace) -> int:
             print(case.describe(args.pull_client))
         return 0
     tmp_parent = prepare_lab(NAMES, args)
-    redirect = "mirror-redirect" not in args.modes or redirect_supported(args.python)
+    # A tree whose mirrors take --peer-transfer: mode mirror pins `share` (the default is `auto`,
+    # which means redirect on containerd), mode mirror-redirect needs it.
+    transfer_flag = redirect_supported(args.python)
+    redirect = "mirror-redirect" not in args.modes or transfer_flag
     results: list[CaseResult] = []
     with (
         workspace(str(tmp_parent), NAMES.tmp_prefix) as work,
         Lab(NAMES, pull_progress=args.ctr_progress, pull_client=args.pull_client) as lab,
     ):
         check_socket_paths(work, max((case.label for case in cases), key=len) + "/n200")
-        bench = Rollout(args, work, lab)
+        bench = Rollout(args, work, lab, transfer_flag=transfer_flag)
         bench.build_network(max(s.nodes for s in args.scenarios))
         bench.start_upstream(args.scenarios)
         keygen(args.python, bench.key_file)

@@ -386,14 +386,15 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
     )
     flag(
         "--peer-transfer",
-        default=PeerTransfer.SHARE.value,
+        default=PeerTransfer.AUTO.value,
         type=_typed(PeerTransfer, "peer transfer"),
         help="how a blob a peer holds reaches this node's runtime: share (this node fetches it "
-        "from the peer, verified, and serves it) or redirect (a 307 to a peer that holds it or "
+        "from the peer, verified, and serves it), redirect (a 307 to a peer that holds it or "
         "whose runtime is receiving it, "
         "at a signed URL good for one GET within 30s: the peer sends the bytes with sendfile and "
         "the runtime checks the digest; a retry within 5 minutes is served as with share; the "
-        "runtime must reach the peers' registry port)",
+        "runtime must reach the peers' registry port), or auto: redirect on a containerd "
+        "store, whose runtime's own download peers are served from, share on the others",
     )
     flag(
         "--upstream",

@@ -50,6 +50,17 @@ class PeerTransfer(StrEnum):
     # A 307 to a signed single-use URL at a peer that holds it or whose runtime is receiving
     # it; the peer sends the bytes.
     REDIRECT = "redirect"
+    # Redirect where the store shows what its runtime is receiving (containerd: the node then
+    # shares the runtime's own download), share elsewhere (Docker, the node cache alone),
+    # where only the node's own fetch can be shared while it arrives.
+    AUTO = "auto"
+
+    def for_store(self, shows_receiving: bool) -> PeerTransfer:
+        """What this setting means for a store that does, or does not, show what its
+        runtime is receiving: SHARE or REDIRECT, never AUTO."""
+        if self is PeerTransfer.AUTO:
+            return PeerTransfer.REDIRECT if shows_receiving else PeerTransfer.SHARE
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +269,8 @@ class RoutingConfig:
     advertise_ttl: float
     # Runtimes allowed besides loopback; peers are recognised by their signature instead.
     allow_clients: tuple[IPNetwork, ...]
-    # How a blob a peer holds reaches this node's runtime.
-    peer_transfer: PeerTransfer = PeerTransfer.SHARE
+    # How a blob a peer holds reaches this node's runtime (AUTO: by the store, `for_store`).
+    peer_transfer: PeerTransfer = PeerTransfer.AUTO
     # Blob bodies sent to peers at once; past it a peer's request is refused with a 429 and
     # goes to another holder (a last-resort request is served anyway). 0: no bound.
     max_uploads: int = DEFAULT_MAX_UPLOADS

@@ -292,7 +292,7 @@ async def _join_cluster(
     advertiser = Advertiser(store, dht, metrics, ttl=routing.advertise_ttl)
     background.start("advertiser", advertiser.run())
     # Only a node in redirect mode signs URLs; every node serves those its peers signed for it.
-    redirecting = routing.peer_transfer is PeerTransfer.REDIRECT
+    redirecting = routing.peer_transfer.for_store(store.shows_receiving) is PeerTransfer.REDIRECT
     url_signer = UrlSigner(key) if redirecting else None
     fetcher = PeerFetcher(
         dht,
@@ -309,7 +309,7 @@ async def _join_cluster(
         "joined the cluster as %s (router %s, peer transfer %s)",
         http_address,
         routing.router_addr,
-        routing.peer_transfer,
+        routing.peer_transfer.for_store(store.shows_receiving),
     )
     access = AccessPolicy(
         routing.allow_clients, RequestVerifier(key), url_verifier=UrlVerifier(key, http_address)
@@ -572,7 +572,7 @@ async def run_node(config: RunConfig) -> None:
             mirrored_registries=config.mirrored_registries,
             resolve_tags=config.resolve_tags,
             tag_timeout=config.upstream.tag_timeout,
-            peer_transfer=config.routing.peer_transfer,
+            peer_transfer=config.routing.peer_transfer.for_store(store.shows_receiving),
         )
         sources = PinnedSources()
         content = ContentService(

@@ -12,7 +12,7 @@ import pytest
 from harness.net import free_port, wait_for_http
 
 from mirror.cli import OTHER_VARIABLES, build_parser, orchestrator_env, run_config
-from mirror.config import DEFAULT_DOCKER_HOST, Address, StoreKind
+from mirror.config import DEFAULT_DOCKER_HOST, Address, PeerTransfer, StoreKind
 from mirror.routing.bootstrap import NomadBootstrap
 from mirror.routing.bootstrap.env import (
     SERVICE_ACCOUNT_DIR,
@@ -56,6 +56,24 @@ def test_environment_supplies_defaults_and_flags_win() -> None:
     assert config.registry_addr == Address("127.0.0.1", 5123)
     override = run_config(build_parser(environ).parse_args(["run", "--store", "auto"]))
     assert override.store is StoreKind.AUTO
+
+
+@pytest.mark.parametrize(
+    ("args", "shows_receiving", "expected"),
+    [
+        ([], True, PeerTransfer.REDIRECT),
+        ([], False, PeerTransfer.SHARE),
+        (["--peer-transfer", "share"], True, PeerTransfer.SHARE),
+        (["--peer-transfer", "redirect"], False, PeerTransfer.REDIRECT),
+    ],
+)
+def test_peer_transfer_defaults_to_redirect_where_the_store_shows_receiving(
+    args: list[str], shows_receiving: bool, expected: PeerTransfer
+) -> None:
+    """auto: a containerd node redirects (peers are served from its runtime's own download),
+    a Docker or cache-only node shares (only its own fetch can be shared while it arrives)."""
+    config = run_config(build_parser({}).parse_args(["run", *args]))
+    assert config.routing.peer_transfer.for_store(shows_receiving) is expected
 
 
 @pytest.mark.parametrize(

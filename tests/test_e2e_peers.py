@@ -79,6 +79,8 @@ def test_three_nodes_pull_from_the_one_that_has_the_image(
     assert node2.metric("mirror_requests_total", kind="blob", status="200", source="peer") > 0
     assert node2.metric("mirror_requests_total", kind="manifest", status="200", source="peer") > 0
     assert node2.metric("mirror_peer_lookup_duration_seconds_count", result="found") > 0
+    # A containerd node sends its runtime to the holder by default (--peer-transfer=auto).
+    assert node2.metric("mirror_peer_redirects_total", result="sent") > 0
 
 
 def test_a_peer_dying_mid_blob_does_not_break_the_stream(
@@ -87,11 +89,14 @@ def test_a_peer_dying_mid_blob_does_not_break_the_stream(
     registry: Registry,
     test_images: TestImages,
 ) -> None:
-    """Nodes 1 and 2 hold the image; node 3 streams the big layer; whoever serves it is killed."""
+    """Nodes 1 and 2 hold the image; node 3 streams the big layer; whoever serves it is killed.
+
+    The share path: node 3's mirror fetches from a peer and relays (a containerd node would
+    redirect its runtime by default, which `tests/test_e2e_redirect.py` kills mid-blob)."""
     image = test_images.multi_layer
     cluster.nodes[1].pull(f"{registry.host}/p2p/{image.name}:{image.tag}", plain_http=True)
     for index in range(3):
-        cluster.start_mirror(mirror_factory, index)
+        cluster.start_mirror(mirror_factory, index, "--peer-transfer=share")
     big = max(image.layer_digests, key=lambda d: image.blobs[d])
     registry.stop()
     for index in (0, 1):

@@ -487,13 +487,16 @@ def test_containerd_pulls_through_a_node_that_fetched_from_a_peer(
 ) -> None:
     """Node 2 pulls from node 1 through its mirror, which keeps what it fetched; with node 1
     gone (mirror stopped, image removed) and node 2's image removed too, node 3 pulls the image
-    from node 2's mirror cache. Upstream is stopped throughout."""
+    from node 2's mirror cache. Upstream is stopped throughout. The share path, chosen: by
+    default a containerd node redirects its runtime and keeps no copy of its own."""
     image = test_images.multi_layer
     nodes = [containerd_factory() for _ in range(3)]
     ref = image.push(registry.host, f"swarm/{image.name}")
     nodes[0].pull(ref, plain_http=True)
     cluster = make_cluster(tmp_path, nodes)
-    mirrors = [cluster.start_mirror(mirror_factory, index) for index in range(3)]
+    mirrors = [
+        cluster.start_mirror(mirror_factory, index, "--peer-transfer=share") for index in range(3)
+    ]
     cluster.wait_connected()
     big = max(image.layer_digests, key=lambda d: image.blobs[d])
     for mirror in mirrors[1:]:
