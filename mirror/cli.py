@@ -394,7 +394,7 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         "at a signed URL good for one GET within 30s: the peer sends the bytes with sendfile and "
         "the runtime checks the digest; a retry within 5 minutes is served as with share; the "
         "runtime must reach the peers' registry port), or auto: redirect on a containerd "
-        "store, whose runtime's own download peers are served from, share on the others",
+        "store (peers are served from containerd's own download), share on the others",
     )
     flag(
         "--upstream",

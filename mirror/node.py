@@ -292,7 +292,8 @@ async def _join_cluster(
     advertiser = Advertiser(store, dht, metrics, ttl=routing.advertise_ttl)
     background.start("advertiser", advertiser.run())
     # Only a node in redirect mode signs URLs; every node serves those its peers signed for it.
-    redirecting = routing.peer_transfer.for_store(store.shows_receiving) is PeerTransfer.REDIRECT
+    transfer = routing.peer_transfer.for_store(store.shows_receiving)
+    redirecting = transfer is PeerTransfer.REDIRECT
     url_signer = UrlSigner(key) if redirecting else None
     fetcher = PeerFetcher(
         dht,
@@ -309,7 +310,7 @@ async def _join_cluster(
         "joined the cluster as %s (router %s, peer transfer %s)",
         http_address,
         routing.router_addr,
-        routing.peer_transfer.for_store(store.shows_receiving),
+        transfer,
     )
     access = AccessPolicy(
         routing.allow_clients, RequestVerifier(key), url_verifier=UrlVerifier(key, http_address)
