@@ -1026,11 +1026,11 @@ class NamespacedRegistry(Registry):
         return True
 
 
-def containerd_config(base: Path, *, cri: bool = False) -> str:
+def containerd_config(base: Path, *, cri_hosts_dir: Path | None = None) -> str:
     """The harness's containerd config with root, state and sockets under `base`; CRI off
-    unless `cri`, then pulling through the node's hosts.toml files (`Node.hosts_dir`)."""
+    unless given the hosts.toml directory its pulls go through."""
     return containerd_config_text(
-        base / "root", base / "state", base, base, cri_hosts_dir=base / "hosts" if cri else None
+        base / "root", base / "state", base, base, cri_hosts_dir=cri_hosts_dir
     )
 
 
@@ -1419,7 +1419,8 @@ def start_containerd(lab: Lab, node: Node, base: Path) -> None:
     node.base = base
     base.mkdir(parents=True)
     config = base / "config.toml"
-    config.write_text(containerd_config(base, cri=lab.pull_client == "cri"))
+    cri_hosts_dir = node.hosts_dir if lab.pull_client == "cri" else None
+    config.write_text(containerd_config(base, cri_hosts_dir=cri_hosts_dir))
     node.containerd = lab.start(
         in_ns(node.namespace, "containerd", "--config", str(config)), base, "containerd"
     )

@@ -724,7 +724,6 @@ def run_bench(args: argparse.Namespace) -> int:
     # A tree whose mirrors take --peer-transfer: mode mirror pins `share` (the default is `auto`,
     # which means redirect on containerd), mode mirror-redirect needs it.
     transfer_flag = redirect_supported(args.python)
-    redirect = "mirror-redirect" not in args.modes or transfer_flag
     results: list[CaseResult] = []
     with (
         workspace(str(tmp_parent), NAMES.tmp_prefix) as work,
@@ -754,7 +753,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     f"  {image.size / MIB:.0f} MiB takes {image.size * 8 / expected:.2f}s "
                     f"through one {args.rate} link"
                 )
-        if not redirect:
+        if "mirror-redirect" in args.modes and not transfer_flag:
             print(
                 f"mode mirror-redirect skipped: `mirror run --help` has no {REDIRECT_FLAG} "
                 "(the redirect code is not in this tree yet)",
@@ -762,7 +761,7 @@ def run_bench(args: argparse.Namespace) -> int:
             )
         try:
             for case in cases:
-                if case.mode == "mirror-redirect" and not redirect:
+                if case.mode == "mirror-redirect" and not transfer_flag:
                     s = case.scenario
                     skipped = CaseResult(s.image_label, 0, s.nodes, case.kind, case.mode)
                     skipped.skipped = f"no {REDIRECT_FLAG} in this tree"

@@ -263,6 +263,7 @@ class _Background:
 async def _join_cluster(
     config: RunConfig,
     store: Store,
+    transfer: PeerTransfer,
     metrics: Metrics,
     stack: AsyncExitStack,
     background: _Background,
@@ -292,7 +293,6 @@ async def _join_cluster(
     advertiser = Advertiser(store, dht, metrics, ttl=routing.advertise_ttl)
     background.start("advertiser", advertiser.run())
     # Only a node in redirect mode signs URLs; every node serves those its peers signed for it.
-    transfer = routing.peer_transfer.for_store(store.shows_receiving)
     redirecting = transfer is PeerTransfer.REDIRECT
     url_signer = UrlSigner(key) if redirecting else None
     fetcher = PeerFetcher(
@@ -564,8 +564,12 @@ async def run_node(config: RunConfig) -> None:
         stack.push_async_callback(store.close)
         metrics.store_up.labels(store.name).set(1)
         upstream = await _upstream_client(config, metrics, stack)
+        # `auto` settled once, by what the store shows (config.PeerTransfer.for_store).
+        transfer = config.routing.peer_transfer.for_store(store.shows_receiving)
         try:
-            access, peers, dht = await _join_cluster(config, store, metrics, stack, background)
+            access, peers, dht = await _join_cluster(
+                config, store, transfer, metrics, stack, background
+            )
         finally:
             # Unwound before the DHT closes: nothing announces into a closed node.
             stack.push_async_callback(background.stop)
@@ -573,7 +577,7 @@ async def run_node(config: RunConfig) -> None:
             mirrored_registries=config.mirrored_registries,
             resolve_tags=config.resolve_tags,
             tag_timeout=config.upstream.tag_timeout,
-            peer_transfer=config.routing.peer_transfer.for_store(store.shows_receiving),
+            peer_transfer=transfer,
         )
         sources = PinnedSources()
         content = ContentService(
