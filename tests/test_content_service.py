@@ -159,6 +159,33 @@ async def test_a_peer_waits_for_an_upstream_fetch_to_start_past_the_bound(
     assert await body(await request) == DATA
 
 
+async def test_a_peer_waits_for_a_claim_being_decided_past_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starved node may be named the claimant before its own claim's answer is back; the
+    nodes that lost to it ask it for the blob meanwhile. Told busy, each fetched the blob from
+    upstream itself (a cold pull at 2.5x the image from upstream). They wait for the claim:
+    it waits on no node. Once it is decided without a fetch here, the bound applies again."""
+    monkeypatch.setattr(service_module, "PEER_START_WAIT", 0)
+    service, downloads, download = await reserved_in(CacheStore(tmp_path / "cache"))
+    with download.deciding_claim():
+        request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not request.done(), "told busy while this node's claim was being decided"
+    downloads.begin(download, whole_data)  # won: fetched from upstream
+    assert await body(await request) == DATA
+
+    service, downloads, download = await reserved_in(CacheStore(tmp_path / "lost"))
+    with download.deciding_claim():
+        request = asyncio.create_task(service.blob(TARGET, Caller.PEER, None, head=False))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not request.done()
+    with pytest.raises(TooManyRequests, match="has not started arriving here yet"):
+        await request  # lost, and not started within the bound
+
+
 class GatedRouter:
     """The real DHT, with claim decisions held until the test opens the gate."""
 

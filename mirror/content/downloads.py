@@ -47,7 +47,7 @@ import io
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from mirror.errors import CacheFull, DigestMismatch, MirrorError, StoreUnavailable
@@ -169,6 +169,10 @@ class Download:
         self._stall_seconds = stall_seconds
         self._loop = asyncio.get_running_loop()
         self._started = asyncio.Event()  # size known and bytes about to flow, or failed
+        # Started, begun, or a claim asked or decided: a peer waiting for the start looks again.
+        self._state = _Signal()
+        # This node is asking the cluster who fetches the blob from upstream (`deciding_claim`).
+        self.claiming = False
         self._data = _Signal()  # more bytes, the end, or a reader dropped: readers look again
         self._room = _Signal()  # a reader moved or left: a passing-through producer looks again
         self._fd: int | None = None  # the temp file (then the published blob), shared
@@ -226,7 +230,7 @@ class Download:
             log.exception("download of %s failed unexpectedly", self.digest)
             self._finish(exc)
         finally:
-            self._started.set()
+            self._mark_started()
             self._ran = True
             self._data.fire()
             self._release_if_unread()
@@ -291,7 +295,7 @@ class Download:
         about 128 KiB), and a blob that arrives in small chunks costs few thread hand-offs.
         """
         self._fd = await asyncio.to_thread(os.open, writer.temp_path, os.O_RDONLY)
-        self._started.set()
+        self._mark_started()
         queued: list[bytes] = []  # taken from the origin, not yet handed to the writer
         writing: asyncio.Task[bytes | None] | None = None
         try:
@@ -389,7 +393,7 @@ class Download:
         unless the source does); keep nothing."""
         self.passthrough = reason
         self._memory_start = self.received
-        self._started.set()
+        self._mark_started()
         self._data.fire()
         # The readers woken by the start join before the bytes flow: a source that needs no
         # hashing here may not wait at all, and a blob gone through before its first reader
@@ -485,6 +489,37 @@ class Download:
     def from_upstream(self) -> bool:
         """Begun, from upstream: its bytes wait on no other node."""
         return self.task is not None and self.origin == SOURCE_UPSTREAM
+
+    @contextlib.contextmanager
+    def deciding_claim(self) -> Iterator[None]:
+        """While this node asks the cluster whether it fetches the blob from upstream.
+
+        The cluster may name it the claimant before its own answer is back (a starved node),
+        and the nodes that lost the claim then ask it for the blob: they wait on a claim,
+        not on a node (`waits_on_no_node`).
+        """
+        self.claiming = True
+        self._state.fire()
+        try:
+            yield
+        finally:
+            self.claiming = False
+            self._state.fire()
+
+    @property
+    def waits_on_no_node(self) -> bool:
+        """Begun from upstream, or its claim on that being decided: its start depends on no
+        other node's download, so a peer waiting for it closes no cycle of waits."""
+        return self.from_upstream or self.claiming
+
+    async def state_changed(self) -> None:
+        """Until it starts, is begun, or a claim on it is asked or decided. Check the state
+        and call this with no await in between."""
+        await self._state.wait()
+
+    def _mark_started(self) -> None:
+        self._started.set()
+        self._state.fire()
 
     @property
     def started(self) -> asyncio.Event:
@@ -723,11 +758,12 @@ class Downloads:
         download.task = asyncio.create_task(
             self._run(download, opener), name=f"download {download.digest}"
         )
+        download._state.fire()
 
     def abandon(self, download: Download, reason: str) -> None:
         """Give a reservation up (another node fetches it); its waiters fail over."""
         download._finish(DownloadAbandoned(reason))
-        download._started.set()
+        download._mark_started()
         if self._running.get(str(download.digest)) is download:
             del self._running[str(download.digest)]
 

@@ -585,7 +585,8 @@ class ContentService:
         assert self._downloads is not None
         if self._upstream is None:
             raise BlobUnknown(f"blob {digest} is not held in the cluster")
-        holder = await self._claim(digest)
+        with download.deciding_claim():
+            holder = await self._claim(digest)
         if holder is not None and self._peers is not None and redirecting:
             answer = await self._redirected(digest, path, sharing, [holder])
             if answer is not None:
@@ -717,29 +718,36 @@ class ContentService:
 
 
 async def _started_for_peer(download: Download) -> None:
-    """Wait at most `PEER_START_WAIT` for a download a peer joins to start receiving.
+    """Wait for a download a peer joins to start receiving, at most `PEER_START_WAIT` while
+    it waits on another node.
 
     A peer is sent here by a referral while this node may still be finding its own source
     (peers/referrals.py); it usually starts within a round trip or two. Past the bound the peer
     is told this node is busy and asks the next node it was named: no two nodes can wait on
     each other for longer than that.
 
-    A download begun from upstream is waited for without that bound: it waits on no node, so
-    it closes no cycle, and its node fetches for the cluster (it holds the claim). Told busy
-    twice (once more as a last resort), a peer that lost the claim would fetch the blob from
-    upstream a second time; the upstream client bounds how long a fetch takes to start.
+    A download that waits on no node (`Download.waits_on_no_node`) is waited for without that
+    bound: begun from upstream, or this node's claim on it being decided (bounded itself,
+    routing/claims.py). It closes no cycle, and the peer is most likely a node that lost the
+    claim to this one: told busy (once more as a last resort), it would fetch the blob from
+    upstream a second time. The bound starts again when the claim is decided. The upstream
+    client bounds how long a fetch takes to start.
     """
-    if download.from_upstream:
-        await download.started.wait()
-        return
-    try:
-        async with asyncio.timeout(PEER_START_WAIT):
-            await download.started.wait()
-    except TimeoutError:
-        raise TooManyRequests(
-            f"{download.digest} has not started arriving here yet; ask another node",
-            retry_after=1,
-        ) from None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PEER_START_WAIT
+    while not download.started.is_set():
+        if download.waits_on_no_node:
+            await download.state_changed()
+            deadline = loop.time() + PEER_START_WAIT
+            continue
+        try:
+            async with asyncio.timeout_at(deadline):
+                await download.state_changed()
+        except TimeoutError:
+            raise TooManyRequests(
+                f"{download.digest} has not started arriving here yet; ask another node",
+                retry_after=1,
+            ) from None
 
 
 def _ahead_of(download: Download, requested: RangeRequest) -> bool:
