@@ -190,6 +190,71 @@ async def test_a_late_claim_reply_does_not_split_the_claim(
         assert holding_a_claim(nodes, text) == set()
 
 
+async def test_a_slow_arbiter_that_is_alive_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split behind duplicate upstream fetches at 0.15 CPU per node in the cold pull.
+
+    The keeper, starved, let both of a claimer's tries time out, yet it was alive: it sent the
+    claimer a request meanwhile. Falling back to the next closest node, which here holds no copy
+    of the winner's claim, would grant the claimer a second fetch. It asks the keeper once more,
+    with more patience, and streams from the winner.
+    """
+    text = "sha256:" + "1b" * 32
+    async with cluster(6, **PATIENT) as nodes:
+        keeper, _, *others = closest_to(nodes, text)
+        holder, claimer = others[-1], others[-2]
+        monkeypatch.setattr(holder._claimer, "_copy_claim", lambda *args: None)
+        assert await holder.claim(text) is None
+        client = claimer._client
+        claim = client.claim
+        tries: list[float] = []
+
+        def keeper_slow(node: Node, *args: Any, **kwargs: Any) -> asyncio.Future[object]:
+            if node.id != keeper.node_id:
+                return claim(node, *args, **kwargs)
+            tries.append(kwargs["timeout"])
+            if len(tries) > 2:  # the longer try: the starved keeper's answer comes
+                return claim(node, *args, **kwargs)
+            late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            if len(tries) == 1:
+                # The keeper is alive: it asks the claimer something before this try ends.
+                asked = keeper._client.ping(claimer.router_address)
+                asked.add_done_callback(lambda _: late.set_result(None))
+            else:
+                late.set_result(None)  # what a reply after the timeout looks like to the claimer
+            return late
+
+        monkeypatch.setattr(client, "claim", keeper_slow)
+        assert await claimer.claim(text) == provider(holder)
+        assert len(tries) == 3 and tries[2] > tries[0]
+        assert holding_a_claim(nodes, text) == {keeper}
+
+
+async def test_a_silent_arbiter_is_passed_over_without_the_longer_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An arbiter heard nothing from since the claim was sent may be dead: no longer wait."""
+    text = "sha256:" + "1c" * 32
+    async with cluster(6, **PATIENT) as nodes:
+        keeper, successor, *others = closest_to(nodes, text)
+        claimer = others[-1]
+        client = claimer._client
+        claim = client.claim
+        tries: list[float] = []
+
+        def keeper_silent(node: Node, *args: Any, **kwargs: Any) -> asyncio.Future[object]:
+            if node.id != keeper.node_id:
+                return claim(node, *args, **kwargs)
+            tries.append(kwargs["timeout"])
+            late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            late.set_result(None)
+            return late
+
+        monkeypatch.setattr(client, "claim", keeper_silent)
+        assert await claimer.claim(text) is None  # granted by the successor
+        assert len(tries) == 2
+        assert holds(successor, text, claimer)
+
+
 async def test_a_dead_arbiter_hands_the_claim_to_the_next_closest_node() -> None:
     text = "sha256:" + "13" * 32
     rpc_timeout = 0.2

@@ -18,6 +18,14 @@ ordinary claim (a node still claims only for itself), sent without waiting for i
 fallback comes only after whole RPC timeouts, so the copy is there first unless the winner was
 itself starved that long.
 
+A starved arbiter is the third: on a node whose CPU is that scarce, every reply comes late,
+seconds late (measured in the cold-pull benchmark at 0.15 CPU per node: late DHT replies
+0.25-9 s after their request, half of them over 1 s). Falling back from an arbiter that is
+only slow splits the claim whenever the next one is the claimer itself. So an arbiter that did
+not answer in its tries, but sent this node anything since the claim was sent (a request of
+its own, an answer), is alive: it is asked once more, with `_SLOW_ARBITER_TIMEOUTS`. A dead
+one sends nothing and is passed over as quickly as before.
+
 From kademlia it uses only `Node` (the candidates, as the lookup and the routing table give
 them); the lookup is ours (lookup.py), and the calls go through `DhtClient`.
 """
@@ -50,11 +58,15 @@ _CLAIM_LOOKUP_TIMEOUTS = 2
 _CLAIM_REQUEST_TIMEOUTS = 4
 # A claim nobody answers moves on to the next closest node, at most this many in all.
 _CLAIM_ARBITERS = 2
+# An arbiter that did not answer but was heard from meanwhile is asked once more, this long.
+_SLOW_ARBITER_TIMEOUTS = 16
 
 
 def claim_deadline(rpc_timeout: float) -> float:
-    """The longest a claim can take: its lookup, then at most two tries at each arbiter."""
-    return (_CLAIM_LOOKUP_TIMEOUTS + 2 * _CLAIM_ARBITERS * _CLAIM_REQUEST_TIMEOUTS) * rpc_timeout
+    """The longest a claim can take: its lookup, then at each arbiter at most two tries and,
+    if it is alive but slow, one longer."""
+    per_arbiter = 2 * _CLAIM_REQUEST_TIMEOUTS + _SLOW_ARBITER_TIMEOUTS
+    return (_CLAIM_LOOKUP_TIMEOUTS + _CLAIM_ARBITERS * per_arbiter) * rpc_timeout
 
 
 class Claimer:
@@ -87,7 +99,8 @@ class Claimer:
 
         Hard deadline (`claim_deadline`): the lookup gets `_CLAIM_LOOKUP_TIMEOUTS` RPC timeouts,
         each of at most `_CLAIM_ARBITERS` arbiters two tries of `_CLAIM_REQUEST_TIMEOUTS` (one
-        if it did not answer the lookup either: a late reply, or a dead node). If none answers,
+        if it did not answer the lookup either: a late reply, or a dead node), and one more of
+        `_SLOW_ARBITER_TIMEOUTS` if it was heard from meanwhile (slow, not dead). If none answers,
         returns None: acting alone costs a duplicate upstream fetch, waiting on unreachable
         nodes would cost the pull itself. Concurrent claims from one node for the
         same text all win: coalescing inside a node is the caller's job.
@@ -106,9 +119,9 @@ class Claimer:
             if holder is not None:
                 fallbacks = arbiters[position + 1 :]
                 break
-            log.debug("claim of %s: no answer from %s", text, arbiter)
+            log.info("claim of %s: no answer from %s", text, arbiter)
         else:
-            log.debug("claim of %s: no arbiter answered, fetching alone", text)
+            log.warning("claim of %s: no arbiter answered, fetching alone", text)
             return None
         if holder.node_id == self._own.node_id:
             self._copy_claim(text, key, ttl, fallbacks)
@@ -169,21 +182,32 @@ class Claimer:
         return [*closer, None, *farther][:_CLAIM_ARBITERS]
 
     async def _claim_at(self, arbiter: Node, key: bytes, ttl: float, tries: int) -> Provider | None:
-        """The arbiter's answer to our claim, in `tries` tries; None if it never answered."""
+        """The arbiter's answer to our claim, in `tries` tries, and one longer if it was heard
+        from meanwhile (alive, only slow); None if it never answered."""
         self._remember_asked(key, arbiter, ttl)
+        asked_at = time.time()  # the clock the contact table notes what it hears with
         for _ in range(tries):
-            reply = await asyncio.shield(
-                self._client.claim(
-                    arbiter,
-                    key,
-                    self._own.address,
-                    ttl,
-                    timeout=_CLAIM_REQUEST_TIMEOUTS * self._settings.rpc_timeout,
-                )
-            )
+            reply = await self._ask(arbiter, key, ttl, _CLAIM_REQUEST_TIMEOUTS)
             if reply is not None:
                 return reply
-        return None
+        if not self._table.heard_from_since(arbiter.id, asked_at):
+            return None
+        log.info(
+            "claim of %s at %s: no answer yet, but it is alive; waiting longer", key.hex(), arbiter
+        )
+        return await self._ask(arbiter, key, ttl, _SLOW_ARBITER_TIMEOUTS)
+
+    async def _ask(self, arbiter: Node, key: bytes, ttl: float, timeouts: int) -> Provider | None:
+        # Shielded, like every RPC future awaited here (see `release`).
+        return await asyncio.shield(
+            self._client.claim(
+                arbiter,
+                key,
+                self._own.address,
+                ttl,
+                timeout=timeouts * self._settings.rpc_timeout,
+            )
+        )
 
     def _remember_asked(self, key: bytes, arbiter: Node, ttl: float) -> None:
         """Note where a claim of `key` goes before it is sent: a lost reply may hide a grant."""

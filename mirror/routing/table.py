@@ -125,6 +125,11 @@ class ContactTable:
             for node in self.contacts()
         ]
 
+    def heard_from_since(self, node_id: bytes, since: float) -> bool:
+        """Whether `node_id` sent a request or an answer at or after wall-clock time `since`."""
+        seen = self._seen.get(node_id)
+        return seen is not None and seen >= since
+
     def neighbours(self, key: bytes, limit: int, source: Node) -> list[Node]:
         """The contacts closest to `key` to tell `source` of (never `source` itself)."""
         return [
