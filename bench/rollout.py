@@ -338,7 +338,7 @@ class Rollout:
     # one case --------------------------------------------------------------------------------
 
     def mirror_settings(self, everyone: list[Node], redirect: bool) -> MirrorSettings:
-        extra = []
+        extra: list[str] = []
         if self.transfer_flag:
             extra.append(f"{REDIRECT_FLAG}={'redirect' if redirect else 'share'}")
         extra += self.args.mirror_arg

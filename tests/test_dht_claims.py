@@ -58,6 +58,13 @@ async def wait_until(condition: Callable[[], bool], *, within: float = 3.0) -> N
         await asyncio.sleep(0.01)
 
 
+def unanswered() -> asyncio.Future[object]:
+    """An RPC future as it looks once its reply came after the timeout: resolved to None."""
+    late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    late.set_result(None)
+    return late
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -147,9 +154,7 @@ async def test_a_late_lookup_reply_does_not_elect_a_second_arbiter(
         def keeper_late(node: Node, key: bytes) -> asyncio.Future[object]:
             if node.id != keeper.node_id:
                 return find_node(node, key)
-            late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            late.set_result(None)  # what a reply after the timeout looks like to the lookup
-            return late
+            return unanswered()
 
         monkeypatch.setattr(client, "find_node", keeper_late)
         assert await claimer.claim(text) == provider(first)
@@ -179,9 +184,7 @@ async def test_a_late_claim_reply_does_not_split_the_claim(
         def keeper_late(node: Node, *args: Any, **kwargs: Any) -> asyncio.Future[object]:
             if node.id != keeper.node_id:
                 return claim(node, *args, **kwargs)
-            late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            late.set_result(None)  # what a reply after the timeout looks like to the claimer
-            return late
+            return unanswered()
 
         monkeypatch.setattr(client, "claim", keeper_late)
         assert await claimer.claim(text) == provider(holder)
@@ -214,13 +217,12 @@ async def test_a_slow_arbiter_that_is_alive_is_waited_for(monkeypatch: pytest.Mo
             tries.append(kwargs["timeout"])
             if len(tries) > 2:  # the longer try: the starved keeper's answer comes
                 return claim(node, *args, **kwargs)
+            if len(tries) == 2:  # the second try: no answer in time either
+                return unanswered()
+            # The first try: the keeper, alive, asks the claimer something before it ends.
             late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            if len(tries) == 1:
-                # The keeper is alive: it asks the claimer something before this try ends.
-                asked = keeper._client.ping(claimer.router_address)
-                asked.add_done_callback(lambda _: late.set_result(None))
-            else:
-                late.set_result(None)  # what a reply after the timeout looks like to the claimer
+            asked = keeper._client.ping(claimer.router_address)
+            asked.add_done_callback(lambda _: late.set_result(None))
             return late
 
         monkeypatch.setattr(client, "claim", keeper_slow)
@@ -245,9 +247,7 @@ async def test_a_silent_arbiter_is_passed_over_without_the_longer_wait(
             if node.id != keeper.node_id:
                 return claim(node, *args, **kwargs)
             tries.append(kwargs["timeout"])
-            late: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            late.set_result(None)
-            return late
+            return unanswered()
 
         monkeypatch.setattr(client, "claim", keeper_silent)
         assert await claimer.claim(text) is None  # granted by the successor
