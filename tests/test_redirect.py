@@ -48,7 +48,7 @@ from mirror.peers.auth import (
     UrlVerifier,
 )
 from mirror.peers.fetcher import PeerFetcher, Redirect
-from mirror.peers.referrals import parse_hops, with_sharer
+from mirror.peers.referrals import HOPS_HEADER, parse_hops, with_sharer
 from mirror.ranges import RangeRequest, parse_range_header
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import RegistryApi, UploadSlots
@@ -422,16 +422,21 @@ async def test_no_redirect_without_a_whole_copy_or_in_share_mode(
 
 
 @contextlib.asynccontextmanager
-async def unanswering_node() -> AsyncIterator[tuple[str, list[str], asyncio.Event]]:
+async def unanswering_node(
+    answered_from: int | None = None,
+) -> AsyncIterator[tuple[str, list[str], asyncio.Event]]:
     """A node that takes requests and answers none until the event is set (a node starved of
-    CPU at the start of a rollout): its address, the methods it was sent, the event."""
+    CPU at the start of a rollout): its address, the methods it was sent, the event.
+    `answered_from`: requests from this one on (counted from 0) are answered at once, as a
+    holder of the blob."""
     asked: list[str] = []
     answer = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
         asked.append(request.method)
-        await answer.wait()
-        return web.Response(status=200)
+        if answered_from is None or len(asked) <= answered_from:
+            await answer.wait()
+        return web.Response(status=200, headers={HOPS_HEADER: "0"})
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -466,6 +471,44 @@ async def test_a_provider_slow_to_answer_its_probe_is_not_waited_on(
         sample = fetcher._metrics.registry.get_sample_value
         failed = {"reason": "unavailable"}
         assert not sample("mirror_peer_fetch_failures_total", failed), "cut off, not failed"
+
+
+async def test_a_provider_that_took_the_probe_but_did_not_answer_is_probed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the start of a rollout every provider may be too starved of CPU to answer a probe
+    within `_PROBE_TIMEOUT`. Passing them all over would serve the runtime another way, from
+    upstream at worst. One that took the connection is alive: it is probed once more with
+    `_SLOW_PROBE_TIMEOUT` to answer. One that refused it is gone, and is not asked again."""
+    monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 0.2)
+    monkeypatch.setattr(fetcher_module, "_SLOW_PROBE_TIMEOUT", 3600.0)  # waiting would hang
+    async with unanswering_node(answered_from=1) as (starved, asked, _):
+        fetcher = fetcher_for(f"127.0.0.1:{free_port()}", starved, url_signer=UrlSigner(KEY))
+        async with asyncio.timeout(60):  # a bound on a hang, not a measurement
+            url = await redirect_url(fetcher)
+    assert asked == ["HEAD", "HEAD"], "the starved node was probed twice"
+    assert url is not None and url.startswith(f"http://{starved}/v2/"), url
+    sample = fetcher._metrics.registry.get_sample_value
+    assert sample("mirror_peer_fetch_failures_total", {"reason": "slow"}) == 1
+    assert sample("mirror_peer_fetch_failures_total", {"reason": "unavailable"}) == 1, (
+        "the node that refused the connection was probed once"
+    )
+
+
+async def test_a_provider_slow_twice_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second probe is bounded too: a node that took both connections and answered
+    neither is passed over after `_SLOW_PROBE_TIMEOUT`, and the runtime is served another way."""
+    monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 0.2)
+    monkeypatch.setattr(fetcher_module, "_SLOW_PROBE_TIMEOUT", 0.2)
+    async with unanswering_node() as (starved, asked, _):
+        fetcher = fetcher_for(starved, url_signer=UrlSigner(KEY))
+        async with asyncio.timeout(60):  # a bound on a hang, not a measurement
+            assert await redirect_url(fetcher) is None
+    assert asked == ["HEAD", "HEAD"]
+    sample = fetcher._metrics.registry.get_sample_value
+    assert sample("mirror_peer_fetch_failures_total", {"reason": "slow"}) == 1
+    assert sample("mirror_peer_fetch_failures_total", {"reason": "unavailable"}) == 1
+    assert sample("mirror_peer_redirects_total", {"result": "no-holder"}) == 1
 
 
 async def test_a_runtime_asking_again_is_served_by_its_node(holder: Holder) -> None:

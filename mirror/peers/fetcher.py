@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import aiohttp
 from yarl import URL
@@ -115,8 +116,14 @@ _TIE_FACTOR = 1.25
 _FORGET_SECONDS = 600.0
 _FORGET_PAST = 256
 # A provider probed before the runtime is redirected to it answers a HEAD from its own store at
-# once; past this it is passed over (a redirect is worth a quick answer only).
+# once; past this it is passed over (a redirect is worth a quick answer only). It is the bound
+# on connecting too.
 _PROBE_TIMEOUT = 1.0
+# A provider that took the probe's connection but let `_PROBE_TIMEOUT` pass is alive, only
+# starved of CPU (a rollout's nodes start their pulls together): when no provider answered in
+# time, the slow ones are probed once more, at once, with this long to answer. A dead provider
+# refuses the connection or never takes it, and is not waited for.
+_SLOW_PROBE_TIMEOUT = 4.0
 # Probes out at once while choosing where to redirect: the next provider is probed beside one
 # that has not answered within `hedge_after`.
 _PROBES_AT_ONCE = 2
@@ -192,6 +199,14 @@ class _Serves:
     """A probed provider serves the blob, its bytes `hops` from a holder (None: unsaid)."""
 
     hops: int | None
+
+
+class _Slow:
+    """A probed provider took the connection but did not answer in time: alive, maybe starved."""
+
+
+_SLOW = _Slow()
+_Probed: TypeAlias = _Serves | list[Provider] | _Slow | None
 
 
 class _PeerSlowOrFailed(Exception):
@@ -563,9 +578,22 @@ class PeerFetcher:
         if sharing and self._own is not None:
             path = with_sharer(path, self._own)
         busy: list[Provider] = []
+        slow: list[Provider] = []
         if among is None:
             timeout = _PROBE_TIMEOUT
-            found = await self._probe_hedged([], path, timeout, busy, refill=str(digest))
+            found = await self._probe_hedged([], path, timeout, busy, slow, refill=str(digest))
+            if found is None and slow:
+                # Alive but starved: passed over, the runtime is served another way, from
+                # upstream at worst, while they hold the bytes.
+                log.info(
+                    "no provider of %s answered in %.0fs; probing %d that took the probe again",
+                    digest,
+                    timeout,
+                    len(slow),
+                )
+                found = await self._probe_hedged(
+                    slow, path, timeout, busy, answer_within=_SLOW_PROBE_TIMEOUT
+                )
         else:
             timeout = _CLAIMANT_PROBE_TIMEOUT
             found = await self._probe_hedged(list(among), path, timeout, busy)
@@ -593,40 +621,47 @@ class PeerFetcher:
         path: str,
         timeout: float,
         busy: list[Provider],
+        slow: list[Provider] | None = None,
         *,
         refill: str | None = None,
+        answer_within: float | None = None,
     ) -> tuple[Provider, _Serves] | None:
         """The first of `queue`'s providers to serve `path` (probed in order, the queue topped up
         from the DHT's providers of `refill` when it runs dry), with its answer; None if none.
 
         A probe not answered within `hedge_after` has the next candidate probed beside it (two
-        at most), as `_first_answer` does for bodies: a node too starved to answer soon (a
-        rollout's nodes start their pulls together) costs the pull that long, not `timeout`.
-        Busy providers go into `busy`, and the sharers they name are probed next. A probe
-        still out when another wins is cut off; if its provider had accepted it, the slot it
-        keeps lapses by itself (`UploadSlots.reserve`).
+        at most; every one at once with `answer_within`), as `_first_answer` does for bodies:
+        a node too starved to answer soon (a rollout's nodes start their pulls together) costs
+        the pull that long, not `timeout`. Busy providers go into `busy`, and the sharers they
+        name are probed next; those that took the connection but not answered within
+        `timeout` go into `slow`. A probe still out when another wins is cut off; if its
+        provider had accepted it, the slot it keeps lapses by itself (`UploadSlots.reserve`).
+        `answer_within`: see `_probe`.
         """
+        at_once = _PROBES_AT_ONCE if answer_within is None else len(queue)
         tried: set[bytes] = set()
-        running: dict[asyncio.Task[_Serves | list[Provider] | None], Provider] = {}
+        running: dict[asyncio.Task[_Probed], Provider] = {}
         drained = False  # the DHT had no one new: ask it again only once a probe ended
         try:
             while True:
-                if len(running) < _PROBES_AT_ONCE:
+                while len(running) < at_once:
                     provider = _untried(queue, tried)
                     if provider is None and refill is not None and not drained:
                         queue = await self.providers(refill, exclude=tried)
                         drained = not queue
                         provider = _untried(queue, tried)
-                    if provider is not None:
-                        tried.add(provider.node_id)
-                        running[asyncio.create_task(self._probe(provider, path, timeout))] = (
-                            provider
-                        )
+                    if provider is None:
+                        break
+                    tried.add(provider.node_id)
+                    probe = self._probe(provider, path, timeout, answer_within=answer_within)
+                    running[asyncio.create_task(probe)] = provider
+                    if answer_within is None:
+                        break  # the next one only beside a probe slow to answer
                 if not running:
                     return None
                 # Another candidate may come: hedge to it if the ones out are slow to answer.
                 more = bool(queue) or (refill is not None and not drained)
-                more = more and len(running) < _PROBES_AT_ONCE
+                more = more and len(running) < at_once
                 done, _ = await asyncio.wait(
                     running,
                     timeout=self._hedge_after if more else None,
@@ -641,6 +676,8 @@ class PeerFetcher:
                     if isinstance(answer, list):  # busy: the sharers it named first
                         busy.append(provider)
                         queue[:0] = [p for p in answer if p.node_id not in tried]
+                    elif isinstance(answer, _Slow) and slow is not None:
+                        slow.append(provider)
         finally:
             for task in running:
                 task.cancel()
@@ -667,25 +704,43 @@ class PeerFetcher:
         return f"http://{provider.address}{self._url_signer.sign(method, provider.address, path)}"
 
     async def _probe(
-        self, provider: Provider, path: str, timeout: float, *, last_resort: bool = False
-    ) -> _Serves | list[Provider] | None:
+        self,
+        provider: Provider,
+        path: str,
+        timeout: float,
+        *,
+        answer_within: float | None = None,
+        last_resort: bool = False,
+    ) -> _Probed:
         """Whether `provider` serves `path` on a signed URL now (and its hops); busy, with the
-        sharers it referred to (maybe none); or None (it does not hold it, or did not answer).
-        A `last_resort` probe is not refused for being busy."""
+        sharers it referred to (maybe none); slow (it took the connection within `timeout`
+        but did not answer within `answer_within`, by default `timeout` too); or None (it does
+        not hold it, or is unreachable). A `last_resort` probe is not refused for being busy.
+
+        Connecting and answering are bounded apart because they tell different things: a
+        kernel takes a connection for a process starved of CPU, and refuses it, or drops it
+        unanswered, for a process or machine that is gone."""
         assert self._session is not None, "PeerFetcher.start() was not called"
         if last_resort:
             path = _as_last_resort(path)
         url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
+        bounds = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_read=answer_within or timeout
+        )
         try:
-            async with asyncio.timeout(timeout):
-                async with self._session.head(url, allow_redirects=False) as response:
-                    self._loads.answered(provider, response, upload=False)
-                    if response.status == 200:
-                        return _Serves(parse_hops(response.headers.get(HOPS_HEADER)))
-                    if response.status == 429:
-                        referred = parse_referral(response.headers.get(TRY_HEADER))
-                        return [p for p in referred if p.node_id != self._own_id()]
-                    error = f"answered {response.status} to a signed URL"
+            async with self._session.head(url, allow_redirects=False, timeout=bounds) as response:
+                self._loads.answered(provider, response, upload=False)
+                if response.status == 200:
+                    return _Serves(parse_hops(response.headers.get(HOPS_HEADER)))
+                if response.status == 429:
+                    referred = parse_referral(response.headers.get(TRY_HEADER))
+                    return [p for p in referred if p.node_id != self._own_id()]
+                error = f"answered {response.status} to a signed URL"
+        except aiohttp.SocketTimeoutError:
+            if answer_within is None:
+                self._failed(provider, "slow", f"took the probe, no answer in {timeout:.0f}s")
+                return _SLOW
+            error = f"took the probe, no answer in {answer_within:.0f}s"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = str(exc) or type(exc).__name__
         self._failed(provider, "unavailable", error)
