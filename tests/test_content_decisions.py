@@ -319,6 +319,27 @@ async def test_a_blob_another_node_claimed_is_streamed_from_that_node(node: Node
     )
 
 
+async def test_a_blob_the_lookup_missed_comes_from_the_node_the_claim_names(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup cut short (a starved node's deadline) finds nobody though a node holds the
+    blob: the claim's arbiter keeps the key's records and names that node, so the blob comes
+    from it, not from upstream a second time."""
+    key = str(LAYER_DIGEST)
+    node.upstream.blobs[key] = LAYER
+    node.peers.give(PEER, key, LAYER)
+
+    async def cut_short(key: str, want: int = 2) -> list[Provider]:
+        return []
+
+    monkeypatch.setattr(node.router, "find_providers", cut_short)
+    assert await fetch(node) == (SOURCE_PEER, LAYER)
+    assert ("claim", key) in node.router.calls
+    assert node.peers.asked == [(PEER.address, key)]
+    assert node.upstream.asked == []
+    assert node.router.cluster.holder(key) is None, "no claim was granted"
+
+
 async def test_a_node_that_lost_the_claim_fetches_from_the_winner_as_a_download(
     node: Node,
 ) -> None:

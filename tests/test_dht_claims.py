@@ -296,6 +296,32 @@ async def test_claim_acts_alone_when_its_arbiters_die_after_the_lookup(
         assert time.monotonic() - started < claim_deadline(rpc_timeout) + 0.5
 
 
+async def test_a_claim_of_a_key_a_node_holds_names_that_node() -> None:
+    """The arbiter keeps the key's provider records: a claimer whose own lookup missed them
+    (cut short on a starved node) is sent to a node that holds the key instead of being
+    granted a second upstream fetch; so is the arbiter itself. A live claim still comes first,
+    and a holder's own record is no answer to its own claim."""
+    text, fetched = "sha256:" + "16" * 32, "sha256:" + "17" * 32
+    async with cluster(4, **PATIENT) as nodes:
+        keeper = keeper_of(nodes, text)
+        holder, claimer, _ = [node for node in nodes if node is not keeper]
+        assert await holder.provide(text)
+        await wait_until(lambda: provider(holder) in keeper.local_providers(text))
+        assert await claimer.claim(text) == provider(holder)
+        assert await keeper.claim(text) == provider(holder), "the arbiter asking itself"
+        assert holding_a_claim(nodes, text) == set()
+        assert await holder.claim(text) is None
+        assert holding_a_claim(nodes, text) == {keeper_of(nodes, text)}
+
+        first, second, third = [node for node in nodes if node is not keeper_of(nodes, fetched)]
+        assert await first.claim(fetched) is None
+        assert await second.provide(fetched)
+        await wait_until(
+            lambda: provider(second) in keeper_of(nodes, fetched).local_providers(fetched)
+        )
+        assert await third.claim(fetched) == provider(first), "the live claim comes first"
+
+
 async def test_claims_are_not_provider_records() -> None:
     text = "sha256:" + "15" * 32
     key = dht_key(text)

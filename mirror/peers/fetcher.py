@@ -467,7 +467,7 @@ class PeerFetcher:
         started = self._clock()
         found = await self._router.find_providers(key_text, want=_PROVIDERS_WANTED)
         now = self._clock()
-        usable = [p for p in found if p.node_id not in exclude and self._trusted(p, key_text, now)]
+        usable = [p for p in self._trusted_among(found, key_text) if p.node_id not in exclude]
         result = "found" if usable else "missing"
         self._metrics.peer_lookup_duration.labels(result).observe(now - started)
         return self._loads.order(usable)
@@ -562,8 +562,8 @@ class PeerFetcher:
         runtimes line up as a swarm instead of all fetching from the first holder. When every
         provider is busy, the least loaded that still answers a last-resort probe gets the
         runtime anyway (a signed GET is never refused). `among`: these providers only (the
-        node that claimed the upstream fetch), each given `_CLAIMANT_PROBE_TIMEOUT` to answer,
-        as it may not have its first bytes yet.
+        node a claim named), those trusted for the digest, each given `_CLAIMANT_PROBE_TIMEOUT`
+        to answer, as it may not have its first bytes yet.
 
         None: nobody holds it, or this is a retry (see `_REDIRECT_RETRY_SECONDS`): the caller
         serves the blob another way.
@@ -596,7 +596,8 @@ class PeerFetcher:
                 )
         else:
             timeout = _CLAIMANT_PROBE_TIMEOUT
-            found = await self._probe_hedged(list(among), path, timeout, busy)
+            queue = self._trusted_among(among, str(digest))
+            found = await self._probe_hedged(queue, path, timeout, busy)
         if found is not None:
             provider, serves = found
             return self._redirect_to(provider, digest, path, now, serves.hops)
@@ -759,7 +760,10 @@ class PeerFetcher:
         head: bool = False,
         nearer_than: int | None = None,
     ) -> PeerBlob | None:
-        """Like `blob`, from these providers (the node that claimed an upstream fetch)."""
+        """Like `blob`, from these providers (the node a claim named), those trusted for it."""
+        candidates = self._trusted_among(candidates, str(digest))
+        if not candidates:
+            return None
         busy: list[Provider] = []
         found = await self._open_blob(
             candidates, digest, path, requested, head, busy, nearer_than=nearer_than
@@ -1227,6 +1231,10 @@ class PeerFetcher:
     def _failed(self, provider: Provider, reason: str, error: object) -> None:
         self._metrics.peer_fetch_failures.labels(reason).inc()
         log.info("peer %s failed (%s): %s", provider.address, reason, error)
+
+    def _trusted_among(self, providers: list[Provider], key: str) -> list[Provider]:
+        now = self._clock()
+        return [p for p in providers if self._trusted(p, key, now)]
 
     def _trusted(self, provider: Provider, key: str, now: float) -> bool:
         return (

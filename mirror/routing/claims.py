@@ -41,7 +41,7 @@ from kademlia.node import Node
 from mirror.routing.client import DhtClient
 from mirror.routing.keys import dht_key, distance
 from mirror.routing.lookup import IterativeLookup
-from mirror.routing.providers import ClaimStore
+from mirror.routing.providers import ClaimStore, ProviderStore, answer_claim
 from mirror.routing.router import Provider
 from mirror.routing.settings import DhtSettings
 from mirror.routing.table import ContactTable
@@ -80,12 +80,14 @@ class Claimer:
         client: DhtClient,
         table: ContactTable,
         store: ClaimStore,
+        records: ProviderStore,
     ) -> None:
         self._own = own
         self._settings = settings
         self._client = client
         self._table = table
         self._store = store  # the claims this node keeps as an arbiter
+        self._records = records  # the provider records it keeps, which a claim may name
         # Key -> the remote arbiters our claim of it was sent to, and until when it lives:
         # `release` goes straight there (a claim may be held even if its reply was lost).
         self._claimed_at: dict[bytes, tuple[tuple[Node, ...], float]] = {}
@@ -93,9 +95,10 @@ class Claimer:
     async def claim(self, text: str, ttl: float) -> Provider | None:
         """Claim the upstream fetch of `text` for this node; None when this node holds it.
 
-        Otherwise the provider (node id and HTTP address) of the node that already holds a
-        live claim: stream from that one. Claiming again as the holder renews the claim; it
-        lives `ttl` seconds (at most `record_ttl`) from the last claim, unless released.
+        Otherwise the provider (node id and HTTP address) to stream from: the node that
+        already holds a live claim, or one the arbiter knows holds the blob (`answer_claim`).
+        Claiming again as the holder renews the claim; it lives `ttl` seconds (at most
+        `record_ttl`) from the last claim, unless released.
 
         Hard deadline (`claim_deadline`): the lookup gets `_CLAIM_LOOKUP_TIMEOUTS` RPC timeouts,
         each of at most `_CLAIM_ARBITERS` arbiters two tries of `_CLAIM_REQUEST_TIMEOUTS` (one
@@ -112,7 +115,9 @@ class Claimer:
         arbiters = self._arbiters(key, candidates)
         for position, arbiter in enumerate(arbiters):
             if arbiter is None:
-                holder: Provider | None = self._store.claim(key, self._own, ttl)
+                holder: Provider | None = answer_claim(
+                    self._store, self._records, key, self._own, ttl
+                )
             else:
                 tries = 1 if arbiter.id in silent else 2
                 holder = await self._claim_at(arbiter, key, ttl, tries)
@@ -139,7 +144,7 @@ class Claimer:
 
         def check(holder: Provider | None) -> None:
             if holder is not None and holder.node_id != self._own.node_id:
-                log.info("claim of %s is split: %s holds it too", text, holder.address)
+                log.info("claim of %s is split: %s holds or fetches it too", text, holder.address)
 
         def copied(done: asyncio.Future[Provider | None]) -> None:
             if not done.cancelled():
@@ -147,7 +152,7 @@ class Claimer:
 
         for fallback in fallbacks:
             if fallback is None:
-                check(self._store.claim(key, self._own, ttl))
+                check(answer_claim(self._store, self._records, key, self._own, ttl))
                 continue
             self._remember_asked(key, fallback, ttl)
             copy = self._client.claim(

@@ -130,6 +130,7 @@ class DhtNode:
             client=self._client,
             table=self._table,
             store=self._claims,
+            records=self._store,
         )
         self._refresh: asyncio.Task[None] | None = None
         # Hashed key -> when this node last announced it with success (`provide`), oldest first:

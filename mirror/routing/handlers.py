@@ -20,7 +20,7 @@ from kademlia.node import Node
 
 from mirror.routing import wire
 from mirror.routing.broadcast import Flooder
-from mirror.routing.providers import ClaimStore, ProviderStore
+from mirror.routing.providers import ClaimStore, ProviderStore, answer_claim
 from mirror.routing.router import Provider
 from mirror.routing.rpc import Address
 from mirror.routing.settings import DhtSettings
@@ -145,17 +145,19 @@ class RequestHandlers:
         address: str,
         ttl: float,
     ) -> list[object] | None:
-        """Record the sender as the node fetching `key`, unless another node's claim is live.
+        """Record the sender as the node fetching `key`, unless another node's claim is live
+        or a node announced it holds `key` (`answer_claim`).
 
-        Replies with the holder after this call (the sender when it won or renewed), or nil
-        when refused: a node can only ever claim for itself. Claims are not provider records:
-        never served by get_providers, never handed off.
+        Replies with the node to fetch from after this call (the sender when it won or
+        renewed), or nil when refused: a node can only ever claim for itself. Claims are not
+        provider records: never served by get_providers, never handed off.
         """
         if provider_id != nodeid or nodeid == self._own:
             log.debug("refused a claim from %s for another node's id", sender)
             return None
         self._welcome(sender, nodeid)
-        holder = self._claims.claim(key, Provider(provider_id, address), self._ttl(ttl))
+        claimer = Provider(provider_id, address)
+        holder = answer_claim(self._claims, self._providers, key, claimer, self._ttl(ttl))
         return wire.claim_reply(holder)
 
     def release(self, sender: Address, nodeid: bytes, key: bytes, provider_id: bytes) -> bool:

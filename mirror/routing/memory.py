@@ -101,6 +101,11 @@ class MemoryRouter:
         holder = self.cluster.holder(key)
         if holder is not None and holder.node_id != self.me.node_id:
             return holder
+        if holder is None:  # a node that holds it is named, as the DHT's arbiter does
+            held = self.cluster.providers.get(key, {})
+            others = [p for node_id, p in held.items() if node_id != self.me.node_id]
+            if others:
+                return others[-1]
         self.cluster.claims[key] = _Claim(self.me, self.cluster.clock() + ttl)
         return None
 

@@ -101,6 +101,20 @@ class ProviderStore:
             if record.expires_at > now
         ]
 
+    def freshest(self, key: bytes, *, exclude: Container[bytes] = ()) -> Provider | None:
+        """The live provider of `key` whose record was renewed last (the likeliest to be up),
+        minus `exclude`d node ids; None if there is none."""
+        now = self._clock()
+        live = [
+            (record.expires_at, node_id, record.address)
+            for node_id, record in self._records.get(key, {}).items()
+            if record.expires_at > now and node_id not in exclude
+        ]
+        if not live:
+            return None
+        _, node_id, address = max(live)
+        return Provider(node_id, address)
+
     def stored_keys(self) -> list[bytes]:
         return list(self._records)
 
@@ -219,3 +233,25 @@ class ClaimStore:
             current = self._claims.get(key)
             if current is not None and current.expires_at <= now:
                 del self._claims[key]
+
+
+def answer_claim(
+    claims: ClaimStore, records: ProviderStore, key: bytes, claimer: Provider, ttl: float
+) -> Provider:
+    """What an arbiter answers a claim of `key` with: the node the claimer should fetch from,
+    or the claimer itself when it now holds the claim (it won, or renewed its own).
+
+    A live claim of another node wins, as before. Without one, a node that announced it holds
+    `key` (a record kept here: the arbiter is the node closest to the key, so it keeps the
+    key's records) is named instead of granting a claim: the bytes are in the cluster, and a
+    claimer whose own provider lookup came back empty (cut short on a starved node, or
+    started before the record reached it) would otherwise fetch them from upstream again. A
+    record may outlive what it says; a claimer that finds the named node not serving fetches
+    the blob itself (content/service.py), as after a claimant that failed.
+    """
+    current = claims.holder(key)
+    if current is None:
+        holder = records.freshest(key, exclude=(claimer.node_id,))
+        if holder is not None:
+            return holder
+    return claims.claim(key, claimer, ttl)

@@ -48,8 +48,8 @@ class Router(Protocol):
         """Claim the upstream fetch of `key` for `ttl` seconds, cluster-wide.
 
         None: this node holds the claim (it won, or renewed its own) and should fetch. A
-        provider: that node already fetches `key`; stream from it instead. Every node of the
-        cluster gets the same answer while a claim is live.
+        provider: that node already fetches `key`, or announced it holds it; stream from it
+        instead. Every node of the cluster gets the same answer while a claim is live.
         """
         ...
 
