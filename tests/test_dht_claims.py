@@ -22,6 +22,7 @@ from mirror.routing.claims import claim_deadline
 from mirror.routing.dht import DhtNode
 from mirror.routing.errors import DhtNotRunning
 from mirror.routing.keys import dht_key, distance
+from mirror.routing.providers import ClaimStore, ProviderStore, answer_claim
 from mirror.routing.router import Provider
 from mirror.routing.wire import MAX_DATAGRAM_BYTES
 
@@ -320,6 +321,25 @@ async def test_a_claim_of_a_key_a_node_holds_names_that_node() -> None:
             lambda: provider(second) in keeper_of(nodes, fetched).local_providers(fetched)
         )
         assert await third.claim(fetched) == provider(first), "the live claim comes first"
+
+
+def test_an_arbiter_names_the_record_renewed_last_never_the_claimers_own() -> None:
+    clock = FakeClock()
+    claims, records = ClaimStore(clock=clock), ProviderStore(clock=clock)
+    key = dht_key("sha256:" + "18" * 32)
+    first, second, claimer = (Provider(bytes([i]) * 20, f"10.0.0.{i}:5000") for i in (1, 2, 3))
+    records.put(key, first, 60.0)
+    clock.now += 1
+    records.put(key, second, 60.0)
+    records.put(key, claimer, 60.0)  # as fresh as the second's: its own is no answer to it
+    assert answer_claim(claims, records, key, claimer, 30.0) == second
+    clock.now += 1
+    records.put(key, first, 60.0)  # renewed: the likelier to be up
+    assert answer_claim(claims, records, key, claimer, 30.0) == first
+    assert claims.holder(key) is None, "naming a holder grants nothing"
+    clock.now += 60  # every record lapsed: the claim is granted
+    assert answer_claim(claims, records, key, claimer, 30.0) == claimer
+    assert claims.holder(key) == claimer
 
 
 async def test_claims_are_not_provider_records() -> None:
