@@ -661,7 +661,7 @@ class PeerFetcher:
                 if not running:
                     return None
                 # Another candidate may come: hedge to it if the ones out are slow to answer.
-                more = bool(queue) or (refill is not None and not drained)
+                more = _untried(queue, tried) is not None or (refill is not None and not drained)
                 more = more and len(running) < at_once
                 done, _ = await asyncio.wait(
                     running,
