@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import pytest
-from harness.dht import cluster, make_node, provider
+from harness.dht import cluster, make_node, provider, raw_peer
 from kademlia.node import Node
 
 from mirror.routing import wire
@@ -18,6 +18,8 @@ from mirror.routing.dht import DhtNode
 from mirror.routing.errors import DhtNotRunning, Malformed
 from mirror.routing.keys import dht_key, distance, stable_node_id
 from mirror.routing.router import Provider
+from mirror.routing.rpc import LATE_GRACE_TIMEOUTS
+from mirror.routing.table import EVICT_AFTER_FAILURES
 
 
 async def wait_until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
@@ -152,6 +154,64 @@ async def test_a_burst_of_announcements_reaches_each_peer_in_one_message() -> No
         for node in nodes:
             for text in texts:
                 assert provider(announcer) in node.local_providers(text)
+
+
+async def test_keys_for_a_peer_that_has_not_answered_yet_wait_and_go_together() -> None:
+    """A starved peer answers late: what this node announces meanwhile waits for that answer
+    and then goes to it in one message, not one per key."""
+    async with cluster(4) as nodes:
+        announcer = nodes[1]
+        gate = asyncio.Event()
+        sent: list[tuple[Node, list[bytes]]] = []
+        add_providers = announcer._client.add_providers
+
+        def answered_at_the_gate(
+            node: Node, keys: list[bytes], address: str, ttl: float, *, timeout: float
+        ) -> asyncio.Future[int | None]:
+            sent.append((node, keys))
+            reply = add_providers(node, keys, address, ttl, timeout=timeout)
+
+            async def held() -> int | None:
+                await gate.wait()
+                return await reply
+
+            return asyncio.ensure_future(held())
+
+        announcer._client.add_providers = answered_at_the_gate  # type: ignore[method-assign]
+        first = asyncio.create_task(announcer.provide("sha256:" + "31" * 32))
+        await wait_until(lambda: len(sent) == 3)  # one message to each peer, unanswered
+        later = [f"sha256:{n:064x}" for n in (0x32, 0x33, 0x34)]
+        providing = [asyncio.create_task(announcer.provide(text)) for text in later]
+        await wait_until(lambda: sum(len(b.keys) for b in announcer._announcer._held.values()) == 9)
+        assert len(sent) == 3  # held while the first burst is unanswered
+        gate.set()
+        assert await first and all(await asyncio.gather(*providing))
+        assert len(sent) == 6
+        assert all(sorted(keys) == sorted(dht_key(text) for text in later) for _, keys in sent[3:])
+        for node in nodes:
+            assert all(provider(announcer) in node.local_providers(text) for text in later)
+
+
+async def test_an_announcement_reaches_a_node_that_answers_its_walk_late() -> None:
+    """A CPU-starved node answers the announcer's walk after the call's timeout: it is alive
+    (in the routing table), so the record still goes to it. Before, only the nodes that
+    answered in time got it."""
+    async with cluster(4, rpc_timeout=0.05) as nodes:
+        announcer, slow = nodes[0], nodes[3]
+        await wait_until(lambda: announcer.contact_count() == 3)
+        serve = slow._rpc._serve
+        loop = asyncio.get_running_loop()
+
+        def walks_answered_late(msg_id: bytes, data: object, address: object) -> None:
+            if isinstance(data, list) and data and data[0] == "find_node":
+                loop.call_later(0.5, serve, msg_id, data, address)
+            else:
+                serve(msg_id, data, address)
+
+        slow._rpc._serve = walks_answered_late  # type: ignore[method-assign,assignment]
+        text = "sha256:" + "35" * 32
+        assert await announcer.provide(text)
+        assert provider(announcer) in slow.local_providers(text)
 
 
 async def test_a_lone_announcement_is_not_held_back() -> None:
@@ -355,7 +415,7 @@ async def test_sixty_four_nodes_find_and_miss_within_the_deadline(
             assert provider(nodes[index]) in found
 
         # Abandoned RPCs then time out quietly: no "InvalidStateError", no stray task errors.
-        await wait_until(lambda: not any(node._rpc._pending for node in alive))
+        await wait_until(lambda: not any(node._rpc._pending for node in alive), within=8.0)
         gc.collect()
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
@@ -379,3 +439,76 @@ async def test_an_announcement_in_a_small_cluster_asks_alpha_nodes_and_reaches_a
             if node is not announcer:
                 held = node._store.providers(dht_key(text), exclude=(), limit=10)
                 assert provider(announcer) in held
+
+
+async def test_a_small_network_known_whole_announces_and_finds_without_asking() -> None:
+    """Fewer than k nodes, all in the table, as a walk found lately: every record was sent to
+    every node, so an announcement goes to the table's nodes without a walk, and a lookup of a
+    key with a local record asks nobody. A miss is still asked (the records may predate a
+    restart), and a contact the table did not hold means a walk again."""
+    async with cluster(6) as nodes:
+        announcer, finder = nodes[4], nodes[1]
+        for node in nodes:
+            await node.find_providers("sha256:" + "0d" * 32, timeout=0.5)
+        await wait_until(lambda: all(node.contact_count() == 5 for node in nodes))
+        assert await announcer.provide("sha256:" + "0e" * 32)  # one walk: the table is whole
+        walks = count_calls(announcer, "find_node")
+        text = "sha256:" + "0f" * 32
+        assert await announcer.provide(text)
+        assert walks == []
+        assert provider(announcer) in finder.local_providers(text)
+        finder_walks = count_calls(finder, "find_node")
+        await finder.provide("sha256:" + "10" * 32)  # the finder's table is vouched for too
+        asked = count_calls(finder, "get_providers")
+        assert await finder.find_providers(text, want=3, timeout=0.5) == [provider(announcer)]
+        assert asked == []
+        assert await finder.find_providers("sha256:" + "11" * 32, timeout=0.5) == []
+        assert asked != []  # nothing here: asked
+        assert await finder.claim("sha256:" + "12" * 32) is None
+        assert len(finder_walks) <= finder._settings.alpha  # its first walk, none for the claim
+
+        newcomer = make_node(6)
+        await newcomer.listen("127.0.0.1", 0)
+        try:
+            await newcomer.bootstrap([nodes[0].router_address])
+            await wait_until(lambda: announcer.contact_count() == 6)
+            assert await announcer.provide("sha256:" + "13" * 32)
+            assert walks != []  # somebody new: walked again
+            assert provider(announcer) in newcomer.local_providers("sha256:" + "13" * 32)
+        finally:
+            await newcomer.close()
+
+
+async def test_a_contact_that_answers_late_stays_and_one_that_never_answers_leaves() -> None:
+    """A CPU-starved node answers after its caller's timeout: the reply still counts (its round
+    trip as measured), and the node stays in the table however many calls it answers late.
+    Only calls never answered within the grace count towards eviction."""
+    rpc_timeout = 0.05
+    node = make_node(0, rpc_timeout=rpc_timeout)
+    await node.listen("127.0.0.1", 0)
+    try:
+        peer = await raw_peer(node)
+        peer_id = stable_node_id("10.9.9.9:5000")
+        await peer.call("ping", [peer_id])  # its request makes it a contact
+        assert node.contact_count() == 1
+        (contact,) = node._table.contacts()
+        for _ in range(EVICT_AFTER_FAILURES + 1):
+            asked = node._client.ping_contact(contact)
+            msg_id, name, _ = await peer.next_request()
+            assert name == "ping"
+            assert await asked is None  # the caller stopped waiting...
+            peer.answer(msg_id, peer_id)  # ...and the answer comes after
+            await peer.barrier(node)
+            assert node.contact_count() == 1
+        round_trip = node._table.round_trips.get(peer_id)
+        assert round_trip is not None and round_trip >= rpc_timeout
+        silence_began = time.monotonic()
+        for _ in range(EVICT_AFTER_FAILURES):
+            assert await node._client.ping_contact(contact) is None
+            await peer.next_request()  # asked, never answered
+        assert node.contact_count() == 1  # not yet: a late answer may still come
+        await wait_until(lambda: node.contact_count() == 0)
+        assert time.monotonic() - silence_began >= LATE_GRACE_TIMEOUTS * rpc_timeout
+        peer.transport.close()
+    finally:
+        await node.close()

@@ -7,6 +7,7 @@ test_e2e_redirect.py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from harness.ingest_layout import IngestLayout
 from mirror.errors import ContentVanished
 from mirror.oci.reference import Digest, parse_digest
 from mirror.stores.base import FilePart, PartReader
-from mirror.stores.containerd.ingest import IngestBlob, Ingests
+from mirror.stores.containerd.ingest import GONE_CHECK_SECONDS, IngestBlob, Ingests
 
 BLOB = os.urandom(300_000)
 DIGEST = parse_digest("sha256:" + hashlib.sha256(BLOB).hexdigest())
@@ -110,6 +111,44 @@ async def test_an_ingest_given_up_ends_its_readers(tmp_path: Path) -> None:
     content.drop()
     with pytest.raises(ContentVanished, match="gave up"):
         await reader.next_part()
+    await reader.aclose()
+
+
+async def test_a_reader_waiting_on_the_writer_looks_for_the_commit_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until every byte is there the commit cannot come: a reader that caught up with a slow
+    writer looks whether the ingest went away every `GONE_CHECK_SECONDS`, not at every wake."""
+    content = layout(tmp_path)
+    now = [0.0]
+    blob = await found(tmp_path, clock=lambda: now[0])
+    reader = blob.reader(0, len(BLOB))
+    content.write(1000)
+    assert await take(reader) == BLOB[:1000]
+    looks, wakes = [0], [0]
+    woken_enough = asyncio.Event()
+    check_committed, received = blob._check_committed, blob.received
+
+    def counted_look() -> bool:
+        looks[0] += 1
+        return check_committed()
+
+    def counted_wake() -> int:
+        wakes[0] += 1
+        if wakes[0] >= 20:
+            woken_enough.set()
+        return received()
+
+    monkeypatch.setattr(blob, "_check_committed", counted_look)
+    monkeypatch.setattr(blob, "received", counted_wake)
+    waiting = asyncio.create_task(reader.next_part())
+    await woken_enough.wait()
+    assert looks == [1]  # the first wake looked; the clock has not moved since
+    content.drop()  # the runtime gave up
+    now[0] = GONE_CHECK_SECONDS
+    with pytest.raises(ContentVanished, match="gave up"):
+        await waiting
+    assert looks == [2]
     await reader.aclose()
 
 

@@ -43,10 +43,9 @@ from mirror.prefetch.model import parse_image_ref
 from mirror.prefetch.resolve import Platform
 from mirror.registry.access import AccessPolicy
 from mirror.registry.api import ObservedPull, RegistryApi
-from mirror.routing.client import RoundTrips
 from mirror.routing.memory import MemoryCluster
 from mirror.routing.router import Provider
-from mirror.routing.table import Contact
+from mirror.routing.table import Contact, RoundTrips
 from mirror.status import client as status_client
 from mirror.status.api import StatusApi
 from mirror.status.collector import NodeInfo, StatusCollector

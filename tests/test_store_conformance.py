@@ -154,6 +154,35 @@ class TestContainerdStore(StoreContract):
         assert isinstance(blob, FileBlob)
         await blob.close()
 
+    async def test_a_blob_with_no_file_is_a_miss_without_asking_once_files_were_served(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Peers probe a node for blobs it lacks: once the directory served a blob the API
+        listed, a digest with no file there is a miss without a gRPC call (and a digest with
+        a file is still asked: the file may be another namespace's)."""
+        store = backend.store
+        assert isinstance(store, ContainerdStore)
+        absent = parse_digest("sha256:" + "9a" * 32)
+        asked: list[str] = []
+        content_info = store._client.content_info
+
+        async def counted(digest: str) -> object:
+            asked.append(digest)
+            return await content_info(digest)
+
+        monkeypatch.setattr(store._client, "content_info", counted)
+        assert await store.stat(absent) is None
+        assert asked == [str(absent)]  # not yet vouched for: the API decides
+        image = await backend.add_image()
+        blob = await store.open(image.layer)
+        assert isinstance(blob, FileBlob)
+        await blob.close()
+        asked.clear()
+        assert await store.stat(absent) is None
+        assert asked == []
+        assert await store.stat(image.layer) is not None
+        assert asked == [str(image.layer)]
+
 
 class TestContainerdStoreStreaming(StoreContract):
     """The content directory is unreadable (another mount namespace): Content.Read."""

@@ -10,6 +10,14 @@ at once, so each peer now gets one `add_providers` message carrying every key of
 A burst is held while any of its announcements is still looking up its closest nodes, and for
 at most `_GATHER_SECONDS` after its first key: a lone announcement goes out at once.
 
+And no peer has two bursts of this node's in flight: keys for a peer that has not answered the
+last one yet wait for that answer (or its timeout) and go together, as TCP's Nagle holds small
+segments. On a quick network nothing waits; on a CPU-starved one, where a 16-node rollout's
+answers took 0.4-0.7 s, the blobs a runtime is sent to fetch one after another mostly share a
+datagram per peer instead of taking one each (docs/benchmarks.md). An answer is awaited
+a few RPC timeouts (`answer_within`): nobody on a pull's path waits for it, and
+the longer a burst is out, the more the next one gathers.
+
 A peer that predates `add_providers` (a rolling upgrade) drops it as malformed and never replies,
 so it keeps no records of upgraded nodes until it is upgraded too; lookups still find them, from
 the upgraded nodes among the closest. Not answered with single `add_provider`s: a peer that is
@@ -44,11 +52,17 @@ class _Outgoing:
 class Announcer:
     """Sends this node's provider records to the peers that keep them, a burst at a time."""
 
-    def __init__(self, client: DhtClient, *, address: str, ttl: float) -> None:
+    def __init__(
+        self, client: DhtClient, *, address: str, ttl: float, answer_within: float
+    ) -> None:
         self._client = client
         self._address = address
         self._ttl = ttl
+        self._answer_within = answer_within
         self._outgoing: dict[bytes, _Outgoing] = {}
+        # Peer id -> its bursts not yet answered, and the keys waiting for those answers.
+        self._unanswered: dict[bytes, int] = {}
+        self._held: dict[bytes, _Outgoing] = {}
         self._looking_up = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._keys_budget = wire.MAX_BODY_BYTES - wire.packed_size(
@@ -85,9 +99,10 @@ class Announcer:
 
     def close(self) -> None:
         """Resolve every key still waiting as not stored (the node is stopping)."""
-        outgoing, self._outgoing = self._outgoing, {}
+        waiting = [*self._outgoing.values(), *self._held.values()]
+        self._outgoing, self._held = {}, {}
         self._cancel_deadline()
-        for batch in outgoing.values():
+        for batch in waiting:
             for _, future in batch.keys:
                 if not future.done():
                     future.set_result(False)
@@ -95,21 +110,41 @@ class Announcer:
     def _flush(self) -> None:
         self._cancel_deadline()
         outgoing, self._outgoing = self._outgoing, {}
-        for batch in outgoing.values():
-            for chunk in wire.batches(batch.keys, self._keys_budget, size=_key_size):
-                self._send(batch.node, chunk)
+        for node_id, batch in outgoing.items():
+            if self._unanswered.get(node_id):
+                self._held.setdefault(node_id, _Outgoing(batch.node)).keys.extend(batch.keys)
+            else:
+                self._send_all(batch)
+
+    def _send_all(self, batch: _Outgoing) -> None:
+        for chunk in wire.batches(batch.keys, self._keys_budget, size=_key_size):
+            self._send(batch.node, chunk)
 
     def _send(self, node: Node, chunk: list[tuple[bytes, asyncio.Future[bool]]]) -> None:
         keys = [key for key, _ in chunk]
-        sent = self._client.add_providers(node, keys, self._address, self._ttl)
+        sent = self._client.add_providers(
+            node, keys, self._address, self._ttl, timeout=self._answer_within
+        )
+        self._unanswered[node.id] = self._unanswered.get(node.id, 0) + 1
 
         def answered(done: asyncio.Future[int | None]) -> None:
             stored = done.result()
             for _, future in chunk:
                 if not future.done():
                     future.set_result(stored is not None and stored > 0)
+            self._answered(node.id)
 
         sent.add_done_callback(answered)
+
+    def _answered(self, node_id: bytes) -> None:
+        """One burst to `node_id` answered (or timed out): its held keys go once none is left."""
+        left = self._unanswered.pop(node_id) - 1
+        if left > 0:
+            self._unanswered[node_id] = left
+            return
+        held = self._held.pop(node_id, None)
+        if held is not None:
+            self._send_all(held)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:

@@ -233,8 +233,11 @@ class Claimer:
         table knows: a reply that came late, or a lookup cut short by a busy moment, must not
         shrink the candidates, or nodes would disagree on the arbiter and two would fetch. The
         ids of those that did not answer the lookup come second: a dead node others still
-        list gets one try at the claim, not two, so it costs a claim less time.
+        list gets one try at the claim, not two, so it costs a claim less time. A table known
+        whole (table.py) is every candidate there is: no walk.
         """
+        if self._table.known_whole():
+            return self._table.closest(key), set()
         client = self._client
         lookup = IterativeLookup(
             key,

@@ -7,17 +7,14 @@ answered nonsense, and never raises, so callers can abandon it at their own dead
 From kademlia it uses only `Node`: the contact asked (its address, and the routing-table entry
 that the answer, or the silence, updates).
 
-Every call that credits a contact (`contact=`) is timed: `round_trip(node_id)` is the smoothed
-time its answers took (the status page shows it). Measured from the send to the future's
-callback, so it includes a loop iteration: a light measurement, not a ping tool.
+A call that credits a contact (`contact=`) reports its answer, late ones too, or its silence
+to the routing table through the endpoint (rpc.py), which also times it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TypeVar
 
 from kademlia.node import Node
@@ -29,72 +26,12 @@ from mirror.routing.wire import Found, RecentPage
 
 T = TypeVar("T")
 
-# Weight of the newest answer in a contact's round-trip average (EWMA).
-_ROUND_TRIP_WEIGHT = 0.3
-# Round trips are kept for this many nodes at most, the least recently answering dropped.
-_ROUND_TRIPS_KEPT = 1024
-
-
-class RoundTrips:
-    """How long each node's answers take (seconds, EWMA), for the nodes heard from lately."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._seconds: OrderedDict[bytes, float] = OrderedDict()
-
-    def get(self, node_id: bytes) -> float | None:
-        return self._seconds.get(node_id)
-
-    def record(self, node_id: bytes, seconds: float) -> None:
-        known = self._seconds.get(node_id)
-        if known is not None:
-            seconds = known + _ROUND_TRIP_WEIGHT * (seconds - known)
-        self._seconds[node_id] = seconds
-        self._seconds.move_to_end(node_id)
-        while len(self._seconds) > _ROUND_TRIPS_KEPT:
-            self._seconds.popitem(last=False)
-
-    def time(self, node: Node, future: asyncio.Future[T | None]) -> asyncio.Future[T | None]:
-        """Record how long `node` takes to answer `future`'s call (silence is not recorded)."""
-        sent = self._clock()
-
-        def answered(done: asyncio.Future[T | None]) -> None:
-            if not done.cancelled() and done.result() is not None:
-                self.record(node.id, self._clock() - sent)
-
-        future.add_done_callback(answered)
-        return future
-
-
-class _TimedEndpoint:
-    """The endpoint as the client calls it, timing every call made to credit a contact."""
-
-    def __init__(self, endpoint: RpcEndpoint, round_trips: RoundTrips) -> None:
-        self._endpoint = endpoint
-        self._round_trips = round_trips
-
-    def request(
-        self,
-        address: Address,
-        name: str,
-        args: list[object],
-        parse: Callable[[object], T],
-        *,
-        contact: Node | None = None,
-        timeout: float | None = None,
-    ) -> asyncio.Future[T | None]:
-        future = self._endpoint.request(
-            address, name, args, parse, contact=contact, timeout=timeout
-        )
-        return future if contact is None else self._round_trips.time(contact, future)
-
 
 class DhtClient:
     """Typed calls to other nodes over `endpoint`, always sent as node `own_id`."""
 
     def __init__(self, endpoint: RpcEndpoint, own_id: bytes) -> None:
-        self.round_trips = RoundTrips()
-        self._endpoint = _TimedEndpoint(endpoint, self.round_trips)
+        self._endpoint = endpoint
         self._own = own_id
 
     @property
@@ -127,7 +64,7 @@ class DhtClient:
         )
 
     def add_providers(
-        self, node: Node, keys: list[bytes], address: str, ttl: float
+        self, node: Node, keys: list[bytes], address: str, ttl: float, *, timeout: float
     ) -> asyncio.Future[int | None]:
         """Announce this node as a provider of every one of `keys`; replies how many stored.
 
@@ -136,7 +73,11 @@ class DhtClient:
         """
         own = self._own
         return self._endpoint.request(
-            (node.ip, node.port), "add_providers", [own, keys, own, address, ttl], wire.count
+            (node.ip, node.port),
+            "add_providers",
+            [own, keys, own, address, ttl],
+            wire.count,
+            timeout=timeout,
         )
 
     def remove_provider(self, node: Node, key: bytes) -> asyncio.Future[bool | None]:

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # A key announced less than this fraction of the record TTL ago is not announced again: its
 # records are fresh wherever they were stored (a re-announce tick comes at half the TTL).
 _FRESH_FRACTION = 4
+# A peer's answer to an announcement is awaited this many RPC timeouts (announce.py).
+_ANNOUNCE_TIMEOUTS = 4
 
 
 class DhtNode:
@@ -101,7 +103,12 @@ class DhtNode:
         sealer = DatagramSealer(cluster_key.purpose("dht"))
         self._rpc = RpcEndpoint(sealer, rpc_timeout=rpc_timeout, metrics=metrics)
         self._client = DhtClient(self._rpc, node_id)
-        self._announcer = Announcer(self._client, address=http_address, ttl=record_ttl)
+        self._announcer = Announcer(
+            self._client,
+            address=http_address,
+            ttl=record_ttl,
+            answer_within=_ANNOUNCE_TIMEOUTS * rpc_timeout,
+        )
         self._table = ContactTable(
             node_id, ksize=ksize, records=self._store, client=self._client, metrics=metrics
         )
@@ -259,6 +266,10 @@ class DhtNode:
         Stops as soon as `want` are known, and in any case at the deadline (`timeout`, by default
         `resolve_timeout`), returning what was found by then (possibly nothing). May return more
         than `want` when one reply carried more: the extra ones are fallbacks for the caller.
+        While the routing table is known whole (a network of fewer than k nodes, table.py),
+        every record was sent here: local ones are the answer, and nobody is asked. Not when
+        there is none: records announced before this node (re)started reach it only with their
+        next announcement, so a miss here is still looked up.
         """
         client = self._running()
         started = time.perf_counter()
@@ -278,7 +289,7 @@ class DhtNode:
                 limit=max(want, self._settings.max_providers_per_reply),
             ),
         )
-        if not lookup.satisfied():
+        if not lookup.satisfied() and not (lookup.providers and self._table.known_whole()):
             deadline = self._settings.resolve_timeout if timeout is None else timeout
             remaining = deadline - (time.perf_counter() - started)
             seeds = self._table.closest(hashed)

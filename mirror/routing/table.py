@@ -8,8 +8,9 @@ kademlia built around them is replaced, because it got these wrong for us:
 - Welcoming a contact hands it the records it is now responsible for by their real key
   (kademlia hashes keys that are already hashes, so its hand-off went to the wrong nodes), and
   never lets this node's own id into its table (static seed lists usually name the node itself).
-- A contact leaves the table after `EVICT_AFTER_FAILURES` consecutive unanswered calls, not on
-  the first one.
+- A contact leaves the table after `EVICT_AFTER_FAILURES` consecutive calls it never answered,
+  not on the first one, and not on calls it answered late (the endpoint awaits a late reply
+  before it calls a contact silent, rpc.py).
 - When a bucket is full, `RoutingTable` pings its head through ``protocol.call_ping(node)`` and
   hands the result to `asyncio.ensure_future`: `_HeadPinger` is that "protocol", and returns the
   endpoint's future, so no task is scheduled that could outlive the endpoint.
@@ -23,6 +24,7 @@ import heapq
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from kademlia.node import Node
@@ -46,6 +48,12 @@ _LONELY_AFTER = 3600.0
 _ID_SPACE = 1 << (8 * ID_BYTES)
 # Last-seen times are pruned to the table's members when they are kept for more nodes than this.
 _SEEN_KEPT = 4096
+# How long a walk that found every node of a small network vouches for the table (`known_whole`).
+KNOWN_WHOLE_SECONDS = 30.0
+# Weight of the newest answer in a contact's round-trip average (EWMA).
+_ROUND_TRIP_WEIGHT = 0.3
+# Round trips are kept for this many nodes at most, the least recently answering dropped.
+_ROUND_TRIPS_KEPT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,29 @@ class Contact:
     port: int  # its DHT (UDP) port
     last_seen: float | None  # wall-clock time of its last request or answer to this node
     round_trip: float | None  # seconds its answers take (EWMA), None until one was timed
+
+
+class RoundTrips:
+    """How long each node's answers take (seconds, EWMA), for the nodes heard from lately.
+
+    Timed by the endpoint from the send to the reply's arrival, late replies included, so a
+    starved node's average shows how slow it is rather than only its answers that were quick.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: OrderedDict[bytes, float] = OrderedDict()
+
+    def get(self, node_id: bytes) -> float | None:
+        return self._seconds.get(node_id)
+
+    def record(self, node_id: bytes, seconds: float) -> None:
+        known = self._seconds.get(node_id)
+        if known is not None:
+            seconds = known + _ROUND_TRIP_WEIGHT * (seconds - known)
+        self._seconds[node_id] = seconds
+        self._seconds.move_to_end(node_id)
+        while len(self._seconds) > _ROUND_TRIPS_KEPT:
+            self._seconds.popitem(last=False)
 
 
 class _HeadPinger:
@@ -90,12 +121,15 @@ class ContactTable:
         self._metrics = metrics
         self.routing = RoutingTable(_HeadPinger(client), ksize, Node(own_id))
         self._failures: dict[bytes, int] = {}
+        self.round_trips = RoundTrips()
         # Stored key -> XOR distance of its k-th closest contact (see `_records_for`).
         self._kth_distance: dict[bytes, int] = {}
         # Node id -> wall-clock time it last sent a request or an answer (`peers`).
         self._seen: dict[bytes, float] = {}
         # Set once the table holds a contact: what waits for the cluster waits on it.
         self._first_contact = asyncio.Event()
+        # When a walk last found this table to hold every node there is (`known_whole`).
+        self._whole_at: float | None = None
 
     def contact_count(self) -> int:
         return sum(len(bucket) for bucket in self.routing.buckets)
@@ -103,6 +137,29 @@ class ContactTable:
     async def wait_for_contact(self) -> None:
         """Return once the table has held a contact (at once if it ever did)."""
         await self._first_contact.wait()
+
+    def known_whole(self) -> bool:
+        """Whether this table holds every node of the network, as a walk found it lately.
+
+        In a network of fewer than k nodes every node is among the k closest to any key, so it
+        is sent every record and asked every claim: the table answers "who is closest" as well
+        as a walk, and the local records "who provides" as well as a lookup (dht.py). An
+        announcement's walk vouches for it (`mark_whole`) for `KNOWN_WHOLE_SECONDS`, until a
+        contact the table did not hold appears (a newcomer, which then is walked for), or once
+        it holds k contacts. A contact leaving does not undo it: the rest are still all there
+        is. A newcomer that never spoke to this node misses what it announces meanwhile, but
+        holds nothing of those keys, and a key with no record here is still looked up.
+        """
+        return (
+            self._whole_at is not None
+            and time.monotonic() - self._whole_at < KNOWN_WHOLE_SECONDS
+            and self.contact_count() < self._ksize
+        )
+
+    def mark_whole(self) -> None:
+        """A walk just ended among nodes all held here, in a network of fewer than k nodes."""
+        if self.contact_count() < self._ksize:
+            self._whole_at = time.monotonic()
 
     def closest(self, target: bytes, limit: int | None = None) -> list[Node]:
         """Up to `limit` (default k) known contacts closest to `target`: a lookup's seeds."""
@@ -120,7 +177,7 @@ class ContactTable:
                 node.ip,
                 node.port,
                 self._seen.get(node.id),
-                self._client.round_trips.get(node.id),
+                self.round_trips.get(node.id),
             )
             for node in self.contacts()
         ]
@@ -152,7 +209,8 @@ class ContactTable:
 
     # ----------------------------------------------------------------- ContactEvents
 
-    def answered(self, node: Node) -> None:
+    def answered(self, node: Node, round_trip: float) -> None:
+        self.round_trips.record(node.id, round_trip)
         self.welcome(node)
 
     def silent(self, node: Node) -> None:
@@ -180,6 +238,7 @@ class ContactTable:
             # its hand-off and ping the bucket's head again. It waits for a free slot instead.
             return
         if node.id not in bucket.nodes:
+            self._whole_at = None  # there was somebody the walks did not find
             records = self._records_for(node)
             if records:
                 self._hand_off(node, records)

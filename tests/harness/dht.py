@@ -95,6 +95,19 @@ class RawPeer:
                 if payload[:1] == RESPONSE:
                     return raw, payload[1:21], decode(payload[21:])
 
+    async def next_request(self, timeout: float = 2.0) -> tuple[bytes, str, list[object]]:
+        """Next request the node sent this socket, as (msg id, name, args); replies skipped."""
+        async with asyncio.timeout(timeout):
+            while True:
+                payload, _ = SEALER.open(await self.inbox.queue.get())
+                if payload[:1] == REQUEST:
+                    name, args = decode(payload[21:])
+                    return payload[1:21], name, args
+
+    def answer(self, msg_id: bytes, body: object) -> None:
+        """Reply to the node's request `msg_id` with `body`."""
+        self.send(SEALER.seal(RESPONSE + msg_id + umsgpack.packb(body)))
+
     async def call_with_size(self, name: str, args: list[object]) -> tuple[object, int]:
         """The reply's body and the size of its datagram."""
         msg_id = self.request(name, args)

@@ -14,7 +14,8 @@ bytes, so a reader that caught up looks again after a while: one `fstat` per loo
 adapts to the writer (`POLL_MIN_SECONDS` doubling up to `POLL_MAX_SECONDS` until about
 `PART_BYTES` are there, halving when they were there at once), so a reader wakes a few dozen
 times a second rather than a hundred, and each wake sends a sizeable part; once every byte is
-there it looks every `POLL_MIN_SECONDS` for the commit, which the runtime makes right after.
+there it looks every `POLL_MIN_SECONDS` for the commit, which the runtime makes right after
+(before that, only every `GONE_CHECK_SECONDS`, for a runtime that gave up).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +41,8 @@ PART_BYTES = 1024 * 1024
 # An ingest that neither grew nor was committed for this long is given up (the runtime
 # stopped, or its commit failed): the reader's connection is cut, its client goes elsewhere.
 STALL_SECONDS = 30.0
+# How often a reader waiting on a writer that is not done looks whether the ingest went away.
+GONE_CHECK_SECONDS = 1.0
 # The largest `ref` and `total` files read: both are a line of text.
 _SMALL_FILE = 4096
 
@@ -185,6 +189,8 @@ class IngestBlob(ReceivingBlob):
         # The size last seen, and when it was first seen (a stall is measured from there).
         self._seen = -1
         self._grew_at = clock()
+        # When the commit was last looked for (`_commit_may_show`).
+        self._looked_at = -math.inf
 
     @property
     def committed(self) -> bool:
@@ -221,7 +227,7 @@ class IngestBlob(ReceivingBlob):
                     if not waited:  # it was there at once: look sooner next time
                         self._poll = max(self._poll / 2, self._min_poll)
                     return limit
-            elif not self._verified and self._check_committed():
+            elif not self._verified and self._commit_may_show(there) and self._check_committed():
                 continue
             elif self._verified:  # a committed blob does not grow
                 raise ContentVanished(f"{self._committed.name} ends at {there} bytes")
@@ -235,6 +241,17 @@ class IngestBlob(ReceivingBlob):
             await asyncio.sleep(self._poll)
             waited = True
             self._poll = min(self._poll * 2, self._max_poll)
+
+    def _commit_may_show(self, there: int) -> bool:
+        """Whether to look for the commit now: at every wake once all bytes are there (it comes
+        right after), else every `GONE_CHECK_SECONDS` (the runtime may have given up, or held
+        the blob already). Each look is three system calls, and a reader waiting on a slow
+        writer wakes dozens of times a second."""
+        now = self._clock()
+        if there < self.size and now - self._looked_at < GONE_CHECK_SECONDS:
+            return False
+        self._looked_at = now
+        return True
 
     def _check_committed(self) -> bool:
         """Whether the runtime committed the blob (so verified it): `data` was renamed to the

@@ -4,6 +4,13 @@ containerd's blob directory is shared by every namespace, so presence is always 
 API (Content.Info answers NOT_FOUND for a digest this namespace does not hold) before a file is
 opened. Bytes go out with sendfile from the content directory; when that directory cannot be read
 (another mount namespace, no permission) they are streamed through Content.Read instead.
+
+The one exception is a blob with no file: containerd writes the file before its database lists
+the blob, so no file means no namespace holds it, and the API is not asked. Peers probe a node
+for the blobs it is receiving, which are all such misses, and a gRPC call costs a starved node
+more than its answer is worth. Trusted only once the directory has proven to be the live one (a
+blob the API listed was opened from it): a path that merely exists, or a mount of another copy,
+would otherwise read as "holds nothing".
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class ContainerdStore(Store):
         self._config = config
         self._client = ContainerdClient(str(config.socket), config.namespace)
         self._blob_dir: Path | None = None
+        # Set once a blob the API listed was opened from `_blob_dir`: a missing file is a miss.
+        self._files_vouched = False
         self._ingests: Ingests | None = None
 
     async def start(self) -> None:
@@ -91,8 +100,21 @@ class ContainerdStore(Store):
         return usable_digest(self.name, ref, image.digest) if image is not None else None
 
     async def stat(self, digest: Digest) -> int | None:
+        if self._files_vouched and self._no_file(digest):
+            return None
         info = await self._call(self._client.content_info(str(digest)))
         return info.size if info is not None else None
+
+    def _no_file(self, digest: Digest) -> bool:
+        """Whether `digest` has no file in the blob directory (one `stat`: not worth a thread)."""
+        assert self._blob_dir is not None, "vouched for only once the directory is known"
+        try:
+            os.stat(self._blob_dir / digest.algorithm / digest.hex)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # unreadable now: the API decides
+        return False
 
     async def open(self, digest: Digest) -> BlobSource | None:
         size = await self.stat(digest)
@@ -105,6 +127,7 @@ class ContainerdStore(Store):
             except OSError as exc:
                 log.debug("cannot open %s (%s): streaming it through the API", path, exc)
             else:
+                self._files_vouched = True
                 return FileBlob(fileobj, os.fstat(fileobj.fileno()).st_size)
         return StreamBlob(size, lambda offset, length: self._read(digest, offset, length))
 
