@@ -772,6 +772,40 @@ async def test_a_cold_blob_sends_the_runtime_to_the_node_that_claimed_its_fetch(
         await service.close()
 
 
+async def test_the_blobs_a_runtime_is_sent_for_one_after_another_are_announced_together(
+    tmp_path: Path,
+) -> None:
+    """A runtime asks for an image's blobs over a second or two: the first waits for the
+    others (`RECEIVING_GATHER_SECONDS`), and all go out in one burst of announcements, one
+    message per peer (routing/announce.py) instead of one per blob."""
+    cache = CacheStore(tmp_path / "cache")
+    await cache.start()
+    cluster = MemoryCluster()
+    me = Provider(b"\x01" * 20, "10.0.0.1:5000")
+    router = cluster.router(me.node_id, me.address)
+    provided: list[str] = []
+    provide = router.provide
+
+    async def recorded(key: str) -> bool:
+        provided.append(key)
+        return await provide(key)
+
+    router.provide = recorded  # type: ignore[method-assign]
+    service = ContentService(cache, Metrics(), REDIRECTING, cache=cache, router=router)
+    first, second = (parse_digest("sha256:" + hex_ * 32) for hex_ in ("a1", "a2"))
+    try:
+        gathering = asyncio.create_task(service._announce_receiving(first))
+        await asyncio.sleep(0)  # the first is waiting for the others
+        await service._announce_receiving(second)  # joins it, and returns at once
+        assert provided == [] and not gathering.done()
+        await gathering
+        assert provided == [str(first), str(second)]
+        assert me.node_id in cluster.providers[str(second)]
+    finally:
+        await service.close()
+        await cache.close()
+
+
 async def test_an_ingest_without_a_source_is_busy_after_a_while(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,9 @@ _ALIASED_DIGESTS = 4096
 # Blobs this node sent its runtime to a peer for, remembered (the latest) so that what the
 # runtime receives of them may be served to others (`_until_sourced`).
 _SOURCED_DIGESTS = 4096
+# How long the first blob a runtime is sent to a peer for waits for the others of its pull
+# before they are announced together (`_announce_receiving`).
+RECEIVING_GATHER_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,8 @@ class ContentService:
         self._upstream = upstream if cache is not None else None
         self._downloads = Downloads(cache) if cache is not None else None
         self._background: set[asyncio.Task[None]] = set()
+        # Blobs the runtime is receiving, waiting to be announced together.
+        self._receiving_unannounced: list[Digest] = []
 
     async def close(self) -> None:
         if self._downloads is not None:
@@ -667,10 +672,23 @@ class ContentService:
         announcing it."""
         if self._router is None:
             return
-        try:
-            await self._router.provide(str(digest))
-        except Exception:
-            log.warning("announcing %s failed", digest, exc_info=True)
+        self._receiving_unannounced.append(digest)
+        if len(self._receiving_unannounced) > 1:
+            return  # the first of the batch announces it
+        # A runtime asks for an image's blobs over a second or two (three at a time, the next
+        # as one ends): announced together, each peer gets one message for them, not one per
+        # blob (routing/announce.py). Peers fetching at the same time meet this node through
+        # the referrals of the provider both fetch from (peers/referrals.py), not through
+        # these records: they are for the nodes that come later.
+        await asyncio.sleep(RECEIVING_GATHER_SECONDS)
+        batch, self._receiving_unannounced = self._receiving_unannounced, []
+        router = self._router
+        results = await asyncio.gather(
+            *(router.provide(str(each)) for each in batch), return_exceptions=True
+        )
+        for each, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("announcing %s failed: %s", each, result)
 
     def _spawn(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.create_task(work)

@@ -5,12 +5,13 @@ API (Content.Info answers NOT_FOUND for a digest this namespace does not hold) b
 opened. Bytes go out with sendfile from the content directory; when that directory cannot be read
 (another mount namespace, no permission) they are streamed through Content.Read instead.
 
-The one exception is a blob with no file: containerd writes the file before its database lists
-the blob, so no file means no namespace holds it, and the API is not asked. Peers probe a node
-for the blobs it is receiving, which are all such misses, and a gRPC call costs a starved node
-more than its answer is worth. Trusted only once the directory has proven to be the live one (a
-blob the API listed was opened from it): a path that merely exists, or a mount of another copy,
-would otherwise read as "holds nothing".
+Two exceptions, both once the directory has proven to be the live one (a blob the API listed
+was opened from it; a path that merely exists, or a mount of another copy, must not decide).
+A blob with no file is a miss without asking: containerd writes the file before its database
+lists the blob, so no file means no namespace holds it. Peers probe a node for the blobs it is
+still receiving, all such misses, and a gRPC call costs a starved node more than its answer is
+worth. And a blob the API listed is believed held for `_HELD_SECONDS` while its file is there:
+a rollout's peers probe a holder for each blob again and again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +50,11 @@ T = TypeVar("T")
 
 _RESUBSCRIBE_MIN = 0.1
 _RESUBSCRIBE_MAX = 5.0
+# How long a blob the API listed is believed held without asking again (while its file is
+# there; another namespace may still hold a file this one dropped, so not longer).
+_HELD_SECONDS = 2.0
+# Blobs believed held are pruned of expired ones past this many.
+_HELD_KEPT = 1024
 
 
 class ContainerdStore(Store):
@@ -60,6 +67,8 @@ class ContainerdStore(Store):
         self._blob_dir: Path | None = None
         # Set once a blob the API listed was opened from `_blob_dir`: a missing file is a miss.
         self._files_vouched = False
+        # Digest -> (size, until when): blobs the API listed lately (`stat`).
+        self._held: dict[Digest, tuple[int, float]] = {}
         self._ingests: Ingests | None = None
 
     async def start(self) -> None:
@@ -100,10 +109,26 @@ class ContainerdStore(Store):
         return usable_digest(self.name, ref, image.digest) if image is not None else None
 
     async def stat(self, digest: Digest) -> int | None:
-        if self._files_vouched and self._no_file(digest):
-            return None
+        if self._files_vouched:
+            if self._no_file(digest):
+                self._held.pop(digest, None)
+                return None
+            held = self._held.get(digest)
+            if held is not None and time.monotonic() < held[1]:
+                return held[0]
         info = await self._call(self._client.content_info(str(digest)))
-        return info.size if info is not None else None
+        if info is None:
+            self._held.pop(digest, None)
+            return None
+        if self._files_vouched:
+            self._remember_held(digest, info.size)
+        return info.size
+
+    def _remember_held(self, digest: Digest, size: int) -> None:
+        now = time.monotonic()
+        if len(self._held) >= _HELD_KEPT:
+            self._held = {d: entry for d, entry in self._held.items() if entry[1] > now}
+        self._held[digest] = (size, now + _HELD_SECONDS)
 
     def _no_file(self, digest: Digest) -> bool:
         """Whether `digest` has no file in the blob directory (one `stat`: not worth a thread)."""
@@ -162,6 +187,7 @@ class ContainerdStore(Store):
             try:
                 async for _event in self._client.subscribe(filters):
                     backoff = _RESUBSCRIBE_MIN
+                    self._held.clear()  # a delete in this namespace: believe none of them
                     yield
             except ContainerdError as exc:
                 log.warning("containerd event stream lost (%s); resubscribing", exc)
