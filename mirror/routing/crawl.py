@@ -126,7 +126,6 @@ class Crawler:
         their pulls went upstream.
         """
         alive = {node.id: node for node in [*lookup.closest(), *self._table.closest(target)]}
-        alive.pop(self._own, None)
         return heapq.nsmallest(
             self._settings.ksize, alive.values(), key=lambda node: distance(node.id, target)
         )

@@ -243,9 +243,11 @@ class RpcEndpoint(asyncio.DatagramProtocol):
             log.debug("unsolicited (or very late) DHT reply from %s", address)
             return
         pending.timer.cancel()
+        round_trip = asyncio.get_running_loop().time() - pending.sent
         if pending.late:
-            waited = asyncio.get_running_loop().time() - pending.sent
-            log.debug("late DHT reply to %s from %s after %.3f s", pending.name, address, waited)
+            log.debug(
+                "late DHT reply to %s from %s after %.3f s", pending.name, address, round_trip
+            )
         try:
             value = pending.parse(wire.decode(body))
         except DatagramRejected as exc:
@@ -253,7 +255,6 @@ class RpcEndpoint(asyncio.DatagramProtocol):
             value = None
         else:
             if pending.contact is not None and self._contacts is not None:
-                round_trip = asyncio.get_running_loop().time() - pending.sent
                 self._contacts.answered(pending.contact, round_trip)
         if not pending.future.done():
             pending.future.set_result(value)

@@ -134,7 +134,7 @@ class ContainerdStore(Store):
         """Whether `digest` has no file in the blob directory (one `stat`: not worth a thread)."""
         assert self._blob_dir is not None, "vouched for only once the directory is known"
         try:
-            os.stat(self._blob_dir / digest.algorithm / digest.hex)
+            os.stat(_blob_path(self._blob_dir, digest))
         except FileNotFoundError:
             return True
         except OSError:
@@ -146,7 +146,7 @@ class ContainerdStore(Store):
         if size is None:
             return None
         if self._blob_dir is not None:
-            path = self._blob_dir / digest.algorithm / digest.hex
+            path = _blob_path(self._blob_dir, digest)
             try:
                 fileobj = await asyncio.to_thread(open, path, "rb")
             except OSError as exc:
@@ -193,7 +193,8 @@ class ContainerdStore(Store):
                 log.warning("containerd event stream lost (%s); resubscribing", exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _RESUBSCRIBE_MAX)
-            # Events in between are lost: have the caller rescan.
+            # Events in between are lost: have the caller rescan, and believe no blob held.
+            self._held.clear()
             yield
 
     async def images(self) -> list[ImageEntry]:
@@ -214,3 +215,8 @@ class ContainerdStore(Store):
             return await pending
         except ContainerdError as exc:
             raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
+
+
+def _blob_path(blob_dir: Path, digest: Digest) -> Path:
+    """Where containerd keeps the committed blob `digest` under its `blobs` directory."""
+    return blob_dir / digest.algorithm / digest.hex
