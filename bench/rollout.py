@@ -148,6 +148,23 @@ EXTRA_METRICS = (
 )
 
 
+def requests_by_method_and_status(texts: list[str]) -> list[tuple[tuple[str, str], float]]:
+    """`mirror_requests_total` summed over nodes by method and status, most first: how many
+    HTTP requests (runtimes' and peers' probes alike) a rollout cost the mirrors."""
+    totals: dict[tuple[str, str], float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not line.startswith("mirror_requests_total{"):
+                continue
+            head, _, value = line.rpartition(" ")
+            labels = dict(
+                part.split("=", 1) for part in head.partition("{")[2].rstrip("}").split(",")
+            )
+            key = (labels.get("method", "?").strip('"'), labels.get("status", "?").strip('"'))
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
 # --- what to run ------------------------------------------------------------------------------
 
 
@@ -529,6 +546,12 @@ class Rollout:
         if found:
             lines.append(
                 "mirrors: " + ", ".join(f"{name} {value:g}" for name, value in found.items())
+            )
+        answered = requests_by_method_and_status(texts)
+        if answered:
+            lines.append(
+                "requests the mirrors answered (mirror_requests_total, all nodes; method status): "
+                + ", ".join(f"{method} {status} {count:g}" for (method, status), count in answered)
             )
         return lines
 

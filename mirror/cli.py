@@ -356,8 +356,10 @@ def _add_run(subparsers: Any, environ: Mapping[str, str]) -> None:
         default=str(DEFAULT_MAX_UPLOADS),
         type=_typed(parse_upload_cap, "count"),
         help="blob bodies this node sends to peers at once; past it a peer's request gets a "
-        "429 at once and goes to another holder (the node's own runtime is never refused, and "
-        "a peer whose every holder is busy is served anyway); 0: no bound",
+        "429 at once and goes to another holder, or to the nodes fetching that blob from this "
+        "one (the node's own runtime is never refused, nor the first node fetching a blob no "
+        "other node is known to hold, and a peer whose every holder is busy is served "
+        "anyway); 0: no bound",
     )
     flag(
         "--blob-fanout",

@@ -135,13 +135,14 @@ class Metrics:
         self.peer_uploads_refused = Counter(
             "mirror_peer_uploads_refused",
             "Peer blob requests answered 429 TOOMANYREQUESTS because --max-uploads bodies were "
-            "being sent to peers.",
+            "being sent to peers, with no node fetching that blob from this one to name.",
             registry=self.registry,
         )
         self.peer_uploads_referred = Counter(
             "mirror_peer_uploads_referred",
             "Peer blob requests answered 429 with X-Mirror-Try, naming the nodes that fetch that "
-            "blob from this node already (--blob-fanout of them) and serve it while it arrives.",
+            "blob from this node already and serve it while it arrives (at --blob-fanout of them, "
+            "or past --max-uploads).",
             registry=self.registry,
         )
         self.peer_referrals_followed = Counter(

@@ -474,6 +474,16 @@ def _poll_claim(dht: DhtNode | None) -> Callable[[str], Awaitable[bool]]:
     return may_poll
 
 
+def _others_known_to(dht: DhtNode | None) -> Callable[[str], list[str]]:
+    """The ids (hex) of the other nodes `dht`'s own records say provide a key (none without a
+    DHT)."""
+    if dht is None:
+        return lambda key: []
+    return lambda key: [
+        p.node_id.hex() for p in dht.local_providers(key) if p.node_id != dht.node_id
+    ]
+
+
 def _reporter(fetcher: PeerFetcher, own: str) -> Reporter:
     """A distribution's progress to its origin, as a signed peer request."""
 
@@ -622,6 +632,7 @@ async def run_node(config: RunConfig) -> None:
             reports=reports,
             max_uploads=config.routing.max_uploads,
             blob_fanout=config.routing.blob_fanout,
+            known_providers=_others_known_to(dht),
             extensions=[
                 PrefetchApi(prefetch, host_platform(), access),
                 DistributionsApi(distributor, access),

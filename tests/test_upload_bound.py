@@ -69,7 +69,12 @@ class Holder:
 
 
 @contextlib.asynccontextmanager
-async def holding(tmp_path: Path, max_uploads: int, blob_fanout: int = 0) -> AsyncIterator[Holder]:
+async def holding(
+    tmp_path: Path,
+    max_uploads: int,
+    blob_fanout: int = 0,
+    known_providers: Callable[[str], list[str]] = lambda digest: [],
+) -> AsyncIterator[Holder]:
     """A node on its cache holding one big blob and a manifest, bounded to `max_uploads`."""
     metrics = Metrics()
     store = CacheStore(tmp_path / "cache", metrics=metrics)
@@ -92,6 +97,7 @@ async def holding(tmp_path: Path, max_uploads: int, blob_fanout: int = 0) -> Asy
         access=access,
         max_uploads=max_uploads,
         blob_fanout=blob_fanout,
+        known_providers=known_providers,
     )
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
@@ -313,6 +319,65 @@ async def test_past_a_fanout_of_two_a_sharer_is_referred_down_the_tree(tmp_path:
         # Forgotten with the uploads: a new tree starts at the holder.
         status, _, body = await read(holder, "GET", third_path, signed=True)
         assert status == 200 and body == holder.blob
+
+
+async def test_past_the_bound_the_root_of_a_blobs_tree_is_taken_and_the_next_referred_to_it(
+    tmp_path: Path,
+) -> None:
+    """A blob that only this holder provides gets the root of its tree even past the bound:
+    refused with nobody to name, its fetchers would all end at a last resort here at once
+    (docs/benchmarks.md). The fetchers after the root are referred to it."""
+    async with holding(tmp_path, max_uploads=1, blob_fanout=2) as holder:
+        first_path, first = as_sharer(holder.blob_path, 1)
+        second_path, second = as_sharer(holder.blob_path, 2)
+        async with stalled_download(holder, holder.blob_path) as head:
+            assert head.startswith(b"HTTP/1.1 200 ")  # a peer that is no sharer: the bound
+            async with stalled_download(holder, first_path) as head_1:
+                assert head_1.startswith(b"HTTP/1.1 200 ")
+                assert f"{UPLOADS_HEADER}: 2\r\n".encode() in head_1
+                # Past the bound, the next sharer goes to the root, and so does a peer that
+                # is none (after the sharer referred last, as at the fan-out).
+                expected = ((second_path, first), (holder.blob_path, f"{first}, {second}"))
+                for path, named in expected:
+                    status, headers, body = await read(holder, "GET", path, signed=True)
+                    assert status == 429, path
+                    assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+                    assert headers[TRY_HEADER] == named
+                    assert headers["Retry-After"] == "1"
+                assert holder.sample("mirror_peer_uploads_referred_total") == 2
+                assert holder.sample("mirror_peer_uploads_refused_total") == 0
+                # The root resuming is one of the tree's: served, not referred to itself.
+                status, _, body = await read(holder, "GET", first_path, signed=True)
+                assert status == 200 and body == holder.blob
+            await eventually(
+                lambda: holder.sample("mirror_peer_uploads") == 1, "the root's upload to end"
+            )
+            # With no root left, a peer that is no sharer has nobody to be referred to: refused
+            # (to ask another holder); a sharer is the blob's new root.
+            status, headers, _ = await read(holder, "GET", holder.blob_path, signed=True)
+            assert status == 429 and TRY_HEADER not in headers
+            assert holder.sample("mirror_peer_uploads_refused_total") == 1
+            status, _, body = await read(holder, "GET", second_path, signed=True)
+            assert status == 200 and body == holder.blob
+
+
+async def test_past_the_bound_a_sharer_goes_to_another_provider_of_the_blob(
+    tmp_path: Path,
+) -> None:
+    """Another node provides the blob (this holder's own records say so): past the bound even
+    its first sharer is refused, to go there. The asker's own record does not count."""
+    known = [(bytes([1]) * 20).hex()]  # the asker, sharer number 1 (as_sharer)
+    async with holding(
+        tmp_path, max_uploads=1, blob_fanout=2, known_providers=lambda digest: known
+    ) as holder:
+        path, _ = as_sharer(holder.blob_path, 1)
+        async with stalled_download(holder, holder.blob_path):
+            status, _, body = await read(holder, "GET", path, signed=True)
+            assert status == 200 and body == holder.blob, "only the asker provides it: a root"
+            known.append((bytes([9]) * 20).hex())
+            status, headers, _ = await read(holder, "GET", path, signed=True)
+            assert status == 429 and TRY_HEADER not in headers
+            assert holder.sample("mirror_peer_uploads_refused_total") == 1
 
 
 def test_the_bound_comes_from_the_flag_and_the_environment() -> None:

@@ -37,8 +37,11 @@ served at: the ingest now waits on that download, so a source further down might
 
 So a rollout where every node asks the one holder at once becomes a tree in a few round trips:
 every node downloads the blob once, a node where the tree branches uploads it twice and a leaf
-not at all, and the holder's link is no longer shared N ways. Requests that are not sharers (a range
-passed through, a last resort) are never referred: they are bounded by `--max-uploads` only.
+not at all, and the holder's link is no longer shared N ways. A busy node refers at its
+`--max-uploads` bound too, and past it still takes a blob's first sharer when no other node is
+known to provide the blob (registry/api.py, `UploadSlots`): every blob fetched from it has a
+root to be referred to, and its first fetchers join its tree instead of all ending on the
+holder's link as last resorts. A last resort is never refused, so never referred.
 """
 
 from __future__ import annotations

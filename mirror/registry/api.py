@@ -131,6 +131,13 @@ class UploadSlots:
     A request from a sharer (a node that serves the blob to peers while it arrives, named in the
     request: peers/referrals.py) is remembered with its blob while it is sent. Past `fanout`
     other sharers of the same blob, a refusable request is refused with a referral to them.
+    Past the bound a request is referred the same way to the blob's sharers here, when there
+    are any, and the first sharer of a blob that no other node is known to provide is taken
+    anyway: the root of the blob's tree. Refused with nobody to name, a rollout's first
+    fetchers of a blob all ended at a last resort here (which is never refused) instead of in
+    its tree: at 16 nodes one 30 MiB layer went from the holder to 14 of them at once, and its
+    link set the rollout's pace (docs/benchmarks.md). So past the bound a holder sends at most
+    one body more for each blob only it provides.
 
     With a fan-out above 1 the sharers form a tree, and the referral names first the sharers
     this node sends the blob to, a different one first each time: a late node takes the free
@@ -146,9 +153,18 @@ class UploadSlots:
     also ends any wait of two nodes on each other.
     """
 
-    def __init__(self, limit: int, fanout: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        limit: int,
+        fanout: int,
+        metrics: Metrics,
+        providers: Callable[[str], list[str]] = lambda digest: [],
+    ) -> None:
         self.limit = limit  # 0: no bound
         self.fanout = fanout  # 0: no bound per blob
+        # The ids (hex) of other nodes known here to provide a digest, asked only at the bound
+        # (`_seeds`).
+        self._providers = providers
         self.active = 0
         # digest -> sharers it is being sent to (in a tree, the one to name first at the front).
         self._sharers: dict[str, list[str]] = {}
@@ -162,7 +178,9 @@ class UploadSlots:
         """Count one more upload of `digest` to `sharer` (None: not a sharer).
 
         Raises `TooManyRequests` (nothing counted) when it is `refusable` and this node is at
-        its bound, with a referral (`X-Mirror-Try`) when `fanout` other sharers fetch `digest`.
+        its bound or `digest` at its fan-out, with a referral (`X-Mirror-Try`) to the sharers
+        fetching `digest` from here when there are any (and a fan-out); the root of a blob's
+        tree is taken past the bound (`_seeds`).
         """
         if refusable:
             others = [s for s in self._sharers.get(digest, ()) if s != sharer]
@@ -173,7 +191,15 @@ class UploadSlots:
                     retry_after=_RETRY_AFTER_SECONDS,
                     headers={TRY_HEADER: self._referral(digest, sharer, others)},
                 )
-            if self.limit and self.active >= self.limit:
+            if self.limit and self.active >= self.limit and not self._seeds(digest, sharer, others):
+                if self.fanout and others:
+                    self._metrics.peer_uploads_referred.inc()
+                    raise TooManyRequests(
+                        f"this node sends {self.active} blobs to peers; ask the nodes "
+                        "fetching this one from it",
+                        retry_after=_RETRY_AFTER_SECONDS,
+                        headers={TRY_HEADER: self._referral(digest, sharer, others)},
+                    )
                 self._metrics.peer_uploads_refused.inc()
                 raise TooManyRequests(
                     f"this node sends {self.active} blobs to peers; ask another holder",
@@ -183,6 +209,17 @@ class UploadSlots:
         self._metrics.peer_uploads.set(self.active)
         if sharer is not None:
             self._sharers.setdefault(digest, []).append(sharer)
+
+    def _seeds(self, digest: str, sharer: str | None, others: list[str]) -> bool:
+        """Whether a request past the bound is the root of `digest`'s tree, taken anyway: the
+        first sharer of the blob here, when no other node is known to provide it (this node's
+        own provider records: all of them in a cluster smaller than the DHT's k). Refused, it
+        and every fetcher after it would have nobody to go to but a last resort here, which is
+        never refused: the holder would send the blob to all of them at once."""
+        if not (self.fanout and sharer is not None and not others):
+            return False
+        asking = sharer.partition("@")[0]
+        return all(node == asking for node in self._providers(digest))
 
     def reserve(
         self, digest: str, sharer: str | None, *, refusable: bool = True
@@ -255,14 +292,18 @@ class RegistryApi:
         blob_fanout: int = DEFAULT_BLOB_FANOUT,
         extensions: Sequence[RouteProvider] = (),
         pulls: PullObserver | None = None,
+        known_providers: Callable[[str], list[str]] = lambda digest: [],
     ) -> None:
+        """`known_providers`: the ids (hex) of the other nodes this one knows to provide a
+        digest, from its own records without asking the cluster (`DhtNode.local_providers`),
+        for the upload bound (`UploadSlots`)."""
         self._metrics = metrics
         self._pulls = pulls
         self._extensions = tuple(extensions)
         self._content = content
         self._access = access or AccessPolicy(allowed_clients=(), verifier=None)
         self._reports = reports
-        self._uploads = UploadSlots(max_uploads, blob_fanout, metrics)
+        self._uploads = UploadSlots(max_uploads, blob_fanout, metrics, known_providers)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._observe])
