@@ -804,18 +804,25 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
-    wanted = {f'{key}="{value}"' for key, value in labels.items()}
-    total = 0.0
+def metric_samples(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    """The samples of `name` in Prometheus text `text`: each one's labels and value."""
     for line in text.splitlines():
         if not (line.startswith(name + "{") or line.startswith(name + " ")):
             continue
         head, _, value = line.rpartition(" ")
-        found = set(head[len(name) :].strip("{}").split(",")) if "{" in head else set()
-        if wanted <= found:
-            total += float(value)
-    return total
+        parts = head[len(name) :].strip("{}").split(",") if "{" in head else []
+        labels = dict(part.split("=", 1) for part in parts)
+        yield {key: quoted.strip('"') for key, quoted in labels.items()}, float(value)
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    matching = (
+        value
+        for found, value in metric_samples(text, name)
+        if all(found.get(key) == wanted for key, wanted in labels.items())
+    )
+    return sum(matching, 0.0)
 
 
 def rate_bits(rate: str) -> float | None:

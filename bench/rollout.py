@@ -98,6 +98,7 @@ from common import (
     layer_sizes,
     machine_busy_seconds,
     memory_status,
+    metric_samples,
     metric_sum,
     mirror_notes,
     poll,
@@ -153,15 +154,9 @@ def requests_by_method_and_status(texts: list[str]) -> list[tuple[tuple[str, str
     HTTP requests (runtimes' and peers' probes alike) a rollout cost the mirrors."""
     totals: dict[tuple[str, str], float] = {}
     for text in texts:
-        for line in text.splitlines():
-            if not line.startswith("mirror_requests_total{"):
-                continue
-            head, _, value = line.rpartition(" ")
-            labels = dict(
-                part.split("=", 1) for part in head.partition("{")[2].rstrip("}").split(",")
-            )
-            key = (labels.get("method", "?").strip('"'), labels.get("status", "?").strip('"'))
-            totals[key] = totals.get(key, 0.0) + float(value)
+        for labels, value in metric_samples(text, "mirror_requests_total"):
+            key = (labels.get("method", "?"), labels.get("status", "?"))
+            totals[key] = totals.get(key, 0.0) + value
     return sorted(totals.items(), key=lambda item: -item[1])
 
 

@@ -185,20 +185,20 @@ class UploadSlots:
         if refusable:
             others = [s for s in self._sharers.get(digest, ()) if s != sharer]
             if self.fanout and len(others) >= self.fanout:
-                self._metrics.peer_uploads_referred.inc()
-                raise TooManyRequests(
+                raise self._refer(
+                    digest,
+                    sharer,
+                    others,
                     f"{len(others)} nodes fetch this blob from this node; ask them",
-                    retry_after=_RETRY_AFTER_SECONDS,
-                    headers={TRY_HEADER: self._referral(digest, sharer, others)},
                 )
             if self.limit and self.active >= self.limit and not self._seeds(digest, sharer, others):
                 if self.fanout and others:
-                    self._metrics.peer_uploads_referred.inc()
-                    raise TooManyRequests(
-                        f"this node sends {self.active} blobs to peers; ask the nodes "
-                        "fetching this one from it",
-                        retry_after=_RETRY_AFTER_SECONDS,
-                        headers={TRY_HEADER: self._referral(digest, sharer, others)},
+                    raise self._refer(
+                        digest,
+                        sharer,
+                        others,
+                        f"this node sends {self.active} blobs to peers; ask the nodes fetching "
+                        "this one from it",
                     )
                 self._metrics.peer_uploads_refused.inc()
                 raise TooManyRequests(
@@ -209,6 +209,17 @@ class UploadSlots:
         self._metrics.peer_uploads.set(self.active)
         if sharer is not None:
             self._sharers.setdefault(digest, []).append(sharer)
+
+    def _refer(
+        self, digest: str, sharer: str | None, others: list[str], message: str
+    ) -> TooManyRequests:
+        """The 429 that sends `sharer` (or a peer that is none) to `digest`'s `others`."""
+        self._metrics.peer_uploads_referred.inc()
+        return TooManyRequests(
+            message,
+            retry_after=_RETRY_AFTER_SECONDS,
+            headers={TRY_HEADER: self._referral(digest, sharer, others)},
+        )
 
     def _seeds(self, digest: str, sharer: str | None, others: list[str]) -> bool:
         """Whether a request past the bound is the root of `digest`'s tree, taken anyway: the
