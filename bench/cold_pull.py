@@ -77,6 +77,7 @@ from common import (
     OtherLoad,
     add_lab_arguments,
     add_lab_tool_arguments,
+    add_node_cgroups_argument,
     add_shaping_arguments,
     build_image,
     check_socket_paths,
@@ -163,7 +164,7 @@ class Bench:
             capped.append(self.nodes[-1].namespace)
         if args.cpus_per_node is not None:
             for namespace in capped:
-                self.lab.cap_cpu(namespace, args.cpus_per_node)
+                self.lab.cap_cpu(namespace, args.cpus_per_node, split=args.node_cgroups == "split")
 
     def start_upstream(self) -> None:
         upstream = NamespacedRegistry(self.work / "upstream", self.upstream_ns, UPSTREAM_IP)
@@ -348,7 +349,11 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{bench.ref}; upstream egress tbf rate {args.rate} burst {args.burst} latency "
             f"{args.latency}; TCP congestion control {cc}; {os.cpu_count()} CPUs; pulls by "
             f"{'CRI PullImage' if args.pull_client == 'cri' and not args.no_unpack else 'ctr'}"
-            + (f"; every node capped at {args.cpus_per_node} CPUs" if args.cpus_per_node else ""),
+            + (
+                f"; every node capped at {args.cpus_per_node} CPUs ({args.node_cgroups} cgroups)"
+                if args.cpus_per_node
+                else ""
+            ),
             flush=True,
         )
         if expected:
@@ -376,6 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "N, as on real machines (keep N x share within the host's CPUs; upstream, the outside "
         "registry, is not capped); default: no cap, all share the host",
     )
+    add_node_cgroups_argument(parser)
     parser.add_argument("--image-mib", type=int, default=75, help="image size (default: 75)")
     add_shaping_arguments(parser, rate="100mbit", burst="128kb", links="upstream's egress")
     parser.add_argument(

@@ -752,32 +752,50 @@ def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
     return done
 
 
-# Namespaces given a CPU share of their own (`Lab.cap_cpu`) -> the `cgroup.procs` file of their
-# cgroup: every process `in_ns` starts there joins it first.
-_CPU_CAPS: dict[str, Path] = {}
+# Namespaces given a CPU share of their own (`Lab.cap_cpu`) -> their cgroup: every process
+# `in_ns` starts there joins it (or, when the share is split, the part `in_ns` names) first.
+_CPU_CAPS: dict[str, CpuCap] = {}
 CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # the cgroup v1 cpu controller
 # A short period: a capped process runs a little every 10 ms instead of 10 ms in every 100,
 # so a chain of nodes passing bytes on is not stalled by throttled gaps that do not line up.
 _CPU_PERIOD_US = 10_000
+# The parts of a node's split CPU share (`--node-cgroups split`): its runtime and pull client,
+# and the service it pulls through (the mirror, or the registry of the floor or the proxy).
+RUNTIME_PART = "runtime"
+SERVICE_PART = "service"
+NODE_CGROUP_LAYOUTS = ("one", "split")
 
 
-def in_ns(namespace: str, *argv: str) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class CpuCap:
+    """A namespace's cgroup, its quota the namespace's share of the CPUs; `split`: with a
+    child of equal weight for each part (`RUNTIME_PART`, `SERVICE_PART`)."""
+
+    group: Path
+    split: bool
+
+    def procs(self, part: str) -> Path:
+        return (self.group / part if self.split else self.group) / "cgroup.procs"
+
+
+def in_ns(namespace: str, *argv: str, part: str = RUNTIME_PART) -> list[str]:
     """`argv` run inside a network namespace (`ip netns exec` execs it: same pid), in the
-    namespace's CPU cgroup when it has one (the shell joins it, then execs: same pid too)."""
+    namespace's CPU cgroup when it has one, or that cgroup's `part` when its share is split
+    (the shell joins it, then execs: same pid too)."""
     inner = ["ip", "netns", "exec", namespace, *argv]
-    procs = _CPU_CAPS.get(namespace)
-    if procs is None:
+    cap = _CPU_CAPS.get(namespace)
+    if cap is None:
         return inner
-    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *inner]
+    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cap.procs(part)), *inner]
 
 
 def throttled_seconds(namespace: str) -> float | None:
     """How long the CPU cap held `namespace`'s processes back so far (its cgroup's cpu.stat
     `throttled_time`), None when the namespace has no cap."""
-    procs = _CPU_CAPS.get(namespace)
-    if procs is None:
+    cap = _CPU_CAPS.get(namespace)
+    if cap is None:
         return None
-    for line in (procs.parent / "cpu.stat").read_text().splitlines():
+    for line in (cap.group / "cpu.stat").read_text().splitlines():
         name, _, value = line.partition(" ")
         if name == "throttled_time":
             return int(value) / 1e9
@@ -989,7 +1007,7 @@ class NamespacedRegistry(Registry):
         self._address = address  # before __init__, which writes the config from `host`
         super().__init__(base_dir, port=REGISTRY_PORT, extra_config=extra_config)
         self.process = ManagedProcess(
-            in_ns(namespace, REGISTRY_BINARY, "serve", str(self.config_path)),
+            in_ns(namespace, REGISTRY_BINARY, "serve", str(self.config_path), part=SERVICE_PART),
             base_dir,
             "registry",
             stdout_path=self.access_log_path,
@@ -1146,11 +1164,18 @@ class Lab:
         run("ip", "link", "set", outer, "up")
         return namespace
 
-    def cap_cpu(self, namespace: str, cpus: float) -> None:
+    def cap_cpu(self, namespace: str, cpus: float, *, split: bool = True) -> None:
         """Give every process later started in `namespace` `cpus` CPUs at most, together: a
         cgroup of its own (cgroup v1 `cpu.cfs_quota_us`), so simulated nodes whose shares add
         up to less than the machine each run as on a small machine of their own instead of
-        competing for the host's cores."""
+        competing for the host's cores.
+
+        `split`: the share has two parts of equal weight (`cpu.shares`), as on a real node,
+        where the runtime (a system service) and the mirror (a pod, or a Nomad allocation)
+        are in cgroups of their own: the runtime and its pull client in one, the service they
+        pull through in the other. In one group the scheduler shares the CPU among threads
+        instead, and containerd's dozen busy threads receiving a rollout starve the mirror's
+        one, which then answers its peers' probes seconds late (docs/benchmarks.md)."""
         if not (CPU_CGROUPS / "cpu.cfs_quota_us").exists():
             raise RuntimeError(
                 f"--cpus-per-node needs the cgroup v1 cpu controller at {CPU_CGROUPS}"
@@ -1164,7 +1189,11 @@ class Lab:
         self.cgroups.append(group)
         (group / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
         (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
-        _CPU_CAPS[namespace] = group / "cgroup.procs"
+        if split:
+            for part in (RUNTIME_PART, SERVICE_PART):
+                (group / part).mkdir()
+                self.cgroups.append(group / part)
+        _CPU_CAPS[namespace] = CpuCap(group, split)
 
     def start(self, argv: Sequence[str], log_dir: Path, name: str) -> ManagedProcess:
         process = ManagedProcess(argv, log_dir, name, cwd=REPO)
@@ -1266,8 +1295,9 @@ def leftovers(names: LabNames, tmp_parent: Path) -> tuple[list[str], list[str], 
             links.append(name)
     dirs = sorted(tmp_parent.glob(f"{names.tmp_prefix}*"))
     groups = CPU_CGROUPS / names.prefix
-    if groups.is_dir():
-        dirs += [*sorted(p for p in groups.iterdir() if p.is_dir()), groups]
+    if groups.is_dir():  # the deepest first: a cgroup is removed after its children
+        nested = [p for p in groups.rglob("*") if p.is_dir()]
+        dirs += [*sorted(nested, key=lambda p: -len(p.parts)), groups]
     return namespaces, links, dirs
 
 
@@ -1307,6 +1337,19 @@ def check_subnet(names: LabNames) -> None:
     routes = run("ip", "-4", "route", "show").stdout
     if re.search(rf"(^|\s){re.escape(names.subnet)}\.", routes):
         raise RuntimeError(f"{names.subnet}.0/24 is already routed here:\n{routes}")
+
+
+def add_node_cgroups_argument(parser: argparse.ArgumentParser) -> None:
+    """`--node-cgroups`: how a node's `--cpus-per-node` share is laid out (`Lab.cap_cpu`)."""
+    parser.add_argument(
+        "--node-cgroups",
+        choices=NODE_CGROUP_LAYOUTS,
+        default=NODE_CGROUP_LAYOUTS[0],
+        help="with --cpus-per-node: 'one' (default) puts every process of a node in one "
+        "cgroup, where the scheduler shares the CPU among threads; 'split' gives the node's "
+        "runtime and the service it pulls through (the mirror, or the floor's registry) a "
+        "cgroup each, of equal weight, within the node's share, as on a real node",
+    )
 
 
 def add_lab_arguments(parser: argparse.ArgumentParser, *, unit: str) -> None:
@@ -1483,7 +1526,7 @@ def start_mirror(lab: Lab, node: Node, settings: MirrorSettings) -> None:
         f"--log-level={settings.log_level}",
         *settings.extra,
     ]
-    node.mirror = lab.start(in_ns(node.namespace, *argv), node.base, "mirror")
+    node.mirror = lab.start(in_ns(node.namespace, *argv, part=SERVICE_PART), node.base, "mirror")
 
 
 def wait_mirrors(nodes: Sequence[Node]) -> float:

@@ -87,6 +87,7 @@ from common import (
     OtherLoad,
     add_lab_arguments,
     add_lab_tool_arguments,
+    add_node_cgroups_argument,
     add_shaping_arguments,
     build_image,
     check_socket_paths,
@@ -149,13 +150,14 @@ EXTRA_METRICS = (
 )
 
 
-def requests_by_method_and_status(texts: list[str]) -> list[tuple[tuple[str, str], float]]:
-    """`mirror_requests_total` summed over nodes by method and status, most first: how many
-    HTTP requests (runtimes' and peers' probes alike) a rollout cost the mirrors."""
-    totals: dict[tuple[str, str], float] = {}
+def totals_by(texts: list[str], name: str, *labels: str) -> list[tuple[tuple[str, ...], float]]:
+    """The samples of `name` summed over nodes by the values of `labels`, most first: how many
+    HTTP requests (runtimes' and peers' probes alike) a rollout cost the mirrors, by method
+    and status, or why fetches from peers failed."""
+    totals: dict[tuple[str, ...], float] = {}
     for text in texts:
-        for labels, value in metric_samples(text, "mirror_requests_total"):
-            key = (labels.get("method", "?"), labels.get("status", "?"))
+        for found, value in metric_samples(text, name):
+            key = tuple(found.get(label, "?") for label in labels)
             totals[key] = totals.get(key, 0.0) + value
     return sorted(totals.items(), key=lambda item: -item[1])
 
@@ -322,7 +324,7 @@ class Rollout:
         hosts = [self.upstream_ns, self.holder.namespace, *(n.namespace for n in self.nodes)]
         for namespace in hosts:
             if args.cpus_per_node is not None:
-                self.lab.cap_cpu(namespace, args.cpus_per_node)
+                self.lab.cap_cpu(namespace, args.cpus_per_node, split=args.node_cgroups == "split")
             shape_egress(namespace, "eth0", args.rate, args.burst, args.latency)
             shape_egress(None, f"{namespace}-h", args.rate, args.burst, args.latency)
 
@@ -542,12 +544,15 @@ class Rollout:
             lines.append(
                 "mirrors: " + ", ".join(f"{name} {value:g}" for name, value in found.items())
             )
-        answered = requests_by_method_and_status(texts)
-        if answered:
-            lines.append(
-                "requests the mirrors answered (mirror_requests_total, all nodes; method status): "
-                + ", ".join(f"{method} {status} {count:g}" for (method, status), count in answered)
-            )
+        for title, name, labels in (
+            ("requests the mirrors answered", "mirror_requests_total", ("method", "status")),
+            ("fetches from peers that failed", "mirror_peer_fetch_failures_total", ("reason",)),
+        ):
+            if totals := [item for item in totals_by(texts, name, *labels) if item[1]]:
+                lines.append(
+                    f"{title} ({name}, all nodes; {' '.join(labels)}): "
+                    + ", ".join(f"{' '.join(key)} {count:g}" for key, count in totals)
+                )
         return lines
 
     def describe(self, result: CaseResult) -> str:
@@ -598,6 +603,14 @@ def find(
         if (r.image, r.nodes, r.kind, r.mode) == (image, nodes, kind, mode) and r.ok:
             return r
     return None
+
+
+def cpu_per_node(result: CaseResult) -> float:
+    """The CPU seconds of a case's processes over its pulling nodes, upstream's left out: the
+    runtimes' and pull clients' own, and an equal share of the services they pull through
+    (the holder's mirror, or the proxy, spread over them)."""
+    used = sum(seconds for name, seconds in result.cpu.items() if name != "upstream")
+    return used / result.nodes
 
 
 def verdict(value: float | None, target: float, *, below: bool = True) -> str:
@@ -656,13 +669,20 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
         print("against the floor (mode time / local time: every node pulling from its own copy):")
         print("\n".join(local_ratios))
 
-    print("flatness (content fetch, time at N over N=1, same mode and image):")
+    print(
+        "flatness (content fetch, time at N over N=1, same mode and image; and the CPU seconds "
+        "each pulling node used, its share of the mirrors' (or registries') included: with "
+        "--cpus-per-node a node's time follows its CPU, which this host gives the same work "
+        "at a cost that varies from run to run):"
+    )
     for r in results:
         single = find(results, r.image, 1, "fetch", r.mode)
         if r.ok and r.kind == "fetch" and r.nodes > 1 and single:
+            wide_cpu, single_cpu = cpu_per_node(r), cpu_per_node(single)
             print(
                 f"  {r.image} {r.mode}: N={r.nodes} {r.wall:.2f}s / N=1 {single.wall:.2f}s = "
-                f"{r.wall / single.wall:.2f}"
+                f"{r.wall / single.wall:.2f}; CPU s per node {wide_cpu:.2f} / {single_cpu:.2f} "
+                f"= {wide_cpu / single_cpu:.2f}"
             )
 
     # The targets name the issue's sizes; here they are the run's smallest and largest images.
@@ -762,7 +782,13 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.cpus_per_node is not None:
             print(
                 f"every namespace (upstream, holder, each node) capped at {args.cpus_per_node} "
-                "CPUs for all its processes together (a cgroup each)",
+                "CPUs for all its processes together (a cgroup each"
+                + (
+                    "; split in two of equal weight: the runtime and its pull client, the "
+                    "service they pull through)"
+                    if args.node_cgroups == "split"
+                    else ")"
+                ),
                 flush=True,
             )
         if expected:
@@ -831,6 +857,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "simulated machine its own share, so a run is not bound by this host's cores (keep "
         "(N + 2) x share under the host's CPUs); default: no cap, all share the host",
     )
+    add_node_cgroups_argument(parser)
     add_lab_arguments(parser, unit="case")
     parser.add_argument(
         "--mirror-arg",

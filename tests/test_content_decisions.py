@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from harness.memory_sources import MemoryPeers, MemoryUpstream, digest_of
+from harness.waits import until
 
 from mirror.content.downloads import DownloadFailed
 from mirror.content.service import BlobAnswer, ContentPolicy, ContentService, _peer_opener
@@ -146,13 +147,6 @@ async def test_a_range_goes_to_the_peer_as_asked(node: Node) -> None:
     await asyncio.gather(*node.service._background)
     assert not node.cache.holds(LAYER_DIGEST)
     assert ("provide", str(LAYER_DIGEST)) not in node.router.calls
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the other tasks until `condition` holds (bounded, so a regression fails)."""
-    async with asyncio.timeout(10):
-        while not condition():
-            await asyncio.sleep(0)
 
 
 def coalesced(node: Node) -> float:

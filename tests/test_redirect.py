@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestServer
 from harness.ingest_layout import IngestLayout
 from harness.memory_sources import MemoryPeers, MemoryUpstream
 from harness.net import free_port
+from harness.waits import until
 from yarl import URL
 
 from mirror.clusterkey import ClusterKey
@@ -421,6 +422,9 @@ async def test_no_redirect_without_a_whole_copy_or_in_share_mode(
     assert await redirect_url(fetcher_for(holder)) is None, "no URL signer: share mode"
 
 
+UNAVAILABLE = {"reason": "unavailable"}
+
+
 @contextlib.asynccontextmanager
 async def unanswering_node(
     answered_from: int | None = None,
@@ -455,6 +459,7 @@ async def test_a_provider_slow_to_answer_its_probe_is_not_waited_on(
     """The next provider is probed beside one that has not answered within `hedge_after`:
     the runtime goes to whichever serves first, not after the slow one's probe timed out."""
     monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 3600.0)  # waiting would hang
+    monkeypatch.setattr(fetcher_module, "_SLOW_PROBE_TIMEOUT", 3600.0)
     async with unanswering_node() as (slow_address, asked, answer):
         fetcher = fetcher_for(slow_address, holder, url_signer=UrlSigner(KEY))
         slow, fast = (
@@ -473,41 +478,74 @@ async def test_a_provider_slow_to_answer_its_probe_is_not_waited_on(
         assert not sample("mirror_peer_fetch_failures_total", failed), "cut off, not failed"
 
 
-async def test_a_provider_that_took_the_probe_but_did_not_answer_is_probed_again(
+async def test_a_provider_that_took_the_probe_is_waited_for_not_probed_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """At the start of a rollout every provider may be too starved of CPU to answer a probe
     within `_PROBE_TIMEOUT`. Passing them all over would serve the runtime another way, from
-    upstream at worst. One that took the connection is alive: it is probed once more with
-    `_SLOW_PROBE_TIMEOUT` to answer. One that refused it is gone, and is not asked again."""
+    upstream at worst. One that took the connection is alive: its probe stays out (up to
+    `_SLOW_PROBE_TIMEOUT`) and its late answer wins; it is not asked again, which would make it
+    do the work twice. One that refused the connection is gone, and is not waited for."""
     monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 0.2)
     monkeypatch.setattr(fetcher_module, "_SLOW_PROBE_TIMEOUT", 3600.0)  # waiting would hang
-    async with unanswering_node(answered_from=1) as (starved, asked, _):
-        fetcher = fetcher_for(f"127.0.0.1:{free_port()}", starved, url_signer=UrlSigner(KEY))
+    async with unanswering_node() as (starved, asked, answer):
+        refusing = f"127.0.0.1:{free_port()}"
+        fetcher = fetcher_for(starved, refusing, url_signer=UrlSigner(KEY))
+        sample = fetcher._metrics.registry.get_sample_value
+        fetcher._loads.measured(Provider(bytes([1]) * 20, starved), 1 << 20, 0.001)  # first
+        async with asyncio.timeout(60):  # a bound on a hang, not a measurement
+            found = asyncio.create_task(redirect_url(fetcher))
+            await until(lambda: sample("mirror_peer_fetch_failures_total", UNAVAILABLE) == 1)
+            assert not found.done(), "the starved node's probe is still out"
+            answer.set()  # it answers at last
+            url = await found
+    assert asked == ["HEAD"], "the starved node was probed once"
+    assert url is not None and url.startswith(f"http://{starved}/v2/"), url
+    assert not sample("mirror_peer_fetch_failures_total", {"reason": "slow"})
+
+
+async def test_a_late_probe_does_not_hold_back_the_next_providers(
+    holder: Holder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `_PROBE_TIMEOUT` a probe no longer counts against `_PROBES_AT_ONCE`: two starved
+    nodes probed first do not keep the holder from being probed, and their probes are cut
+    when it answers, not failed."""
+    monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 0.2)
+    monkeypatch.setattr(fetcher_module, "_SLOW_PROBE_TIMEOUT", 3600.0)  # waiting would hang
+    async with (
+        unanswering_node() as (first, asked_first, _),
+        unanswering_node() as (
+            second,
+            asked_second,
+            _,
+        ),
+    ):
+        fetcher = fetcher_for(first, second, holder, url_signer=UrlSigner(KEY))
+        for index, seconds in ((1, 0.001), (2, 0.002), (3, 1.0)):  # the holder looks slowest
+            provider = Provider(bytes([index]) * 20, (first, second, holder.address)[index - 1])
+            fetcher._loads.measured(provider, 1 << 20, seconds)
         async with asyncio.timeout(60):  # a bound on a hang, not a measurement
             url = await redirect_url(fetcher)
-    assert asked == ["HEAD", "HEAD"], "the starved node was probed twice"
-    assert url is not None and url.startswith(f"http://{starved}/v2/"), url
+    assert (asked_first, asked_second) == (["HEAD"], ["HEAD"])
+    assert url is not None and url.startswith(f"{holder.url}/v2/"), url
     sample = fetcher._metrics.registry.get_sample_value
-    assert sample("mirror_peer_fetch_failures_total", {"reason": "slow"}) == 1
-    assert sample("mirror_peer_fetch_failures_total", {"reason": "unavailable"}) == 1, (
-        "the node that refused the connection was probed once"
-    )
+    assert not sample("mirror_peer_fetch_failures_total", {"reason": "slow"}), "cut, not failed"
 
 
-async def test_a_provider_slow_twice_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second probe is bounded too: a node that took both connections and answered
-    neither is passed over after `_SLOW_PROBE_TIMEOUT`, and the runtime is served another way."""
+async def test_a_provider_that_never_answers_is_passed_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wait is bounded: a node that took the connection and did not answer within
+    `_SLOW_PROBE_TIMEOUT` is passed over, and the runtime is served another way."""
     monkeypatch.setattr(fetcher_module, "_PROBE_TIMEOUT", 0.2)
     monkeypatch.setattr(fetcher_module, "_SLOW_PROBE_TIMEOUT", 0.2)
     async with unanswering_node() as (starved, asked, _):
         fetcher = fetcher_for(starved, url_signer=UrlSigner(KEY))
         async with asyncio.timeout(60):  # a bound on a hang, not a measurement
             assert await redirect_url(fetcher) is None
-    assert asked == ["HEAD", "HEAD"]
+    assert asked == ["HEAD"]
     sample = fetcher._metrics.registry.get_sample_value
     assert sample("mirror_peer_fetch_failures_total", {"reason": "slow"}) == 1
-    assert sample("mirror_peer_fetch_failures_total", {"reason": "unavailable"}) == 1
     assert sample("mirror_peer_redirects_total", {"result": "no-holder"}) == 1
 
 

@@ -116,16 +116,18 @@ _TIE_FACTOR = 1.25
 _FORGET_SECONDS = 600.0
 _FORGET_PAST = 256
 # A provider probed before the runtime is redirected to it answers a HEAD from its own store at
-# once; past this it is passed over (a redirect is worth a quick answer only). It is the bound
-# on connecting too.
+# once. Past this without an answer the next provider is probed beside it, as if it had failed,
+# and it is passed over if it has not even taken the connection (a dead node refuses it or never
+# takes it). It is also the bound on connecting.
 _PROBE_TIMEOUT = 1.0
-# A provider that took the probe's connection but let `_PROBE_TIMEOUT` pass is alive, only
-# starved of CPU (a rollout's nodes start their pulls together): when no provider answered in
-# time, the slow ones are probed once more, at once, with this long to answer. A dead provider
-# refuses the connection or never takes it, and is not waited for.
+# A provider that took the probe's connection is alive, only maybe starved of CPU (a rollout's
+# nodes start their pulls together): its probe stays out, beside the next ones, this long in
+# all, and its late answer still wins if nobody answered sooner. Cut at `_PROBE_TIMEOUT` and
+# probed again, it did its work twice and every fetcher's probes doubled just when every node
+# was shortest of CPU (docs/benchmarks.md).
 _SLOW_PROBE_TIMEOUT = 4.0
-# Probes out at once while choosing where to redirect: the next provider is probed beside one
-# that has not answered within `hedge_after`.
+# Probes out at once, and not yet `_PROBE_TIMEOUT` old, while choosing where to redirect: the
+# next provider is probed beside one that has not answered within `hedge_after`.
 _PROBES_AT_ONCE = 2
 # Every provider busy: this many of them, least loaded first, are asked to serve the runtime
 # anyway before its node serves it another way (each may take `_PROBE_TIMEOUT`).
@@ -201,12 +203,7 @@ class _Serves:
     hops: int | None
 
 
-class _Slow:
-    """A probed provider took the connection but did not answer in time: alive, maybe starved."""
-
-
-_SLOW = _Slow()
-_Probed: TypeAlias = _Serves | list[Provider] | _Slow | None
+_Probed: TypeAlias = _Serves | list[Provider] | None
 
 
 class _PeerSlowOrFailed(Exception):
@@ -554,8 +551,9 @@ class PeerFetcher:
         probe not answered within `hedge_after` (`_probe_hedged`), with a HEAD on a signed URL
         of their own, which a holder answers from its own store, its
         download under way or its runtime's fetch in progress (registry/api.py). The first to
-        answer 200 within `_PROBE_TIMEOUT` gets a URL signed for one GET, and keeps an upload
-        slot for it meanwhile; its answer says its hops (peers/referrals.py). `sharing`: this
+        answer 200 (one that took the probe's connection has `_SLOW_PROBE_TIMEOUT` to) gets a
+        URL signed for one GET, and keeps an upload slot for it meanwhile; its answer says its
+        hops (peers/referrals.py). `sharing`: this
         node's runtime will serve the blob to peers as it arrives (its store shows what the
         runtime receives), so it asks as a sharer: a provider at its fan-out answers 429
         naming the sharers it sends the blob to, which are probed first, and a rollout's
@@ -578,33 +576,29 @@ class PeerFetcher:
         if sharing and self._own is not None:
             path = with_sharer(path, self._own)
         busy: list[Provider] = []
-        slow: list[Provider] = []
         if among is None:
             timeout = _PROBE_TIMEOUT
-            found = await self._probe_hedged([], path, timeout, busy, slow, refill=str(digest))
-            if found is None and slow:
-                # Alive but starved: passed over, the runtime is served another way, from
-                # upstream at worst, while they hold the bytes.
-                log.info(
-                    "no provider of %s answered in %.0fs; probing %d that took the probe again",
-                    digest,
-                    timeout,
-                    len(slow),
-                )
-                found = await self._probe_hedged(
-                    slow, path, timeout, busy, answer_within=_SLOW_PROBE_TIMEOUT
-                )
+            found = await self._probe_hedged(
+                [],
+                path,
+                busy,
+                late_after=timeout,
+                answer_within=_SLOW_PROBE_TIMEOUT,
+                refill=str(digest),
+            )
         else:
             timeout = _CLAIMANT_PROBE_TIMEOUT
             queue = self._trusted_among(among, str(digest))
-            found = await self._probe_hedged(queue, path, timeout, busy)
+            found = await self._probe_hedged(
+                queue, path, busy, late_after=timeout, answer_within=timeout
+            )
         if found is not None:
             provider, serves = found
             return self._redirect_to(provider, digest, path, now, serves.hops)
         for holder in self._loads.least_loaded(busy)[:_LAST_RESORT_PROBES]:
             # Every provider was busy: the least loaded serves the runtime anyway, once it
             # confirms it still serves the blob (and says its hops).
-            answer = await self._probe(holder, path, timeout, last_resort=True)
+            answer = await self._probe(holder, path, timeout, timeout, last_resort=True)
             if isinstance(answer, _Serves):
                 self._metrics.peer_last_resort_fetches.inc()
                 log.info(
@@ -620,56 +614,63 @@ class PeerFetcher:
         self,
         queue: list[Provider],
         path: str,
-        timeout: float,
         busy: list[Provider],
-        slow: list[Provider] | None = None,
         *,
+        late_after: float,
+        answer_within: float,
         refill: str | None = None,
-        answer_within: float | None = None,
     ) -> tuple[Provider, _Serves] | None:
         """The first of `queue`'s providers to serve `path` (probed in order, the queue topped up
         from the DHT's providers of `refill` when it runs dry), with its answer; None if none.
 
-        A probe not answered within `hedge_after` has the next candidate probed beside it (two
-        at most; every one at once with `answer_within`), as `_first_answer` does for bodies:
-        a node too starved to answer soon (a rollout's nodes start their pulls together) costs
-        the pull that long, not `timeout`. Busy providers go into `busy`, and the sharers they
-        name are probed next; those that took the connection but not answered within
-        `timeout` go into `slow`. A probe still out when another wins is cut off; if its
-        provider had accepted it, the slot it keeps lapses by itself (`UploadSlots.reserve`).
-        `answer_within`: see `_probe`.
+        A probe not answered within `hedge_after` has the next candidate probed beside it, as
+        `_first_answer` does for bodies: a node too starved to answer soon (a rollout's nodes
+        start their pulls together) costs the pull that long, not the probe's bound. At most
+        `_PROBES_AT_ONCE` probes younger than `late_after` are out at once; an older one stays
+        out, no longer counted, until it is answered or `answer_within` passes (each provider
+        is probed once: a late answer is as good as an early one, and asking again would make
+        a starved node do the work twice). Busy providers go into `busy`, and the sharers they
+        name are probed next. A probe still out when another wins is cut off; if its provider
+        had accepted it, the slot it keeps lapses by itself (`UploadSlots.reserve`).
         """
-        at_once = _PROBES_AT_ONCE if answer_within is None else len(queue)
+        loop = asyncio.get_running_loop()
         tried: set[bytes] = set()
         running: dict[asyncio.Task[_Probed], Provider] = {}
+        sent_at: dict[asyncio.Task[_Probed], float] = {}
         drained = False  # the DHT had no one new: ask it again only once a probe ended
         try:
             while True:
-                while len(running) < at_once:
+                now = loop.time()
+                young = [sent_at[task] for task in running if now - sent_at[task] < late_after]
+                if len(young) < _PROBES_AT_ONCE:
                     provider = _untried(queue, tried)
                     if provider is None and refill is not None and not drained:
                         queue = await self.providers(refill, exclude=tried)
                         drained = not queue
                         provider = _untried(queue, tried)
-                    if provider is None:
-                        break
-                    tried.add(provider.node_id)
-                    probe = self._probe(provider, path, timeout, answer_within=answer_within)
-                    running[asyncio.create_task(probe)] = provider
-                    if answer_within is None:
-                        break  # the next one only beside a probe slow to answer
+                    if provider is not None:
+                        tried.add(provider.node_id)
+                        probe = self._probe(provider, path, late_after, answer_within)
+                        task = asyncio.create_task(probe)
+                        running[task] = provider
+                        sent_at[task] = now = loop.time()
+                        young.append(now)
                 if not running:
                     return None
-                # Another candidate may come: hedge to it if the ones out are slow to answer.
-                more = _untried(queue, tried) is not None or (refill is not None and not drained)
-                more = more and len(running) < at_once
+                # Another candidate may come: hedge to it if the ones out are slow to answer,
+                # or once the oldest of them is late.
+                untried = any(p.node_id not in tried for p in queue)
+                more = untried or (refill is not None and not drained)
+                wait: float | None = None
+                if more:
+                    full = len(young) >= _PROBES_AT_ONCE
+                    wait = max(0.0, min(young) + late_after - now) if full else self._hedge_after
                 done, _ = await asyncio.wait(
-                    running,
-                    timeout=self._hedge_after if more else None,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     provider = running.pop(task)
+                    del sent_at[task]
                     answer = task.result()
                     drained = False
                     if isinstance(answer, _Serves):
@@ -677,8 +678,6 @@ class PeerFetcher:
                     if isinstance(answer, list):  # busy: the sharers it named first
                         busy.append(provider)
                         queue[:0] = [p for p in answer if p.node_id not in tried]
-                    elif isinstance(answer, _Slow) and slow is not None:
-                        slow.append(provider)
         finally:
             for task in running:
                 task.cancel()
@@ -708,15 +707,15 @@ class PeerFetcher:
         self,
         provider: Provider,
         path: str,
-        timeout: float,
+        connect_within: float,
+        answer_within: float,
         *,
-        answer_within: float | None = None,
         last_resort: bool = False,
     ) -> _Probed:
         """Whether `provider` serves `path` on a signed URL now (and its hops); busy, with the
-        sharers it referred to (maybe none); slow (it took the connection within `timeout`
-        but did not answer within `answer_within`, by default `timeout` too); or None (it does
-        not hold it, or is unreachable). A `last_resort` probe is not refused for being busy.
+        sharers it referred to (maybe none); or None (it does not hold it, did not take the
+        connection within `connect_within` or answer within `answer_within`, or is
+        unreachable). A `last_resort` probe is not refused for being busy.
 
         Connecting and answering are bounded apart because they tell different things: a
         kernel takes a connection for a process starved of CPU, and refuses it, or drops it
@@ -725,9 +724,7 @@ class PeerFetcher:
         if last_resort:
             path = _as_last_resort(path)
         url = URL(self._signed_url(provider, "HEAD", path), encoded=True)
-        bounds = aiohttp.ClientTimeout(
-            total=None, connect=timeout, sock_read=answer_within or timeout
-        )
+        bounds = aiohttp.ClientTimeout(total=None, connect=connect_within, sock_read=answer_within)
         try:
             async with self._session.head(url, allow_redirects=False, timeout=bounds) as response:
                 self._loads.answered(provider, response, upload=False)
@@ -738,10 +735,8 @@ class PeerFetcher:
                     return [p for p in referred if p.node_id != self._own_id()]
                 error = f"answered {response.status} to a signed URL"
         except aiohttp.SocketTimeoutError:
-            if answer_within is None:
-                self._failed(provider, "slow", f"took the probe, no answer in {timeout:.0f}s")
-                return _SLOW
-            error = f"took the probe, no answer in {answer_within:.0f}s"
+            self._failed(provider, "slow", f"took the probe, no answer in {answer_within:.0f}s")
+            return None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = str(exc) or type(exc).__name__
         self._failed(provider, "unavailable", error)
