@@ -549,19 +549,18 @@ class PeerFetcher:
         For --peer-transfer=redirect: the runtime fetches from the holder directly. Providers
         are probed in the order `providers` gives (least loaded first), the next one beside a
         probe not answered within `hedge_after` (`_probe_hedged`), with a HEAD on a signed URL
-        of their own, which a holder answers from its own store, its
-        download under way or its runtime's fetch in progress (registry/api.py). The first to
-        answer 200 (one that took the probe's connection has `_SLOW_PROBE_TIMEOUT` to) gets a
-        URL signed for one GET, and keeps an upload slot for it meanwhile; its answer says its
-        hops (peers/referrals.py). `sharing`: this
-        node's runtime will serve the blob to peers as it arrives (its store shows what the
-        runtime receives), so it asks as a sharer: a provider at its fan-out answers 429
-        naming the sharers it sends the blob to, which are probed first, and a rollout's
-        runtimes line up as a swarm instead of all fetching from the first holder. When every
-        provider is busy, the least loaded that still answers a last-resort probe gets the
-        runtime anyway (a signed GET is never refused). `among`: these providers only (the
-        node a claim named), those trusted for the digest, each given `_CLAIMANT_PROBE_TIMEOUT`
-        to answer, as it may not have its first bytes yet.
+        of their own, which a holder answers from its own store, its download under way or its
+        runtime's fetch in progress (registry/api.py). The first to answer 200 (one that took
+        the probe's connection has `_SLOW_PROBE_TIMEOUT` to) gets a URL signed for one GET, and
+        keeps an upload slot for it meanwhile; its answer says its hops (peers/referrals.py).
+        `sharing`: this node's runtime will serve the blob to peers as it arrives (its store
+        shows what the runtime receives), so it asks as a sharer: a provider at its fan-out
+        answers 429 naming the sharers it sends the blob to, which are probed first, and a
+        rollout's runtimes line up as a swarm instead of all fetching from the first holder.
+        When every provider is busy, the least loaded that still answers a last-resort probe
+        gets the runtime anyway (a signed GET is never refused). `among`: these providers only
+        (the node a claim named), those trusted for the digest, each given
+        `_CLAIMANT_PROBE_TIMEOUT` to answer, as it may not have its first bytes yet.
 
         None: nobody holds it, or this is a retry (see `_REDIRECT_RETRY_SECONDS`): the caller
         serves the blob another way.
