@@ -634,13 +634,12 @@ class PeerFetcher:
         """
         loop = asyncio.get_running_loop()
         tried: set[bytes] = set()
-        running: dict[asyncio.Task[_Probed], Provider] = {}
-        sent_at: dict[asyncio.Task[_Probed], float] = {}
+        running: dict[asyncio.Task[_Probed], tuple[Provider, float]] = {}  # and when sent
         drained = False  # the DHT had no one new: ask it again only once a probe ended
         try:
             while True:
                 now = loop.time()
-                young = [sent_at[task] for task in running if now - sent_at[task] < late_after]
+                young = [sent for _, sent in running.values() if now - sent < late_after]
                 if len(young) < _PROBES_AT_ONCE:
                     provider = _untried(queue, tried)
                     if provider is None and refill is not None and not drained:
@@ -650,9 +649,8 @@ class PeerFetcher:
                     if provider is not None:
                         tried.add(provider.node_id)
                         probe = self._probe(provider, path, late_after, answer_within)
-                        task = asyncio.create_task(probe)
-                        running[task] = provider
-                        sent_at[task] = now = loop.time()
+                        now = loop.time()
+                        running[asyncio.create_task(probe)] = provider, now
                         young.append(now)
                 if not running:
                     return None
@@ -668,8 +666,7 @@ class PeerFetcher:
                     running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
-                    provider = running.pop(task)
-                    del sent_at[task]
+                    provider, _ = running.pop(task)
                     answer = task.result()
                     drained = False
                     if isinstance(answer, _Serves):

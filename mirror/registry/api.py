@@ -41,6 +41,7 @@ from mirror.peers.referrals import (
     HOPS_HEADER,
     SHARER_PARAM,
     TRY_HEADER,
+    parse_sharer,
     referral,
     well_formed_sharer,
 )
@@ -227,10 +228,10 @@ class UploadSlots:
         own provider records: all of them in a cluster smaller than the DHT's k). Refused, it
         and every fetcher after it would have nobody to go to but a last resort here, which is
         never refused: the holder would send the blob to all of them at once."""
-        if not (self.fanout and sharer is not None and not others):
+        asking = parse_sharer(sharer)
+        if not (self.fanout and asking is not None and not others):
             return False
-        asking = sharer.partition("@")[0]
-        return all(node == asking for node in self._providers(digest))
+        return all(node == asking.node_id.hex() for node in self._providers(digest))
 
     def reserve(
         self, digest: str, sharer: str | None, *, refusable: bool = True
