@@ -34,6 +34,12 @@ Modes, each on fresh state (new containerds, new registry storage, new mirror ca
   left is what N nodes pulling at once cost the machine anyway (the runtimes' writes, hashing,
   unpacking, one local registry each), so its flatness N/1 is the best any mode can show here.
   Not a default mode (`--modes ...,local`).
+- ring: the floor of any design that moves the bytes between nodes: every node and the holder
+  run a distribution registry holding the image, and node i pulls from node i+1's (the last
+  from the holder's) over the shaped links. Each registry serves exactly one node, as a perfect
+  swarm would with no lookups, probes or announcements: what is left is what N transfers between
+  namespaces at once cost this machine. Its flatness N/1 (N=1: one node pulling from the
+  holder's registry) is the best a peer-to-peer mode can show here. Not a default mode.
 
 Each scenario (`--scenarios`, e.g. `75x4:8` = a 75 MiB image in 4 layers, 8 pulling nodes)
 runs every mode with `ctr images pull` (fetch and unpack: "unpack") and with `ctr content
@@ -126,7 +132,7 @@ UPSTREAM_IP = f"{NAMES.subnet}.2"
 HOLDER_OCTET = 10  # node I (1..N) is at HOLDER_OCTET + I
 MAX_NODES = 200
 TAG = "v1"
-MODES = ("proxy", "mirror", "mirror-redirect", "local")
+MODES = ("proxy", "mirror", "mirror-redirect", "local", "ring")
 DEFAULT_MODES = ("proxy", "mirror", "mirror-redirect")
 KINDS = ("unpack", "fetch")
 REDIRECT_FLAG = "--peer-transfer"
@@ -413,6 +419,16 @@ class Rollout:
                     started.append(local.process)
                     node.write_hosts(upstream.host, upstream.url, [local.url])
                 result.notes.append("set-up: every node pulls from a registry of its own")
+            elif case.mode == "ring":
+                # Node i pulls from node i+1's registry, the last node from the holder's.
+                served_by = [*nodes[1:], holder]
+                for node, server in zip(nodes, served_by, strict=True):
+                    ring = self.local_registry(case_dir / f"ring{server.index}", server)
+                    started.append(ring.process)
+                    node.write_hosts(upstream.host, upstream.url, [ring.url])
+                result.notes.append(
+                    "set-up: every node pulls from the next node's registry over its link"
+                )
             else:
                 took, _ = pull_all(self.lab, [holder], ref, mirrored=False, unpack=True)
                 settings = self.mirror_settings(everyone, case.mode == "mirror-redirect")
@@ -658,16 +674,31 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
             other = find(results, image, nodes, kind, mode)
             if proxy and other:
                 print(f"  {image} N={nodes} {kind}: {mode}/proxy {other.wall / proxy.wall:.2f}")
-    local_ratios = [
-        f"  {image} N={nodes} {kind}: {mode}/local {other.wall / local.wall:.2f}"
-        for image, nodes, kind in keys
-        if (local := find(results, image, nodes, kind, "local"))
-        for mode in ("proxy", "mirror", "mirror-redirect")
-        if (other := find(results, image, nodes, kind, mode))
+    floors = [
+        (
+            "local",
+            ("proxy", "mirror", "mirror-redirect", "ring"),
+            "the floor",
+            "every node pulling from its own copy",
+        ),
+        (
+            "ring",
+            ("mirror", "mirror-redirect"),
+            "the network's floor",
+            "every node pulling from the next one's registry",
+        ),
     ]
-    if local_ratios:
-        print("against the floor (mode time / local time: every node pulling from its own copy):")
-        print("\n".join(local_ratios))
+    for floor, modes, name, what in floors:
+        ratios = [
+            f"  {image} N={nodes} {kind}: {mode}/{floor} {other.wall / base.wall:.2f}"
+            for image, nodes, kind in keys
+            if (base := find(results, image, nodes, kind, floor))
+            for mode in modes
+            if (other := find(results, image, nodes, kind, mode))
+        ]
+        if ratios:
+            print(f"against {name} (mode time / {floor} time: {what}):")
+            print("\n".join(ratios))
 
     print(
         "flatness (content fetch, time at N over N=1, same mode and image; and the CPU seconds "
@@ -846,7 +877,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--modes",
         default=",".join(DEFAULT_MODES),
         help="comma-separated, run in this order for each scenario "
-        f"(default: {','.join(DEFAULT_MODES)}; also: local)",
+        f"(default: {','.join(DEFAULT_MODES)}; also: local, ring)",
     )
     add_shaping_arguments(parser, rate="1gbit", burst="512kb", links="every link, both ways")
     parser.add_argument(
