@@ -20,6 +20,7 @@ from mirror.errors import ContentVanished
 from mirror.oci.reference import Digest, parse_digest
 from mirror.stores.base import FilePart, PartReader
 from mirror.stores.containerd.ingest import GONE_CHECK_SECONDS, IngestBlob, Ingests
+from mirror.stores.containerd.watch import FileWatcher
 
 BLOB = os.urandom(300_000)
 DIGEST = parse_digest("sha256:" + hashlib.sha256(BLOB).hexdigest())
@@ -229,3 +230,78 @@ async def test_a_blob_committed_but_not_yet_listed_is_found_whole(tmp_path: Path
     await receiving.close()
     other.drop()
     assert await ingests(tmp_path / "other").find(DIGEST) is None
+
+
+# Readers woken by the writer (watch.py): with a poll interval far longer than the test may take,
+# each step below can only be seen in time through inotify.
+_NEVER = 60.0
+
+
+def watched(root: Path, watcher: FileWatcher) -> Ingests:
+    return Ingests(
+        root,
+        "k8s.io",
+        poll_seconds=_NEVER,
+        max_poll_seconds=_NEVER,
+        watcher=watcher,
+    )
+
+
+async def test_a_watched_reader_wakes_on_each_write_the_commit_and_giving_up(
+    tmp_path: Path,
+) -> None:
+    watcher = FileWatcher()
+    try:
+        content = layout(tmp_path / "committed")
+        blob = await watched(tmp_path / "committed", watcher).find(DIGEST)
+        assert blob is not None
+        reader = blob.reader(0, len(BLOB))
+        async with asyncio.timeout(10):
+            waiting = asyncio.create_task(take(reader))
+            await asyncio.sleep(0)  # the reader found nothing there and waits
+            content.write(100_000)
+            assert await waiting == BLOB[:100_000]
+            waiting = asyncio.create_task(take(reader))
+            await asyncio.sleep(0)
+            content.write(len(BLOB))
+            assert await waiting == BLOB[100_000:-1]
+            waiting = asyncio.create_task(take(reader))
+            await asyncio.sleep(0)
+            content.commit()
+            assert await waiting == BLOB[-1:]
+        await reader.aclose()
+
+        content = layout(tmp_path / "dropped")
+        blob = await watched(tmp_path / "dropped", watcher).find(DIGEST)
+        assert blob is not None
+        reader = blob.reader(0, len(BLOB))
+        async with asyncio.timeout(10):
+            waiting = asyncio.create_task(reader.next_part())
+            await asyncio.sleep(0)
+            content.drop()  # the runtime gave up: the unlink wakes the reader
+            with pytest.raises(ContentVanished, match="gave up"):
+                await waiting
+        await reader.aclose()
+    finally:
+        watcher.close()
+
+
+async def test_readers_of_one_ingest_share_its_watch_until_the_last_leaves(
+    tmp_path: Path,
+) -> None:
+    watcher = FileWatcher()
+    try:
+        content = layout(tmp_path)
+        ingests_here = watched(tmp_path, watcher)
+        first, second = await ingests_here.find(DIGEST), await ingests_here.find(DIGEST)
+        assert first is not None and second is not None
+        await first.close()  # the second still wakes on the writer
+        reader = second.reader(0, len(BLOB))
+        async with asyncio.timeout(10):
+            waiting = asyncio.create_task(take(reader))
+            await asyncio.sleep(0)
+            content.write(1000)
+            assert await waiting == BLOB[:1000]
+        await reader.aclose()
+    finally:
+        watcher.close()

@@ -9,13 +9,15 @@ name (a hash of the ref, sequence included) cannot be predicted, so the few inge
 are scanned.
 
 Bytes go out as they land (the runtime writes them in order), the last byte only once the blob
-is committed: a peer never completes a blob containerd did not verify. Nothing announces new
-bytes, so a reader that caught up looks again after a while: one `fstat` per look. The while
-adapts to the writer (`POLL_MIN_SECONDS` doubling up to `POLL_MAX_SECONDS` until about
-`PART_BYTES` are there, halving when they were there at once), so a reader wakes a few dozen
-times a second rather than a hundred, and each wake sends a sizeable part; once every byte is
-there it looks every `POLL_MIN_SECONDS` for the commit, which the runtime makes right after
-(before that, only every `GONE_CHECK_SECONDS`, for a runtime that gave up).
+is committed: a peer never completes a blob containerd did not verify. A reader that caught up
+waits for the writer's next change to `data`, reported by inotify (watch.py: each write, the
+commit's rename, the unlink of a runtime that gave up), and looks on its own only every
+`GONE_CHECK_SECONDS` (a stall). Without a watcher it looks on a timer: `POLL_MIN_SECONDS`
+doubling up to `POLL_MAX_SECONDS` until about `PART_BYTES` are there, halving when they were
+there at once, so a reader wakes a few dozen times a second rather than a hundred and each wake
+sends a sizeable part; once every byte is there it looks every `POLL_MIN_SECONDS` for the
+commit, which the runtime makes right after (before that, only every `GONE_CHECK_SECONDS`, for
+a runtime that gave up).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from mirror.errors import ContentVanished
 from mirror.oci.reference import Digest
 from mirror.stores.base import FilePart, PartReader, ReceivingBlob
+from mirror.stores.containerd.watch import FileWatch, FileWatcher
 
 # How long a reader that sent everything there waits before it looks again: at least, at most.
 POLL_MIN_SECONDS = 0.005
@@ -59,7 +62,10 @@ class Ingests:
         max_poll_seconds: float = POLL_MAX_SECONDS,
         stall_seconds: float = STALL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        watcher: FileWatcher | None = None,
     ) -> None:
+        """`watcher`: wakes readers when an ingest's file changes (watch.py); without one they
+        look on a timer."""
         self._ingest_dir = content_path / "ingest"
         self._blob_dir = content_path / "blobs"
         self._namespace = namespace
@@ -67,10 +73,15 @@ class Ingests:
         self._max_poll_seconds = max_poll_seconds
         self._stall_seconds = stall_seconds
         self._clock = clock
+        self._watcher = watcher
 
     async def find(self, digest: Digest) -> IngestBlob | None:
         """The ingest receiving `digest` in this namespace, opened; None when there is none."""
-        return await asyncio.to_thread(self._find, digest)
+        blob = await asyncio.to_thread(self._find, digest)
+        if blob is not None and blob.directory is not None and self._watcher is not None:
+            # On the loop: the watcher's descriptor is read there.
+            blob.watch(self._watcher.watch(blob.directory / "data"))
+        return blob
 
     def _find(self, digest: Digest) -> IngestBlob | None:
         committed = self._blob_dir / digest.algorithm / digest.hex
@@ -186,6 +197,7 @@ class IngestBlob(ReceivingBlob):
         self._clock = clock
         # No ingest directory: the blob was committed already (`Ingests.find`).
         self._verified = directory is None
+        self._watch: FileWatch | None = None
         # The size last seen, and when it was first seen (a stall is measured from there).
         self._seen = -1
         self._grew_at = clock()
@@ -201,6 +213,15 @@ class IngestBlob(ReceivingBlob):
         """The descriptor parts are sent from (`data`, or the committed blob)."""
         return self._file
 
+    @property
+    def directory(self) -> Path | None:
+        """The ingest's directory; None for a blob found committed."""
+        return self._directory
+
+    def watch(self, watch: FileWatch | None) -> None:
+        """Wake on the writer's changes to `data` rather than on a timer (None: the timer)."""
+        self._watch = watch
+
     def received(self) -> int:
         return min(os.fstat(self._file.fileno()).st_size, self.size)
 
@@ -208,6 +229,8 @@ class IngestBlob(ReceivingBlob):
         return _IngestReader(self, offset, offset + length)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         self._file.close()
 
     async def sendable(self, position: int, end: int) -> int:
@@ -215,10 +238,13 @@ class IngestBlob(ReceivingBlob):
         than `position` (about `PART_BYTES` more, unless the writer is slow or done, or `end`
         is there), or raises `ContentVanished` when the ingest will not give it."""
         waited = False
+        nudged = False  # woken by a change to `data`: if it added no bytes, an unlink or rename
         while True:
+            events = self._watch.events if self._watch is not None else 0
             there = self.received()
             if there != self._seen:
                 self._seen, self._grew_at = there, self._clock()
+                nudged = False  # a write
             cap = self.size if self._verified else self.size - 1
             limit = min(there, cap, end)
             if limit > position:
@@ -227,7 +253,11 @@ class IngestBlob(ReceivingBlob):
                     if not waited:  # it was there at once: look sooner next time
                         self._poll = max(self._poll / 2, self._min_poll)
                     return limit
-            elif not self._verified and self._commit_may_show(there) and self._check_committed():
+            elif (
+                not self._verified
+                and (nudged or self._commit_may_show(there))
+                and self._check_committed()
+            ):
                 continue
             elif self._verified:  # a committed blob does not grow
                 raise ContentVanished(f"{self._committed.name} ends at {there} bytes")
@@ -236,11 +266,19 @@ class IngestBlob(ReceivingBlob):
                     f"the runtime's ingest of {self._committed.name} stalled at {there} bytes"
                 )
             if there >= self.size:  # all there: the commit comes right after
-                await asyncio.sleep(self._min_poll)
+                nudged = await self._wait(events, self._min_poll)
                 continue
-            await asyncio.sleep(self._poll)
+            nudged = await self._wait(events, self._poll)
             waited = True
             self._poll = min(self._poll * 2, self._max_poll)
+
+    async def _wait(self, events: int, poll: float) -> bool:
+        """Until the writer's next change to `data` (True), with the stall and give-up checks
+        still every `GONE_CHECK_SECONDS`; unwatched, `poll` seconds (False)."""
+        if self._watch is None:
+            await asyncio.sleep(poll)
+            return False
+        return await self._watch.changed_since(events, GONE_CHECK_SECONDS)
 
     def _commit_may_show(self, there: int) -> bool:
         """Whether to look for the commit now: at every wake once all bytes are there (it comes

@@ -43,6 +43,7 @@ from mirror.stores.containerd.client import (
     ContainerdUnavailable,
 )
 from mirror.stores.containerd.ingest import Ingests
+from mirror.stores.containerd.watch import FileWatcher
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ContainerdStore(Store):
         # Digest -> (size, until when): blobs the API listed lately (`stat`).
         self._held: dict[Digest, tuple[int, float]] = {}
         self._ingests: Ingests | None = None
+        self._watcher = FileWatcher()
 
     async def start(self) -> None:
         try:
@@ -79,7 +81,7 @@ class ContainerdStore(Store):
             raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
         # Kept even when unreadable now: a fresh node has no blob directory until its first pull.
         self._blob_dir = content_path / "blobs"
-        self._ingests = Ingests(content_path, self._config.namespace)
+        self._ingests = Ingests(content_path, self._config.namespace, watcher=self._watcher)
         if await asyncio.to_thread(os.access, self._blob_dir, os.R_OK | os.X_OK):
             log.info("serving containerd blobs from %s with sendfile", self._blob_dir)
         else:
@@ -95,6 +97,7 @@ class ContainerdStore(Store):
         return Path(root)
 
     async def close(self) -> None:
+        self._watcher.close()
         await self._client.close()
 
     async def ready(self) -> bool:
