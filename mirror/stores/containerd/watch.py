@@ -4,11 +4,11 @@ Why: a peer's read of a blob the runtime is still receiving (ingest.py) waits fo
 next write. Looking at the file on a timer wakes the node's event loop 20 to 200 times a second
 per reader, and a node's wake-ups cost its runtime too where the two share a CPU share
 (docs/benchmarks.md: at 16 nodes the watch took the loop from 22 to 16 wake-ups a second).
-containerd writes a pull's bytes
-1 MiB at a time and commits by renaming the file: inotify reports each write (`IN_MODIFY`), the
-commit (`IN_MOVE_SELF`) and the runtime giving up (the unlink: `IN_ATTRIB`), so a reader wakes
-once per write instead of once per tick. Readers still look on their own now and then (the
-caller's timeout) for a stall, and where inotify is not available they poll as before.
+containerd writes a pull's bytes 1 MiB at a time and commits by renaming the file: inotify
+reports each write (`IN_MODIFY`), the commit (`IN_MOVE_SELF`) and the runtime giving up (the
+unlink: `IN_ATTRIB`), so a reader wakes once per write instead of once per tick. Readers still
+look on their own now and then (the caller's timeout) for a stall, and where inotify is not
+available they poll as before.
 
 One inotify descriptor per store; files watched by several readers share one watch (inotify
 gives the same watch for the same inode), counted, and removed with the last reader. Each watch
