@@ -133,14 +133,11 @@ class FileWatcher:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
             fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+            why = os.strerror(ctypes.get_errno()) if fd < 0 else None
         except (OSError, AttributeError) as exc:  # not Linux, or no libc to call
-            log.info("no inotify (%s): readers of growing blobs poll", exc)
-            self._failed = True
-            return None
-        if fd < 0:
-            log.info(
-                "no inotify (%s): readers of growing blobs poll", os.strerror(ctypes.get_errno())
-            )
+            why = str(exc)
+        if why is not None:
+            log.info("no inotify (%s): readers of growing blobs poll", why)
             self._failed = True
             return None
         asyncio.get_running_loop().add_reader(fd, self._read_events, fd)
