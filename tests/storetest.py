@@ -241,6 +241,15 @@ class StoreContract:
         assert str(image.ref) in inventory.tags
         assert {str(digest) for digest in image.blobs} <= inventory.digests
 
+    async def test_stat_many_sizes_the_held_ones_and_leaves_out_the_rest(
+        self, backend: Backend
+    ) -> None:
+        image = await backend.add_image()
+        asked = [*image.blobs, *never_stored()]
+        sizes = {digest: len(data) for digest, data in image.blobs.items()}
+        assert await backend.store.stat_many(asked) == sizes
+        assert await backend.store.stat_many([]) == {}
+
     async def test_missing_content_is_none(self, backend: Backend) -> None:
         for digest in never_stored():
             assert await backend.store.stat(digest) is None

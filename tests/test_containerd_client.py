@@ -253,6 +253,21 @@ async def test_content_info(
         assert await other.content_info(image.layer_digest) is None
 
 
+async def test_list_content_answers_for_many_digests_at_once(
+    client: ContainerdClient, image: ArchiveImage
+) -> None:
+    never = sha256_digest(b"never stored")
+    found = await client.list_content([*image.blobs, never, "not-a-digest"])
+    assert {info.digest: info.size for info in found} == {
+        digest: len(data) for digest, data in image.blobs.items()
+    }
+    assert await client.list_content([never]) == []
+    assert await client.list_content([]) == []
+    # Held in another namespace only: absent, as for content_info.
+    async with ContainerdClient(str(client.socket_path), "other") as other:
+        assert await other.list_content(list(image.blobs)) == []
+
+
 async def test_read_content(client: ContainerdClient, image: ArchiveImage) -> None:
     data = image.blobs[image.layer_digest]
     assert len(data) > 2 * 1024 * 1024

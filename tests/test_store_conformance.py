@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 
 import grpc
@@ -34,6 +34,7 @@ from mirror.stores.base import FileBlob, Store, StreamBlob
 from mirror.stores.cache import CacheStore
 from mirror.stores.containerd.api import descriptor_pb2, images_pb2, images_pb2_grpc
 from mirror.stores.containerd.store import ContainerdStore
+from mirror.stores.inventory import take_inventory
 from mirror.stores.layered import LayeredStore
 
 K8S = "k8s.io"
@@ -154,13 +155,13 @@ class TestContainerdStore(StoreContract):
         assert isinstance(blob, FileBlob)
         await blob.close()
 
-    async def test_files_spare_the_api_once_they_served_a_blob(
+    async def test_files_spare_the_api_once_one_was_found_there(
         self, backend: Backend, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Peers probe a node for blobs it lacks and for those it holds, again and again: once
-        the directory served a blob the API listed, a digest with no file there is a miss
-        without a gRPC call, and a blob the API listed is believed held for a moment while
-        its file is there (a digest with a file is asked first: it may be another
+        a blob the API listed was found in the directory, a digest with no file there is a
+        miss without a gRPC call, and a blob the API listed is believed held for a moment
+        while its file is there (a digest with a file is asked first: it may be another
         namespace's)."""
         store = backend.store
         assert isinstance(store, ContainerdStore)
@@ -182,11 +183,46 @@ class TestContainerdStore(StoreContract):
         asked.clear()
         assert await store.stat(absent) is None
         assert asked == []
+        # Listed by `open` a moment ago: believed held.
+        assert await store.stat(image.layer) is not None
+        assert asked == []
+        store._held.clear()  # the moment passed
         assert await store.stat(image.layer) is not None
         assert asked == [str(image.layer)]
         # Peers probe a holder for a blob again and again: believed held for a moment.
         assert await store.stat(image.layer) is not None
         assert asked == [str(image.layer)]
+
+    async def test_an_image_is_walked_in_a_call_per_level(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The advertiser walks every image whenever the store changes: its blobs are asked
+        about together (one Content.List for the manifest, one for what it references), not
+        one Content.Info each, which on a starved node woke gRPC's threads hundreds of times
+        at the start of every pull."""
+        store = backend.store
+        assert isinstance(store, ContainerdStore)
+        image = await backend.add_image()
+        calls: list[str] = []
+        client = store._client
+        content_info, list_content = client.content_info, client.list_content
+
+        async def counted_info(digest: str) -> object:
+            calls.append("Info")
+            return await content_info(digest)
+
+        async def counted_list(digests: Collection[str]) -> object:
+            calls.append("List")
+            return await list_content(digests)
+
+        monkeypatch.setattr(client, "content_info", counted_info)
+        monkeypatch.setattr(client, "list_content", counted_list)
+        inventory = await take_inventory(store)
+        assert {str(digest) for digest in image.blobs} <= inventory.digests
+        assert calls == ["List", "List"]
+        calls.clear()
+        assert await take_inventory(store) == inventory  # believed held a moment after
+        assert calls == []
 
 
 class TestContainerdStoreStreaming(StoreContract):

@@ -12,7 +12,7 @@ import io
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -204,6 +204,17 @@ class Store(ABC):
 
         Content that vanished (collected, removed) is None, never an error.
         """
+
+    async def stat_many(self, digests: Collection[Digest]) -> dict[Digest, int]:
+        """`stat` of each of `digests`, the held ones by their size: one at a time here, for a
+        store that answers each as cheaply; one whose every question is a round trip to its
+        backend asks about them all at once."""
+        sizes: dict[Digest, int] = {}
+        for digest in digests:
+            size = await self.stat(digest)
+            if size is not None:
+                sizes[digest] = size
+        return sizes
 
     @abstractmethod
     async def open(self, digest: Digest) -> BlobSource | None:

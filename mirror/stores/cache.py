@@ -135,18 +135,14 @@ class CacheStore(Store):
         return usable_digest(self.name, ref, text.strip())
 
     async def stat(self, digest: Digest) -> int | None:
-        path = self.blob_path(digest)
+        # One `stat` of a local file, on the loop: a worker thread would cost more wake-ups
+        # than the call, and every request a node answers asks the cache. With no await between
+        # the look and the books, a blob in the books with no file went away.
         try:
-            return (await asyncio.to_thread(path.stat)).st_size
+            return self.blob_path(digest).stat().st_size
         except (FileNotFoundError, NotADirectoryError):
-            pass
-        if str(digest) not in self._lru:
-            return None
-        # Published while the first look was under way (see `_open_file`): look again.
-        try:
-            return (await asyncio.to_thread(path.stat)).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            self._forget(str(digest))
+            if str(digest) in self._lru:
+                self._forget(str(digest))
             return None
 
     async def _open_file(self, digest: Digest) -> BinaryIO:

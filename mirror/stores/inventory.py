@@ -29,32 +29,45 @@ class Inventory:
 
 async def take_inventory(store: Store) -> Inventory:
     inventory = Inventory()
-    for entry in await store.images():
-        if await _walk_manifest(store, entry.digest, inventory, depth=0):
-            inventory.tags.add(str(entry.ref))
+    entries = await store.images()
+    await _walk_manifests(store, {entry.digest for entry in entries}, inventory, depth=0)
+    inventory.tags.update(
+        str(entry.ref) for entry in entries if str(entry.digest) in inventory.digests
+    )
     inventory.digests.update(await store.loose_digests())
     return inventory
 
 
-async def _walk_manifest(store: Store, digest: Digest, inventory: Inventory, depth: int) -> bool:
-    """Add a manifest and what it references that is present; False if the manifest is absent."""
-    if str(digest) in inventory.digests:
-        return True
-    try:
-        found = await read_manifest(store, digest)
-    except ManifestUnknown:
-        return False
-    if found is None:
-        return False
-    body, media_type = found
-    inventory.digests.add(str(digest))
-    for child_text in children_of(body):
+async def _walk_manifests(
+    store: Store, manifests: set[Digest], inventory: Inventory, depth: int
+) -> None:
+    """Add the manifests present and what they reference that is present, a level at a time:
+    the store is asked about each level's digests together (`Store.stat_many`), so a walk costs
+    a containerd node a few calls, not one per blob."""
+    manifests = {digest for digest in manifests if str(digest) not in inventory.digests}
+    if not manifests:
+        return
+    held = await store.stat_many(manifests)
+    children: set[Digest] = set()
+    nested: set[Digest] = set()
+    for digest in sorted(held, key=str):
         try:
-            child = parse_digest(child_text)
-        except DigestInvalid:
+            found = await read_manifest(store, digest)
+        except ManifestUnknown:
             continue
-        if media_type in INDEX_TYPES and depth < 2:
-            await _walk_manifest(store, child, inventory, depth + 1)
-        elif await store.stat(child) is not None:
-            inventory.digests.add(str(child))
-    return True
+        if found is None:
+            continue
+        body, media_type = found
+        inventory.digests.add(str(digest))
+        for child_text in children_of(body):
+            try:
+                child = parse_digest(child_text)
+            except DigestInvalid:
+                continue
+            if media_type in INDEX_TYPES and depth < 2:
+                nested.add(child)
+            else:
+                children.add(child)
+    blobs = [digest for digest in children if str(digest) not in inventory.digests]
+    inventory.digests.update(str(digest) for digest in await store.stat_many(blobs))
+    await _walk_manifests(store, nested, inventory, depth + 1)

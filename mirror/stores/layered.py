@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 from mirror.oci.reference import Digest, TagRef
 from mirror.stores.base import BlobSource, ImageEntry, ReceivingBlob, Store
@@ -41,6 +41,11 @@ class LayeredStore(Store):
     async def stat(self, digest: Digest) -> int | None:
         size = await self.runtime.stat(digest)
         return size if size is not None else await self.cache.stat(digest)
+
+    async def stat_many(self, digests: Collection[Digest]) -> dict[Digest, int]:
+        sizes = await self.runtime.stat_many(digests)
+        rest = [digest for digest in digests if digest not in sizes]
+        return sizes | await self.cache.stat_many(rest) if rest else sizes
 
     async def open(self, digest: Digest) -> BlobSource | None:
         blob = await self.runtime.open(digest)

@@ -76,8 +76,11 @@ class Ingests:
         self._watcher = watcher
 
     async def find(self, digest: Digest) -> IngestBlob | None:
-        """The ingest receiving `digest` in this namespace, opened; None when there is none."""
-        blob = await asyncio.to_thread(self._find, digest)
+        """The ingest receiving `digest` in this namespace, opened; None when there is none.
+
+        Looked for on the loop: a few small files of a local directory cost less than waking a
+        worker thread, and peers ask for each blob a node receives again and again."""
+        blob = self._find(digest)
         if blob is not None and blob.directory is not None and self._watcher is not None:
             # On the loop: the watcher's descriptor is read there.
             blob.watch(self._watcher.watch(blob.directory / "data"))

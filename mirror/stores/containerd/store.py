@@ -6,27 +6,31 @@ opened. Bytes go out with sendfile from the content directory; when that directo
 (another mount namespace, no permission) they are streamed through Content.Read instead.
 
 Two exceptions, both once the directory has proven to be the live one (a blob the API listed
-was opened from it; a path that merely exists, or a mount of another copy, must not decide).
+was found in it; a path that merely exists, or a mount of another copy, must not decide).
 A blob with no file is a miss without asking: containerd writes the file before its database
 lists the blob, so no file means no namespace holds it. Peers probe a node for the blobs it is
 still receiving, all such misses, and a gRPC call costs a starved node more than its answer is
-worth. And a blob the API listed is believed held for `_HELD_SECONDS` while its file is there:
-a rollout's peers probe a holder for each blob again and again.
+worth. And a blob the API listed is believed held for `_HELD_SECONDS` (while its file is there):
+a rollout's peers probe a holder for each blob again and again. Many blobs at once (`stat_many`,
+a walk of an image) are asked in one call: each call wakes gRPC's threads about twenty times,
+and on a node with a small CPU share its runtime pays for those wake-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from mirror.config import ContainerdConfig
-from mirror.errors import ContentVanished, StoreUnavailable
-from mirror.oci.reference import Digest, TagRef, parse_image_name
+from mirror.errors import ContentVanished, DigestInvalid, StoreUnavailable
+from mirror.oci.reference import Digest, TagRef, parse_digest, parse_image_name
 from mirror.stores.base import (
     BlobSource,
     FileBlob,
@@ -54,8 +58,20 @@ _RESUBSCRIBE_MAX = 5.0
 # How long a blob the API listed is believed held without asking again (while its file is
 # there; another namespace may still hold a file this one dropped, so not longer).
 _HELD_SECONDS = 2.0
+# While the blob directory is not vouched for, a listing is searched for a blob that would
+# vouch for it at most this often.
+_VOUCH_EVERY_SECONDS = 1.0
 # Blobs believed held are pruned of expired ones past this many.
 _HELD_KEPT = 1024
+
+
+class _Ask(enum.Enum):
+    """Not known without asking containerd (`ContainerdStore._believed`)."""
+
+    ASK = enum.auto()
+
+
+_ASK: Final = _Ask.ASK
 
 
 class ContainerdStore(Store):
@@ -68,6 +84,8 @@ class ContainerdStore(Store):
         self._blob_dir: Path | None = None
         # Set once a blob the API listed was opened from `_blob_dir`: a missing file is a miss.
         self._files_vouched = False
+        # When to look for a blob that vouches for the directory next (`_seek_vouching`).
+        self._vouch_after = -math.inf
         # Digest -> (size, until when): blobs the API listed lately (`stat`).
         self._held: dict[Digest, tuple[int, float]] = {}
         self._ingests: Ingests | None = None
@@ -112,37 +130,108 @@ class ContainerdStore(Store):
         return usable_digest(self.name, ref, image.digest) if image is not None else None
 
     async def stat(self, digest: Digest) -> int | None:
-        if self._files_vouched:
-            if self._no_file(digest):
-                self._held.pop(digest, None)
-                return None
-            held = self._held.get(digest)
-            if held is not None and time.monotonic() < held[1]:
-                return held[0]
+        believed = self._believed(digest)
+        if believed is not _ASK:
+            return believed
         info = await self._call(self._client.content_info(str(digest)))
         if info is None:
             self._held.pop(digest, None)
-            return None
-        if self._files_vouched:
-            self._remember_held(digest, info.size)
-        return info.size
+        else:
+            self._listed(digest, info.size)
+        await self._seek_vouching()
+        return None if info is None else info.size
 
-    def _remember_held(self, digest: Digest, size: int) -> None:
+    async def stat_many(self, digests: Collection[Digest]) -> dict[Digest, int]:
+        """What `stat` would say of each, in one `Content.List` for all those the store cannot
+        answer from what it knows (a walk of an image asks about all its blobs at once)."""
+        sizes: dict[Digest, int] = {}
+        ask: dict[str, Digest] = {}
+        for digest in digests:
+            believed = self._believed(digest)
+            if believed is _ASK:
+                ask[str(digest)] = digest
+            elif believed is not None:
+                sizes[digest] = believed
+        if not ask:
+            return sizes
+        for info in await self._call(self._client.list_content(list(ask))):
+            listed = ask.get(info.digest)
+            if listed is not None:
+                del ask[info.digest]
+                self._listed(listed, info.size)
+                sizes[listed] = info.size
+        for missing in ask.values():
+            self._held.pop(missing, None)
+        await self._seek_vouching()
+        return sizes
+
+    async def _seek_vouching(self) -> None:
+        """While the blob directory is not vouched for, look for a blob the API lists that has
+        its file there, at most every `_VOUCH_EVERY_SECONDS`: a fresh node holds nothing to
+        vouch with until its runtime commits a first blob, and until then every probe of it
+        costs a gRPC call. A listing none of whose blobs has a file there ends the search: the
+        directory is not the live one."""
+        now = time.monotonic()
+        if self._files_vouched or now < self._vouch_after:
+            return
+        self._vouch_after = now + _VOUCH_EVERY_SECONDS
+        try:
+            listed = await self._client.some_content()
+        except ContainerdError:
+            return
+        for info in listed:
+            try:
+                digest = parse_digest(info.digest)
+            except DigestInvalid:
+                continue  # one this mirror does not serve (another algorithm)
+            if self._file_there(digest):
+                self._files_vouched = True
+                return
+        if listed:
+            self._vouch_after = math.inf
+            log.warning(
+                "containerd lists blobs that %s does not hold: asking its API about every blob",
+                self._blob_dir,
+            )
+
+    def _believed(self, digest: Digest) -> int | _Ask | None:
+        """What is known of `digest` without asking containerd: a miss (None), its size (held
+        lately), or `_ASK`."""
+        if not self._files_vouched:
+            return _ASK
+        if self._file_there(digest) is False:
+            self._held.pop(digest, None)
+            return None
+        held = self._held.get(digest)
+        if held is not None and time.monotonic() < held[1]:
+            return held[0]
+        return _ASK
+
+    def _listed(self, digest: Digest, size: int) -> None:
+        """containerd listed `digest` in this namespace: its file, when there, vouches for the
+        blob directory, and once it is vouched for the blob is believed held for
+        `_HELD_SECONDS`."""
+        if not self._files_vouched:
+            if not self._file_there(digest):
+                return
+            self._files_vouched = True
         now = time.monotonic()
         if len(self._held) >= _HELD_KEPT:
             self._held = {d: entry for d, entry in self._held.items() if entry[1] > now}
         self._held[digest] = (size, now + _HELD_SECONDS)
 
-    def _no_file(self, digest: Digest) -> bool:
-        """Whether `digest` has no file in the blob directory (one `stat`: not worth a thread)."""
-        assert self._blob_dir is not None, "vouched for only once the directory is known"
+    def _file_there(self, digest: Digest) -> bool | None:
+        """Whether `digest` has a file in the blob directory; None when that cannot be told
+        (unreadable now, or no directory). One `stat`: not worth a thread."""
+        if self._blob_dir is None:
+            return None
         try:
             os.stat(_blob_path(self._blob_dir, digest))
         except FileNotFoundError:
-            return True
+            return False
         except OSError:
-            return False  # unreadable now: the API decides
-        return False
+            return None
+        return True
 
     async def open(self, digest: Digest) -> BlobSource | None:
         size = await self.stat(digest)
@@ -151,7 +240,7 @@ class ContainerdStore(Store):
         if self._blob_dir is not None:
             path = _blob_path(self._blob_dir, digest)
             try:
-                fileobj = await asyncio.to_thread(open, path, "rb")
+                fileobj = open(path, "rb")  # noqa: SIM115 (owned by the blob; one call: no thread)
             except OSError as exc:
                 log.debug("cannot open %s (%s): streaming it through the API", path, exc)
             else:
