@@ -268,6 +268,17 @@ async def test_list_content_answers_for_many_digests_at_once(
         assert await other.list_content(list(image.blobs)) == []
 
 
+async def test_some_content_lists_the_first_of_a_namespace(
+    client: ContainerdClient, image: ArchiveImage
+) -> None:
+    found = await client.some_content()
+    assert {info.digest for info in found} >= set(image.blobs)
+    sizes = {info.digest: info.size for info in found}
+    assert all(sizes[digest] == len(data) for digest, data in image.blobs.items())
+    async with ContainerdClient(str(client.socket_path), "holds-nothing") as other:
+        assert await other.some_content() == []
+
+
 async def test_read_content(client: ContainerdClient, image: ArchiveImage) -> None:
     data = image.blobs[image.layer_digest]
     assert len(data) > 2 * 1024 * 1024

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -32,6 +33,7 @@ from mirror.config import ContainerdConfig
 from mirror.oci.reference import parse_digest, tag_ref
 from mirror.stores.base import FileBlob, Store, StreamBlob
 from mirror.stores.cache import CacheStore
+from mirror.stores.containerd import store as containerd_store
 from mirror.stores.containerd.api import descriptor_pb2, images_pb2, images_pb2_grpc
 from mirror.stores.containerd.store import ContainerdStore
 from mirror.stores.inventory import take_inventory
@@ -203,26 +205,90 @@ class TestContainerdStore(StoreContract):
         store = backend.store
         assert isinstance(store, ContainerdStore)
         image = await backend.add_image()
-        calls: list[str] = []
-        client = store._client
-        content_info, list_content = client.content_info, client.list_content
-
-        async def counted_info(digest: str) -> object:
-            calls.append("Info")
-            return await content_info(digest)
-
-        async def counted_list(digests: Collection[str]) -> object:
-            calls.append("List")
-            return await list_content(digests)
-
-        monkeypatch.setattr(client, "content_info", counted_info)
-        monkeypatch.setattr(client, "list_content", counted_list)
+        calls = _counted_calls(store, monkeypatch)
         inventory = await take_inventory(store)
         assert {str(digest) for digest in image.blobs} <= inventory.digests
         assert calls == ["List", "List"]
         calls.clear()
         assert await take_inventory(store) == inventory  # believed held a moment after
         assert calls == []
+
+
+def _counted_calls(store: ContainerdStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The content calls `store` makes from now on, by name, in order."""
+    calls: list[str] = []
+    client = store._client
+    for method, name in (
+        ("content_info", "Info"),
+        ("list_content", "List"),
+        ("some_content", "ListSome"),
+    ):
+        real = getattr(client, method)
+
+        async def counted(*args: object, _real: Any = real, _name: str = name) -> object:
+            calls.append(_name)
+            return await _real(*args)
+
+        monkeypatch.setattr(client, method, counted)
+    return calls
+
+
+async def test_a_fresh_node_is_vouched_for_by_its_first_blob(
+    containerd: ContainerdNode,
+    upstream: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that holds nothing has no blob to vouch for its directory with: a stat the API
+    answered looks at what containerd lists (at most once a second; here every time), and
+    once its runtime committed a blob there, misses cost no call."""
+    monkeypatch.setattr(containerd_store, "_VOUCH_EVERY_SECONDS", 0.0)
+    store = await _started(_containerd_store(containerd, "fresh"))
+    try:
+        calls = _counted_calls(store, monkeypatch)
+        absent = parse_digest("sha256:" + "9b" * 32)
+        assert await store.stat(absent) is None
+        assert calls == ["Info", "ListSome"]  # nothing listed: not vouched for
+        await ContainerdBackend(store, containerd, upstream, "fresh", tmp_path).add_image()
+        calls.clear()
+        assert await store.stat(absent) is None
+        assert calls == ["Info", "ListSome"]  # a listed blob has its file there
+        calls.clear()
+        assert await store.stat(absent) is None
+        assert calls == []
+    finally:
+        await store.close()
+
+
+async def test_a_directory_lacking_the_listed_blobs_is_not_vouched_for(
+    containerd: ContainerdNode,
+    upstream: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A readable directory that is not containerd's (a copy, another daemon's) must never make
+    a miss of a blob containerd holds: once a listing's blobs are all missing there, the search
+    ends, with one warning, and the API answers every stat."""
+    monkeypatch.setattr(containerd_store, "_VOUCH_EVERY_SECONDS", 0.0)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "blobs" / "sha256").mkdir(parents=True)
+    store = await _started(_containerd_store(containerd, "elsewhere", elsewhere))
+    try:
+        image = await ContainerdBackend(
+            store, containerd, upstream, "elsewhere", tmp_path
+        ).add_image()
+        calls = _counted_calls(store, monkeypatch)
+        with caplog.at_level(logging.WARNING, logger=containerd_store.__name__):
+            assert await store.stat(image.layer) == len(image.blobs[image.layer])
+        assert calls == ["Info", "ListSome"]
+        assert "lacks the blobs containerd lists" in caplog.text
+        calls.clear()
+        assert await store.stat(image.layer) == len(image.blobs[image.layer])
+        assert await store.stat(parse_digest("sha256:" + "9c" * 32)) is None
+        assert calls == ["Info", "Info"]
+    finally:
+        await store.close()
 
 
 class TestContainerdStoreStreaming(StoreContract):

@@ -45,6 +45,7 @@ from mirror.stores.containerd.client import (
     ContainerdError,
     ContainerdNotFound,
     ContainerdUnavailable,
+    ContentInfo,
 )
 from mirror.stores.containerd.ingest import Ingests
 from mirror.stores.containerd.watch import FileWatcher
@@ -169,8 +170,9 @@ class ContainerdStore(Store):
         """While the blob directory is not vouched for, look for a blob the API lists that has
         its file there, at most every `_VOUCH_EVERY_SECONDS`: a fresh node holds nothing to
         vouch with until its runtime commits a first blob, and until then every probe of it
-        costs a gRPC call. A listing none of whose blobs has a file there ends the search: the
-        directory is not the live one."""
+        costs a gRPC call. A listing that does not vouch ends the search: its blobs are missing
+        from the directory (not the live one: said once) or cannot be looked at there (said at
+        start)."""
         now = time.monotonic()
         if self._files_vouched or now < self._vouch_after:
             return
@@ -179,20 +181,16 @@ class ContainerdStore(Store):
             listed = await self._client.some_content()
         except ContainerdError:
             return
-        for info in listed:
-            try:
-                digest = parse_digest(info.digest)
-            except DigestInvalid:
-                continue  # one this mirror does not serve (another algorithm)
-            if self._file_there(digest):
-                self._files_vouched = True
-                return
-        if listed:
+        found = {self._file_there(digest) for digest in _parsed_digests(listed)}
+        if True in found:
+            self._files_vouched = True
+        elif found:
             self._vouch_after = math.inf
-            log.warning(
-                "containerd lists blobs that %s does not hold: asking its API about every blob",
-                self._blob_dir,
-            )
+            if found == {False}:
+                log.warning(
+                    "%s lacks the blobs containerd lists: asking its API about every blob",
+                    self._blob_dir,
+                )
 
     def _believed(self, digest: Digest) -> int | _Ask | None:
         """What is known of `digest` without asking containerd: a miss (None), its size (held
@@ -307,6 +305,17 @@ class ContainerdStore(Store):
             return await pending
         except ContainerdError as exc:
             raise StoreUnavailable(f"containerd at {self._config.socket}: {exc}") from exc
+
+
+def _parsed_digests(infos: list[ContentInfo]) -> list[Digest]:
+    """The digests of `infos` this mirror serves (others, of another algorithm, left out)."""
+    digests = []
+    for info in infos:
+        try:
+            digests.append(parse_digest(info.digest))
+        except DigestInvalid:
+            continue
+    return digests
 
 
 def _blob_path(blob_dir: Path, digest: Digest) -> Path:
