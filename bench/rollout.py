@@ -54,7 +54,10 @@ included), each node's UDP datagrams in and out (the DHT's messages), each mirro
 (VmHWM), the CPU seconds of each kind of process against what the machine had, and whether the
 run was CPU-bound.
 At the end: a table, the ratios mirror/proxy, the flatness N/1 for content fetch, and the
-targets of issue 10 (benchmarks, not asserts).
+targets of issue 10 (benchmarks, not asserts). `--rounds K` runs every case K times, round after
+round: each ratio is taken within a round, and each target is judged on the median of its
+rounds' ratios, every round's printed beside it (this host's speed drifts by a third within an
+hour, so one round's ratio can land either side of a target).
 
 Run as root with the project's venv: `.venv/bin/python bench/rollout.py [--scenarios
 75x4:1:fetch,75x4:8,75x4:16,1024x1:8] [--modes proxy,mirror,mirror-redirect] [--rate 1gbit]`.
@@ -75,6 +78,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -230,11 +234,13 @@ class Case:
     scenario: Scenario
     kind: str
     mode: str
+    round: int = 1
 
     @property
     def label(self) -> str:
         s = self.scenario
-        return f"{s.image_label}-n{s.nodes}-{self.kind}-{self.mode}"
+        again = f"-r{self.round}" if self.round > 1 else ""
+        return f"{s.image_label}-n{s.nodes}-{self.kind}-{self.mode}{again}"
 
     def describe(self, pull_client: str) -> str:
         s = self.scenario
@@ -242,12 +248,16 @@ class Case:
             how = "ctr content fetch"
         else:
             how = "CRI PullImage" if pull_client == "cri" else "ctr images pull"
-        return f"{s.mib} MiB in {s.layers} layer(s), N={s.nodes}, {how}, mode {self.mode}"
+        again = f", round {self.round}" if self.round > 1 else ""
+        return f"{s.mib} MiB in {s.layers} layer(s), N={s.nodes}, {how}, mode {self.mode}{again}"
 
 
-def plan(scenarios: list[Scenario], modes: list[str]) -> list[Case]:
+def plan(scenarios: list[Scenario], modes: list[str], rounds: int = 1) -> list[Case]:
+    """Every case, `rounds` times over: round after round, so the cases a ratio compares ran
+    close in time, and each ratio is taken within a round (this host's speed drifts)."""
     return [
-        Case(scenario, kind, mode)
+        Case(scenario, kind, mode, number)
+        for number in range(1, rounds + 1)
         for scenario in scenarios
         for kind in scenario.kinds
         for mode in modes
@@ -264,6 +274,7 @@ class CaseResult:
     nodes: int
     kind: str
     mode: str
+    round: int = 1
     wall: float = 0.0
     per_node: list[float] = field(default_factory=list)
     # Seconds each node's CPU cap held its processes back during the pulls (--cpus-per-node).
@@ -378,7 +389,9 @@ class Rollout:
         image, ref = self.images[case.scenario.image_key]
         holder, nodes = self.holder, self.nodes[: case.scenario.nodes]
         everyone = [holder, *nodes]
-        result = CaseResult(case.scenario.image_label, image.size, len(nodes), case.kind, case.mode)
+        result = CaseResult(
+            case.scenario.image_label, image.size, len(nodes), case.kind, case.mode, case.round
+        )
         case_dir = self.work / case.label
         started: list[ManagedProcess] = []
         print(f"\n== {case.describe(self.args.pull_client)}", flush=True)
@@ -613,12 +626,30 @@ class Rollout:
 
 
 def find(
-    results: list[CaseResult], image: str, nodes: int, kind: str, mode: str
+    results: list[CaseResult], image: str, nodes: int, kind: str, mode: str, number: int = 1
 ) -> CaseResult | None:
     for r in results:
-        if (r.image, r.nodes, r.kind, r.mode) == (image, nodes, kind, mode) and r.ok:
+        if (r.image, r.nodes, r.kind, r.mode, r.round) == (
+            image,
+            nodes,
+            kind,
+            mode,
+            number,
+        ) and r.ok:
             return r
     return None
+
+
+def judged_across_rounds(
+    rounds: list[int], ratio: Callable[[int], float | None], target: float
+) -> str:
+    """`verdict` on the median over `rounds` of a ratio taken within each round, followed by
+    each round's value when there were several."""
+    values = [value for number in rounds if (value := ratio(number)) is not None]
+    judged = verdict(statistics.median(values) if values else None, target)
+    if len(values) < 2:
+        return judged
+    return judged + " over rounds " + ", ".join(f"{value:.2f}" for value in values)
 
 
 def cpu_per_node(result: CaseResult) -> float:
@@ -637,15 +668,22 @@ def verdict(value: float | None, target: float, *, below: bool = True) -> str:
 
 
 def report(results: list[CaseResult], args: argparse.Namespace) -> None:
+    rounds = sorted({r.round for r in results})
+    several = len(rounds) > 1
+
+    def tag(number: int) -> str:
+        return f" (round {number})" if several else ""
+
     header = (
-        f"{'image':<8} {'N':>3} {'kind':<6} {'mode':<15} {'wall s':>7} {'node min/med/max s':>19} "
+        f"{'image':<8} {'N':>3} {'kind':<6} {'mode':<18} {'wall s':>7} {'node min/med/max s':>19} "
         f"{'up blobs/img':>12} {'holder up/img':>13} {'max node up MiB':>15} {'max RSS':>8} "
         f"{'CPU s':>6} {'busy':>5} {'own':>4}"
     )
     print("\n" + header)
     print("-" * len(header))
     for r in results:
-        lead = f"{r.image:<8} {r.nodes:>3} {r.kind:<6} {r.mode:<15}"
+        mode = f"{r.mode} #{r.round}" if several else r.mode
+        lead = f"{r.image:<8} {r.nodes:>3} {r.kind:<6} {mode:<18}"
         if not r.ok:
             print(f"{lead} {'skipped' if r.skipped else 'FAILED'}: {r.skipped or r.error}")
             continue
@@ -668,12 +706,16 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
 
     print("\nratios (mode time / proxy time, same image, N and kind):")
     keys = dict.fromkeys((r.image, r.nodes, r.kind) for r in results)
-    for image, nodes, kind in keys:
-        proxy = find(results, image, nodes, kind, "proxy")
-        for mode in ("mirror", "mirror-redirect"):
-            other = find(results, image, nodes, kind, mode)
-            if proxy and other:
-                print(f"  {image} N={nodes} {kind}: {mode}/proxy {other.wall / proxy.wall:.2f}")
+    for number in rounds:
+        for image, nodes, kind in keys:
+            proxy = find(results, image, nodes, kind, "proxy", number)
+            for mode in ("mirror", "mirror-redirect"):
+                other = find(results, image, nodes, kind, mode, number)
+                if proxy and other:
+                    print(
+                        f"  {image} N={nodes} {kind}: {mode}/proxy "
+                        f"{other.wall / proxy.wall:.2f}{tag(number)}"
+                    )
     floors = [
         (
             "local",
@@ -690,11 +732,12 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
     ]
     for floor, modes, name, what in floors:
         ratios = [
-            f"  {image} N={nodes} {kind}: {mode}/{floor} {other.wall / base.wall:.2f}"
+            f"  {image} N={nodes} {kind}: {mode}/{floor} {other.wall / base.wall:.2f}{tag(number)}"
+            for number in rounds
             for image, nodes, kind in keys
-            if (base := find(results, image, nodes, kind, floor))
+            if (base := find(results, image, nodes, kind, floor, number))
             for mode in modes
-            if (other := find(results, image, nodes, kind, mode))
+            if (other := find(results, image, nodes, kind, mode, number))
         ]
         if ratios:
             print(f"against {name} (mode time / {floor} time: {what}):")
@@ -707,34 +750,45 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> None:
         "at a cost that varies from run to run):"
     )
     for r in results:
-        single = find(results, r.image, 1, "fetch", r.mode)
+        single = find(results, r.image, 1, "fetch", r.mode, r.round)
         if r.ok and r.kind == "fetch" and r.nodes > 1 and single:
             wide_cpu, single_cpu = cpu_per_node(r), cpu_per_node(single)
             print(
                 f"  {r.image} {r.mode}: N={r.nodes} {r.wall:.2f}s / N=1 {single.wall:.2f}s = "
                 f"{r.wall / single.wall:.2f}; CPU s per node {wide_cpu:.2f} / {single_cpu:.2f} "
-                f"= {wide_cpu / single_cpu:.2f}"
+                f"= {wide_cpu / single_cpu:.2f}{tag(r.round)}"
             )
 
     # The targets name the issue's sizes; here they are the run's smallest and largest images.
     by_size = sorted({(r.image_bytes, r.image) for r in results if r.ok})
     small = by_size[0][1] if by_size else "-"
     large = by_size[-1][1] if by_size else "-"
-    print("\ntargets (issue 10; benchmarks, not asserts):")
+    print(
+        "\ntargets (issue 10; benchmarks, not asserts"
+        + (f"; each the median of its ratio within each of {len(rounds)} rounds" if several else "")
+        + "):"
+    )
+
+    def judged(wide: tuple[int, str, str], narrow: tuple[int, str, str], target: float) -> str:
+        return judged_across_rounds(
+            rounds,
+            lambda number: (
+                one.wall / other.wall
+                if (one := find(results, small, *wide, number))
+                and (other := find(results, small, *narrow, number))
+                else None
+            ),
+            target,
+        )
+
     for mode in ("mirror", "mirror-redirect"):
-        proxy = find(results, small, 8, "unpack", "proxy")
-        other = find(results, small, 8, "unpack", mode)
-        ratio = other.wall / proxy.wall if proxy and other else None
         print(
             f"  warm rollout {small} N=8 with unpack, {mode}/proxy <= {TARGET_PROXY_RATIO}: "
-            + verdict(ratio, TARGET_PROXY_RATIO)
+            + judged((8, "unpack", mode), (8, "unpack", "proxy"), TARGET_PROXY_RATIO)
         )
-        wide = find(results, small, 16, "fetch", mode)
-        single = find(results, small, 1, "fetch", mode)
-        ratio = wide.wall / single.wall if wide and single else None
         print(
             f"  content fetch {small} N=16 / N=1 ({mode}) <= {TARGET_FLATNESS}: "
-            + verdict(ratio, TARGET_FLATNESS)
+            + judged((16, "fetch", mode), (1, "fetch", mode), TARGET_FLATNESS)
         )
         rss = [
             r.max_rss
@@ -784,7 +838,7 @@ def tree_state(python: str) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    cases = plan(args.scenarios, args.modes)
+    cases = plan(args.scenarios, args.modes, args.rounds)
     if args.plan:
         for case in cases:
             print(case.describe(args.pull_client))
@@ -838,7 +892,9 @@ def run_bench(args: argparse.Namespace) -> int:
             for case in cases:
                 if case.mode == "mirror-redirect" and not transfer_flag:
                     s = case.scenario
-                    skipped = CaseResult(s.image_label, 0, s.nodes, case.kind, case.mode)
+                    skipped = CaseResult(
+                        s.image_label, 0, s.nodes, case.kind, case.mode, case.round
+                    )
                     skipped.skipped = f"no {REDIRECT_FLAG} in this tree"
                     results.append(skipped)
                     continue
@@ -849,7 +905,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         raise
                     print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
                     s = case.scenario
-                    failed = CaseResult(s.image_label, 0, s.nodes, case.kind, case.mode)
+                    failed = CaseResult(s.image_label, 0, s.nodes, case.kind, case.mode, case.round)
                     failed.error = " ".join(str(exc).split())[:200]
                     results.append(failed)
         finally:
@@ -896,6 +952,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="one more flag for every mirror, e.g. --mirror-arg=--scrub-rate=0 (repeatable)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every case this many times, round after round; ratios are taken within a "
+        "round and each target is judged on their median (default: 1)",
+    )
     parser.add_argument("--plan", action="store_true", help="list the cases and exit")
     parser.add_argument("--json", default=None, help="write every case's results to this file")
     parser.add_argument(
@@ -909,6 +972,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scenarios = parse_scenarios(args.scenarios)
     except ValueError as exc:
         parser.error(f"--scenarios: {exc}")
+    if args.rounds < 1:
+        parser.error("--rounds takes a positive number")
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if not args.modes or any(mode not in MODES for mode in args.modes):
         parser.error(f"--modes takes a list of {', '.join(MODES)}")
