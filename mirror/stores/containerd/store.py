@@ -131,16 +131,17 @@ class ContainerdStore(Store):
         return usable_digest(self.name, ref, image.digest) if image is not None else None
 
     async def stat(self, digest: Digest) -> int | None:
+        # Not vouched for yet: a listing that vouches answers a miss here, and the next ones.
+        await self._seek_vouching()
         believed = self._believed(digest)
         if believed is not _ASK:
             return believed
         info = await self._call(self._client.content_info(str(digest)))
         if info is None:
             self._held.pop(digest, None)
-        else:
-            self._listed(digest, info.size)
-        await self._seek_vouching()
-        return None if info is None else info.size
+            return None
+        self._listed(digest, info.size)
+        return info.size
 
     async def stat_many(self, digests: Collection[Digest]) -> dict[Digest, int]:
         """What `stat` would say of each, in one `Content.List` for all those the store cannot
@@ -163,7 +164,7 @@ class ContainerdStore(Store):
                 sizes[listed] = info.size
         for missing in ask.values():
             self._held.pop(missing, None)
-        await self._seek_vouching()
+        await self._seek_vouching()  # after: a blob just listed may have vouched already
         return sizes
 
     async def _seek_vouching(self) -> None:
