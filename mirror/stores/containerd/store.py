@@ -83,7 +83,7 @@ class ContainerdStore(Store):
         self._config = config
         self._client = ContainerdClient(str(config.socket), config.namespace)
         self._blob_dir: Path | None = None
-        # Set once a blob the API listed was opened from `_blob_dir`: a missing file is a miss.
+        # Set once a blob the API listed was found in `_blob_dir`: a missing file is a miss.
         self._files_vouched = False
         # When to look for a blob that vouches for the directory next (`_seek_vouching`).
         self._vouch_after = -math.inf
