@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 import struct
@@ -131,7 +130,9 @@ class FileWatcher:
         if self._fd is not None or self._failed:
             return self._fd
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            # The process's own symbols, libc's among them: `ctypes.util.find_library` would
+            # run `ldconfig` in a subprocess, on the node's CPU share, mid-rollout.
+            libc = ctypes.CDLL(None, use_errno=True)
             fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
             why = os.strerror(ctypes.get_errno()) if fd < 0 else None
         except (OSError, AttributeError) as exc:  # not Linux, or no libc to call
