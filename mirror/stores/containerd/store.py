@@ -243,7 +243,6 @@ class ContainerdStore(Store):
             except OSError as exc:
                 log.debug("cannot open %s (%s): streaming it through the API", path, exc)
             else:
-                self._files_vouched = True
                 return FileBlob(fileobj, os.fstat(fileobj.fileno()).st_size)
         return StreamBlob(size, lambda offset, length: self._read(digest, offset, length))
 
