@@ -164,7 +164,7 @@ class Bench:
             capped.append(self.nodes[-1].namespace)
         if args.cpus_per_node is not None:
             for namespace in capped:
-                self.lab.cap_cpu(namespace, args.cpus_per_node, split=args.node_cgroups == "split")
+                self.lab.cap_cpu(namespace, args.cpus_per_node, layout=args.node_cgroups)
 
     def start_upstream(self) -> None:
         upstream = NamespacedRegistry(self.work / "upstream", self.upstream_ns, UPSTREAM_IP)

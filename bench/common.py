@@ -763,16 +763,18 @@ _CPU_PERIOD_US = 10_000
 # and the service it pulls through (the mirror, or the registry of the floor or the proxy).
 RUNTIME_PART = "runtime"
 SERVICE_PART = "service"
-NODE_CGROUP_LAYOUTS = ("one", "split")
+NODE_CGROUP_LAYOUTS = ("one", "split", "pinned")
 
 
 @dataclass(frozen=True, slots=True)
 class CpuCap:
     """A namespace's cgroup, its quota the namespace's share of the CPUs; `split`: with a
-    child of equal weight for each part (`RUNTIME_PART`, `SERVICE_PART`)."""
+    child of equal weight for each part (`RUNTIME_PART`, `SERVICE_PART`); `cpu`: the one CPU
+    its processes run on (None: any)."""
 
     group: Path
     split: bool
+    cpu: int | None = None
 
     def procs(self, part: str) -> Path:
         return (self.group / part if self.split else self.group) / "cgroup.procs"
@@ -781,11 +783,14 @@ class CpuCap:
 def in_ns(namespace: str, *argv: str, part: str = RUNTIME_PART) -> list[str]:
     """`argv` run inside a network namespace (`ip netns exec` execs it: same pid), in the
     namespace's CPU cgroup when it has one, or that cgroup's `part` when its share is split
-    (the shell joins it, then execs: same pid too)."""
+    (the shell joins it, then execs: same pid too), and on its one CPU when it is pinned
+    (`taskset` execs too)."""
     inner = ["ip", "netns", "exec", namespace, *argv]
     cap = _CPU_CAPS.get(namespace)
     if cap is None:
         return inner
+    if cap.cpu is not None:
+        inner = ["taskset", "--cpu-list", str(cap.cpu), *inner]
     return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cap.procs(part)), *inner]
 
 
@@ -1130,6 +1135,7 @@ class Lab:
         self.links: list[str] = []
         self.processes: list[ManagedProcess] = []
         self.cgroups: list[Path] = []
+        self._pinned = 0  # namespaces pinned to a CPU so far (`cap_cpu`)
         self._pulls: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
         self.closing = False
@@ -1164,18 +1170,27 @@ class Lab:
         run("ip", "link", "set", outer, "up")
         return namespace
 
-    def cap_cpu(self, namespace: str, cpus: float, *, split: bool = False) -> None:
+    def cap_cpu(self, namespace: str, cpus: float, *, layout: str = "one") -> None:
         """Give every process later started in `namespace` `cpus` CPUs at most, together: a
         cgroup of its own (cgroup v1 `cpu.cfs_quota_us`), so simulated nodes whose shares add
         up to less than the machine each run as on a small machine of their own instead of
         competing for the host's cores.
 
-        `split`: the share has two parts of equal weight (`cpu.shares`), as on a real node,
+        `layout` (`NODE_CGROUP_LAYOUTS`): "one" cgroup for all the namespace's processes.
+        "split": the share has two parts of equal weight (`cpu.shares`), as on a real node,
         where the runtime (a system service) and the mirror (a pod, or a Nomad allocation)
         are in cgroups of their own: the runtime and its pull client in one, the service they
         pull through in the other. In one group the scheduler shares the CPU among threads
         instead, containerd's many against the mirror's one. Measured at 16 nodes, the split
-        had fewer probes answered late and the same time per CPU second (docs/benchmarks.md)."""
+        had fewer probes answered late and the same time per CPU second (docs/benchmarks.md).
+        "pinned": one cgroup whose processes all run on one CPU, the namespaces taking the
+        machine's CPUs in turn. A quota is handed to each CPU in slices of up to
+        `sched_cfs_bandwidth_slice_us` (5 ms), more than a 0.1-CPU share's whole period (1 ms of
+        every 10): a thread of the node that wakes on the other CPU than its runtime can take
+        the period's quota there and leave the runtime throttled. On one CPU a node's threads
+        share one run queue, as a small machine's do, and only its CPU time counts."""
+        if layout not in NODE_CGROUP_LAYOUTS:
+            raise ValueError(f"unknown node cgroup layout {layout!r}")
         if not (CPU_CGROUPS / "cpu.cfs_quota_us").exists():
             raise RuntimeError(
                 f"--cpus-per-node needs the cgroup v1 cpu controller at {CPU_CGROUPS}"
@@ -1189,11 +1204,17 @@ class Lab:
         self.cgroups.append(group)
         (group / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
         (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
+        split = layout == "split"
         if split:
             for part in (RUNTIME_PART, SERVICE_PART):
                 (group / part).mkdir()
                 self.cgroups.append(group / part)
-        _CPU_CAPS[namespace] = CpuCap(group, split)
+        cpu = None
+        if layout == "pinned":
+            usable = sorted(os.sched_getaffinity(0))
+            cpu = usable[self._pinned % len(usable)]
+            self._pinned += 1
+        _CPU_CAPS[namespace] = CpuCap(group, split, cpu)
 
     def start(self, argv: Sequence[str], log_dir: Path, name: str) -> ManagedProcess:
         process = ManagedProcess(argv, log_dir, name, cwd=REPO)
@@ -1348,7 +1369,9 @@ def add_node_cgroups_argument(parser: argparse.ArgumentParser) -> None:
         help="with --cpus-per-node: 'one' (default) puts every process of a node in one "
         "cgroup, where the scheduler shares the CPU among threads; 'split' gives the node's "
         "runtime and the service it pulls through (the mirror, or the floor's registry) a "
-        "cgroup each, of equal weight, within the node's share, as on a real node",
+        "cgroup each, of equal weight, within the node's share, as on a real node; 'pinned' "
+        "is 'one' with the node's processes on one CPU (the nodes take the CPUs in turn), so "
+        "a thread waking on another CPU cannot hold the node's quota from its runtime",
     )
 
 

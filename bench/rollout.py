@@ -341,7 +341,7 @@ class Rollout:
         hosts = [self.upstream_ns, self.holder.namespace, *(n.namespace for n in self.nodes)]
         for namespace in hosts:
             if args.cpus_per_node is not None:
-                self.lab.cap_cpu(namespace, args.cpus_per_node, split=args.node_cgroups == "split")
+                self.lab.cap_cpu(namespace, args.cpus_per_node, layout=args.node_cgroups)
             shape_egress(namespace, "eth0", args.rate, args.burst, args.latency)
             shape_egress(None, f"{namespace}-h", args.rate, args.burst, args.latency)
 
@@ -868,12 +868,11 @@ def run_bench(args: argparse.Namespace) -> int:
             print(
                 f"every namespace (upstream, holder, each node) capped at {args.cpus_per_node} "
                 "CPUs for all its processes together (a cgroup each"
-                + (
-                    "; split in two of equal weight: the runtime and its pull client, the "
-                    "service they pull through)"
-                    if args.node_cgroups == "split"
-                    else ")"
-                ),
+                + {
+                    "split": "; split in two of equal weight: the runtime and its pull client, "
+                    "the service they pull through)",
+                    "pinned": "; each on one CPU, the namespaces taking the CPUs in turn)",
+                }.get(args.node_cgroups, ")"),
                 flush=True,
             )
         if expected:
