@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,12 @@ from harness.ingest_layout import IngestLayout
 from mirror.errors import ContentVanished
 from mirror.oci.reference import Digest, parse_digest
 from mirror.stores.base import FilePart, PartReader
-from mirror.stores.containerd.ingest import GONE_CHECK_SECONDS, IngestBlob, Ingests
+from mirror.stores.containerd.ingest import (
+    GONE_CHECK_SECONDS,
+    LIVE_SECONDS,
+    IngestBlob,
+    Ingests,
+)
 from mirror.stores.containerd.watch import FileWatcher
 
 BLOB = os.urandom(300_000)
@@ -51,6 +57,21 @@ async def found(root: Path, digest: Digest = DIGEST, **kwargs: float) -> IngestB
     blob = await ingests(root, **kwargs).find(digest)
     assert blob is not None
     return blob
+
+
+def test_an_ingest_being_written_in_the_namespace_is_live(tmp_path: Path) -> None:
+    """An ingest of the namespace written lately shows the directory is containerd's own; one
+    of another namespace, one not written for `LIVE_SECONDS`, or none, does not."""
+    assert not ingests(tmp_path / "none").live()
+    assert not ingests(layout(tmp_path / "theirs", "moby").root).live()
+    stale = layout(tmp_path / "stale")
+    past = time.time() - LIVE_SECONDS - 1
+    os.utime(stale.ingest / "data", (past, past))
+    assert not ingests(stale.root).live()
+    ours = layout(tmp_path / "ours")
+    assert ingests(ours.root).live()
+    ours.commit()
+    assert not ingests(ours.root).live()
 
 
 async def test_an_ingest_is_found_by_digest_in_its_namespace_only(tmp_path: Path) -> None:

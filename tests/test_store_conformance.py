@@ -16,7 +16,9 @@ containerd refuses to record one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from harness.containerd import ContainerdNode, start_containerd
+from harness.cluster import wait_until
+from harness.containerd import CTR_BINARY, ContainerdNode, start_containerd
 from harness.images import OCI_MANIFEST, run_skopeo
 from harness.registry import Registry
 from storetest import Backend, Image, StoreContract, build_image, write_oci_layout
@@ -237,16 +240,16 @@ async def test_a_fresh_node_is_vouched_for_by_its_first_blob(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A node that holds nothing has no blob to vouch for its directory with: a stat the API
-    answered looks at what containerd lists (at most once a second; here every time), and
-    once its runtime committed a blob there, misses cost no call."""
+    """A node that holds nothing has no blob to vouch for its directory with: a stat looks at
+    what containerd lists (at most once a second; here every time), and nothing listed is a
+    miss without asking more; once its runtime committed a blob there, misses cost no call."""
     monkeypatch.setattr(containerd_store, "_VOUCH_EVERY_SECONDS", 0.0)
     store = await _started(_containerd_store(containerd, "fresh"))
     try:
         calls = _counted_calls(store, monkeypatch)
         absent = parse_digest("sha256:" + "9b" * 32)
         assert await store.stat(absent) is None
-        assert calls == ["ListSome", "Info"]  # nothing listed: not vouched for
+        assert calls == ["ListSome"]  # nothing listed: nothing held, and not vouched for
         await ContainerdBackend(store, containerd, upstream, "fresh", tmp_path).add_image()
         calls.clear()
         assert await store.stat(absent) is None
@@ -255,6 +258,41 @@ async def test_a_fresh_node_is_vouched_for_by_its_first_blob(
         assert await store.stat(absent) is None
         assert calls == []
     finally:
+        await store.close()
+
+
+async def test_a_fresh_node_is_vouched_for_by_its_runtimes_ingest(
+    containerd: ContainerdNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh node's runtime opens an ingest before it asks the node for each manifest and
+    blob it pulls: one being written beside the blob directory vouches for it, so the probes
+    and lookups of the pull's first seconds cost no gRPC call."""
+    store = await _started(_containerd_store(containerd, "ingesting"))
+    blob = b"i" * 4096
+    argv = [
+        CTR_BINARY, "-a", str(containerd.socket), "-n", "ingesting", "content", "ingest",
+        "--expected-size", str(len(blob)), "--expected-digest",
+        "sha256:" + hashlib.sha256(blob).hexdigest(), "ingesting-test",
+    ]  # fmt: skip
+    ingest = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        ingest_dir = containerd.content_dir / "ingest"
+        wait_until(
+            lambda: any(
+                ref.read_text().startswith("ingesting/") for ref in ingest_dir.glob("*/ref")
+            ),
+            "ctr's ingest to open",
+        )
+        calls = _counted_calls(store, monkeypatch)
+        absent = parse_digest("sha256:" + "9d" * 32)
+        assert await store.stat(absent) is None
+        assert await store.stat_many([absent]) == {}
+        assert calls == []
+    finally:
+        assert ingest.stdin is not None
+        ingest.stdin.write(blob)
+        ingest.stdin.close()
+        assert ingest.wait(timeout=30) == 0
         await store.close()
 
 

@@ -48,6 +48,8 @@ STALL_SECONDS = 30.0
 GONE_CHECK_SECONDS = 1.0
 # The largest `ref` and `total` files read: both are a line of text.
 _SMALL_FILE = 4096
+# An ingest whose `data` changed this recently is one containerd is writing now (`live`).
+LIVE_SECONDS = STALL_SECONDS
 
 
 class Ingests:
@@ -85,6 +87,29 @@ class Ingests:
             # On the loop: the watcher's descriptor is read there.
             blob.watch(self._watcher.watch(blob.directory / "data"))
         return blob
+
+    def live(self) -> bool:
+        """Whether containerd is writing an ingest of this namespace here now: one whose `data`
+        changed within `LIVE_SECONDS`. Then this content directory is containerd's own, not a
+        copy or another daemon's (ContainerdStore vouches for its blobs by it). A few small
+        files of a local directory: looked at on the loop, as `find` is."""
+        try:
+            entries = list(os.scandir(self._ingest_dir))
+        except OSError:
+            return False
+        now = time.time()
+        for entry in entries:
+            directory = Path(entry.path)
+            ref = _small_text(directory / "ref")
+            if ref is None or ref.strip().partition("/")[0] != self._namespace:
+                continue
+            try:
+                changed = os.stat(directory / "data").st_mtime
+            except OSError:
+                continue  # committed or given up meanwhile
+            if now - changed < LIVE_SECONDS:
+                return True
+        return False
 
     def _find(self, digest: Digest) -> IngestBlob | None:
         committed = self._blob_dir / digest.algorithm / digest.hex

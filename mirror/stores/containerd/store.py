@@ -6,7 +6,8 @@ opened. Bytes go out with sendfile from the content directory; when that directo
 (another mount namespace, no permission) they are streamed through Content.Read instead.
 
 Two exceptions, both once the directory has proven to be the live one (a blob the API listed
-was found in it; a path that merely exists, or a mount of another copy, must not decide).
+was found in it, or an ingest of this namespace is being written beside it; a path that merely
+exists, or a mount of another copy, must not decide).
 A blob with no file is a miss without asking: containerd writes the file before its database
 lists the blob, so no file means no namespace holds it. Peers probe a node for the blobs it is
 still receiving, all such misses, and a gRPC call costs a starved node more than its answer is
@@ -132,7 +133,8 @@ class ContainerdStore(Store):
 
     async def stat(self, digest: Digest) -> int | None:
         # Not vouched for yet: a listing that vouches answers a miss here, and the next ones.
-        await self._seek_vouching()
+        if await self._seek_vouching():
+            return None  # containerd lists nothing in this namespace
         believed = self._believed(digest)
         if believed is not _ASK:
             return believed
@@ -146,6 +148,7 @@ class ContainerdStore(Store):
     async def stat_many(self, digests: Collection[Digest]) -> dict[Digest, int]:
         """What `stat` would say of each, in one `Content.List` for all those the store cannot
         answer from what it knows (a walk of an image asks about all its blobs at once)."""
+        self._vouched_by_ingest()
         sizes: dict[Digest, int] = {}
         ask: dict[str, Digest] = {}
         for digest in digests:
@@ -167,21 +170,29 @@ class ContainerdStore(Store):
         await self._seek_vouching()  # after: a blob just listed may have vouched already
         return sizes
 
-    async def _seek_vouching(self) -> None:
-        """While the blob directory is not vouched for, look for a blob the API lists that has
-        its file there, at most every `_VOUCH_EVERY_SECONDS`: a fresh node holds nothing to
-        vouch with until its runtime commits a first blob, and until then every probe of it
-        costs a gRPC call. A listing that does not vouch ends the search: its blobs are missing
-        from the directory (not the live one: said once) or cannot be looked at there (said at
-        start)."""
+    async def _seek_vouching(self) -> bool:
+        """While the blob directory is not vouched for, look for what vouches for it: an ingest
+        of this namespace containerd is writing beside it (`Ingests.live`: a fresh node's
+        runtime opens one before it asks this node for each manifest and blob it pulls), or,
+        at most every `_VOUCH_EVERY_SECONDS`, a blob the API lists that has its file there.
+        Until then every probe of the node, and every lookup of its own, costs a gRPC call, in
+        the seconds when a rollout's nodes are shortest of CPU. A listing that does not vouch
+        ends the search: its blobs are missing from the directory (not the live one: said
+        once) or cannot be looked at there (said at start).
+
+        True when the listing showed the namespace holds nothing: a miss, without asking."""
+        if self._vouched_by_ingest() or self._vouch_after == math.inf:
+            return False
         now = time.monotonic()
-        if self._files_vouched or now < self._vouch_after:
-            return
+        if now < self._vouch_after:
+            return False
         self._vouch_after = now + _VOUCH_EVERY_SECONDS
         try:
             listed = await self._client.some_content()
         except ContainerdError:
-            return
+            return False
+        if not listed:
+            return True
         found = {self._file_there(digest) for digest in _parsed_digests(listed)}
         if True in found:
             self._files_vouched = True
@@ -192,6 +203,14 @@ class ContainerdStore(Store):
                     "%s lacks the blobs containerd lists: asking its API about every blob",
                     self._blob_dir,
                 )
+        return False
+
+    def _vouched_by_ingest(self) -> bool:
+        """Whether the blob directory is vouched for, once more looking at the ingests beside
+        it unless a listing showed it is not the live one (no gRPC call)."""
+        if not self._files_vouched and self._vouch_after != math.inf:
+            self._files_vouched = self._ingests is not None and self._ingests.live()
+        return self._files_vouched
 
     def _believed(self, digest: Digest) -> int | _Ask | None:
         """What is known of `digest` without asking containerd: a miss (None), its size (held
