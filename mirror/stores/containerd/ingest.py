@@ -93,15 +93,9 @@ class Ingests:
         changed within `LIVE_SECONDS`. Then this content directory is containerd's own, not a
         copy or another daemon's (ContainerdStore vouches for its blobs by it). A few small
         files of a local directory: looked at on the loop, as `find` is."""
-        try:
-            entries = list(os.scandir(self._ingest_dir))
-        except OSError:
-            return False
         now = time.time()
-        for entry in entries:
-            directory = Path(entry.path)
-            ref = _small_text(directory / "ref")
-            if ref is None or ref.strip().partition("/")[0] != self._namespace:
+        for directory in self._entries() or []:
+            if self._key(directory) is None:
                 continue
             try:
                 changed = os.stat(directory / "data").st_mtime
@@ -113,13 +107,11 @@ class Ingests:
 
     def _find(self, digest: Digest) -> IngestBlob | None:
         committed = self._blob_dir / digest.algorithm / digest.hex
-        try:
-            entries = list(os.scandir(self._ingest_dir))
-        except OSError:
+        entries = self._entries()
+        if entries is None:
             return None  # no pull has run yet, or the directory is not readable from here
-        for entry in entries:
-            directory = Path(entry.path)
-            if _ingested_digest(_small_text(directory / "ref"), self._namespace) != str(digest):
+        for directory in entries:
+            if _pulled_digest(self._key(directory)) != str(digest):
                 continue
             size = _size(_small_text(directory / "total"))
             if size is None:
@@ -130,6 +122,23 @@ class Ingests:
                 continue  # committed or given up meanwhile
             return self._blob(data, size, directory, committed)
         return self._just_committed(committed)
+
+    def _entries(self) -> list[Path] | None:
+        """The ingest directories under way, of any namespace; None when there is no ingest
+        directory to read."""
+        try:
+            return [Path(entry.path) for entry in os.scandir(self._ingest_dir)]
+        except OSError:
+            return None
+
+    def _key(self, directory: Path) -> str | None:
+        """The key an ingest's `ref` (`<namespace>/<sequence>/<key>`) names, when the ingest is
+        of this namespace."""
+        ref = _small_text(directory / "ref")
+        if ref is None:
+            return None
+        namespace, _, rest = ref.strip().partition("/")
+        return rest.partition("/")[2] if namespace == self._namespace else None
 
     def _just_committed(self, committed: Path) -> IngestBlob | None:
         """The blob at its committed path, when no ingest of it is left.
@@ -175,18 +184,13 @@ def _small_text(path: Path) -> str | None:
         return None
 
 
-def _ingested_digest(ref: str | None, namespace: str) -> str | None:
-    """The digest an ingest's `ref` (`<namespace>/<sequence>/<key>`) names in `namespace`.
-
-    A pull's key is `<kind>-<digest>` (`layer-sha256:<hex>`, `config-...`): the digest is what
-    follows the last `-` before the algorithm. Other keys (a push, an import) name none.
+def _pulled_digest(key: str | None) -> str | None:
+    """The digest an ingest's key names: a pull's key is `<kind>-<digest>`
+    (`layer-sha256:<hex>`, `config-...`), the digest what follows the last `-` before the
+    algorithm. Other keys (a push, an import) name none.
     """
-    if ref is None:
+    if key is None:
         return None
-    ref_namespace, _, rest = ref.strip().partition("/")
-    if ref_namespace != namespace:
-        return None
-    _, _, key = rest.partition("/")
     _, _, digest = key.rpartition("-")
     return digest if digest.startswith("sha256:") else None
 
