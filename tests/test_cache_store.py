@@ -145,34 +145,30 @@ async def test_a_blob_removed_behind_the_caches_back_is_forgotten(cache: CacheSt
     assert await cache.loose_digests() == []
 
 
-async def test_a_blob_published_while_it_was_looked_for_is_not_forgotten(
+async def test_a_blob_is_looked_for_on_the_loop_so_one_published_meanwhile_is_kept(
     cache: CacheStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An open that misses because the writer had not renamed the file yet, and comes back after
-    the writer put the blob in the books, must not drop it (seen in the suite: the claimant
-    answered a peer 404 for a blob it had just fetched, and the peer went upstream again).
-    `stat` looks on the loop, with no await between its look and the books."""
-    data = b"published during the look"
+    """An open that missed because the writer had not renamed the file yet, and came back after
+    the writer put the blob in the books, dropped it (seen in the suite when the look ran on a
+    thread: the claimant answered a peer 404 for a blob it had just fetched, and the peer went
+    upstream again). `open`, like `stat`, looks on the loop, with no await between its look
+    and the books, so no writer can publish in between: it never hands off to a thread."""
+    data = b"published before the look"
     digest = digest_of(data)
-    path = cache.blob_path(digest)
-    real_to_thread = asyncio.to_thread
-    looks = 0
+    async with cache.writer(digest, len(data)) as writer:
+        await writer.write(data)
+        await writer.commit()
 
-    async def racing_to_thread(function: object, *args: object, **kwargs: object) -> object:
-        nonlocal looks
-        looks += 1
-        if looks == 1:  # the first look misses; the writer publishes before it returns
-            async with cache.writer(digest, len(data)) as writer:
-                await writer.write(data)
-                await writer.commit()
-            raise FileNotFoundError(str(path))
-        return await real_to_thread(function, *args, **kwargs)  # type: ignore[arg-type]
+    async def no_threads(function: object, *args: object, **kwargs: object) -> object:
+        raise AssertionError(f"open handed {function!r} to a thread")
 
-    monkeypatch.setattr(asyncio, "to_thread", racing_to_thread)
+    monkeypatch.setattr(asyncio, "to_thread", no_threads)
     blob = await cache.open(digest)
-    assert blob is not None
+    missing = await cache.open(digest_of(b"never written"))
+    monkeypatch.undo()
+    assert blob is not None and missing is None
+    assert b"".join([chunk async for chunk in blob.iter_range(0, len(data))]) == data
     await blob.close()
-    monkeypatch.setattr(asyncio, "to_thread", real_to_thread)
     assert cache.holds(digest)
     assert await cache.loose_digests() == [str(digest)]
 

@@ -1,6 +1,8 @@
 """Cluster key, peer request and URL signatures, and the config parsers that feed them."""
 
 import base64
+import hashlib
+import hmac
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +65,19 @@ def test_stale_and_foreign_signatures_are_refused() -> None:
 )
 def test_malformed_signatures_are_refused(header: str) -> None:
     assert not RequestVerifier(KEY).verify(header, "GET", "/v2/")
+
+
+def test_a_mac_covers_each_part_with_its_length() -> None:
+    """The MAC every node checks (datagrams, signed requests and URLs): HMAC-SHA256 of each
+    part prefixed with its 4-byte length, so a node of another version agrees, and moving
+    bytes from one part to the next changes it."""
+    key = KEY.purpose("dht")
+    expected = hmac.new(key._secret, digestmod=hashlib.sha256)
+    for part in (b"payload", b"", b"stamp"):
+        expected.update(len(part).to_bytes(4, "big") + part)
+    assert key.mac(b"payload", b"", b"stamp") == expected.digest()
+    assert key.mac(b"payloa", b"d", b"stamp") != expected.digest()
+    assert key.verify(expected.digest(), b"payload", b"", b"stamp")
 
 
 def test_dht_and_http_keys_are_separated() -> None:

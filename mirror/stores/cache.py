@@ -145,27 +145,23 @@ class CacheStore(Store):
                 self._forget(str(digest))
             return None
 
-    async def _open_file(self, digest: Digest) -> BinaryIO:
+    def _open_file(self, digest: Digest) -> BinaryIO:
         """The blob's file, opened; FileNotFoundError if it is not there.
 
-        A look that starts before a writer publishes the blob fails, and may only come back
-        after the writer has put it in the books: the blob is then looked at again rather than
-        dropped from them (which would lose a blob just fetched, and send a peer upstream).
+        On the loop, like `stat`: one local system call, where a worker thread cost two
+        wake-ups and a turn of the loop on every request, most of them misses (a runtime's
+        blob, not cached here). And with no await between the look and the books, a look
+        cannot miss a blob a writer publishes meanwhile and then drop it from the books (which
+        lost a blob just fetched, and sent a peer upstream, when the open ran on a thread).
         """
-        path = self.blob_path(digest)
-        try:
-            return await asyncio.to_thread(open, path, "rb")
-        except (FileNotFoundError, NotADirectoryError):
-            if str(digest) not in self._lru:
-                raise
-        return await asyncio.to_thread(open, path, "rb")
+        return open(self.blob_path(digest), "rb")
 
     async def open(self, digest: Digest) -> BlobSource | None:
         key = str(digest)
         # Pinned before the file is opened, so an eviction cannot slip in between.
         self._readers[key] += 1
         try:
-            fileobj = await self._open_file(digest)
+            fileobj = self._open_file(digest)
         except (FileNotFoundError, NotADirectoryError):
             self._unpin(key)
             self._forget(key)
