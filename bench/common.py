@@ -763,20 +763,24 @@ _CPU_PERIOD_US = 10_000
 # and the service it pulls through (the mirror, or the registry of the floor or the proxy).
 RUNTIME_PART = "runtime"
 SERVICE_PART = "service"
-NODE_CGROUP_LAYOUTS = ("one", "split", "pinned")
+NODE_CGROUP_LAYOUTS = ("one", "split", "pinned", "apart")
 
 
 @dataclass(frozen=True, slots=True)
 class CpuCap:
     """A namespace's cgroup, its quota the namespace's share of the CPUs; `split`: with a
     child of equal weight for each part (`RUNTIME_PART`, `SERVICE_PART`); `cpu`: the one CPU
-    its processes run on (None: any)."""
+    its processes run on (None: any); `service`: a cgroup of its own, with a share of its own,
+    for the service part (None: it shares the namespace's)."""
 
     group: Path
     split: bool
     cpu: int | None = None
+    service: Path | None = None
 
     def procs(self, part: str) -> Path:
+        if part == SERVICE_PART and self.service is not None:
+            return self.service / "cgroup.procs"
         return (self.group / part if self.split else self.group) / "cgroup.procs"
 
 
@@ -1188,7 +1192,14 @@ class Lab:
         `sched_cfs_bandwidth_slice_us` (5 ms), more than a 0.1-CPU share's whole period (1 ms of
         every 10): a thread of the node that wakes on the other CPU than its runtime can take
         the period's quota there and leave the runtime throttled. On one CPU a node's threads
-        share one run queue, as a small machine's do, and only its CPU time counts."""
+        share one run queue, as a small machine's do, and only its CPU time counts.
+        "apart": the runtime and its pull client in the namespace's cgroup, the service they
+        pull through in a cgroup of its own with a share of its own, as large: a node whose
+        mirror runs as a pod (or a Nomad task) with a CPU limit of its own beside a system
+        containerd, and has the CPU for both, where in the other layouts every CPU second
+        the service takes is one the runtime waits for. The shares then promise the host's
+        CPUs twice over; the machine's busy share, printed with every case, says whether
+        that bound."""
         if layout not in NODE_CGROUP_LAYOUTS:
             raise ValueError(f"unknown node cgroup layout {layout!r}")
         if not (CPU_CGROUPS / "cpu.cfs_quota_us").exists():
@@ -1209,12 +1220,19 @@ class Lab:
             for part in (RUNTIME_PART, SERVICE_PART):
                 (group / part).mkdir()
                 self.cgroups.append(group / part)
+        service = None
+        if layout == "apart":
+            service = parent / f"{namespace}-{SERVICE_PART}"
+            service.mkdir()
+            self.cgroups.append(service)
+            (service / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
+            (service / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
         cpu = None
         if layout == "pinned":
             usable = sorted(os.sched_getaffinity(0))
             cpu = usable[self._pinned % len(usable)]
             self._pinned += 1
-        _CPU_CAPS[namespace] = CpuCap(group, split, cpu)
+        _CPU_CAPS[namespace] = CpuCap(group, split, cpu, service)
 
     def start(self, argv: Sequence[str], log_dir: Path, name: str) -> ManagedProcess:
         process = ManagedProcess(argv, log_dir, name, cwd=REPO)
@@ -1371,7 +1389,9 @@ def add_node_cgroups_argument(parser: argparse.ArgumentParser) -> None:
         "runtime and the service it pulls through (the mirror, or the floor's registry) a "
         "cgroup each, of equal weight, within the node's share, as on a real node; 'pinned' "
         "is 'one' with the node's processes on one CPU (the nodes take the CPUs in turn), so "
-        "a thread waking on another CPU cannot hold the node's quota from its runtime",
+        "a thread waking on another CPU cannot hold the node's quota from its runtime; "
+        "'apart' gives the service a cgroup and a share of its own, as large as the "
+        "runtime's, as a mirror pod with its own CPU limit beside a system containerd",
     )
 
 

@@ -872,6 +872,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     "split": "; split in two of equal weight: the runtime and its pull client, "
                     "the service they pull through)",
                     "pinned": "; each on one CPU, the namespaces taking the CPUs in turn)",
+                    "apart": "; the service each node pulls through, the mirror or a "
+                    "registry, in a cgroup of its own with as large a share)",
                 }.get(args.node_cgroups, ")"),
                 flush=True,
             )
