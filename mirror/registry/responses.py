@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -40,65 +39,6 @@ def error_response(error: RegistryError) -> web.Response:
     )
 
 
-class _FileLike(Protocol):
-    def fileno(self) -> int: ...
-
-
-def sent_at_once(
-    transport: asyncio.WriteTransport, file: _FileLike, offset: int, count: int
-) -> int:
-    """How many of `count` bytes of `file` from `offset` the kernel took into the socket's
-    buffer straight away, with no wait (sendfile on the transport's socket).
-
-    Why: the parts of a growing blob (1 MiB as the runtime writes them) usually fit the socket's
-    buffer whole, and the loop's sendfile spends three turns of the event loop on each: the
-    send, a wake-up once the socket is writable again, then its result. At 16 nodes that was a
-    third of what serving growing blobs cost a node (docs/benchmarks.md). 0 when the transport
-    cannot take a raw send now (TLS, bytes of its own still buffered, closing) or the socket is
-    full; the caller sends the rest with the loop's sendfile, which waits for room. Nothing
-    yields between the check of the transport's buffer and the send, so the bytes keep their
-    place in the stream. A connection broken meanwhile raises `ConnectionError`."""
-    if (
-        transport.is_closing()
-        or transport.get_extra_info("sslcontext") is not None
-        or transport.get_write_buffer_size()
-    ):
-        return 0
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    sent = 0
-    while sent < count:
-        try:
-            taken = os.sendfile(sock.fileno(), file.fileno(), offset + sent, count - sent)
-        except (BlockingIOError, InterruptedError):
-            break
-        if taken == 0:  # the file ends here: the caller's count check reports it
-            break
-        sent += taken
-    return sent
-
-
-async def send_file_range(
-    transport: asyncio.WriteTransport,
-    file: BinaryIO,
-    offset: int,
-    count: int,
-    *,
-    fallback: bool = False,
-) -> int:
-    """Send `count` bytes of `file` from `offset` with the kernel's sendfile: at once where the
-    socket has room, the rest with the loop's. Where the transport cannot sendfile (TLS) that
-    raises `RuntimeError`, or with `fallback` reads and writes instead. Returns the bytes sent
-    (fewer only if the file ended)."""
-    sent = sent_at_once(transport, file, offset, count)
-    if sent < count:
-        sent += await asyncio.get_running_loop().sendfile(
-            transport, file, offset + sent, count - sent, fallback=fallback
-        )
-    return sent
-
-
 class SendfileResponse(web.StreamResponse):
     """A slice of an open file, sent with the kernel's sendfile on plain HTTP.
 
@@ -122,8 +62,8 @@ class SendfileResponse(web.StreamResponse):
             raise ConnectionResetError("client went away")
         # Where the transport cannot sendfile (TLS), asyncio falls back to reading and writing.
         try:
-            await send_file_range(
-                transport, self._fileobj, self._offset, self._count, fallback=True
+            await asyncio.get_running_loop().sendfile(
+                transport, self._fileobj, self._offset, self._count
             )
         except ConnectionError as exc:
             # The client went away mid-body (a runtime cancelled its pull): nothing to answer.
@@ -183,7 +123,9 @@ async def send_growing(
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client went away")
                 try:
-                    sent = await send_file_range(transport, part.file, part.offset, part.count)
+                    sent = await asyncio.get_running_loop().sendfile(
+                        transport, part.file, part.offset, part.count, fallback=False
+                    )
                     if sent != part.count:  # the file ended early: never send a short body
                         raise EOFError(f"sent {sent} of {part.count} bytes from {part.offset}")
                 except RuntimeError:
