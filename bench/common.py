@@ -1210,11 +1210,7 @@ class Lab:
         if not parent.exists():
             parent.mkdir()
             self.cgroups.append(parent)
-        group = parent / namespace
-        group.mkdir()
-        self.cgroups.append(group)
-        (group / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
+        group = self._capped_group(parent / namespace, cpus)
         split = layout == "split"
         if split:
             for part in (RUNTIME_PART, SERVICE_PART):
@@ -1222,17 +1218,21 @@ class Lab:
                 self.cgroups.append(group / part)
         service = None
         if layout == "apart":
-            service = parent / f"{namespace}-{SERVICE_PART}"
-            service.mkdir()
-            self.cgroups.append(service)
-            (service / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
-            (service / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
+            service = self._capped_group(parent / f"{namespace}-{SERVICE_PART}", cpus)
         cpu = None
         if layout == "pinned":
             usable = sorted(os.sched_getaffinity(0))
             cpu = usable[self._pinned % len(usable)]
             self._pinned += 1
         _CPU_CAPS[namespace] = CpuCap(group, split, cpu, service)
+
+    def _capped_group(self, group: Path, cpus: float) -> Path:
+        """A new cgroup at `group` (removed on `close`) whose processes use `cpus` CPUs at most."""
+        group.mkdir()
+        self.cgroups.append(group)
+        (group / "cpu.cfs_period_us").write_text(str(_CPU_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * _CPU_PERIOD_US))))
+        return group
 
     def start(self, argv: Sequence[str], log_dir: Path, name: str) -> ManagedProcess:
         process = ManagedProcess(argv, log_dir, name, cwd=REPO)
