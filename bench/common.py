@@ -360,13 +360,14 @@ def process_tree(root: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User plus system CPU time the processes used so far (none for one that is gone)."""
+def cpu_seconds(pids: Iterable[int], *, kernel_only: bool = False) -> float:
+    """User plus system CPU time the processes used so far (none for one that is gone); with
+    `kernel_only`, the system time alone: what they spent in the kernel on their behalf."""
     ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = _stat_fields(pid)
-            ticks += int(fields[11]) + int(fields[12])
+            ticks += int(fields[12]) + (0 if kernel_only else int(fields[11]))
     return ticks / CLOCK_TICKS
 
 

@@ -105,6 +105,7 @@ from common import (
     copy_logs,
     cpu_groups,
     cpu_note,
+    cpu_seconds,
     keygen,
     layer_sizes,
     machine_busy_seconds,
@@ -289,6 +290,9 @@ class CaseResult:
     holder_rss_mib: float | None = None  # mirror modes: VmHWM of each mirror
     node_rss_mib: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+    # Of the runtimes' CPU seconds, those in the kernel (their writes into the page cache,
+    # mostly): the share that grew with N behind the mirror (docs/benchmarks.md).
+    runtime_kernel_cpu: float = 0.0
     busy: float = 0.0  # share of all the machine's CPUs that was busy during the pulls
     own_load: float = 0.0  # of which this case's processes (the CPU seconds above)
     other_load: float = 0.0  # and other processes on the machine
@@ -520,7 +524,14 @@ class Rollout:
         busy_before, clock = machine_busy_seconds(), time.monotonic()
         cpu_before = {name: cpu() for name, cpu in groups.items()}
         throttled_before = [throttled_seconds(node.namespace) for node in nodes]
+        runtimes = [
+            node.containerd.pid
+            for node in nodes
+            if node.containerd is not None and node.containerd.pid is not None
+        ]
+        runtime_kernel_before = cpu_seconds(runtimes, kernel_only=True)
         result.wall, result.per_node = pull_all(self.lab, nodes, ref, mirrored=True, unpack=unpack)
+        result.runtime_kernel_cpu = cpu_seconds(runtimes, kernel_only=True) - runtime_kernel_before
         result.throttled = [
             after - before
             for node, before in zip(nodes, throttled_before, strict=True)
@@ -611,6 +622,11 @@ class Rollout:
                 f"mirror peak RSS (VmHWM, MiB): holder {result.holder_rss_mib:.1f}; nodes {rss}"
             )
         lines.append(cpu_note(result.cpu, result.wall))
+        if "containerd" in result.cpu:
+            lines.append(
+                f"containerd in the kernel: {result.runtime_kernel_cpu:.1f} of its "
+                f"{result.cpu['containerd']:.1f} CPU s"
+            )
         lines.append(
             f"the machine's CPUs were {result.busy:.0%} busy during the pulls"
             + (" (CPU-bound)" if result.cpu_bound else "")
