@@ -29,10 +29,11 @@ Modes, each on fresh state (new containerds, new registry storage, new mirror ca
 - mirror-redirect: the same with `--peer-transfer=redirect` on every mirror (skipped, with a
   message, when `mirror run --help` does not offer the flag).
 - local: no sharing at all, the floor of any design on this machine: every node runs a
-  distribution registry in its own namespace that already holds the image (its storage hard
-  links to upstream's), and pulls from it (hosts.toml mirror). Nothing crosses a link; what is
-  left is what N nodes pulling at once cost the machine anyway (the runtimes' writes, hashing,
-  unpacking, one local registry each), so its flatness N/1 is the best any mode can show here.
+  distribution registry in its own namespace that already holds the image (a copy of
+  upstream's storage, see `--registry-storage`), and pulls from it (hosts.toml mirror).
+  Nothing crosses a link; what is left is what N nodes pulling at once cost the machine anyway
+  (the runtimes' writes, hashing, unpacking, one local registry each), so its flatness N/1 is
+  the best any mode can show here.
   Not a default mode (`--modes ...,local`).
 - ring: the floor of any design that moves the bytes between nodes: every node and the holder
   run a distribution registry holding the image, and node i pulls from node i+1's (the last
@@ -40,6 +41,13 @@ Modes, each on fresh state (new containerds, new registry storage, new mirror ca
   swarm would with no lookups, probes or announcements: what is left is what N transfers between
   namespaces at once cost this machine. Its flatness N/1 (N=1: one node pulling from the
   holder's registry) is the best a peer-to-peer mode can show here. Not a default mode.
+
+The registries of local and ring hold copies of upstream's storage, one per node, as separate
+machines would (`--registry-storage copy`, the default). With `link` they hard-link upstream's
+files, so every registry serves the same pages of this host's page cache, which no cluster has:
+at N=16 the runtimes' writes then cost a third less kernel time and the ring came out 10-30%
+faster than with copies (docs/benchmarks.md, twenty-first session); earlier sessions' ring and
+local figures were taken that way.
 
 Each scenario (`--scenarios`, e.g. `75x4:8` = a 75 MiB image in 4 layers, 8 pulling nodes)
 runs every mode with `ctr images pull` (fetch and unpack: "unpack") and with `ctr content
@@ -435,7 +443,10 @@ class Rollout:
                     local = self.local_registry(case_dir / f"local{node.index}", node)
                     started.append(local.process)
                     node.write_hosts(upstream.host, upstream.url, [local.url])
-                result.notes.append("set-up: every node pulls from a registry of its own")
+                result.notes.append(
+                    "set-up: every node pulls from a registry of its own"
+                    f" ({self.registry_storage_note()})"
+                )
             elif case.mode == "ring":
                 # Node i pulls from node i+1's registry, the last node from the holder's.
                 served_by = [*nodes[1:], holder]
@@ -445,6 +456,7 @@ class Rollout:
                     node.write_hosts(upstream.host, upstream.url, [ring.url])
                 result.notes.append(
                     "set-up: every node pulls from the next node's registry over its link"
+                    f" ({self.registry_storage_note()})"
                 )
             else:
                 took, _ = pull_all(self.lab, [holder], ref, mirrored=False, unpack=True)
@@ -482,13 +494,22 @@ class Rollout:
         print(self.describe(result), flush=True)
         return result
 
+    def registry_storage_note(self) -> str:
+        if self.args.registry_storage == "link":
+            return "their storage hard links to upstream's: one copy in the page cache for all"
+        return "each holding a copy of upstream's storage"
+
     def local_registry(self, base: Path, node: Node) -> NamespacedRegistry:
-        """A registry in `node`'s namespace holding what upstream holds (hard links: upstream's
-        files are never written again, and the page cache holds them once)."""
+        """A registry in `node`'s namespace holding what upstream holds: a copy of its storage,
+        written out before the pulls (or hard links with `--registry-storage link`)."""
         assert self.upstream is not None
         local = NamespacedRegistry(base, node.namespace, node.ip)
         source = self.upstream.storage_dir / "docker"
-        run("cp", "-al", str(source), str(local.storage_dir / "docker"))
+        if self.args.registry_storage == "link":
+            run("cp", "-al", str(source), str(local.storage_dir / "docker"))
+        else:
+            run("cp", "-a", str(source), str(local.storage_dir / "docker"))
+            os.sync()  # not written back by the kernel's flusher during the pulls
         self.lab.track(local.process)
         local.start(timeout=READY_TIMEOUT)
         return local
@@ -962,6 +983,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(N + 2) x share under the host's CPUs); default: no cap, all share the host",
     )
     add_node_cgroups_argument(parser)
+    parser.add_argument(
+        "--registry-storage",
+        choices=("copy", "link"),
+        default="copy",
+        help="what the registries of local and ring hold: a copy of upstream's storage each, "
+        "as separate machines (default), or hard links to it, every registry then serving the "
+        "same pages of this host's page cache (how runs before 2026-12-04 measured them)",
+    )
     add_lab_arguments(parser, unit="case")
     parser.add_argument(
         "--mirror-arg",
