@@ -1735,6 +1735,11 @@ def verify_pulled(nodes: Sequence[Node], image: Image, ref: str, *, unpack: bool
                 raise RuntimeError(f"node {node.index} lacks {digest} ({size} bytes)")
 
 
+def pids_of(processes: Sequence[ManagedProcess | None]) -> list[int]:
+    """The pids of those of `processes` that run (were started and not reaped)."""
+    return [p.pid for p in processes if p is not None and p.pid is not None]
+
+
 def cpu_groups(
     nodes: Sequence[Node], started: Sequence[ManagedProcess], upstream: ManagedProcess
 ) -> dict[str, Callable[[], float]]:
@@ -1742,7 +1747,7 @@ def cpu_groups(
     reaped), the containerds, upstream, the registries in `started`, the mirrors."""
 
     def of(processes: Sequence[ManagedProcess | None]) -> Callable[[], float]:
-        pids = [p.pid for p in processes if p is not None and p.pid is not None]
+        pids = pids_of(processes)
         return lambda: cpu_seconds(pids)
 
     groups = {

@@ -121,6 +121,7 @@ from common import (
     metric_samples,
     metric_sum,
     mirror_notes,
+    pids_of,
     poll,
     prepare_lab,
     pull_all,
@@ -299,7 +300,8 @@ class CaseResult:
     node_rss_mib: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
     # Of the runtimes' CPU seconds, those in the kernel (their writes into the page cache,
-    # mostly): the share that grew with N behind the mirror (docs/benchmarks.md).
+    # mostly, whose price on this VM depends on what else took its cheap memory first:
+    # docs/benchmarks.md, twenty-first session).
     runtime_kernel_cpu: float = 0.0
     busy: float = 0.0  # share of all the machine's CPUs that was busy during the pulls
     own_load: float = 0.0  # of which this case's processes (the CPU seconds above)
@@ -505,10 +507,9 @@ class Rollout:
         assert self.upstream is not None
         local = NamespacedRegistry(base, node.namespace, node.ip)
         source = self.upstream.storage_dir / "docker"
-        if self.args.registry_storage == "link":
-            run("cp", "-al", str(source), str(local.storage_dir / "docker"))
-        else:
-            run("cp", "-a", str(source), str(local.storage_dir / "docker"))
+        link = self.args.registry_storage == "link"
+        run("cp", "-al" if link else "-a", str(source), str(local.storage_dir / "docker"))
+        if not link:
             os.sync()  # not written back by the kernel's flusher during the pulls
         self.lab.track(local.process)
         local.start(timeout=READY_TIMEOUT)
@@ -545,11 +546,7 @@ class Rollout:
         busy_before, clock = machine_busy_seconds(), time.monotonic()
         cpu_before = {name: cpu() for name, cpu in groups.items()}
         throttled_before = [throttled_seconds(node.namespace) for node in nodes]
-        runtimes = [
-            node.containerd.pid
-            for node in nodes
-            if node.containerd is not None and node.containerd.pid is not None
-        ]
+        runtimes = pids_of([node.containerd for node in nodes])
         runtime_kernel_before = cpu_seconds(runtimes, kernel_only=True)
         result.wall, result.per_node = pull_all(self.lab, nodes, ref, mirrored=True, unpack=unpack)
         result.runtime_kernel_cpu = cpu_seconds(runtimes, kernel_only=True) - runtime_kernel_before
